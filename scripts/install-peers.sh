@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# scripts/install-peers.sh [--force]
+#
+# Installs every real Kafka peer our tests and benchmarks use, through the shared
+# peers scripts (shared/ sits beside the repo checkout; override with FERRY_SHARED):
+#   1. shared/peers/install-clients.sh : kcat, confluent-kafka, kafka-python, aiokafka,
+#      rdkafka_performance
+#   2. Apache Kafka $KAFKA_VERSION (default 4.4.0): broker+controller, kafka-tools (perf
+#      tools, console producer/consumer, topic/offset tools), MirrorMaker 2 when it can be
+#      had, into $PEERS_HOME/opt/kafka-$KAFKA_VERSION, exactly where the peers scripts
+#      (kafka-up.sh, kafka-perf.sh --tool java, client-smoke.sh, mm2-up.sh) look for it.
+#      shared/peers/install-kafka.sh is tried first; if it fails (Maven Central serves no
+#      connect-mirror 4.4.0), scripts/peers/install-kafka-fallback.sh does the same with
+#      MirrorMaker 2 taken from the newest connect-mirror served (4.3.1).
+# Idempotent: what is installed is kept. --force reinstalls Kafka.
+# Env: FERRY_SHARED, PEERS_HOME, KAFKA_VERSION, KAFKA_MIRROR_VERSION (fallback only;
+#      'none' = no MirrorMaker 2), FERRY_SKIP_CLIENTS=1, FERRY_SKIP_KAFKA=1.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export FERRY_SHARED="${FERRY_SHARED:-$REPO/../shared}"
+PEERS_DIR="$FERRY_SHARED/peers"
+[ -x "$PEERS_DIR/install-clients.sh" ] || { echo "[install-peers] ERROR: $PEERS_DIR not found (set FERRY_SHARED to the shared/ dir)" >&2; exit 1; }
+say() { printf '[install-peers] %s\n' "$*" >&2; }
+
+FORCE=()
+[ "${1:-}" = "--force" ] && FORCE=(--force)
+
+if [ "${FERRY_SKIP_CLIENTS:-0}" != 1 ]; then
+  say "clients: $PEERS_DIR/install-clients.sh"
+  "$PEERS_DIR/install-clients.sh" >/dev/null
+fi
+
+if [ "${FERRY_SKIP_KAFKA:-0}" != 1 ]; then
+  say "Kafka: trying $PEERS_DIR/install-kafka.sh"
+  if kdir="$("$PEERS_DIR/install-kafka.sh" "${FORCE[@]}")"; then
+    say "Kafka ready: $kdir$( [ -f "$kdir/mirror.version" ] && echo " (installed earlier by the fallback; MirrorMaker 2: $(cat "$kdir/mirror.version"))")"
+  else
+    say "shared install-kafka.sh failed (known cause: connect-mirror ${KAFKA_VERSION:-4.4.0} is not on Maven Central); using scripts/peers/install-kafka-fallback.sh"
+    kdir="$("$REPO/scripts/peers/install-kafka-fallback.sh" "${FORCE[@]}")"
+    say "Kafka installed by the fallback: $kdir (MirrorMaker 2: $(cat "$kdir/mirror.version" 2>/dev/null || echo '?'))"
+  fi
+fi
+say "done"

@@ -1,0 +1,14 @@
+//! # Ferry
+//!
+//! Kafka-compatible brokers in every region plus a mirroring gateway (later issues).
+//!
+//! ## Layout
+//! - [`batch`]: the Kafka RecordBatch v2 header: parse, validate (CRC-32C), set offsets.
+//! - [`log`]: the partition log: segments, sparse indexes, recovery, retention.
+//! - [`broker`]: topics and partitions, idempotent producers, the group commit writer.
+//! - [`kafka`]: the Kafka wire protocol server, one file per API.
+//! - [`config`]: broker settings from a file and flags.
+//! - [`cli`]: the `ferry` command.
+
+pub mod batch;
+pub mod log;

@@ -1,0 +1,580 @@
+//! The partition log: a directory of segments holding Kafka record batches byte for byte.
+//!
+//! Owns: the on-disk layout (`<topic>-<partition>/<base offset>.log|.index|.timeindex`), offset
+//! assignment (the base offset field, outside the CRC), rolling by size and age, retention by
+//! time and bytes, recovery on open, and locating bytes for reads. Does not own: who may write
+//! (idempotence, mirrors, epochs: see [`crate::broker`]), when to fsync (the broker's group
+//! commit writer calls [`PartitionLog::sync`]), or the wire protocol.
+//!
+//! Invariants, asserted: offsets strictly increase across batches and segments; a segment's base
+//! offset is the offset of its first batch; the log end offset never goes back except by
+//! [`PartitionLog::truncate_to`].
+
+pub mod index;
+pub mod segment;
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use thiserror::Error;
+
+use crate::batch::{self, BatchHeader};
+use segment::Segment;
+
+/// Storage settings of one partition.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// Roll the active segment when it would grow past this.
+    pub segment_bytes: u64,
+    /// Roll the active segment when it is older than this.
+    pub segment_age: Duration,
+    /// Delete whole segments whose newest record is older than this (`None`: keep).
+    pub retention_time: Option<Duration>,
+    /// Delete the oldest segments while the partition is larger than this (`None`: no cap).
+    pub retention_bytes: Option<u64>,
+    /// Bytes between offset index entries.
+    pub index_interval_bytes: u64,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            segment_bytes: 1 << 30,
+            segment_age: Duration::from_secs(7 * 24 * 3600),
+            retention_time: Some(Duration::from_secs(7 * 24 * 3600)),
+            retention_bytes: None,
+            index_interval_bytes: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum LogError {
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("offset {offset} is out of range [{start}, {end}]")]
+    OffsetOutOfRange { offset: i64, start: i64, end: i64 },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LogError + '_ {
+    move |source| LogError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Bytes to send for a read: a range of one segment file. Read them with `pread` or `sendfile`
+/// after releasing the partition lock; the file stays readable even if retention deletes it.
+#[derive(Debug, Clone)]
+pub struct ReadSlice {
+    pub file: Arc<File>,
+    pub position: u64,
+    pub len: usize,
+}
+
+impl ReadSlice {
+    pub fn read(&self) -> io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; self.len];
+        self.file.read_exact_at(&mut buf, self.position)?;
+        Ok(buf)
+    }
+}
+
+/// What recovery did to a partition, for the log.
+#[derive(Debug, Default, Clone)]
+pub struct OpenReport {
+    pub segments: usize,
+    pub truncated_bytes: u64,
+    pub reason: Option<String>,
+}
+
+/// One partition's log.
+#[derive(Debug)]
+pub struct PartitionLog {
+    dir: PathBuf,
+    config: LogConfig,
+    /// Sorted by base offset; the last is the active segment. Never empty.
+    segments: Vec<Segment>,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl PartitionLog {
+    /// Open (or create) the log in `dir`, recovering the active segment.
+    pub fn open(dir: &Path, config: LogConfig) -> Result<(Self, OpenReport), LogError> {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let mut bases: Vec<i64> = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+            let entry = entry.map_err(io_err(dir))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if let Some(stem) = name.strip_suffix(".log") {
+                if let Ok(base) = stem.parse::<i64>() {
+                    bases.push(base);
+                }
+            }
+        }
+        bases.sort_unstable();
+        let mut report = OpenReport::default();
+        let mut segments = Vec::with_capacity(bases.len().max(1));
+        let n = bases.len();
+        for (i, base) in bases.into_iter().enumerate() {
+            let active = i + 1 == n;
+            let (seg, r) = Segment::open(dir, base, config.index_interval_bytes, active)
+                .map_err(io_err(dir))?;
+            if r.truncated_bytes > 0 {
+                tracing::warn!(
+                    file = %seg.log_path().display(),
+                    truncated_bytes = r.truncated_bytes,
+                    kept_bytes = r.valid_bytes,
+                    kept_batches = r.batches,
+                    reason = r.reason.as_deref().unwrap_or(""),
+                    "recovery truncated a torn or corrupt tail of {}: cut {} bytes, kept {} bytes",
+                    seg.log_path().display(),
+                    r.truncated_bytes,
+                    r.valid_bytes
+                );
+                report.truncated_bytes += r.truncated_bytes;
+                report.reason = r.reason.clone();
+            }
+            if let Some(prev) = segments.last() {
+                let prev: &Segment = prev;
+                assert!(
+                    seg.base_offset >= prev.next_offset,
+                    "segments overlap in {}",
+                    dir.display()
+                );
+            }
+            segments.push(seg);
+        }
+        if segments.is_empty() {
+            segments.push(
+                Segment::create(dir, 0, config.index_interval_bytes).map_err(io_err(dir))?,
+            );
+        }
+        report.segments = segments.len();
+        Ok((
+            PartitionLog {
+                dir: dir.to_path_buf(),
+                config,
+                segments,
+            },
+            report,
+        ))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn config(&self) -> &LogConfig {
+        &self.config
+    }
+
+    pub fn set_config(&mut self, config: LogConfig) {
+        self.config = config;
+    }
+
+    fn active(&self) -> &Segment {
+        self.segments.last().expect("a log always has a segment")
+    }
+
+    /// The offset the next batch will get (the log end offset).
+    pub fn next_offset(&self) -> i64 {
+        self.active().next_offset
+    }
+
+    /// The first offset still in the log.
+    pub fn start_offset(&self) -> i64 {
+        self.segments[0].base_offset
+    }
+
+    /// Total bytes of all segments.
+    pub fn size_bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.size).sum()
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Append a validated batch, assigning it offsets from the log end. `bytes` is rewritten in
+    /// place (base offset, and the epoch when given) and written as is. Returns the base offset.
+    pub fn append(&mut self, bytes: &mut [u8], epoch: Option<i32>) -> Result<i64, LogError> {
+        let base = self.next_offset();
+        batch::set_base_offset(bytes, base);
+        if let Some(e) = epoch {
+            batch::set_partition_leader_epoch(bytes, e);
+        }
+        let h = BatchHeader::parse(bytes).expect("validated before append");
+        self.append_at(bytes, &h)?;
+        Ok(base)
+    }
+
+    /// Append a batch that already carries its offsets (a mirror copy): its base offset must be
+    /// the log end offset, so the copy stays offset-identical.
+    pub fn append_exact(&mut self, bytes: &[u8]) -> Result<i64, LogError> {
+        let h = batch::validate(bytes).map_err(|e| LogError::Io {
+            path: self.dir.clone(),
+            source: io::Error::new(io::ErrorKind::InvalidData, e),
+        })?;
+        if h.base_offset != self.next_offset() {
+            return Err(LogError::OffsetOutOfRange {
+                offset: h.base_offset,
+                start: self.start_offset(),
+                end: self.next_offset(),
+            });
+        }
+        self.append_at(bytes, &h)?;
+        Ok(h.base_offset)
+    }
+
+    fn append_at(&mut self, bytes: &[u8], h: &BatchHeader) -> Result<(), LogError> {
+        self.maybe_roll(bytes.len() as u64)?;
+        let dir = self.dir.clone();
+        let seg = self.segments.last_mut().expect("a log always has a segment");
+        seg.append(bytes, h).map_err(io_err(&dir))
+    }
+
+    fn maybe_roll(&mut self, incoming: u64) -> Result<(), LogError> {
+        let active = self.active();
+        let too_big = active.size > 0 && active.size + incoming > self.config.segment_bytes;
+        let too_old = active.size > 0
+            && active
+                .created
+                .elapsed()
+                .map(|age| age >= self.config.segment_age)
+                .unwrap_or(false);
+        // Relative offsets in the index are u32.
+        let too_many = active.next_offset - active.base_offset > (u32::MAX / 2) as i64;
+        if too_big || too_old || too_many {
+            self.roll()?;
+        }
+        Ok(())
+    }
+
+    /// Start a new active segment at the log end; the old one is made durable first, so recovery
+    /// only ever needs to scan the active segment.
+    pub fn roll(&mut self) -> Result<(), LogError> {
+        let next = self.next_offset();
+        self.active().sync_all().map_err(io_err(&self.dir))?;
+        let seg =
+            Segment::create(&self.dir, next, self.config.index_interval_bytes).map_err(io_err(&self.dir))?;
+        sync_dir(&self.dir).map_err(io_err(&self.dir))?;
+        self.segments.push(seg);
+        Ok(())
+    }
+
+    /// fdatasync the active segment (the group commit writer calls this).
+    pub fn sync(&self) -> Result<(), LogError> {
+        self.active().sync().map_err(io_err(&self.dir))
+    }
+
+    /// A handle that syncs the active segment without holding the partition lock.
+    pub fn active_file(&self) -> Arc<File> {
+        self.active().file()
+    }
+
+    /// Locate up to `max_bytes` starting at the batch that holds `offset`. At least one whole
+    /// batch is returned even if larger than `max_bytes` (as Kafka does, so consumers progress).
+    /// Returns `Ok(None)` at the log end.
+    pub fn read(&self, offset: i64, max_bytes: usize) -> Result<Option<ReadSlice>, LogError> {
+        let end = self.next_offset();
+        if offset < self.start_offset() || offset > end {
+            return Err(LogError::OffsetOutOfRange {
+                offset,
+                start: self.start_offset(),
+                end,
+            });
+        }
+        if offset == end {
+            return Ok(None);
+        }
+        let i = self
+            .segments
+            .partition_point(|s| s.base_offset <= offset)
+            .saturating_sub(1);
+        for seg in &self.segments[i..] {
+            if let Some(b) = seg.find_batch(offset).map_err(io_err(&self.dir))? {
+                let avail = (seg.size - b.position) as usize;
+                let first = b.header.total_bytes();
+                let len = avail.min(max_bytes.max(first));
+                return Ok(Some(ReadSlice {
+                    file: seg.file(),
+                    position: b.position,
+                    len,
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The offset of the first batch whose max timestamp is at or after `timestamp`, with that
+    /// batch's max timestamp; `None` when every record is older.
+    pub fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<(i64, i64)>, LogError> {
+        for seg in &self.segments {
+            if seg.max_timestamp < timestamp {
+                continue;
+            }
+            if let Some(b) = seg.find_by_timestamp(timestamp).map_err(io_err(&self.dir))? {
+                let off = b.header.base_offset.max(self.start_offset());
+                return Ok(Some((off, b.header.max_timestamp)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The largest timestamp in the log and the offset of the batch that holds it.
+    pub fn max_timestamp(&self) -> Result<Option<(i64, i64)>, LogError> {
+        let Some(seg) = self.segments.iter().rev().find(|s| s.max_timestamp >= 0) else {
+            return Ok(None);
+        };
+        let ts = seg.max_timestamp;
+        Ok(seg
+            .find_by_timestamp(ts)
+            .map_err(io_err(&self.dir))?
+            .map(|b| (ts, b.header.base_offset)))
+    }
+
+    /// Visit every batch header from `offset` on, in order (used to rebuild producer state).
+    pub fn for_each_batch(
+        &self,
+        from_segment_base: i64,
+        mut f: impl FnMut(&BatchHeader),
+    ) -> Result<(), LogError> {
+        for seg in self.segments.iter().filter(|s| s.next_offset > from_segment_base) {
+            let mut pos = 0u64;
+            while let Some(b) = seg.batch_at(pos).map_err(io_err(&self.dir))? {
+                f(&b.header);
+                pos += b.header.total_bytes() as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// Base offset of the active segment.
+    pub fn active_base(&self) -> i64 {
+        self.active().base_offset
+    }
+
+    /// Apply retention: delete whole non-active segments that are too old, then the oldest while
+    /// the log is over its byte limit. An active segment past the retention time is rolled first
+    /// so that it can be deleted next time. Returns the number of segments deleted.
+    pub fn enforce_retention(&mut self, now_ms: i64) -> Result<usize, LogError> {
+        let mut deleted = 0;
+        if let Some(rt) = self.config.retention_time {
+            let limit = now_ms - rt.as_millis() as i64;
+            while self.segments.len() > 1
+                && self.segments[0].max_timestamp >= 0
+                && self.segments[0].max_timestamp < limit
+            {
+                self.delete_oldest()?;
+                deleted += 1;
+            }
+            let a = self.active();
+            if self.segments.len() == 1 && a.size > 0 && a.max_timestamp >= 0 && a.max_timestamp < limit {
+                self.roll()?;
+            }
+        }
+        if let Some(rb) = self.config.retention_bytes {
+            while self.segments.len() > 1 && self.size_bytes() - self.segments[0].size >= rb {
+                self.delete_oldest()?;
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
+    }
+
+    fn delete_oldest(&mut self) -> Result<(), LogError> {
+        let seg = self.segments.remove(0);
+        tracing::info!(
+            segment = %seg.log_path().display(),
+            base_offset = seg.base_offset,
+            next_offset = seg.next_offset,
+            "retention deleted segment"
+        );
+        seg.delete().map_err(io_err(&self.dir))
+    }
+
+    /// Cut the log back so its end is `offset` (used by mirrors and rejoin, never by clients).
+    /// Whole segments past it are removed; the segment holding it is truncated at a batch
+    /// boundary, which must exist.
+    pub fn truncate_to(&mut self, offset: i64) -> Result<(), LogError> {
+        if offset >= self.next_offset() {
+            return Ok(());
+        }
+        while self.segments.len() > 1 && self.active().base_offset >= offset {
+            let seg = self.segments.pop().expect("len > 1");
+            seg.delete().map_err(io_err(&self.dir))?;
+        }
+        let base = self.active().base_offset;
+        let idx = self.config.index_interval_bytes;
+        // Reopen the active segment cut at the batch that starts at `offset`.
+        let pos = {
+            let seg = self.active();
+            let mut pos = 0u64;
+            loop {
+                match seg.batch_at(pos).map_err(io_err(&self.dir))? {
+                    Some(b) if b.header.base_offset < offset => {
+                        pos += b.header.total_bytes() as u64
+                    }
+                    _ => break pos,
+                }
+            }
+        };
+        let f = self.active().file();
+        f.set_len(pos).map_err(io_err(&self.dir))?;
+        f.sync_all().map_err(io_err(&self.dir))?;
+        self.segments.pop();
+        let (seg, _) = Segment::open(&self.dir, base, idx, true).map_err(io_err(&self.dir))?;
+        self.segments.push(seg);
+        Ok(())
+    }
+}
+
+/// fsync a directory so that file creations and deletions in it are durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::build;
+
+    fn small() -> LogConfig {
+        LogConfig {
+            segment_bytes: 300,
+            index_interval_bytes: 100,
+            ..Default::default()
+        }
+    }
+
+    fn append_values(log: &mut PartitionLog, ts: i64, vals: &[&[u8]]) -> i64 {
+        let mut b = build::values(ts, vals);
+        log.append(&mut b, None).unwrap()
+    }
+
+    #[test]
+    fn offsets_are_assigned_and_segments_roll() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = PartitionLog::open(dir.path(), small()).unwrap();
+        let mut expected = 0;
+        for i in 0..20 {
+            let off = append_values(&mut log, 1000 + i, &[b"value-aaaaaaaaaaaaaaaaaaaa", b"v2"]);
+            assert_eq!(off, expected);
+            expected += 2;
+        }
+        assert_eq!(log.next_offset(), 40);
+        assert!(log.segment_count() > 3, "rolled by size");
+        // Every offset reads back the batch that holds it.
+        for o in 0..40 {
+            let s = log.read(o, 1).unwrap().unwrap();
+            let bytes = s.read().unwrap();
+            let h = batch::validate(&bytes).unwrap();
+            assert!(h.base_offset <= o && o <= h.last_offset());
+        }
+        assert!(log.read(40, 100).unwrap().is_none());
+        assert!(log.read(41, 100).is_err());
+        // By timestamp: the first batch at or after.
+        assert_eq!(log.offset_for_timestamp(1005).unwrap().unwrap().0, 10);
+        assert!(log.offset_for_timestamp(5000).unwrap().is_none());
+    }
+
+    #[test]
+    fn reopen_recovers_and_cuts_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = LogConfig::default();
+        {
+            let (mut log, _) = PartitionLog::open(dir.path(), cfg.clone()).unwrap();
+            for i in 0..10 {
+                append_values(&mut log, i, &[b"abc"]);
+            }
+            log.sync().unwrap();
+        }
+        let p = dir.path().join("00000000000000000000.log");
+        let len = std::fs::metadata(&p).unwrap().len();
+        // Tear the last batch in the middle.
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.set_len(len - 5).unwrap();
+        let (mut log, report) = PartitionLog::open(dir.path(), cfg.clone()).unwrap();
+        assert!(report.truncated_bytes > 0);
+        assert_eq!(log.next_offset(), 9);
+        assert_eq!(append_values(&mut log, 99, &[b"next"]), 9);
+        // Garbage appended after whole batches is cut too.
+        drop(log);
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(&[0xAB; 30]).unwrap();
+        let (log, report) = PartitionLog::open(dir.path(), cfg).unwrap();
+        assert_eq!(report.truncated_bytes, 30);
+        assert_eq!(log.next_offset(), 10);
+    }
+
+    #[test]
+    fn stale_index_of_an_old_segment_is_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut log, _) = PartitionLog::open(dir.path(), small()).unwrap();
+            for i in 0..20 {
+                append_values(&mut log, i, &[b"0123456789012345678901234567890123456789"]);
+            }
+        }
+        std::fs::write(dir.path().join("00000000000000000000.index"), [1u8, 2, 3]).unwrap();
+        let (log, _) = PartitionLog::open(dir.path(), small()).unwrap();
+        for o in 0..20 {
+            assert!(log.read(o, 1).unwrap().is_some());
+        }
+    }
+
+    #[test]
+    fn retention_deletes_old_segments_by_bytes_and_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = small();
+        cfg.retention_bytes = Some(600);
+        cfg.retention_time = None;
+        let (mut log, _) = PartitionLog::open(dir.path(), cfg).unwrap();
+        for i in 0..30 {
+            append_values(&mut log, i, &[b"0123456789012345678901234567890123456789"]);
+        }
+        let before = log.segment_count();
+        let n = log.enforce_retention(now_ms()).unwrap();
+        assert!(n > 0);
+        assert_eq!(log.segment_count(), before - n);
+        assert!(log.size_bytes() < 600 + 300);
+        assert!(log.start_offset() > 0);
+        assert!(log.read(0, 10).is_err());
+        let mut cfg = small();
+        cfg.retention_time = Some(Duration::from_millis(10));
+        log.set_config(cfg);
+        log.enforce_retention(now_ms()).unwrap();
+        log.enforce_retention(now_ms()).unwrap();
+        assert_eq!(log.segment_count(), 1);
+        assert_eq!(log.next_offset(), 30);
+    }
+
+    #[test]
+    fn truncate_to_cuts_at_a_batch_boundary() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = PartitionLog::open(dir.path(), small()).unwrap();
+        for i in 0..20 {
+            append_values(&mut log, i, &[b"0123456789012345678901234567890123456789"]);
+        }
+        log.truncate_to(7).unwrap();
+        assert_eq!(log.next_offset(), 7);
+        assert_eq!(append_values(&mut log, 50, &[b"x"]), 7);
+    }
+}
