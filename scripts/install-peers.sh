@@ -9,9 +9,11 @@
 #      tools, console producer/consumer, topic/offset tools), MirrorMaker 2 when it can be
 #      had, into $PEERS_HOME/opt/kafka-$KAFKA_VERSION, exactly where the peers scripts
 #      (kafka-up.sh, kafka-perf.sh --tool java, client-smoke.sh, mm2-up.sh) look for it.
-#      shared/peers/install-kafka.sh is tried first; if it fails (Maven Central serves no
-#      connect-mirror 4.4.0), scripts/peers/install-kafka-fallback.sh does the same with
-#      MirrorMaker 2 taken from the newest connect-mirror served (4.3.1).
+#      shared/peers/install-kafka.sh is tried first; when it fails (Maven Central serves
+#      no connect-mirror 4.4.0: it stops at 4.3.1), scripts/peers/install-kafka-fallback.sh
+#      installs the same 4.4.0 jars minus connect-mirror, and MirrorMaker 2 from a whole
+#      Kafka 4.3.1 beside it ($PEERS_HOME/opt/kafka-4.3.1), started through a small
+#      launcher (MM2_MAIN=ferry.peers.Mm2Launcher) so mm2-up.sh / mm2-bench.sh work as is.
 # Idempotent: what is installed is kept. --force reinstalls Kafka.
 # Env: FERRY_SHARED, PEERS_HOME, KAFKA_VERSION, KAFKA_MIRROR_VERSION (fallback only;
 #      'none' = no MirrorMaker 2), FERRY_SKIP_CLIENTS=1, FERRY_SKIP_KAFKA=1.

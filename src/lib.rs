@@ -11,4 +11,9 @@
 //! - [`cli`]: the `ferry` command.
 
 pub mod batch;
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod kafka;
 pub mod log;
+pub mod units;

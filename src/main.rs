@@ -1,1 +1,12 @@
-fn main(){}
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = ferry::cli::Cli::parse();
+    match ferry::cli::run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

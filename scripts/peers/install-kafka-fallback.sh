@@ -8,15 +8,20 @@
 #
 # Why: Maven Central serves org.apache.kafka:connect-mirror and connect-mirror-client
 # only up to 4.3.1 (no 4.4.0), so install-kafka.sh's single POM (everything at 4.4.0)
-# cannot resolve. Here the resolution is done in two passes:
+# cannot resolve. Here:
 #   1. every artifact install-kafka.sh asks for except connect-mirror*, all at
-#      $KAFKA_VERSION (broker, controller, tools, clients, connect-runtime);
-#   2. connect-mirror + connect-mirror-client at $KAFKA_MIRROR_VERSION (default 4.3.1,
-#      the newest served), adding only jars whose artifact is not there yet, so the
-#      4.4.0 connect-runtime / kafka-clients stay the only copies on the classpath.
-#      If pass 2 fails, Kafka is installed without MirrorMaker 2 (MM2_MAIN empty;
-#      mm2-up.sh then says "MirrorMaker 2 classes are not in ...").
-# KAFKA_MIRROR_VERSION=none skips pass 2. The mirror version used is written to
+#      $KAFKA_VERSION (broker, controller, tools, clients, connect-runtime), resolved
+#      and laid out exactly as install-kafka.sh does;
+#   2. MirrorMaker 2 comes from a whole Kafka $KAFKA_MIRROR_VERSION (default 4.3.1, the
+#      newest connect-mirror served) installed beside it by the unchanged shared
+#      install-kafka.sh (KAFKA_VERSION=4.3.1 -> $PEERS_HOME/opt/kafka-4.3.1). 4.3.1's
+#      connect-mirror cannot join 4.4.0's libs/ (it does not link against kafka-clients
+#      4.4.0), so MM2_MAIN is ferry.peers.Mm2Launcher (Mm2Launcher.java, compiled into
+#      libs/ferry-mm2-launcher.jar), which runs 4.3.1's MirrorMaker in an isolated class
+#      loader over the jars named by $KAFKA_HOME_DIR/mirror.libs. mm2-up.sh works as is.
+#      If that fails, Kafka is installed without MirrorMaker 2 (MM2_MAIN empty; mm2-up.sh
+#      then says "MirrorMaker 2 classes are not in ...").
+# KAFKA_MIRROR_VERSION=none skips step 2. The MirrorMaker version is written to
 # $KAFKA_HOME_DIR/mirror.version (.installed keeps install-kafka.sh's format).
 # Env: FERRY_SHARED (the shared/ dir; default: beside the repo checkout), PEERS_HOME,
 #      KAFKA_VERSION, LOG4J_VERSION, MDEP_VERSION, M2_REPO as in install-kafka.sh.
@@ -44,7 +49,7 @@ command -v unzip >/dev/null || die "unzip not found (apt-get install -y unzip)"
 t0=$(date +%s)
 W="$KAFKA_HOME_DIR/work"
 mkdir -p "$W" "$KAFKA_HOME_DIR/config" "$M2_REPO"
-rm -rf "$W/libs.tmp" "$W/mirror.tmp"
+rm -rf "$W/libs.tmp" "$W/mirror.libs"
 
 dep() { printf '    <dependency><groupId>%s</groupId><artifactId>%s</artifactId><version>%s</version>%s</dependency>\n' "$1" "$2" "$3" "${4:-}"; }
 pom() { # pom ARTIFACT_ID_OF_BUNDLE VERSION ARTIFACTS...
@@ -80,31 +85,30 @@ quiet_run "$W/mvn-deps.log" "${MVN[@]}" "$W/pom.xml" "$MDEP:copy-dependencies" \
   -DoutputDirectory="$W/libs.tmp" -DincludeScope=runtime -Dmdep.useRepositoryLayout=false \
   || mvn_fail_hint "$W/mvn-deps.log"
 
-# --- pass 2: MirrorMaker 2 at the newest version Maven Central serves ------------------
-# artifactIds of a POM's runtime closure, from dependency:list ("  g:a:type[:classifier]:v:scope")
-artifact_ids() { # artifact_ids POM LOG OUT
-  quiet_run "$2" "${MVN[@]}" "$1" "$MDEP:list" -DincludeScope=runtime -DoutputFile="$3.raw" -DappendOutput=false \
-    && sed -nE 's/^[[:space:]]+[^:[:space:]]+:([^:[:space:]]+):.*/\1/p' "$3.raw" | sort -u >"$3"
-}
+# --- MirrorMaker 2 from Kafka $MIRROR_VERSION, on a class path of its own ---------------
+# connect-mirror 4.3.1 does not link against kafka-clients 4.4.0 (classes such as
+# org.apache.kafka.common.utils.Exit and AppInfoParser moved to ...utils.internals), so
+# its jars cannot simply join libs/. Instead the shared installer installs all of Kafka
+# $MIRROR_VERSION beside this one (unchanged script, KAFKA_VERSION=$MIRROR_VERSION), and a
+# small launcher (Mm2Launcher.java, compiled into libs/) runs that version's MirrorMaker
+# in an isolated class loader: MM2_MAIN=ferry.peers.Mm2Launcher, so mm2-up.sh works as is.
 mirror_used=none
-if [ "$MIRROR_VERSION" != none ]; then
-  pom kafka-mirror-bundle "$MIRROR_VERSION" connect-mirror connect-mirror-client >"$W/mirror-pom.xml"
-  log "resolving connect-mirror + connect-mirror-client $MIRROR_VERSION (log: $W/mvn-mirror.log)"
-  if artifact_ids "$W/pom.xml" "$W/mvn-list.log" "$W/kafka-artifacts.txt" \
-     && artifact_ids "$W/mirror-pom.xml" "$W/mvn-mirror.log" "$W/mirror-artifacts.txt" \
-     && [ -s "$W/kafka-artifacts.txt" ] && grep -qxF connect-mirror "$W/mirror-artifacts.txt"; then
-    # only what pass 1 lacks: the 4.4.0 connect-runtime, kafka-clients, ... stay the only copies
-    new="$(comm -13 "$W/kafka-artifacts.txt" "$W/mirror-artifacts.txt" | paste -sd, -)"
-    if quiet_run "$W/mvn-mirror.log" "${MVN[@]}" "$W/mirror-pom.xml" "$MDEP:copy-dependencies" \
-         -DoutputDirectory="$W/mirror.tmp" -DincludeScope=runtime -Dmdep.useRepositoryLayout=false \
-         -DincludeArtifactIds="$new"; then
-      cp "$W/mirror.tmp"/*.jar "$W/libs.tmp/"
-      log "MirrorMaker 2: added $(ls "$W/mirror.tmp" | tr '\n' ' ')"
-      mirror_used="$MIRROR_VERSION"
-    fi
+if [ "$MIRROR_VERSION" != none ] && [ "$MIRROR_VERSION" != "$KAFKA_VERSION" ]; then
+  log "MirrorMaker 2: installing Kafka $MIRROR_VERSION with the shared install-kafka.sh"
+  if ! command -v javac >/dev/null; then
+    log "WARNING: javac not found; installing Kafka without MirrorMaker 2"
+  elif mdir="$(env -u KAFKA_HOME_DIR KAFKA_VERSION="$MIRROR_VERSION" PEERS_HOME="$PEERS_HOME" \
+                 "$PEERS_DIR/install-kafka.sh")" \
+       && grep -qx 'MM2_MAIN=org.apache.kafka.connect.mirror.MirrorMaker' "$mdir/classes.env"; then
+    rm -rf "$W/mm2-launcher"; mkdir -p "$W/mm2-launcher/classes"
+    quiet_run "$W/javac-mm2.log" javac --release 17 -d "$W/mm2-launcher/classes" "$HERE/Mm2Launcher.java" \
+      && quiet_run "$W/jar-mm2.log" jar cf "$W/libs.tmp/ferry-mm2-launcher.jar" -C "$W/mm2-launcher/classes" . \
+      || die "could not build the MirrorMaker 2 launcher (see $W/javac-mm2.log)"
+    echo "$mdir/libs" >"$W/mirror.libs"
+    mirror_used="$MIRROR_VERSION"
+  else
+    log "WARNING: Kafka $MIRROR_VERSION (for MirrorMaker 2) could not be installed; installing Kafka without MirrorMaker 2"
   fi
-  [ "$mirror_used" != none ] || log "WARNING: connect-mirror $MIRROR_VERSION could not be resolved; installing Kafka without MirrorMaker 2"
-  rm -rf "$W/mirror.tmp"
 fi
 
 # A logging backend: Kafka's POMs do not carry one. Pick the SLF4J binding that matches
@@ -155,7 +159,7 @@ TOPIC_CMD="$(find_class org.apache.kafka.tools.TopicCommand kafka.admin.TopicCom
 GET_OFFSETS="$(find_class org.apache.kafka.tools.GetOffsetShell kafka.tools.GetOffsetShell || true)"
 CONSOLE_PRODUCER="$(find_class org.apache.kafka.tools.ConsoleProducer kafka.tools.ConsoleProducer || true)"
 CONSOLE_CONSUMER="$(find_class org.apache.kafka.tools.consumer.ConsoleConsumer kafka.tools.ConsoleConsumer || true)"
-MM2_MAIN="$(find_class org.apache.kafka.connect.mirror.MirrorMaker || true)"
+MM2_MAIN="$(find_class org.apache.kafka.connect.mirror.MirrorMaker ferry.peers.Mm2Launcher || true)"
 for v in KAFKA_MAIN STORAGE_TOOL PRODUCER_PERF CONSUMER_PERF; do
   [ -n "${!v}" ] || die "could not find the $v entry point in the downloaded jars"
 done
@@ -197,6 +201,7 @@ cid="$(kafka_tool "$STORAGE_TOOL" random-uuid 2>"$W/selftest.err" | tail -1 || t
 [[ "$cid" =~ ^[A-Za-z0-9_-]{22}$ ]] || { tail -20 "$W/selftest.err" | scrub >&2; die "self-test failed: $STORAGE_TOOL random-uuid printed '$cid'"; }
 
 echo "$mirror_used" >"$KAFKA_HOME_DIR/mirror.version"
+if [ -f "$W/mirror.libs" ] && [ "$mirror_used" != none ]; then mv "$W/mirror.libs" "$KAFKA_HOME_DIR/mirror.libs"; else rm -f "$W/mirror.libs" "$KAFKA_HOME_DIR/mirror.libs"; fi
 t1=$(date +%s)
 {
   echo "kafka_version=$KAFKA_VERSION"

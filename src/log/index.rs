@@ -118,7 +118,8 @@ impl OffsetIndex {
         b[4..8].copy_from_slice(&position.to_be_bytes());
         // Appended at the end: the file is opened without O_APPEND, so seek explicitly.
         use std::io::Seek;
-        self.file.seek(io::SeekFrom::Start(self.entries.len() as u64 * 8))?;
+        self.file
+            .seek(io::SeekFrom::Start(self.entries.len() as u64 * 8))?;
         self.file.write_all(&b)?;
         self.entries.push(OffsetEntry {
             relative_offset,

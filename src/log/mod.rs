@@ -161,9 +161,8 @@ impl PartitionLog {
             segments.push(seg);
         }
         if segments.is_empty() {
-            segments.push(
-                Segment::create(dir, 0, config.index_interval_bytes).map_err(io_err(dir))?,
-            );
+            segments
+                .push(Segment::create(dir, 0, config.index_interval_bytes).map_err(io_err(dir))?);
         }
         report.segments = segments.len();
         Ok((
@@ -245,7 +244,10 @@ impl PartitionLog {
     fn append_at(&mut self, bytes: &[u8], h: &BatchHeader) -> Result<(), LogError> {
         self.maybe_roll(bytes.len() as u64)?;
         let dir = self.dir.clone();
-        let seg = self.segments.last_mut().expect("a log always has a segment");
+        let seg = self
+            .segments
+            .last_mut()
+            .expect("a log always has a segment");
         seg.append(bytes, h).map_err(io_err(&dir))
     }
 
@@ -271,8 +273,8 @@ impl PartitionLog {
     pub fn roll(&mut self) -> Result<(), LogError> {
         let next = self.next_offset();
         self.active().sync_all().map_err(io_err(&self.dir))?;
-        let seg =
-            Segment::create(&self.dir, next, self.config.index_interval_bytes).map_err(io_err(&self.dir))?;
+        let seg = Segment::create(&self.dir, next, self.config.index_interval_bytes)
+            .map_err(io_err(&self.dir))?;
         sync_dir(&self.dir).map_err(io_err(&self.dir))?;
         self.segments.push(seg);
         Ok(())
@@ -329,7 +331,10 @@ impl PartitionLog {
             if seg.max_timestamp < timestamp {
                 continue;
             }
-            if let Some(b) = seg.find_by_timestamp(timestamp).map_err(io_err(&self.dir))? {
+            if let Some(b) = seg
+                .find_by_timestamp(timestamp)
+                .map_err(io_err(&self.dir))?
+            {
                 let off = b.header.base_offset.max(self.start_offset());
                 return Ok(Some((off, b.header.max_timestamp)));
             }
@@ -355,7 +360,11 @@ impl PartitionLog {
         from_segment_base: i64,
         mut f: impl FnMut(&BatchHeader),
     ) -> Result<(), LogError> {
-        for seg in self.segments.iter().filter(|s| s.next_offset > from_segment_base) {
+        for seg in self
+            .segments
+            .iter()
+            .filter(|s| s.next_offset > from_segment_base)
+        {
             let mut pos = 0u64;
             while let Some(b) = seg.batch_at(pos).map_err(io_err(&self.dir))? {
                 f(&b.header);
@@ -385,7 +394,11 @@ impl PartitionLog {
                 deleted += 1;
             }
             let a = self.active();
-            if self.segments.len() == 1 && a.size > 0 && a.max_timestamp >= 0 && a.max_timestamp < limit {
+            if self.segments.len() == 1
+                && a.size > 0
+                && a.max_timestamp >= 0
+                && a.max_timestamp < limit
+            {
                 self.roll()?;
             }
         }

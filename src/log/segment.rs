@@ -101,10 +101,7 @@ impl Segment {
         scan: bool,
     ) -> io::Result<(Self, RecoveryReport)> {
         let (lp, ip, tp) = Self::paths(dir, base_offset);
-        let log = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .open(&lp)?;
+        let log = OpenOptions::new().read(true).append(true).open(&lp)?;
         let meta = log.metadata()?;
         let created = meta.modified().unwrap_or_else(|_| SystemTime::now());
         let file_size = meta.len();
@@ -269,7 +266,11 @@ impl Segment {
             h.base_offset,
             self.next_offset
         );
-        assert_eq!(bytes.len(), h.total_bytes(), "batch header agrees with its length");
+        assert_eq!(
+            bytes.len(),
+            h.total_bytes(),
+            "batch header agrees with its length"
+        );
         let pos = self.size;
         (&*self.log).write_all(bytes)?;
         self.index_batch(h, pos)?;
@@ -298,7 +299,11 @@ impl Segment {
     /// The batch containing `offset` (or the first batch after it), if any.
     pub fn find_batch(&self, offset: i64) -> io::Result<Option<BatchAt>> {
         let rel = (offset - self.base_offset).clamp(0, u32::MAX as i64) as u32;
-        let mut pos = self.index.lookup(rel).map(|e| e.position as u64).unwrap_or(0);
+        let mut pos = self
+            .index
+            .lookup(rel)
+            .map(|e| e.position as u64)
+            .unwrap_or(0);
         while let Some(b) = self.batch_at(pos)? {
             if b.header.last_offset() >= offset {
                 return Ok(Some(b));

@@ -1,0 +1,644 @@
+//! The broker: topics, partitions, producer ids, and the path from a validated batch to disk.
+//!
+//! Owns: the topic registry and its durable metadata (`<data dir>/.ferry/topics/<name>.toml`),
+//! opening every partition log on start (recovery), topic creation, deletion and growth, producer
+//! id allocation, retention scheduling, and the group commit [`writer`]. Does not own: the Kafka
+//! wire format ([`crate::kafka`]) or the bytes layout of a partition ([`crate::log`]).
+
+pub mod producer;
+pub mod writer;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::config::BrokerConfig;
+use crate::log::{self, LogConfig, LogError, PartitionLog};
+use crate::units::{parse_duration, parse_size};
+use producer::ProducerStates;
+use writer::Writer;
+
+/// Mutable state of one partition, under one lock held only briefly (never across an await).
+#[derive(Debug)]
+pub struct PartitionState {
+    pub log: PartitionLog,
+    pub producers: ProducerStates,
+}
+
+/// One partition of a topic.
+#[derive(Debug)]
+pub struct Partition {
+    pub topic: Arc<str>,
+    pub index: i32,
+    pub state: Mutex<PartitionState>,
+}
+
+impl Partition {
+    /// (log start offset, log end offset).
+    pub fn offsets(&self) -> (i64, i64) {
+        let st = self.state.lock().expect("partition lock");
+        (st.log.start_offset(), st.log.next_offset())
+    }
+}
+
+/// A topic: its id, settings and partitions.
+#[derive(Debug)]
+pub struct Topic {
+    pub name: String,
+    pub id: Uuid,
+    pub configs: BTreeMap<String, String>,
+    pub partitions: RwLock<Vec<Arc<Partition>>>,
+}
+
+impl Topic {
+    pub fn partition(&self, index: i32) -> Option<Arc<Partition>> {
+        if index < 0 {
+            return None;
+        }
+        self.partitions
+            .read()
+            .expect("topic lock")
+            .get(index as usize)
+            .cloned()
+    }
+
+    pub fn partition_count(&self) -> i32 {
+        self.partitions.read().expect("topic lock").len() as i32
+    }
+
+    pub fn is_internal(&self) -> bool {
+        self.name.starts_with("__")
+    }
+}
+
+/// What is stored per topic in `.ferry/topics/<name>.toml`.
+#[derive(Debug, Serialize, Deserialize)]
+struct TopicMeta {
+    id: String,
+    partitions: i32,
+    #[serde(default)]
+    configs: BTreeMap<String, String>,
+}
+
+/// Errors of topic administration, each with its Kafka error code.
+#[derive(Debug, Error)]
+pub enum TopicError {
+    #[error("topic '{0}' already exists")]
+    AlreadyExists(String),
+    #[error("topic '{0}' does not exist")]
+    Unknown(String),
+    #[error("invalid topic name '{0}': {1}")]
+    InvalidName(String, &'static str),
+    #[error("invalid partition count {0}")]
+    InvalidPartitions(String),
+    #[error("replication factor {0} is not supported: this broker keeps one replica per region")]
+    InvalidReplicationFactor(i16),
+    #[error("invalid config {0}: {1}")]
+    InvalidConfig(String, String),
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl TopicError {
+    pub fn kafka_code(&self) -> i16 {
+        match self {
+            TopicError::AlreadyExists(_) => 36,
+            TopicError::Unknown(_) => 3,
+            TopicError::InvalidName(..) => 17,
+            TopicError::InvalidPartitions(_) => 37,
+            TopicError::InvalidReplicationFactor(_) => 38,
+            TopicError::InvalidConfig(..) => 40,
+            TopicError::Log(_) | TopicError::Io { .. } => 56,
+        }
+    }
+}
+
+/// Topic configs the broker understands, with how they map onto the log.
+pub const TOPIC_CONFIGS: &[&str] = &[
+    "cleanup.policy",
+    "retention.ms",
+    "retention.bytes",
+    "segment.bytes",
+    "segment.ms",
+    "max.message.bytes",
+    "message.timestamp.type",
+];
+
+/// A committed consumer offset (minimal store; the group coordinator replaces it).
+#[derive(Debug, Clone)]
+pub struct CommittedOffset {
+    pub offset: i64,
+    pub metadata: Option<String>,
+    pub commit_timestamp: i64,
+}
+
+pub fn validate_topic_name(name: &str) -> Result<(), TopicError> {
+    let bad = |why| Err(TopicError::InvalidName(name.to_string(), why));
+    if name.is_empty() {
+        return bad("empty");
+    }
+    if name.len() > 249 {
+        return bad("longer than 249 characters");
+    }
+    if name == "." || name == ".." {
+        return bad("'.' and '..' are not allowed");
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-')
+    {
+        return bad("only ASCII letters, digits, '.', '_' and '-' are allowed");
+    }
+    Ok(())
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TopicError + '_ {
+    move |source| TopicError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Write a file atomically: temp file, fsync, rename, fsync the directory.
+pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().expect("file in a directory");
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(contents)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    log::sync_dir(dir)
+}
+
+/// Allocates producer ids that stay unique across restarts, reserving blocks on disk.
+#[derive(Debug)]
+struct ProducerIds {
+    path: PathBuf,
+    next: i64,
+    reserved_until: i64,
+}
+
+const PRODUCER_ID_BLOCK: i64 = 1000;
+
+impl ProducerIds {
+    fn open(path: PathBuf) -> std::io::Result<Self> {
+        let next = match std::fs::read_to_string(&path) {
+            Ok(s) => s.trim().parse().unwrap_or(0),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e),
+        };
+        Ok(ProducerIds {
+            path,
+            next,
+            reserved_until: next,
+        })
+    }
+
+    fn allocate(&mut self) -> std::io::Result<i64> {
+        if self.next >= self.reserved_until {
+            let until = self.next + PRODUCER_ID_BLOCK;
+            write_atomic(&self.path, until.to_string().as_bytes())?;
+            self.reserved_until = until;
+        }
+        let id = self.next;
+        self.next += 1;
+        Ok(id)
+    }
+}
+
+/// The broker of one region.
+pub struct Broker {
+    pub config: BrokerConfig,
+    topics: RwLock<BTreeMap<String, Arc<Topic>>>,
+    writer: Writer,
+    /// Notified after every append round: long-polling fetches wait on it.
+    pub appended: Arc<Notify>,
+    producer_ids: Mutex<ProducerIds>,
+    meta_dir: PathBuf,
+    /// Committed offsets by (group, topic, partition); in memory until the group coordinator.
+    pub committed: Mutex<HashMap<(String, String, i32), CommittedOffset>>,
+    /// Serialises topic creation and deletion.
+    admin: Mutex<()>,
+}
+
+impl Broker {
+    /// Open the broker's data directory, recovering every partition.
+    pub fn open(config: BrokerConfig) -> Result<Arc<Broker>, TopicError> {
+        let meta_dir = config.data_dir.join(".ferry");
+        let topics_dir = meta_dir.join("topics");
+        std::fs::create_dir_all(&topics_dir).map_err(io_err(&topics_dir))?;
+        let appended = Arc::new(Notify::new());
+        let producer_ids =
+            ProducerIds::open(meta_dir.join("producer-ids")).map_err(io_err(&meta_dir))?;
+        let broker = Broker {
+            writer: Writer::start(appended.clone()),
+            appended,
+            producer_ids: Mutex::new(producer_ids),
+            topics: RwLock::new(BTreeMap::new()),
+            meta_dir,
+            committed: Mutex::new(HashMap::new()),
+            admin: Mutex::new(()),
+            config,
+        };
+        let mut names: Vec<String> = Vec::new();
+        for entry in std::fs::read_dir(&topics_dir).map_err(io_err(&topics_dir))? {
+            let entry = entry.map_err(io_err(&topics_dir))?;
+            let name = entry.file_name().to_string_lossy().to_string();
+            if let Some(topic) = name.strip_suffix(".toml") {
+                names.push(topic.to_string());
+            }
+        }
+        names.sort();
+        for name in names {
+            let path = topics_dir.join(format!("{name}.toml"));
+            let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+            let meta: TopicMeta = toml::from_str(&text).map_err(|e| TopicError::Io {
+                path: path.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+            })?;
+            let id = Uuid::parse_str(&meta.id).unwrap_or_else(|_| Uuid::new_v4());
+            let topic = broker.open_topic(&name, id, meta.partitions, meta.configs)?;
+            broker
+                .topics
+                .write()
+                .expect("topics lock")
+                .insert(name, topic);
+        }
+        Ok(Arc::new(broker))
+    }
+
+    fn topic_log_config(
+        &self,
+        configs: &BTreeMap<String, String>,
+    ) -> Result<LogConfig, TopicError> {
+        let mut c = self.config.log.clone();
+        let bad = |k: &str, m: String| TopicError::InvalidConfig(k.to_string(), m);
+        for (k, v) in configs {
+            match k.as_str() {
+                "retention.ms" => {
+                    let ms: i64 = v
+                        .parse()
+                        .map_err(|_| bad(k, format!("`{v}` is not a number of ms")))?;
+                    c.retention_time = if ms < 0 {
+                        None
+                    } else {
+                        Some(Duration::from_millis(ms as u64))
+                    };
+                }
+                "retention.bytes" => {
+                    let b: i64 = v
+                        .parse()
+                        .map_err(|_| bad(k, format!("`{v}` is not a number of bytes")))?;
+                    c.retention_bytes = if b < 0 { None } else { Some(b as u64) };
+                }
+                "segment.bytes" => {
+                    c.segment_bytes = parse_size(v).map_err(|m| bad(k, m))?;
+                    if c.segment_bytes < 1024 {
+                        return Err(bad(k, "must be at least 1024".into()));
+                    }
+                }
+                "segment.ms" => c.segment_age = parse_duration(v).map_err(|m| bad(k, m))?,
+                "max.message.bytes" => {
+                    let _: u64 = v
+                        .parse()
+                        .map_err(|_| bad(k, format!("`{v}` is not a number")))?;
+                }
+                "cleanup.policy" => {
+                    if v != "delete" {
+                        return Err(bad(k, format!("`{v}` is not supported (only `delete`)")));
+                    }
+                }
+                "message.timestamp.type" => {
+                    if v != "CreateTime" {
+                        return Err(bad(
+                            k,
+                            format!("`{v}` is not supported (only `CreateTime`)"),
+                        ));
+                    }
+                }
+                _ => return Err(bad(k, "unknown topic config".into())),
+            }
+        }
+        Ok(c)
+    }
+
+    fn open_partition(
+        &self,
+        topic: &Arc<str>,
+        index: i32,
+        cfg: LogConfig,
+    ) -> Result<Arc<Partition>, TopicError> {
+        let dir = self.config.data_dir.join(format!("{topic}-{index}"));
+        let (log, report) = PartitionLog::open(&dir, cfg)?;
+        if report.truncated_bytes > 0 {
+            tracing::warn!(
+                topic = %topic,
+                partition = index,
+                truncated_bytes = report.truncated_bytes,
+                reason = report.reason.as_deref().unwrap_or(""),
+                "partition {topic}-{index} recovered: truncated {} bytes",
+                report.truncated_bytes
+            );
+        }
+        // Rebuild idempotent producer state from the active segment.
+        let mut producers = ProducerStates::default();
+        log.for_each_batch(log.active_base(), |h| producers.record(h, h.base_offset))?;
+        Ok(Arc::new(Partition {
+            topic: topic.clone(),
+            index,
+            state: Mutex::new(PartitionState { log, producers }),
+        }))
+    }
+
+    fn open_topic(
+        &self,
+        name: &str,
+        id: Uuid,
+        partitions: i32,
+        configs: BTreeMap<String, String>,
+    ) -> Result<Arc<Topic>, TopicError> {
+        let cfg = self.topic_log_config(&configs)?;
+        let tname: Arc<str> = Arc::from(name);
+        let mut parts = Vec::with_capacity(partitions as usize);
+        for i in 0..partitions {
+            parts.push(self.open_partition(&tname, i, cfg.clone())?);
+        }
+        Ok(Arc::new(Topic {
+            name: name.to_string(),
+            id,
+            configs,
+            partitions: RwLock::new(parts),
+        }))
+    }
+
+    fn write_meta(&self, t: &Topic) -> Result<(), TopicError> {
+        let meta = TopicMeta {
+            id: t.id.to_string(),
+            partitions: t.partition_count(),
+            configs: t.configs.clone(),
+        };
+        let path = self
+            .meta_dir
+            .join("topics")
+            .join(format!("{}.toml", t.name));
+        let text = toml::to_string(&meta).expect("serialisable");
+        write_atomic(&path, text.as_bytes()).map_err(io_err(&path))
+    }
+
+    pub fn topic(&self, name: &str) -> Option<Arc<Topic>> {
+        self.topics.read().expect("topics lock").get(name).cloned()
+    }
+
+    pub fn topic_by_id(&self, id: Uuid) -> Option<Arc<Topic>> {
+        self.topics
+            .read()
+            .expect("topics lock")
+            .values()
+            .find(|t| t.id == id)
+            .cloned()
+    }
+
+    pub fn topics(&self) -> Vec<Arc<Topic>> {
+        self.topics
+            .read()
+            .expect("topics lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn partition(&self, topic: &str, index: i32) -> Option<Arc<Partition>> {
+        self.topic(topic)?.partition(index)
+    }
+
+    /// Create a topic. `partitions` of `None` uses the broker default.
+    pub fn create_topic(
+        &self,
+        name: &str,
+        partitions: Option<i32>,
+        replication_factor: Option<i16>,
+        configs: BTreeMap<String, String>,
+        validate_only: bool,
+    ) -> Result<Arc<Topic>, TopicError> {
+        validate_topic_name(name)?;
+        let n = partitions.unwrap_or(self.config.default_partitions);
+        if !(1..=100_000).contains(&n) {
+            return Err(TopicError::InvalidPartitions(format!(
+                "{n}: must be between 1 and 100000"
+            )));
+        }
+        if let Some(rf) = replication_factor {
+            if rf != 1 && rf != -1 {
+                return Err(TopicError::InvalidReplicationFactor(rf));
+            }
+        }
+        self.topic_log_config(&configs)?;
+        let _admin = self.admin.lock().expect("admin lock");
+        if self.topic(name).is_some() {
+            return Err(TopicError::AlreadyExists(name.to_string()));
+        }
+        if validate_only {
+            return Ok(Arc::new(Topic {
+                name: name.to_string(),
+                id: Uuid::nil(),
+                configs,
+                partitions: RwLock::new(Vec::new()),
+            }));
+        }
+        // Partition directories left by an earlier topic of the same name are removed first.
+        for i in 0..n {
+            let dir = self.config.data_dir.join(format!("{name}-{i}"));
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+            }
+        }
+        let topic = self.open_topic(name, Uuid::new_v4(), n, configs)?;
+        self.write_meta(&topic)?;
+        self.topics
+            .write()
+            .expect("topics lock")
+            .insert(name.to_string(), topic.clone());
+        tracing::info!(topic = name, partitions = n, id = %topic.id, "created topic");
+        Ok(topic)
+    }
+
+    /// The topic, created with defaults if auto-creation is on.
+    pub fn get_or_auto_create(&self, name: &str) -> Result<Arc<Topic>, TopicError> {
+        if let Some(t) = self.topic(name) {
+            return Ok(t);
+        }
+        if !self.config.auto_create_topics {
+            return Err(TopicError::Unknown(name.to_string()));
+        }
+        match self.create_topic(name, None, None, BTreeMap::new(), false) {
+            Ok(t) => Ok(t),
+            Err(TopicError::AlreadyExists(_)) => self
+                .topic(name)
+                .ok_or_else(|| TopicError::Unknown(name.to_string())),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn delete_topic(&self, name: &str) -> Result<Uuid, TopicError> {
+        let _admin = self.admin.lock().expect("admin lock");
+        let topic = self
+            .topics
+            .write()
+            .expect("topics lock")
+            .remove(name)
+            .ok_or_else(|| TopicError::Unknown(name.to_string()))?;
+        let path = self.meta_dir.join("topics").join(format!("{name}.toml"));
+        std::fs::remove_file(&path).map_err(io_err(&path))?;
+        let _ = log::sync_dir(&self.meta_dir.join("topics"));
+        for p in topic.partitions.read().expect("topic lock").iter() {
+            let dir = p
+                .state
+                .lock()
+                .expect("partition lock")
+                .log
+                .dir()
+                .to_path_buf();
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "could not remove partition directory");
+            }
+        }
+        tracing::info!(topic = name, "deleted topic");
+        Ok(topic.id)
+    }
+
+    /// Grow a topic to `count` partitions.
+    pub fn create_partitions(
+        &self,
+        name: &str,
+        count: i32,
+        validate_only: bool,
+    ) -> Result<(), TopicError> {
+        let _admin = self.admin.lock().expect("admin lock");
+        let topic = self
+            .topic(name)
+            .ok_or_else(|| TopicError::Unknown(name.to_string()))?;
+        let have = topic.partition_count();
+        if count <= have {
+            return Err(TopicError::InvalidPartitions(format!(
+                "topic '{name}' has {have} partitions; the new count {count} must be larger"
+            )));
+        }
+        if count > 100_000 {
+            return Err(TopicError::InvalidPartitions(format!(
+                "{count}: at most 100000"
+            )));
+        }
+        if validate_only {
+            return Ok(());
+        }
+        let cfg = self.topic_log_config(&topic.configs)?;
+        let tname: Arc<str> = Arc::from(name);
+        let mut new = Vec::new();
+        for i in have..count {
+            new.push(self.open_partition(&tname, i, cfg.clone())?);
+        }
+        topic.partitions.write().expect("topic lock").extend(new);
+        self.write_meta(&topic)?;
+        tracing::info!(topic = name, from = have, to = count, "added partitions");
+        Ok(())
+    }
+
+    /// Effective configs of a topic: its overrides, then broker defaults.
+    pub fn effective_topic_configs(&self, topic: &Topic) -> Vec<(String, String, bool)> {
+        let c = self
+            .topic_log_config(&topic.configs)
+            .unwrap_or_else(|_| self.config.log.clone());
+        let ms = |d: Option<Duration>| {
+            d.map(|d| d.as_millis().to_string())
+                .unwrap_or_else(|| "-1".into())
+        };
+        let mut out = vec![
+            ("cleanup.policy".to_string(), "delete".to_string()),
+            ("retention.ms".to_string(), ms(c.retention_time)),
+            (
+                "retention.bytes".to_string(),
+                c.retention_bytes
+                    .map(|b| b.to_string())
+                    .unwrap_or_else(|| "-1".into()),
+            ),
+            ("segment.bytes".to_string(), c.segment_bytes.to_string()),
+            (
+                "segment.ms".to_string(),
+                c.segment_age.as_millis().to_string(),
+            ),
+            (
+                "max.message.bytes".to_string(),
+                self.config.batch_bytes_max.to_string(),
+            ),
+            (
+                "message.timestamp.type".to_string(),
+                "CreateTime".to_string(),
+            ),
+        ];
+        for (k, v) in &topic.configs {
+            if k == "segment.ms" || k == "segment.bytes" {
+                continue; // already resolved above (may be written with units)
+            }
+            if let Some(e) = out.iter_mut().find(|(n, _)| n == k) {
+                e.1 = v.clone();
+            }
+        }
+        out.into_iter()
+            .map(|(k, v)| {
+                let overridden = topic.configs.contains_key(&k);
+                (k, v, overridden)
+            })
+            .collect()
+    }
+
+    /// Allocate a fresh producer id.
+    pub fn allocate_producer_id(&self) -> std::io::Result<i64> {
+        self.producer_ids
+            .lock()
+            .expect("producer id lock")
+            .allocate()
+    }
+
+    pub fn writer(&self) -> &Writer {
+        &self.writer
+    }
+
+    /// Run retention on every partition once.
+    pub fn enforce_retention(&self) {
+        let now = log::now_ms();
+        for t in self.topics() {
+            for p in t.partitions.read().expect("topic lock").iter() {
+                let mut st = p.state.lock().expect("partition lock");
+                if let Err(e) = st.log.enforce_retention(now) {
+                    tracing::error!(topic = %t.name, partition = p.index, error = %e, "retention failed");
+                }
+            }
+        }
+    }
+
+    /// fsync every partition (on shutdown).
+    pub fn sync_all(&self) {
+        for t in self.topics() {
+            for p in t.partitions.read().expect("topic lock").iter() {
+                if let Err(e) = p.state.lock().expect("partition lock").log.sync() {
+                    tracing::error!(topic = %t.name, partition = p.index, error = %e, "sync failed");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! `ferry broker`: run one broker as a process.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::broker::Broker;
+use crate::config::{parse_host_port, BrokerConfig, BrokerFile};
+use crate::units::{parse_duration, parse_size};
+
+#[derive(Debug, Args)]
+pub struct BrokerArgs {
+    /// Settings file (TOML); flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address for Kafka clients.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: Option<String>,
+    /// Address given to clients in Metadata (default: the listen address).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub advertised: Option<String>,
+    /// Directory for partition logs and broker metadata.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// This broker's node id.
+    #[arg(long)]
+    pub node_id: Option<i32>,
+    /// Roll segments at this size (e.g. 1GiB).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub segment_bytes: Option<u64>,
+    /// Roll segments at this age (e.g. 7d).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub segment_age: Option<std::time::Duration>,
+    /// Delete segments older than this (e.g. 7d, or "off").
+    #[arg(long, value_name = "DURATION|off")]
+    pub retention_time: Option<String>,
+    /// Keep at most this many bytes per partition (e.g. 10GiB, or "off").
+    #[arg(long, value_name = "SIZE|off")]
+    pub retention_bytes: Option<String>,
+    /// Partitions of auto-created topics and of CreateTopics without a count.
+    #[arg(long, value_name = "N")]
+    pub default_partitions: Option<i32>,
+    /// Create topics when clients ask for unknown ones.
+    #[arg(long, value_name = "true|false", action = clap::ArgAction::Set)]
+    pub auto_create: Option<bool>,
+}
+
+impl BrokerArgs {
+    pub fn to_config(&self) -> anyhow::Result<BrokerConfig> {
+        let mut c = BrokerConfig::default();
+        if let Some(path) = &self.config {
+            BrokerFile::load(path)?.apply(&mut c)?;
+        }
+        let f = BrokerFile {
+            listen: self.listen.clone(),
+            advertised: self.advertised.clone(),
+            data_dir: self.data_dir.clone(),
+            node_id: self.node_id,
+            default_partitions: self.default_partitions,
+            auto_create_topics: self.auto_create,
+            retention_time: self
+                .retention_time
+                .clone()
+                .map(crate::config::DurOrNum::Text),
+            retention_bytes: self
+                .retention_bytes
+                .clone()
+                .map(crate::config::SizeOrNum::Text),
+            ..Default::default()
+        };
+        f.apply(&mut c).context("invalid flag")?;
+        if let Some(b) = self.segment_bytes {
+            c.log.segment_bytes = b;
+        }
+        if let Some(a) = self.segment_age {
+            c.log.segment_age = a;
+        }
+        if let Some(a) = &self.advertised {
+            c.advertised = Some(parse_host_port(a).map_err(anyhow::Error::msg)?);
+        }
+        Ok(c)
+    }
+}
+
+pub fn run(args: BrokerArgs) -> anyhow::Result<()> {
+    let config = args.to_config()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ferry-io")
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(serve(config))
+}
+
+/// Wait for Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+}
+
+/// Open the data directory, listen, and serve until a shutdown signal.
+pub async fn serve(config: BrokerConfig) -> anyhow::Result<()> {
+    let data_dir = config.data_dir.clone();
+    let listen = config.listen;
+    let started = std::time::Instant::now();
+    let broker = tokio::task::block_in_place(|| Broker::open(config))
+        .with_context(|| format!("opening data directory {}", data_dir.display()))?;
+    tracing::info!(
+        data_dir = %data_dir.display(),
+        topics = broker.topics().len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "recovered data directory"
+    );
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the Kafka listener {listen}"))?;
+    let (host, port) = broker.config.advertised();
+    tracing::info!(%listen, advertised = %format!("{host}:{port}"), "ferry broker listening on {listen}");
+    spawn_retention(broker.clone());
+    crate::kafka::server::run(listener, broker.clone(), shutdown_signal()).await?;
+    tracing::info!("shutting down: syncing partitions");
+    tokio::task::block_in_place(|| broker.sync_all());
+    Ok(())
+}
+
+fn spawn_retention(broker: Arc<Broker>) {
+    let every = broker.config.retention_check_interval;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let b = broker.clone();
+            let _ = tokio::task::spawn_blocking(move || b.enforce_retention()).await;
+        }
+    });
+}

@@ -1,0 +1,290 @@
+//! Broker settings: defaults, an optional TOML file, and command-line flags on top.
+//!
+//! Owns the [`BrokerConfig`] type and its file format. Does not own the topology file (a later
+//! `topology` module resolves a region's broker into a `BrokerConfig`).
+//!
+//! ```toml
+//! # ferry broker --config broker.toml
+//! listen = "127.0.0.1:9092"
+//! advertised = "127.0.0.1:9092"   # what Metadata tells clients; defaults to listen
+//! data_dir = "./data"
+//! node_id = 1
+//! segment_bytes = "1GiB"
+//! segment_age = "7d"
+//! retention_time = "7d"           # or "off"
+//! retention_bytes = "off"         # or e.g. "10GiB"
+//! default_partitions = 1
+//! auto_create_topics = true
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::log::LogConfig;
+use crate::units::{parse_duration, parse_size};
+
+/// Everything a broker process needs to run.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub listen: SocketAddr,
+    /// Host and port clients are told to connect to (Metadata); defaults to `listen`.
+    pub advertised: Option<(String, u16)>,
+    pub data_dir: PathBuf,
+    pub node_id: i32,
+    pub cluster_id: String,
+    pub log: LogConfig,
+    pub default_partitions: i32,
+    pub auto_create_topics: bool,
+    /// Largest request frame accepted; larger ones close the connection unread.
+    pub frame_bytes_max: usize,
+    /// Largest record batch accepted in a produce.
+    pub batch_bytes_max: usize,
+    /// How often retention runs.
+    pub retention_check_interval: Duration,
+    /// Queued requests per connection before the broker stops reading from it.
+    pub inflight_requests_max: usize,
+    /// Open connections at most.
+    pub connections_max: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            listen: "127.0.0.1:9092".parse().expect("valid"),
+            advertised: None,
+            data_dir: PathBuf::from("./data"),
+            node_id: 1,
+            cluster_id: "ferry-cluster".into(),
+            log: LogConfig::default(),
+            default_partitions: 1,
+            auto_create_topics: true,
+            frame_bytes_max: 100 << 20,
+            batch_bytes_max: 8 << 20,
+            retention_check_interval: Duration::from_secs(60),
+            inflight_requests_max: 64,
+            connections_max: 10_000,
+        }
+    }
+}
+
+impl BrokerConfig {
+    /// Host and port advertised to clients.
+    pub fn advertised(&self) -> (String, u16) {
+        self.advertised
+            .clone()
+            .unwrap_or_else(|| (self.listen.ip().to_string(), self.listen.port()))
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+    #[error("{field}: {message}")]
+    Value { field: String, message: String },
+}
+
+/// The file form: every field optional, human units as strings or numbers.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerFile {
+    pub listen: Option<String>,
+    pub advertised: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub node_id: Option<i32>,
+    pub cluster_id: Option<String>,
+    pub segment_bytes: Option<SizeOrNum>,
+    pub segment_age: Option<DurOrNum>,
+    pub retention_time: Option<DurOrNum>,
+    pub retention_bytes: Option<SizeOrNum>,
+    pub index_interval_bytes: Option<SizeOrNum>,
+    pub default_partitions: Option<i32>,
+    pub auto_create_topics: Option<bool>,
+    pub frame_bytes_max: Option<SizeOrNum>,
+    pub batch_bytes_max: Option<SizeOrNum>,
+    pub retention_check_interval: Option<DurOrNum>,
+}
+
+/// A size written as a number of bytes or a string with a unit (or `off`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SizeOrNum {
+    Num(u64),
+    Text(String),
+}
+
+/// A duration written as milliseconds or a string with a unit (or `off`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum DurOrNum {
+    Num(u64),
+    Text(String),
+}
+
+impl SizeOrNum {
+    /// `None` for `off`.
+    pub fn get(&self, field: &str) -> Result<Option<u64>, ConfigError> {
+        match self {
+            SizeOrNum::Num(n) => Ok(Some(*n)),
+            SizeOrNum::Text(t) if t == "off" || t == "none" => Ok(None),
+            SizeOrNum::Text(t) => parse_size(t)
+                .map(Some)
+                .map_err(|message| ConfigError::Value {
+                    field: field.into(),
+                    message,
+                }),
+        }
+    }
+}
+
+impl DurOrNum {
+    /// `None` for `off`.
+    pub fn get(&self, field: &str) -> Result<Option<Duration>, ConfigError> {
+        match self {
+            DurOrNum::Num(n) => Ok(Some(Duration::from_millis(*n))),
+            DurOrNum::Text(t) if t == "off" || t == "none" => Ok(None),
+            DurOrNum::Text(t) => {
+                parse_duration(t)
+                    .map(Some)
+                    .map_err(|message| ConfigError::Value {
+                        field: field.into(),
+                        message,
+                    })
+            }
+        }
+    }
+}
+
+/// Parse `host:port`.
+pub fn parse_host_port(s: &str) -> Result<(String, u16), String> {
+    let (h, p) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("`{s}` is not HOST:PORT"))?;
+    let port: u16 = p
+        .parse()
+        .map_err(|_| format!("`{p}` is not a port in `{s}`"))?;
+    if h.is_empty() {
+        return Err(format!("`{s}` has no host"));
+    }
+    Ok((h.trim_matches(|c| c == '[' || c == ']').to_string(), port))
+}
+
+fn required<T>(v: Option<T>, field: &str) -> Result<T, ConfigError> {
+    v.ok_or_else(|| ConfigError::Value {
+        field: field.into(),
+        message: "may not be `off`".into(),
+    })
+}
+
+impl BrokerFile {
+    pub fn load(path: &Path) -> Result<BrokerFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::File {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Apply the fields that are set on top of `c`.
+    pub fn apply(&self, c: &mut BrokerConfig) -> Result<(), ConfigError> {
+        let val = |field: &str, message: String| ConfigError::Value {
+            field: field.into(),
+            message,
+        };
+        if let Some(l) = &self.listen {
+            c.listen = l
+                .parse()
+                .map_err(|e| val("listen", format!("`{l}`: {e}")))?;
+        }
+        if let Some(a) = &self.advertised {
+            c.advertised = Some(parse_host_port(a).map_err(|m| val("advertised", m))?);
+        }
+        if let Some(d) = &self.data_dir {
+            c.data_dir = d.clone();
+        }
+        if let Some(n) = self.node_id {
+            c.node_id = n;
+        }
+        if let Some(id) = &self.cluster_id {
+            c.cluster_id = id.clone();
+        }
+        if let Some(v) = &self.segment_bytes {
+            c.log.segment_bytes = required(v.get("segment_bytes")?, "segment_bytes")?;
+        }
+        if let Some(v) = &self.segment_age {
+            c.log.segment_age = required(v.get("segment_age")?, "segment_age")?;
+        }
+        if let Some(v) = &self.retention_time {
+            c.log.retention_time = v.get("retention_time")?;
+        }
+        if let Some(v) = &self.retention_bytes {
+            c.log.retention_bytes = v.get("retention_bytes")?;
+        }
+        if let Some(v) = &self.index_interval_bytes {
+            c.log.index_interval_bytes =
+                required(v.get("index_interval_bytes")?, "index_interval_bytes")?;
+        }
+        if let Some(n) = self.default_partitions {
+            if n < 1 {
+                return Err(val("default_partitions", format!("{n} must be 1 or more")));
+            }
+            c.default_partitions = n;
+        }
+        if let Some(b) = self.auto_create_topics {
+            c.auto_create_topics = b;
+        }
+        if let Some(v) = &self.frame_bytes_max {
+            c.frame_bytes_max = required(v.get("frame_bytes_max")?, "frame_bytes_max")? as usize;
+        }
+        if let Some(v) = &self.batch_bytes_max {
+            c.batch_bytes_max = required(v.get("batch_bytes_max")?, "batch_bytes_max")? as usize;
+        }
+        if let Some(v) = &self.retention_check_interval {
+            c.retention_check_interval = required(
+                v.get("retention_check_interval")?,
+                "retention_check_interval",
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_with_human_units_applies() {
+        let f: BrokerFile = toml::from_str(
+            r#"
+            listen = "127.0.0.1:1234"
+            segment_bytes = "64MiB"
+            retention_time = "off"
+            retention_bytes = 1000
+            auto_create_topics = false
+            "#,
+        )
+        .unwrap();
+        let mut c = BrokerConfig::default();
+        f.apply(&mut c).unwrap();
+        assert_eq!(c.listen.port(), 1234);
+        assert_eq!(c.log.segment_bytes, 64 << 20);
+        assert_eq!(c.log.retention_time, None);
+        assert_eq!(c.log.retention_bytes, Some(1000));
+        assert!(!c.auto_create_topics);
+        assert_eq!(c.advertised(), ("127.0.0.1".to_string(), 1234));
+    }
+
+    #[test]
+    fn unknown_field_is_an_error() {
+        let e = toml::from_str::<BrokerFile>("segmentbytes = 5").unwrap_err();
+        assert!(e.to_string().contains("segmentbytes"));
+    }
+}

@@ -1,0 +1,287 @@
+//! Topic administration: CreateTopics, DeleteTopics, CreatePartitions, DescribeConfigs and
+//! DescribeCluster.
+
+use std::collections::BTreeMap;
+
+use kafka_protocol::messages::create_partitions_request::CreatePartitionsRequest;
+use kafka_protocol::messages::create_partitions_response::{
+    CreatePartitionsResponse, CreatePartitionsTopicResult,
+};
+use kafka_protocol::messages::create_topics_request::CreateTopicsRequest;
+use kafka_protocol::messages::create_topics_response::{
+    CreatableTopicConfigs, CreatableTopicResult, CreateTopicsResponse,
+};
+use kafka_protocol::messages::delete_topics_request::DeleteTopicsRequest;
+use kafka_protocol::messages::delete_topics_response::{
+    DeletableTopicResult, DeleteTopicsResponse,
+};
+use kafka_protocol::messages::describe_cluster_response::{
+    DescribeClusterBroker, DescribeClusterResponse,
+};
+use kafka_protocol::messages::describe_configs_request::DescribeConfigsRequest;
+use kafka_protocol::messages::describe_configs_response::{
+    DescribeConfigsResourceResult, DescribeConfigsResponse, DescribeConfigsResult,
+};
+use kafka_protocol::messages::{BrokerId, TopicName};
+
+use super::{code, sb};
+use crate::broker::{Broker, TopicError};
+
+/// Config sources (DescribeConfigs): topic override, static broker config, default.
+const SOURCE_TOPIC: i8 = 1;
+const SOURCE_DEFAULT: i8 = 5;
+const RESOURCE_TOPIC: i8 = 2;
+const RESOURCE_BROKER: i8 = 4;
+
+pub fn create_topics(
+    broker: &Broker,
+    req: CreateTopicsRequest,
+    version: i16,
+) -> CreateTopicsResponse {
+    let mut resp = CreateTopicsResponse::default();
+    for t in req.topics {
+        let name = t.name.0.to_string();
+        let mut r = CreatableTopicResult::default();
+        r.name = t.name.clone();
+        let mut configs = BTreeMap::new();
+        for c in &t.configs {
+            if let Some(v) = &c.value {
+                configs.insert(c.name.to_string(), v.to_string());
+            }
+        }
+        let result = if !t.assignments.is_empty() {
+            Err(TopicError::InvalidPartitions(
+                "manual replica assignment is not supported".into(),
+            ))
+        } else {
+            broker.create_topic(
+                &name,
+                (t.num_partitions != -1).then_some(t.num_partitions),
+                Some(t.replication_factor),
+                configs,
+                req.validate_only,
+            )
+        };
+        match result {
+            Ok(topic) => {
+                if version >= 7 {
+                    r.topic_id = topic.id;
+                }
+                let n = if req.validate_only {
+                    if t.num_partitions == -1 {
+                        broker.config.default_partitions
+                    } else {
+                        t.num_partitions
+                    }
+                } else {
+                    topic.partition_count()
+                };
+                if version >= 5 {
+                    r.num_partitions = n;
+                    r.replication_factor = 1;
+                }
+                if version >= 5 && !req.validate_only {
+                    r.configs = Some(
+                        broker
+                            .effective_topic_configs(&topic)
+                            .into_iter()
+                            .map(|(k, v, overridden)| {
+                                let mut c = CreatableTopicConfigs::default();
+                                c.name = sb(&k);
+                                c.value = Some(sb(&v));
+                                c.config_source = if overridden {
+                                    SOURCE_TOPIC
+                                } else {
+                                    SOURCE_DEFAULT
+                                };
+                                c
+                            })
+                            .collect(),
+                    );
+                }
+            }
+            Err(e) => {
+                r.error_code = e.kafka_code();
+                r.error_message = Some(sb(&e.to_string()));
+            }
+        }
+        resp.topics.push(r);
+    }
+    resp
+}
+
+pub fn delete_topics(
+    broker: &Broker,
+    req: DeleteTopicsRequest,
+    version: i16,
+) -> DeleteTopicsResponse {
+    let mut resp = DeleteTopicsResponse::default();
+    let targets: Vec<(Option<String>, uuid::Uuid)> = if version >= 6 {
+        req.topics
+            .into_iter()
+            .map(|t| (t.name.map(|n| n.0.to_string()), t.topic_id))
+            .collect()
+    } else {
+        req.topic_names
+            .into_iter()
+            .map(|n| (Some(n.0.to_string()), uuid::Uuid::nil()))
+            .collect()
+    };
+    for (name, id) in targets {
+        let mut r = DeletableTopicResult::default();
+        if version >= 6 {
+            r.topic_id = id;
+        }
+        let name = match name {
+            Some(n) => Some(n),
+            None => broker.topic_by_id(id).map(|t| t.name.clone()),
+        };
+        match name {
+            None => {
+                r.error_code = code::UNKNOWN_TOPIC_ID;
+            }
+            Some(n) => {
+                r.name = Some(TopicName(sb(&n)));
+                match broker.delete_topic(&n) {
+                    Ok(id) if version >= 6 => r.topic_id = id,
+                    Ok(_) => {}
+                    Err(e) => {
+                        r.error_code = e.kafka_code();
+                        if version >= 5 {
+                            r.error_message = Some(sb(&e.to_string()));
+                        }
+                    }
+                }
+            }
+        }
+        resp.responses.push(r);
+    }
+    resp
+}
+
+pub fn create_partitions(
+    broker: &Broker,
+    req: CreatePartitionsRequest,
+) -> CreatePartitionsResponse {
+    let mut resp = CreatePartitionsResponse::default();
+    for t in req.topics {
+        let mut r = CreatePartitionsTopicResult::default();
+        r.name = t.name.clone();
+        if let Err(e) = broker.create_partitions(t.name.0.as_str(), t.count, req.validate_only) {
+            r.error_code = e.kafka_code();
+            r.error_message = Some(sb(&e.to_string()));
+        }
+        resp.results.push(r);
+    }
+    resp
+}
+
+fn config_entry(
+    name: &str,
+    value: &str,
+    source: i8,
+    read_only: bool,
+) -> DescribeConfigsResourceResult {
+    let mut c = DescribeConfigsResourceResult::default();
+    c.name = sb(name);
+    c.value = Some(sb(value));
+    c.config_source = source;
+    c.read_only = read_only;
+    c
+}
+
+pub fn describe_configs(
+    broker: &Broker,
+    req: DescribeConfigsRequest,
+    _version: i16,
+) -> DescribeConfigsResponse {
+    let mut resp = DescribeConfigsResponse::default();
+    for res in req.resources {
+        let mut r = DescribeConfigsResult::default();
+        r.resource_type = res.resource_type;
+        r.resource_name = res.resource_name.clone();
+        let wanted = |k: &str| {
+            res.configuration_keys
+                .as_ref()
+                .map(|keys| keys.iter().any(|w| w.as_str() == k))
+                .unwrap_or(true)
+        };
+        match res.resource_type {
+            RESOURCE_TOPIC => match broker.topic(res.resource_name.as_str()) {
+                None => {
+                    r.error_code = code::UNKNOWN_TOPIC_OR_PARTITION;
+                    r.error_message = Some(sb("unknown topic"));
+                }
+                Some(t) => {
+                    for (k, v, overridden) in broker.effective_topic_configs(&t) {
+                        if wanted(&k) {
+                            let src = if overridden {
+                                SOURCE_TOPIC
+                            } else {
+                                SOURCE_DEFAULT
+                            };
+                            r.configs.push(config_entry(&k, &v, src, false));
+                        }
+                    }
+                }
+            },
+            RESOURCE_BROKER => {
+                let c = &broker.config;
+                let (host, port) = c.advertised();
+                let ms = |d: Option<std::time::Duration>| {
+                    d.map(|d| d.as_millis().to_string())
+                        .unwrap_or_else(|| "-1".into())
+                };
+                let entries = [
+                    ("node.id", c.node_id.to_string()),
+                    ("advertised.listeners", format!("PLAINTEXT://{host}:{port}")),
+                    ("listeners", format!("PLAINTEXT://{}", c.listen)),
+                    ("log.dirs", c.data_dir.display().to_string()),
+                    ("log.segment.bytes", c.log.segment_bytes.to_string()),
+                    ("log.roll.ms", c.log.segment_age.as_millis().to_string()),
+                    ("log.retention.ms", ms(c.log.retention_time)),
+                    (
+                        "log.retention.bytes",
+                        c.log
+                            .retention_bytes
+                            .map(|b| b.to_string())
+                            .unwrap_or_else(|| "-1".into()),
+                    ),
+                    ("num.partitions", c.default_partitions.to_string()),
+                    (
+                        "auto.create.topics.enable",
+                        c.auto_create_topics.to_string(),
+                    ),
+                    ("message.max.bytes", c.batch_bytes_max.to_string()),
+                    ("socket.request.max.bytes", c.frame_bytes_max.to_string()),
+                ];
+                for (k, v) in entries {
+                    if wanted(k) {
+                        r.configs.push(config_entry(k, &v, SOURCE_DEFAULT, true));
+                    }
+                }
+            }
+            other => {
+                r.error_code = code::INVALID_REQUEST;
+                r.error_message = Some(sb(&format!("resource type {other} is not supported")));
+            }
+        }
+        resp.results.push(r);
+    }
+    resp
+}
+
+pub fn describe_cluster(broker: &Broker) -> DescribeClusterResponse {
+    let (host, port) = broker.config.advertised();
+    let mut resp = DescribeClusterResponse::default();
+    resp.cluster_id = sb(&broker.config.cluster_id);
+    resp.controller_id = BrokerId(broker.config.node_id);
+    resp.endpoint_type = 1;
+    resp.cluster_authorized_operations = i32::MIN;
+    let mut b = DescribeClusterBroker::default();
+    b.broker_id = BrokerId(broker.config.node_id);
+    b.host = sb(&host);
+    b.port = port as i32;
+    resp.brokers = vec![b];
+    resp
+}

@@ -1,0 +1,132 @@
+//! Fetch: record batches as stored, with long polling.
+//!
+//! The answer comes as soon as `min_bytes` are available (not held until `max_wait_ms` when the
+//! data is already there), or when `max_wait_ms` runs out. Each partition gets at most
+//! `partition_max_bytes` and the response at most `max_bytes`, except that the first partition
+//! with data always gets at least one whole batch so that consumers make progress (KIP-74).
+//! The bytes may end with a partial batch, as Kafka's do; clients drop it and fetch again.
+//! Fetch sessions (KIP-227) are not kept: the answer's session id is 0, so clients send full
+//! fetches.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use kafka_protocol::messages::fetch_request::FetchRequest;
+use kafka_protocol::messages::fetch_response::{
+    FetchResponse, FetchableTopicResponse, PartitionData,
+};
+use kafka_protocol::messages::BrokerId;
+
+use super::code;
+use crate::broker::Broker;
+use crate::log::LogError;
+
+/// Longest wait honoured, whatever the client asks.
+const MAX_WAIT_CAP: Duration = Duration::from_secs(30);
+
+struct Collected {
+    resp: FetchResponse,
+    bytes: usize,
+    any_error: bool,
+}
+
+fn collect(broker: &Broker, req: &FetchRequest, version: i16) -> Collected {
+    let mut resp = FetchResponse::default();
+    let mut budget = req.max_bytes.max(0) as usize;
+    let mut total = 0usize;
+    let mut any_error = false;
+    for ft in &req.topics {
+        let topic = if ft.topic.0.is_empty() && !ft.topic_id.is_nil() {
+            broker.topic_by_id(ft.topic_id)
+        } else {
+            broker.topic(ft.topic.0.as_str())
+        };
+        let mut tr = FetchableTopicResponse::default();
+        tr.topic = ft.topic.clone();
+        tr.topic_id = ft.topic_id;
+        for fp in &ft.partitions {
+            let mut pd = PartitionData::default();
+            pd.partition_index = fp.partition;
+            pd.high_watermark = -1;
+            pd.last_stable_offset = -1;
+            pd.preferred_read_replica = BrokerId(-1);
+            pd.aborted_transactions = None;
+            let Some(partition) = topic.as_ref().and_then(|t| t.partition(fp.partition)) else {
+                pd.error_code = code::UNKNOWN_TOPIC_OR_PARTITION;
+                any_error = true;
+                tr.partitions.push(pd);
+                continue;
+            };
+            let (slice, start, end) = {
+                let st = partition.state.lock().expect("partition lock");
+                let limit = (fp.partition_max_bytes.max(0) as usize).min(budget);
+                // KIP-74: the first data of the response ignores the limits.
+                let limit = if total == 0 { limit.max(1) } else { limit };
+                let r = if limit == 0 {
+                    Ok(None)
+                } else {
+                    st.log.read(fp.fetch_offset, limit)
+                };
+                (r, st.log.start_offset(), st.log.next_offset())
+            };
+            pd.high_watermark = end;
+            pd.last_stable_offset = end;
+            if version >= 5 {
+                pd.log_start_offset = start;
+            }
+            match slice {
+                Ok(Some(s)) => match s.read() {
+                    Ok(bytes) => {
+                        total += bytes.len();
+                        budget = budget.saturating_sub(bytes.len());
+                        metrics::counter!("ferry_bytes_out_total", "topic" => partition.topic.to_string())
+                            .increment(bytes.len() as u64);
+                        pd.records = Some(Bytes::from(bytes));
+                    }
+                    Err(e) => {
+                        tracing::error!(topic = %partition.topic, partition = fp.partition, error = %e, "read failed");
+                        pd.error_code = 56; // KAFKA_STORAGE_ERROR
+                        any_error = true;
+                    }
+                },
+                Ok(None) => pd.records = Some(Bytes::new()),
+                Err(LogError::OffsetOutOfRange { .. }) => {
+                    pd.error_code = code::OFFSET_OUT_OF_RANGE;
+                    any_error = true;
+                }
+                Err(e) => {
+                    tracing::error!(topic = %partition.topic, partition = fp.partition, error = %e, "read failed");
+                    pd.error_code = 56;
+                    any_error = true;
+                }
+            }
+            tr.partitions.push(pd);
+        }
+        resp.responses.push(tr);
+    }
+    Collected {
+        resp,
+        bytes: total,
+        any_error,
+    }
+}
+
+pub async fn handle(broker: Arc<Broker>, req: FetchRequest, version: i16) -> FetchResponse {
+    let wait = Duration::from_millis(req.max_wait_ms.max(0) as u64).min(MAX_WAIT_CAP);
+    let deadline = tokio::time::Instant::now() + wait;
+    let min_bytes = req.min_bytes.max(1) as usize;
+    loop {
+        // Register for the wake-up before looking, so an append in between is not missed.
+        let notified = broker.appended.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let c = collect(&broker, &req, version);
+        if c.bytes >= min_bytes || c.any_error || tokio::time::Instant::now() >= deadline {
+            return c.resp;
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return collect(&broker, &req, version).resp;
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! Produce: check each partition's batches (v2 magic, CRC-32C, sizes), queue them for the group
+//! commit writer in arrival order, then answer when the writer has them in the log (`acks=1`)
+//! or on disk (`acks=all`). `acks=0` gets no answer. A partition whose records fail a check gets
+//! its error and nothing of it is written; the other partitions are unaffected.
+
+use std::sync::Arc;
+
+use kafka_protocol::messages::produce_request::ProduceRequest;
+use kafka_protocol::messages::produce_response::{
+    PartitionProduceResponse, ProduceResponse, TopicProduceResponse,
+};
+use kafka_protocol::messages::TopicName;
+use tokio::sync::oneshot;
+
+use super::{code, sb};
+use crate::batch;
+use crate::broker::writer::{AppendRequest, AppendResult};
+use crate::broker::Broker;
+
+enum Outcome {
+    Done(i16, Option<String>),
+    Waiting(Vec<oneshot::Receiver<AppendResult>>),
+}
+
+/// (topic name, topic id, per partition: index and outcome).
+type TopicOutcome = (TopicName, uuid::Uuid, Vec<(i32, Outcome)>);
+
+/// A produce whose batches are queued; [`Waiting::finish`] builds the answer.
+pub struct Waiting {
+    acks: i16,
+    version: i16,
+    topics: Vec<TopicOutcome>,
+}
+
+/// Validate and queue every batch of the request. Runs before the next request is read.
+pub async fn start(broker: &Arc<Broker>, req: ProduceRequest, version: i16) -> Waiting {
+    let acks = req.acks;
+    let mut topics = Vec::with_capacity(req.topic_data.len());
+    for td in req.topic_data {
+        let topic = broker.topic(td.name.0.as_str());
+        let mut parts = Vec::with_capacity(td.partition_data.len());
+        for pd in td.partition_data {
+            let outcome = if !(-1..=1).contains(&acks) {
+                Outcome::Done(code::INVALID_REQUIRED_ACKS, None)
+            } else if req.transactional_id.is_some() {
+                Outcome::Done(
+                    code::TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+                    Some("transactions are not supported".into()),
+                )
+            } else {
+                match topic.as_ref().and_then(|t| t.partition(pd.index)) {
+                    None => Outcome::Done(code::UNKNOWN_TOPIC_OR_PARTITION, None),
+                    Some(partition) => {
+                        let records = pd.records.unwrap_or_default();
+                        match batch::split(&records) {
+                            Err(e) => {
+                                tracing::warn!(topic = %td.name.0.as_str(), partition = pd.index, error = %e, "refused produce: corrupt batch");
+                                metrics::counter!("ferry_produce_rejected_total", "reason" => "corrupt").increment(1);
+                                Outcome::Done(code::CORRUPT_MESSAGE, Some(e.to_string()))
+                            }
+                            Ok(batches) if batches.is_empty() => {
+                                Outcome::Done(code::INVALID_RECORD, Some("no record batch".into()))
+                            }
+                            Ok(batches)
+                                if batches
+                                    .iter()
+                                    .any(|(r, _)| r.len() > broker.config.batch_bytes_max) =>
+                            {
+                                Outcome::Done(code::MESSAGE_TOO_LARGE, None)
+                            }
+                            Ok(batches)
+                                if batches
+                                    .iter()
+                                    .any(|(_, h)| h.is_transactional() || h.is_control()) =>
+                            {
+                                Outcome::Done(
+                                    code::INVALID_RECORD,
+                                    Some(
+                                        "transactional and control batches are not supported"
+                                            .into(),
+                                    ),
+                                )
+                            }
+                            Ok(batches) => {
+                                let mut rxs = Vec::with_capacity(batches.len());
+                                let topic_label = td.name.0.to_string();
+                                for (range, header) in batches {
+                                    metrics::counter!("ferry_bytes_in_total", "topic" => topic_label.clone())
+                                        .increment(range.len() as u64);
+                                    metrics::counter!("ferry_records_in_total", "topic" => topic_label.clone())
+                                        .increment(header.record_count.max(0) as u64);
+                                    let (tx, rx) = oneshot::channel();
+                                    let req = AppendRequest {
+                                        partition: partition.clone(),
+                                        bytes: records[range].to_vec(),
+                                        header,
+                                        acks,
+                                        epoch: None,
+                                        reply: if acks == 0 { None } else { Some(tx) },
+                                    };
+                                    if broker.writer().submit(req).await.is_err() {
+                                        break;
+                                    }
+                                    rxs.push(rx);
+                                }
+                                Outcome::Waiting(rxs)
+                            }
+                        }
+                    }
+                }
+            };
+            parts.push((pd.index, outcome));
+        }
+        topics.push((td.name, td.topic_id, parts));
+    }
+    Waiting {
+        acks,
+        version,
+        topics,
+    }
+}
+
+impl Waiting {
+    /// Wait for the writer and build the response (`None` for acks=0).
+    pub async fn finish(self) -> Option<ProduceResponse> {
+        if self.acks == 0 {
+            return None;
+        }
+        let mut resp = ProduceResponse::default();
+        for (name, topic_id, parts) in self.topics {
+            let mut tr = TopicProduceResponse::default();
+            tr.name = name;
+            tr.topic_id = topic_id;
+            for (index, outcome) in parts {
+                let mut pr = PartitionProduceResponse::default();
+                pr.index = index;
+                pr.base_offset = -1;
+                pr.log_append_time_ms = -1;
+                match outcome {
+                    Outcome::Done(err, msg) => {
+                        pr.error_code = err;
+                        if self.version >= 8 {
+                            pr.error_message = msg.map(|m| sb(&m));
+                        }
+                    }
+                    Outcome::Waiting(rxs) => {
+                        let mut first = true;
+                        for rx in rxs {
+                            match rx.await {
+                                Ok(Ok(ok)) => {
+                                    if first {
+                                        pr.base_offset = ok.base_offset;
+                                        if self.version >= 5 {
+                                            pr.log_start_offset = ok.log_start_offset;
+                                        }
+                                    }
+                                }
+                                Ok(Err(e)) => {
+                                    pr.error_code = e.kafka_code();
+                                    if self.version >= 8 {
+                                        pr.error_message = Some(sb(&e.to_string()));
+                                    }
+                                }
+                                Err(_) => pr.error_code = code::UNKNOWN_SERVER_ERROR,
+                            }
+                            first = false;
+                        }
+                    }
+                }
+                tr.partition_responses.push(pr);
+            }
+            resp.responses.push(tr);
+        }
+        Some(resp)
+    }
+}

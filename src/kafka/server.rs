@@ -1,0 +1,262 @@
+//! Accepting connections and moving frames: read, decode, dispatch, answer in order.
+//!
+//! Each connection has a reader (this task) and a writer task joined by a bounded queue of
+//! pending responses. The reader decodes a request, starts it (a produce queues its batches for
+//! the group commit writer right here, so batches keep the order they arrived in), and queues
+//! the future that completes the answer; the writer awaits those futures one by one and writes
+//! the responses in request order, as Kafka requires. So a client that pipelines produces with
+//! `acks=all` has them all share one fsync instead of waiting for one each.
+//!
+//! Hostile input: a frame length above `frame_bytes_max`, below 8 or negative closes the
+//! connection before anything is allocated for it; an unknown API key or an unsupported version
+//! closes it too (as Kafka does), except ApiVersions, which answers a too-new version with a
+//! v0 UNSUPPORTED_VERSION response listing what is supported. Every reason is logged.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind};
+use kafka_protocol::protocol::Decodable;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+
+use super::*;
+use crate::broker::Broker;
+
+/// A response being prepared; `None` means no response (produce with acks=0).
+pub type Pending = Pin<Box<dyn Future<Output = Option<Bytes>> + Send>>;
+
+/// Serve Kafka clients on `listener` until `shutdown` resolves.
+pub async fn run(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let limit = Arc::new(Semaphore::new(broker.config.connections_max));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = limit.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, "connection limit reached: closing new connection");
+                    continue;
+                };
+                let broker = broker.clone();
+                tokio::spawn(async move {
+                    metrics::gauge!("ferry_connections").increment(1.0);
+                    if let Err(reason) = connection(stream, peer, broker).await {
+                        tracing::info!(%peer, %reason, "closed connection");
+                    }
+                    metrics::gauge!("ferry_connections").decrement(1.0);
+                    drop(permit);
+                });
+            }
+        }
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+) -> Result<(), String> {
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<Pending>(broker.config.inflight_requests_max);
+    let writer = tokio::spawn(async move {
+        while let Some(p) = rx.recv().await {
+            if let Some(bytes) = p.await {
+                if let Err(e) = wr.write_all(&bytes).await {
+                    return Err(format!("write failed: {e}"));
+                }
+            }
+        }
+        Ok(())
+    });
+    let max = broker.config.frame_bytes_max;
+    let result = async {
+        loop {
+            let len = match rd.read_i32().await {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(format!("read failed: {e}")),
+            };
+            if len < 8 || len as usize > max {
+                return Err(format!(
+                    "refused frame of {len} bytes (must be 8 to {max}): closing without reading it"
+                ));
+            }
+            let mut buf = BytesMut::zeroed(len as usize);
+            rd.read_exact(&mut buf)
+                .await
+                .map_err(|e| format!("truncated frame ({len} bytes announced): {e}"))?;
+            let pending = request(&broker, buf.freeze(), peer).await?;
+            if tx.send(pending).await.is_err() {
+                return Err("response writer stopped".to_string());
+            }
+        }
+    }
+    .await;
+    drop(tx);
+    let w = writer
+        .await
+        .unwrap_or_else(|e| Err(format!("writer task failed: {e}")));
+    result.and(w)
+}
+
+fn ready(b: anyhow::Result<Bytes>) -> Pending {
+    Box::pin(async move {
+        match b {
+            Ok(b) => Some(b),
+            Err(e) => {
+                tracing::error!(error = %e, "could not encode a response");
+                None
+            }
+        }
+    })
+}
+
+/// Decode one request and start it. An `Err` closes the connection with that reason.
+async fn request(
+    broker: &Arc<Broker>,
+    mut frame: Bytes,
+    peer: SocketAddr,
+) -> Result<Pending, String> {
+    let key_raw = i16::from_be_bytes([frame[0], frame[1]]);
+    let version = i16::from_be_bytes([frame[2], frame[3]]);
+    let correlation_id = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
+    let key = ApiKey::try_from(key_raw).map_err(|_| format!("unknown API key {key_raw}"))?;
+    let Some((lo, hi)) = supported(key) else {
+        return Err(format!(
+            "API {key:?} (key {key_raw}) is not supported by this broker"
+        ));
+    };
+    if version < lo || version > hi {
+        if key == ApiKey::ApiVersions {
+            // KIP-511: answer with v0 and UNSUPPORTED_VERSION so the client retries lower.
+            return Ok(ready(api_versions::unsupported(correlation_id)));
+        }
+        return Err(format!(
+            "{key:?} version {version} is not supported (supported: {lo} to {hi})"
+        ));
+    }
+    metrics::counter!("ferry_requests_total", "api" => format!("{key:?}")).increment(1);
+    let started = std::time::Instant::now();
+    let header = RequestHeader::decode(&mut frame, key.request_header_version(version))
+        .map_err(|e| format!("bad {key:?} v{version} request header: {e}"))?;
+    let body = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        RequestKind::decode(key, &mut frame, version)
+    })) {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            // ApiVersions bodies from newer clients may not parse; answer anyway (Kafka does).
+            if key == ApiKey::ApiVersions {
+                return Ok(ready(api_versions::response(correlation_id, version)));
+            }
+            return Err(format!("malformed {key:?} v{version} request: {e}"));
+        }
+        Err(_) => {
+            return Err(format!(
+                "malformed {key:?} v{version} request (decoder panicked)"
+            ))
+        }
+    };
+    let cid = correlation_id;
+    let b = broker.clone();
+    let client = header
+        .client_id
+        .as_ref()
+        .map(|s| s.to_string())
+        .unwrap_or_default();
+    tracing::trace!(%peer, client, ?key, version, cid, "request");
+    let api = format!("{key:?}");
+    let pending: Pending = match body {
+        RequestKind::ApiVersions(_) => ready(api_versions::response(cid, version)),
+        RequestKind::Metadata(r) => ready(encode_response(
+            cid,
+            version,
+            &metadata::handle(&b, r, version),
+        )),
+        RequestKind::Produce(r) => {
+            let waiting = produce::start(&b, r, version).await;
+            Box::pin(async move {
+                let resp = waiting.finish().await?;
+                encode_response(cid, version, &resp).ok()
+            })
+        }
+        RequestKind::Fetch(r) => Box::pin(async move {
+            let resp = fetch::handle(b, r, version).await;
+            encode_response(cid, version, &resp).ok()
+        }),
+        RequestKind::ListOffsets(r) => ready(encode_response(
+            cid,
+            version,
+            &list_offsets::handle(&b, r, version),
+        )),
+        RequestKind::CreateTopics(r) => ready(encode_response(
+            cid,
+            version,
+            &admin::create_topics(&b, r, version),
+        )),
+        RequestKind::DeleteTopics(r) => ready(encode_response(
+            cid,
+            version,
+            &admin::delete_topics(&b, r, version),
+        )),
+        RequestKind::CreatePartitions(r) => ready(encode_response(
+            cid,
+            version,
+            &admin::create_partitions(&b, r),
+        )),
+        RequestKind::DescribeConfigs(r) => ready(encode_response(
+            cid,
+            version,
+            &admin::describe_configs(&b, r, version),
+        )),
+        RequestKind::DescribeCluster(_) => {
+            ready(encode_response(cid, version, &admin::describe_cluster(&b)))
+        }
+        RequestKind::InitProducerId(r) => {
+            ready(encode_response(cid, version, &producer_id::handle(&b, r)))
+        }
+        RequestKind::FindCoordinator(r) => ready(encode_response(
+            cid,
+            version,
+            &coordinator::find(&b, r, version),
+        )),
+        RequestKind::OffsetCommit(r) => {
+            ready(encode_response(cid, version, &coordinator::commit(&b, r)))
+        }
+        RequestKind::OffsetFetch(r) => ready(encode_response(
+            cid,
+            version,
+            &coordinator::fetch(&b, r, version),
+        )),
+        other => {
+            return Err(format!(
+                "API {:?} is not handled",
+                std::mem::discriminant(&other)
+            ))
+        }
+    };
+    Ok(Box::pin(async move {
+        let out = pending.await;
+        metrics::histogram!("ferry_request_seconds", "api" => api)
+            .record(started.elapsed().as_secs_f64());
+        out
+    }))
+}
