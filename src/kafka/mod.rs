@@ -23,8 +23,8 @@ pub mod producer_id;
 pub mod server;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use kafka_protocol::messages::{ApiKey, ResponseHeader};
-use kafka_protocol::protocol::{Encodable, HeaderVersion, StrBytes};
+use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseHeader};
+use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
 
 /// Kafka error codes used here.
 pub mod code {
@@ -90,4 +90,132 @@ pub fn encode_response<R: Encodable + HeaderVersion>(
     let len = (buf.len() - 4) as i32;
     buf[0..4].copy_from_slice(&len.to_be_bytes());
     Ok(buf.freeze())
+}
+
+/// What a request frame (without its length prefix) decodes to.
+#[derive(Debug)]
+pub enum Decoded {
+    Request {
+        key: ApiKey,
+        version: i16,
+        correlation_id: i32,
+        header: RequestHeader,
+        body: RequestKind,
+    },
+    /// ApiVersions with a version newer than served: answer v0 with UNSUPPORTED_VERSION (KIP-511).
+    UnsupportedApiVersions { correlation_id: i32 },
+    /// ApiVersions whose body does not parse (a newer client): answer anyway, as Kafka does.
+    ApiVersionsAnyway { correlation_id: i32, version: i16 },
+    /// Anything else that cannot be served: close the connection with this reason.
+    Refused(String),
+}
+
+/// Decode one request frame. Never panics and never allocates much more than the frame's size,
+/// whatever the input (the fuzz target `fuzz/fuzz_targets/request.rs` holds it to that).
+pub fn decode(frame: &mut Bytes) -> Decoded {
+    if frame.len() < 8 {
+        return Decoded::Refused(format!(
+            "frame of {} bytes is shorter than a request header",
+            frame.len()
+        ));
+    }
+    let key_raw = i16::from_be_bytes([frame[0], frame[1]]);
+    let version = i16::from_be_bytes([frame[2], frame[3]]);
+    let correlation_id = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
+    let Ok(key) = ApiKey::try_from(key_raw) else {
+        return Decoded::Refused(format!("unknown API key {key_raw}"));
+    };
+    let Some((lo, hi)) = supported(key) else {
+        return Decoded::Refused(format!(
+            "API {key:?} (key {key_raw}) is not supported by this broker"
+        ));
+    };
+    if version < lo || version > hi {
+        if key == ApiKey::ApiVersions {
+            return Decoded::UnsupportedApiVersions { correlation_id };
+        }
+        return Decoded::Refused(format!(
+            "{key:?} version {version} is not supported (supported: {lo} to {hi})"
+        ));
+    }
+    let header = match RequestHeader::decode(frame, key.request_header_version(version)) {
+        Ok(h) => h,
+        Err(e) => return Decoded::Refused(format!("bad {key:?} v{version} request header: {e}")),
+    };
+    // The patched decoder returns errors on bad input; the unwind guard is a second line.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        RequestKind::decode(key, frame, version)
+    })) {
+        Ok(Ok(body)) => Decoded::Request {
+            key,
+            version,
+            correlation_id,
+            header,
+            body,
+        },
+        Ok(Err(_)) if key == ApiKey::ApiVersions => Decoded::ApiVersionsAnyway {
+            correlation_id,
+            version,
+        },
+        Ok(Err(e)) => Decoded::Refused(format!("malformed {key:?} v{version} request: {e}")),
+        Err(_) => Decoded::Refused(format!(
+            "malformed {key:?} v{version} request (decoder panicked)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(key: i16, version: i16, rest: &[u8]) -> Bytes {
+        let mut b = Vec::new();
+        b.extend_from_slice(&key.to_be_bytes());
+        b.extend_from_slice(&version.to_be_bytes());
+        b.extend_from_slice(&7i32.to_be_bytes());
+        b.extend_from_slice(rest);
+        Bytes::from(b)
+    }
+
+    #[test]
+    fn hostile_counts_do_not_allocate() {
+        // Produce v7: client id (null), transactional id (null), acks, timeout, then a topic
+        // array claiming i32::MAX entries. The unpatched crate aborted on this allocation.
+        let mut rest = Vec::new();
+        rest.extend_from_slice(&(-1i16).to_be_bytes());
+        rest.extend_from_slice(&(-1i16).to_be_bytes());
+        rest.extend_from_slice(&1i16.to_be_bytes());
+        rest.extend_from_slice(&1000i32.to_be_bytes());
+        rest.extend_from_slice(&i32::MAX.to_be_bytes());
+        let mut f = frame(0, 7, &rest);
+        assert!(matches!(decode(&mut f), Decoded::Refused(_)));
+    }
+
+    #[test]
+    fn unknown_keys_versions_and_short_frames_are_refused() {
+        assert!(matches!(
+            decode(&mut frame(9999, 0, &[])),
+            Decoded::Refused(_)
+        ));
+        assert!(matches!(
+            decode(&mut frame(3, 999, &[])),
+            Decoded::Refused(_)
+        ));
+        assert!(matches!(
+            decode(&mut Bytes::from_static(&[0, 1])),
+            Decoded::Refused(_)
+        ));
+        assert!(matches!(
+            decode(&mut frame(18, 99, &[])),
+            Decoded::UnsupportedApiVersions { correlation_id: 7 }
+        ));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decode_never_panics(key in 0i16..80, version in 0i16..14, body in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let mut f = frame(key, version, &body);
+            let _ = decode(&mut f);
+        }
+    }
 }

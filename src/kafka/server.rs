@@ -18,8 +18,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind};
-use kafka_protocol::protocol::Decodable;
+use kafka_protocol::messages::RequestKind;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
@@ -136,45 +135,25 @@ async fn request(
     mut frame: Bytes,
     peer: SocketAddr,
 ) -> Result<Pending, String> {
-    let key_raw = i16::from_be_bytes([frame[0], frame[1]]);
-    let version = i16::from_be_bytes([frame[2], frame[3]]);
-    let correlation_id = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
-    let key = ApiKey::try_from(key_raw).map_err(|_| format!("unknown API key {key_raw}"))?;
-    let Some((lo, hi)) = supported(key) else {
-        return Err(format!(
-            "API {key:?} (key {key_raw}) is not supported by this broker"
-        ));
-    };
-    if version < lo || version > hi {
-        if key == ApiKey::ApiVersions {
-            // KIP-511: answer with v0 and UNSUPPORTED_VERSION so the client retries lower.
-            return Ok(ready(api_versions::unsupported(correlation_id)));
-        }
-        return Err(format!(
-            "{key:?} version {version} is not supported (supported: {lo} to {hi})"
-        ));
-    }
-    metrics::counter!("ferry_requests_total", "api" => format!("{key:?}")).increment(1);
     let started = std::time::Instant::now();
-    let header = RequestHeader::decode(&mut frame, key.request_header_version(version))
-        .map_err(|e| format!("bad {key:?} v{version} request header: {e}"))?;
-    let body = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        RequestKind::decode(key, &mut frame, version)
-    })) {
-        Ok(Ok(b)) => b,
-        Ok(Err(e)) => {
-            // ApiVersions bodies from newer clients may not parse; answer anyway (Kafka does).
-            if key == ApiKey::ApiVersions {
-                return Ok(ready(api_versions::response(correlation_id, version)));
-            }
-            return Err(format!("malformed {key:?} v{version} request: {e}"));
+    let (key, version, correlation_id, header, body) = match decode(&mut frame) {
+        Decoded::Request {
+            key,
+            version,
+            correlation_id,
+            header,
+            body,
+        } => (key, version, correlation_id, header, body),
+        Decoded::UnsupportedApiVersions { correlation_id } => {
+            return Ok(ready(api_versions::unsupported(correlation_id)))
         }
-        Err(_) => {
-            return Err(format!(
-                "malformed {key:?} v{version} request (decoder panicked)"
-            ))
-        }
+        Decoded::ApiVersionsAnyway {
+            correlation_id,
+            version,
+        } => return Ok(ready(api_versions::response(correlation_id, version))),
+        Decoded::Refused(reason) => return Err(reason),
     };
+    metrics::counter!("ferry_requests_total", "api" => format!("{key:?}")).increment(1);
     let cid = correlation_id;
     let b = broker.clone();
     let client = header
