@@ -100,7 +100,7 @@ pub enum Decoded {
         version: i16,
         correlation_id: i32,
         header: RequestHeader,
-        body: RequestKind,
+        body: Box<RequestKind>,
     },
     /// ApiVersions with a version newer than served: answer v0 with UNSUPPORTED_VERSION (KIP-511).
     UnsupportedApiVersions { correlation_id: i32 },
@@ -151,7 +151,7 @@ pub fn decode(frame: &mut Bytes) -> Decoded {
             version,
             correlation_id,
             header,
-            body,
+            body: Box::new(body),
         },
         Ok(Err(_)) if key == ApiKey::ApiVersions => Decoded::ApiVersionsAnyway {
             correlation_id,

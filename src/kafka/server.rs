@@ -163,7 +163,7 @@ async fn request(
         .unwrap_or_default();
     tracing::trace!(%peer, client, ?key, version, cid, "request");
     let api = format!("{key:?}");
-    let pending: Pending = match body {
+    let pending: Pending = match *body {
         RequestKind::ApiVersions(_) => ready(api_versions::response(cid, version)),
         RequestKind::Metadata(r) => ready(encode_response(
             cid,
