@@ -228,6 +228,93 @@ pub fn split(buf: &[u8]) -> Result<Vec<(std::ops::Range<usize>, BatchHeader)>, B
     Ok(out)
 }
 
+/// One record of an uncompressed batch, borrowed from the batch bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordView<'a> {
+    pub offset: i64,
+    pub timestamp: i64,
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+    /// Headers in order; duplicate keys are kept (they are legal in Kafka).
+    pub headers: Vec<(&'a [u8], Option<&'a [u8]>)>,
+}
+
+fn get_varint(buf: &[u8], at: &mut usize) -> Result<i64, BatchError> {
+    let mut z: u64 = 0;
+    for shift in (0..64).step_by(7) {
+        let b = *buf.get(*at).ok_or(BatchError::Truncated {
+            need: *at + 1,
+            have: buf.len(),
+        })?;
+        *at += 1;
+        z |= ((b & 0x7f) as u64) << shift;
+        if b & 0x80 == 0 {
+            return Ok(((z >> 1) as i64) ^ -((z & 1) as i64));
+        }
+    }
+    Err(BatchError::BadLength(-1))
+}
+
+fn get_bytes<'a>(buf: &'a [u8], at: &mut usize) -> Result<Option<&'a [u8]>, BatchError> {
+    let n = get_varint(buf, at)?;
+    if n < 0 {
+        return Ok(None);
+    }
+    let end = at
+        .checked_add(n as usize)
+        .filter(|e| *e <= buf.len())
+        .ok_or(BatchError::Truncated {
+            need: *at + n as usize,
+            have: buf.len(),
+        })?;
+    let s = &buf[*at..end];
+    *at = end;
+    Ok(Some(s))
+}
+
+/// The records of one whole, uncompressed batch (the broker's own internal topics write only
+/// such batches). Compressed batches are refused: the broker never decompresses client data.
+pub fn records(batch: &[u8]) -> Result<Vec<RecordView<'_>>, BatchError> {
+    let h = validate(batch)?;
+    if h.compression()? != Compression::None {
+        return Err(BatchError::BadCompression(h.attributes));
+    }
+    let mut at = HEADER_BYTES;
+    let mut out = Vec::new();
+    for _ in 0..h.record_count {
+        let len = get_varint(batch, &mut at)?;
+        let end = at + len.max(0) as usize;
+        if end > batch.len() {
+            return Err(BatchError::Truncated {
+                need: end,
+                have: batch.len(),
+            });
+        }
+        let rec = &batch[..end];
+        at += 1; // attributes
+        let ts_delta = get_varint(rec, &mut at)?;
+        let off_delta = get_varint(rec, &mut at)?;
+        let key = get_bytes(rec, &mut at)?;
+        let value = get_bytes(rec, &mut at)?;
+        let nh = get_varint(rec, &mut at)?;
+        let mut headers = Vec::new();
+        for _ in 0..nh.max(0) {
+            let k = get_bytes(rec, &mut at)?.unwrap_or_default();
+            let v = get_bytes(rec, &mut at)?;
+            headers.push((k, v));
+        }
+        at = end;
+        out.push(RecordView {
+            offset: h.base_offset + off_delta,
+            timestamp: h.base_timestamp + ts_delta,
+            key,
+            value,
+            headers,
+        });
+    }
+    Ok(out)
+}
+
 /// Build a v2 batch from raw record bodies, uncompressed. Used by tests, the built-in client and
 /// internal topics; never for data a client sent.
 pub mod build {
@@ -358,6 +445,36 @@ mod tests {
         assert_eq!(parts[1].0, a.len()..all.len());
         all.truncate(all.len() - 3);
         assert!(matches!(split(&all), Err(BatchError::Truncated { .. })));
+    }
+
+    #[test]
+    fn records_round_trip_with_duplicate_header_keys() {
+        let recs = vec![
+            build::Record {
+                key: Some(b"k".to_vec()),
+                value: Some(b"v".to_vec()),
+                headers: vec![("h".into(), Some(b"1".to_vec())), ("h".into(), None)],
+                timestamp_delta: 5,
+            },
+            build::Record {
+                key: None,
+                value: None,
+                ..Default::default()
+            },
+        ];
+        let mut b = build::batch(0, 100, None, &recs);
+        set_base_offset(&mut b, 10);
+        let r = records(&b).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].offset, 10);
+        assert_eq!(r[0].timestamp, 105);
+        assert_eq!(r[0].key, Some(&b"k"[..]));
+        assert_eq!(
+            r[0].headers,
+            vec![(&b"h"[..], Some(&b"1"[..])), (&b"h"[..], None)]
+        );
+        assert_eq!(r[1].offset, 11);
+        assert_eq!(r[1].value, None);
     }
 
     proptest::proptest! {

@@ -5,7 +5,9 @@
 //! ## Layout
 //! - [`batch`]: the Kafka RecordBatch v2 header: parse, validate (CRC-32C), set offsets.
 //! - [`log`]: the partition log: segments, sparse indexes, recovery, retention.
-//! - [`broker`]: topics and partitions, idempotent producers, the group commit writer.
+//! - [`broker`]: topics and partitions, idempotent producers, the group commit writer, the
+//!   async shell of the group coordinator with its durable `__consumer_offsets` log.
+//! - [`group`]: the consumer group coordinator (a state machine) and the offsets record format.
 //! - [`kafka`]: the Kafka wire protocol server, one file per API.
 //! - [`config`]: broker settings from a file and flags.
 //! - [`cli`]: the `ferry` command.
@@ -14,6 +16,7 @@ pub mod batch;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod group;
 pub mod kafka;
 pub mod log;
 pub mod units;

@@ -5,10 +5,11 @@
 //! id allocation, retention scheduling, and the group commit [`writer`]. Does not own: the Kafka
 //! wire format ([`crate::kafka`]) or the bytes layout of a partition ([`crate::log`]).
 
+pub mod groups;
 pub mod producer;
 pub mod writer;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -136,14 +137,6 @@ pub const TOPIC_CONFIGS: &[&str] = &[
     "message.timestamp.type",
 ];
 
-/// A committed consumer offset (minimal store; the group coordinator replaces it).
-#[derive(Debug, Clone)]
-pub struct CommittedOffset {
-    pub offset: i64,
-    pub metadata: Option<String>,
-    pub commit_timestamp: i64,
-}
-
 pub fn validate_topic_name(name: &str) -> Result<(), TopicError> {
     let bad = |why| Err(TopicError::InvalidName(name.to_string(), why));
     if name.is_empty() {
@@ -230,8 +223,8 @@ pub struct Broker {
     pub appended: Arc<Notify>,
     producer_ids: Mutex<ProducerIds>,
     meta_dir: PathBuf,
-    /// Committed offsets by (group, topic, partition); in memory until the group coordinator.
-    pub committed: Mutex<HashMap<(String, String, i32), CommittedOffset>>,
+    /// The group coordinator and committed offsets (set once on open).
+    groups: std::sync::OnceLock<Arc<groups::GroupService>>,
     /// Serialises topic creation and deletion.
     admin: Mutex<()>,
 }
@@ -251,7 +244,7 @@ impl Broker {
             producer_ids: Mutex::new(producer_ids),
             topics: RwLock::new(BTreeMap::new()),
             meta_dir,
-            committed: Mutex::new(HashMap::new()),
+            groups: std::sync::OnceLock::new(),
             admin: Mutex::new(()),
             config,
         };
@@ -279,7 +272,30 @@ impl Broker {
                 .expect("topics lock")
                 .insert(name, topic);
         }
+        // The internal topic of committed offsets, replayed into the group coordinator.
+        let offsets_topic = match broker.topic(crate::group::offsets::TOPIC) {
+            Some(t) => t,
+            None => broker.create_topic(
+                crate::group::offsets::TOPIC,
+                Some(1),
+                None,
+                BTreeMap::new(),
+                false,
+            )?,
+        };
+        let p = offsets_topic.partition(0).expect("partition 0");
+        let service = groups::GroupService::open(
+            p,
+            broker.writer.clone(),
+            crate::group::GroupConfig::default(),
+        );
+        let _ = broker.groups.set(Arc::new(service));
         Ok(Arc::new(broker))
+    }
+
+    /// The group coordinator.
+    pub fn groups(&self) -> &Arc<groups::GroupService> {
+        self.groups.get().expect("set on open")
     }
 
     fn topic_log_config(

@@ -123,6 +123,7 @@ pub async fn serve(config: BrokerConfig) -> anyhow::Result<()> {
     let (host, port) = broker.config.advertised();
     tracing::info!(%listen, advertised = %format!("{host}:{port}"), "ferry broker listening on {listen}");
     spawn_retention(broker.clone());
+    broker.groups().spawn_ticker();
     crate::kafka::server::run(listener, broker.clone(), shutdown_signal()).await?;
     tracing::info!("shutting down: syncing partitions");
     tokio::task::block_in_place(|| broker.sync_all());

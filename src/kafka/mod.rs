@@ -9,8 +9,7 @@
 //!
 //! Files: [`server`] (connections), [`api_versions`], [`metadata`], [`produce`], [`fetch`],
 //! [`list_offsets`], [`admin`] (CreateTopics, DeleteTopics, CreatePartitions, DescribeConfigs,
-//! DescribeCluster), [`producer_id`] (InitProducerId), [`coordinator`] (FindCoordinator,
-//! OffsetCommit, OffsetFetch).
+//! DescribeCluster), [`producer_id`] (InitProducerId), [`coordinator`] (the consumer group APIs).
 
 pub mod admin;
 pub mod api_versions;
@@ -55,6 +54,12 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::OffsetCommit, 2, 8),
     (ApiKey::OffsetFetch, 1, 7),
     (ApiKey::FindCoordinator, 0, 4),
+    (ApiKey::JoinGroup, 0, 9),
+    (ApiKey::Heartbeat, 0, 4),
+    (ApiKey::LeaveGroup, 0, 5),
+    (ApiKey::SyncGroup, 0, 5),
+    (ApiKey::DescribeGroups, 0, 5),
+    (ApiKey::ListGroups, 0, 4),
     (ApiKey::ApiVersions, 0, 4),
     (ApiKey::CreateTopics, 2, 7),
     (ApiKey::DeleteTopics, 1, 6),
@@ -62,6 +67,8 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::DescribeConfigs, 1, 4),
     (ApiKey::CreatePartitions, 0, 3),
     (ApiKey::DescribeCluster, 0, 1),
+    (ApiKey::DeleteGroups, 0, 2),
+    (ApiKey::OffsetDelete, 0, 0),
 ];
 
 /// The supported version range of an API, if served.

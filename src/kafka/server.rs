@@ -217,14 +217,51 @@ async fn request(
             version,
             &coordinator::find(&b, r, version),
         )),
-        RequestKind::OffsetCommit(r) => {
-            ready(encode_response(cid, version, &coordinator::commit(&b, r)))
-        }
+        RequestKind::JoinGroup(r) => Box::pin(async move {
+            let resp = coordinator::join(b, r, version, client, peer).await;
+            encode_response(cid, version, &resp).ok()
+        }),
+        RequestKind::SyncGroup(r) => Box::pin(async move {
+            let resp = coordinator::sync(b, r, version).await;
+            encode_response(cid, version, &resp).ok()
+        }),
+        RequestKind::Heartbeat(r) => ready(encode_response(
+            cid,
+            version,
+            &coordinator::heartbeat(&b, r),
+        )),
+        RequestKind::LeaveGroup(r) => ready(encode_response(
+            cid,
+            version,
+            &coordinator::leave(&b, r, version),
+        )),
+        RequestKind::OffsetCommit(r) => Box::pin(async move {
+            let resp = coordinator::commit(b, r).await;
+            encode_response(cid, version, &resp).ok()
+        }),
         RequestKind::OffsetFetch(r) => ready(encode_response(
             cid,
             version,
             &coordinator::fetch(&b, r, version),
         )),
+        RequestKind::ListGroups(r) => ready(encode_response(
+            cid,
+            version,
+            &coordinator::list(&b, r, version),
+        )),
+        RequestKind::DescribeGroups(r) => ready(encode_response(
+            cid,
+            version,
+            &coordinator::describe(&b, r, version),
+        )),
+        RequestKind::DeleteGroups(r) => Box::pin(async move {
+            let resp = coordinator::delete_groups(b, r).await;
+            encode_response(cid, version, &resp).ok()
+        }),
+        RequestKind::OffsetDelete(r) => Box::pin(async move {
+            let resp = coordinator::offset_delete(b, r).await;
+            encode_response(cid, version, &resp).ok()
+        }),
         other => {
             return Err(format!(
                 "API {:?} is not handled",

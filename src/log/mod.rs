@@ -422,6 +422,17 @@ impl PartitionLog {
         seg.delete().map_err(io_err(&self.dir))
     }
 
+    /// Delete whole segments that end at or before `offset` (never the active one). Used to
+    /// trim internal topics after their live entries were written again further on.
+    pub fn delete_segments_before(&mut self, offset: i64) -> Result<usize, LogError> {
+        let mut n = 0;
+        while self.segments.len() > 1 && self.segments[0].next_offset <= offset {
+            self.delete_oldest()?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// Cut the log back so its end is `offset` (used by mirrors and rejoin, never by clients).
     /// Whole segments past it are removed; the segment holding it is truncated at a batch
     /// boundary, which must exist.
