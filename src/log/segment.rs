@@ -272,8 +272,15 @@ impl Segment {
             "batch header agrees with its length"
         );
         let pos = self.size;
-        (&*self.log).write_all(bytes)?;
-        self.index_batch(h, pos)?;
+        let written = (&*self.log)
+            .write_all(bytes)
+            .and_then(|_| self.index_batch(h, pos));
+        if let Err(e) = written {
+            // A full disk or an I/O error: cut whatever part of the batch reached the file, so
+            // the log holds only whole batches and nothing already accepted is disturbed.
+            let _ = self.log.set_len(pos);
+            return Err(e);
+        }
         self.size += bytes.len() as u64;
         self.next_offset = h.next_offset();
         self.max_timestamp = self.max_timestamp.max(h.max_timestamp);
