@@ -10,11 +10,13 @@
 //! - [`group`]: the consumer group coordinator (a state machine) and the offsets record format.
 //! - [`kafka`]: the Kafka wire protocol server, one file per API.
 //! - [`config`]: broker settings from a file and flags.
+//! - [`client`]: a small Kafka client for Ferry's own commands.
 //! - [`cli`]: the `ferry` command.
 
 pub mod batch;
 pub mod broker;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod group;
 pub mod kafka;

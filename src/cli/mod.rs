@@ -4,6 +4,7 @@
 //! not own any broker behaviour: subcommands build configs and call into the library.
 
 pub mod broker;
+pub mod groups;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -28,6 +29,8 @@ pub enum LogFormat {
 pub enum Command {
     /// Run one Kafka-compatible broker.
     Broker(broker::BrokerArgs),
+    /// Consumer groups: list, describe (members, offsets, lag), reset offsets.
+    Groups(groups::GroupsArgs),
 }
 
 /// Set up `tracing` on stderr; `RUST_LOG` overrides the default level (info).
@@ -47,5 +50,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     init_logging(cli.log_format);
     match cli.command {
         Command::Broker(args) => broker::run(args),
+        Command::Groups(args) => groups::run(args),
     }
 }
