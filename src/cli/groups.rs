@@ -77,7 +77,7 @@ async fn list(c: &mut Client) -> anyhow::Result<()> {
     if resp.error_code != 0 {
         bail!("ListGroups failed: {}", error_name(resp.error_code));
     }
-    println!("{:<40} {:<22} {}", "GROUP", "STATE", "PROTOCOL TYPE");
+    println!("{:<40} {:<22} PROTOCOL TYPE", "GROUP", "STATE");
     for g in resp.groups {
         println!(
             "{:<40} {:<22} {}",
