@@ -49,6 +49,8 @@ pub struct BrokerConfig {
     pub inflight_requests_max: usize,
     /// Open connections at most.
     pub connections_max: usize,
+    /// Serve Prometheus metrics here (`/metrics`), if set.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Default for BrokerConfig {
@@ -67,6 +69,7 @@ impl Default for BrokerConfig {
             retention_check_interval: Duration::from_secs(60),
             inflight_requests_max: 64,
             connections_max: 10_000,
+            metrics: None,
         }
     }
 }
@@ -107,6 +110,7 @@ pub struct BrokerFile {
     pub frame_bytes_max: Option<SizeOrNum>,
     pub batch_bytes_max: Option<SizeOrNum>,
     pub retention_check_interval: Option<DurOrNum>,
+    pub metrics: Option<String>,
 }
 
 /// A size written as a number of bytes or a string with a unit (or `off`).
@@ -245,6 +249,12 @@ impl BrokerFile {
         }
         if let Some(v) = &self.batch_bytes_max {
             c.batch_bytes_max = required(v.get("batch_bytes_max")?, "batch_bytes_max")? as usize;
+        }
+        if let Some(m) = &self.metrics {
+            c.metrics = Some(
+                m.parse()
+                    .map_err(|e| val("metrics", format!("`{m}`: {e}")))?,
+            );
         }
         if let Some(v) = &self.retention_check_interval {
             c.retention_check_interval = required(

@@ -12,6 +12,7 @@
 //! - [`config`]: broker settings from a file and flags.
 //! - [`client`]: a small Kafka client for Ferry's own commands.
 //! - [`cli`]: the `ferry` command.
+//! - [`telemetry`]: Prometheus metrics.
 
 pub mod batch;
 pub mod broker;
@@ -21,4 +22,5 @@ pub mod config;
 pub mod group;
 pub mod kafka;
 pub mod log;
+pub mod telemetry;
 pub mod units;

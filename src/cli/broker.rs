@@ -42,6 +42,9 @@ pub struct BrokerArgs {
     /// Partitions of auto-created topics and of CreateTopics without a count.
     #[arg(long, value_name = "N")]
     pub default_partitions: Option<i32>,
+    /// Serve Prometheus metrics on this address (`/metrics`).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics: Option<String>,
     /// Create topics when clients ask for unknown ones.
     #[arg(long, value_name = "true|false", action = clap::ArgAction::Set)]
     pub auto_create: Option<bool>,
@@ -68,6 +71,7 @@ impl BrokerArgs {
                 .retention_bytes
                 .clone()
                 .map(crate::config::SizeOrNum::Text),
+            metrics: self.metrics.clone(),
             ..Default::default()
         };
         f.apply(&mut c).context("invalid flag")?;
@@ -106,6 +110,9 @@ pub async fn shutdown_signal() {
 
 /// Open the data directory, listen, and serve until a shutdown signal.
 pub async fn serve(config: BrokerConfig) -> anyhow::Result<()> {
+    if let Some(addr) = config.metrics {
+        crate::telemetry::install(addr).context("starting the metrics endpoint")?;
+    }
     let data_dir = config.data_dir.clone();
     let listen = config.listen;
     let started = std::time::Instant::now();
@@ -124,6 +131,7 @@ pub async fn serve(config: BrokerConfig) -> anyhow::Result<()> {
     tracing::info!(%listen, advertised = %format!("{host}:{port}"), "ferry broker listening on {listen}");
     spawn_retention(broker.clone());
     broker.groups().spawn_ticker();
+    crate::telemetry::spawn_gauges(broker.clone(), std::time::Duration::from_secs(5));
     crate::kafka::server::run(listener, broker.clone(), shutdown_signal()).await?;
     tracing::info!("shutting down: syncing partitions");
     tokio::task::block_in_place(|| broker.sync_all());
