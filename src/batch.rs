@@ -279,18 +279,23 @@ pub fn records(batch: &[u8]) -> Result<Vec<RecordView<'_>>, BatchError> {
     if h.compression()? != Compression::None {
         return Err(BatchError::BadCompression(h.attributes));
     }
-    let mut at = HEADER_BYTES;
+    records_in(&h, &batch[HEADER_BYTES..])
+}
+
+/// Parse the (uncompressed) records section of a batch whose header is `h`.
+pub fn records_in<'a>(h: &BatchHeader, body: &'a [u8]) -> Result<Vec<RecordView<'a>>, BatchError> {
+    let mut at = 0;
     let mut out = Vec::new();
     for _ in 0..h.record_count {
-        let len = get_varint(batch, &mut at)?;
+        let len = get_varint(body, &mut at)?;
         let end = at + len.max(0) as usize;
-        if end > batch.len() {
+        if end > body.len() {
             return Err(BatchError::Truncated {
                 need: end,
-                have: batch.len(),
+                have: body.len(),
             });
         }
-        let rec = &batch[..end];
+        let rec = &body[..end];
         at += 1; // attributes
         let ts_delta = get_varint(rec, &mut at)?;
         let off_delta = get_varint(rec, &mut at)?;
@@ -313,6 +318,42 @@ pub fn records(batch: &[u8]) -> Result<Vec<RecordView<'_>>, BatchError> {
         });
     }
     Ok(out)
+}
+
+/// The records section of a whole batch, decompressed when the batch is compressed. Used where
+/// a single record must be found (ListOffsets by timestamp) or shown (`ferry consume`); stored
+/// and shipped batches are never rewritten.
+pub fn plain_records(batch: &[u8]) -> Result<(BatchHeader, bytes::Bytes), BatchError> {
+    use bytes::Buf;
+    use kafka_protocol::compression::{Decompressor, Gzip, Lz4, Snappy, Zstd};
+    let h = validate(batch)?;
+    let body = bytes::Bytes::copy_from_slice(&batch[HEADER_BYTES..]);
+    let take = |buf: &mut bytes::Bytes| -> anyhow::Result<bytes::Bytes> {
+        Ok(buf.copy_to_bytes(buf.remaining()))
+    };
+    let mut b = body.clone();
+    let plain = match h.compression()? {
+        Compression::None => Ok(body),
+        Compression::Gzip => Gzip::decompress(&mut b, take),
+        Compression::Snappy => Snappy::decompress(&mut b, take),
+        Compression::Lz4 => Lz4::decompress(&mut b, take),
+        Compression::Zstd => Zstd::decompress(&mut b, take),
+    }
+    .map_err(|_| BatchError::BadCompression(h.attributes))?;
+    Ok((h, plain))
+}
+
+/// The first record at or after `timestamp` in a whole batch: (offset, timestamp).
+pub fn first_record_at_or_after(batch: &[u8], timestamp: i64) -> Option<(i64, i64)> {
+    let (h, plain) = plain_records(batch).ok()?;
+    if h.is_log_append_time() {
+        return Some((h.base_offset, h.max_timestamp));
+    }
+    records_in(&h, &plain)
+        .ok()?
+        .into_iter()
+        .find(|r| r.timestamp >= timestamp)
+        .map(|r| (r.offset, r.timestamp))
 }
 
 /// Build a v2 batch from raw record bodies, uncompressed. Used by tests, the built-in client and

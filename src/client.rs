@@ -140,3 +140,119 @@ pub fn error_name(code: i16) -> &'static str {
         _ => "KAFKA_ERROR",
     }
 }
+
+/// A record decoded for display (`ferry consume`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedRecord {
+    pub offset: i64,
+    pub timestamp: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+/// Decode the records of every whole batch in `bytes` (a Fetch answer's records), decompressing
+/// as needed. A partial batch at the end is ignored, as clients do.
+pub fn decode_records(bytes: &[u8]) -> Result<Vec<OwnedRecord>, ClientError> {
+    use crate::batch::{self, BatchHeader, HEADER_BYTES};
+    let bad = |m: String| ClientError::Kafka(format!("bad record batch: {m}"));
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + HEADER_BYTES <= bytes.len() {
+        let h = BatchHeader::parse(&bytes[at..]).map_err(|e| bad(e.to_string()))?;
+        let n = h.total_bytes();
+        if at + n > bytes.len() {
+            break;
+        }
+        let whole = &bytes[at..at + n];
+        batch::validate(whole).map_err(|e| bad(e.to_string()))?;
+        at += n;
+        if h.is_control() {
+            continue;
+        }
+        let (_, plain) = batch::plain_records(whole).map_err(|e| bad(e.to_string()))?;
+        for r in batch::records_in(&h, &plain).map_err(|e| bad(e.to_string()))? {
+            out.push(OwnedRecord {
+                offset: r.offset,
+                timestamp: r.timestamp,
+                key: r.key.map(|k| k.to_vec()),
+                value: r.value.map(|v| v.to_vec()),
+                headers: r
+                    .headers
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            String::from_utf8_lossy(k).into_owned(),
+                            v.map(|v| v.to_vec()),
+                        )
+                    })
+                    .collect(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Kafka's default partitioner hash (murmur2), so keyed records land where the Java client
+/// and librdkafka's `murmur2_random` would put them.
+pub fn murmur2(data: &[u8]) -> i32 {
+    let m: u32 = 0x5bd1_e995;
+    let r = 24;
+    let mut h: u32 = 0x9747_b28c ^ (data.len() as u32);
+    let chunks = data.chunks_exact(4);
+    let tail = chunks.remainder();
+    for c in chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(m);
+        k ^= k >> r;
+        k = k.wrapping_mul(m);
+        h = h.wrapping_mul(m);
+        h ^= k;
+    }
+    match tail.len() {
+        3 => {
+            h ^= (tail[2] as u32) << 16;
+            h ^= (tail[1] as u32) << 8;
+            h ^= tail[0] as u32;
+            h = h.wrapping_mul(m);
+        }
+        2 => {
+            h ^= (tail[1] as u32) << 8;
+            h ^= tail[0] as u32;
+            h = h.wrapping_mul(m);
+        }
+        1 => {
+            h ^= tail[0] as u32;
+            h = h.wrapping_mul(m);
+        }
+        _ => {}
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(m);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// The partition Kafka's default partitioner picks for a key.
+pub fn partition_for_key(key: &[u8], partitions: i32) -> i32 {
+    ((murmur2(key) & 0x7fff_ffff) % partitions.max(1)) as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_kafka() {
+        // Values from Kafka's UtilsTest.testMurmur2.
+        assert_eq!(murmur2(b"21"), -973932308);
+        assert_eq!(murmur2(b"foobar"), -790332482);
+        assert_eq!(murmur2(b"a-little-bit-long-string"), -985981536);
+        assert_eq!(murmur2(b"a-little-bit-longer-string"), -1486304829);
+        assert_eq!(
+            murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8"),
+            -58897971
+        );
+        assert_eq!(murmur2(b"abc"), 479470107);
+    }
+}

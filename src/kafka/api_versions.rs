@@ -16,7 +16,7 @@ fn body(error_code: i16) -> ApiVersionsResponse {
         .map(|(k, lo, hi)| {
             let mut v = ApiVersion::default();
             v.api_key = *k as i16;
-            v.min_version = *lo;
+            v.min_version = super::advertised_min(*k, *lo);
             v.max_version = *hi;
             v
         })

@@ -1,9 +1,6 @@
-//! ListOffsets: earliest (-2), latest (-1), max timestamp (-3), or the first offset whose batch
-//! reaches a timestamp, found through the time index.
-//!
-//! For a timestamp the answer is the base offset of the first batch whose max timestamp is at
-//! or after it: batches are not decompressed to look at single records, so a batch that
-//! straddles the timestamp is returned whole (a consumer may see a few earlier records of it).
+//! ListOffsets: earliest (-2), latest (-1), max timestamp (-3), or the first record whose
+//! timestamp is at or after a given one: found through the time index, then within its batch
+//! (decompressed for the lookup if need be; the stored batch is untouched).
 
 use kafka_protocol::messages::list_offsets_request::ListOffsetsRequest;
 use kafka_protocol::messages::list_offsets_response::{

@@ -71,6 +71,17 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::OffsetDelete, 0, 0),
 ];
 
+/// Versions advertised in ApiVersions where they differ from those served. Produce is listed
+/// from v0, as Apache Kafka 4.x still does (KAFKA-18659), because librdkafka before 2.x decides
+/// whether it may compress with gzip, snappy or lz4 by whether the broker lists Produce v0;
+/// requests below v3 are still refused when they come.
+pub fn advertised_min(key: ApiKey, served_min: i16) -> i16 {
+    match key {
+        ApiKey::Produce => 0,
+        _ => served_min,
+    }
+}
+
 /// The supported version range of an API, if served.
 pub fn supported(key: ApiKey) -> Option<(i16, i16)> {
     SUPPORTED

@@ -324,8 +324,8 @@ impl PartitionLog {
         Ok(None)
     }
 
-    /// The offset of the first batch whose max timestamp is at or after `timestamp`, with that
-    /// batch's max timestamp; `None` when every record is older.
+    /// The offset and timestamp of the first record whose timestamp is at or after `timestamp`
+    /// (found through the time index, then within the batch); `None` when every record is older.
     pub fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<(i64, i64)>, LogError> {
         for seg in &self.segments {
             if seg.max_timestamp < timestamp {
@@ -335,8 +335,17 @@ impl PartitionLog {
                 .find_by_timestamp(timestamp)
                 .map_err(io_err(&self.dir))?
             {
-                let off = b.header.base_offset.max(self.start_offset());
-                return Ok(Some((off, b.header.max_timestamp)));
+                // The batch reaches the timestamp; the answer is its first record that does
+                // (Kafka's rule), which needs the records, decompressed if need be.
+                let slice = ReadSlice {
+                    file: seg.file(),
+                    position: b.position,
+                    len: b.header.total_bytes(),
+                };
+                let bytes = slice.read().map_err(io_err(&self.dir))?;
+                let (off, ts) = batch::first_record_at_or_after(&bytes, timestamp)
+                    .unwrap_or((b.header.base_offset, b.header.max_timestamp));
+                return Ok(Some((off.max(self.start_offset()), ts)));
             }
         }
         Ok(None)
