@@ -307,8 +307,9 @@ impl Topology {
         Ok(data_root.join(r.data_dir.clone().unwrap_or_else(|| PathBuf::from(&r.name))))
     }
 
-    /// Settings for one broker: its listener, advertised address and node id from the file, data
-    /// in `<region dir>/broker-<id>`; every other setting keeps its [`BrokerConfig`] default.
+    /// Settings for one broker: its listener, advertised address, node id and metrics address
+    /// from the file, data in `<region dir>/broker-<id>`; every other setting keeps its
+    /// [`BrokerConfig`] default.
     pub fn broker_config(
         &self,
         region: &str,
@@ -335,6 +336,7 @@ impl Topology {
             listen: b.listen,
             advertised: Some(b.advertised.clone()),
             node_id: b.id,
+            metrics: b.metrics,
             data_dir: self
                 .region_dir(region, data_root)?
                 .join(format!("broker-{}", b.id)),
