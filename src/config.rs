@@ -51,6 +51,11 @@ pub struct BrokerConfig {
     pub connections_max: usize,
     /// Serve Prometheus metrics here (`/metrics`), if set.
     pub metrics: Option<SocketAddr>,
+    /// The topology this broker belongs to, if started from one: auto-created topics take
+    /// their partitions and retention from its topic rules.
+    pub topology: Option<std::sync::Arc<crate::topology::Topology>>,
+    /// This broker's region in the topology.
+    pub region: Option<String>,
 }
 
 impl Default for BrokerConfig {
@@ -70,6 +75,8 @@ impl Default for BrokerConfig {
             inflight_requests_max: 64,
             connections_max: 10_000,
             metrics: None,
+            topology: None,
+            region: None,
         }
     }
 }

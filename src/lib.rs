@@ -13,6 +13,7 @@
 //! - [`client`]: a small Kafka client for Ferry's own commands.
 //! - [`cli`]: the `ferry` command.
 //! - [`telemetry`]: Prometheus metrics.
+//! - [`topology`]: topology files: regions, topic rules, failover, TLS; validation with positions.
 
 pub mod batch;
 pub mod broker;
@@ -23,4 +24,5 @@ pub mod group;
 pub mod kafka;
 pub mod log;
 pub mod telemetry;
+pub mod topology;
 pub mod units;

@@ -11,18 +11,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| format!("`{s}` is not a duration (try `500ms`, `10s`, `5m`, `2h`, `7d`)"))?;
-    let ms = match unit.trim() {
-        "" | "ms" => n,
-        "s" => n * 1000,
-        "m" | "min" => n * 60_000,
-        "h" => n * 3_600_000,
-        "d" => n * 86_400_000,
+    let mult: u64 = match unit.trim() {
+        "" | "ms" => 1,
+        "s" => 1000,
+        "m" | "min" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
         u => {
             return Err(format!(
                 "unknown duration unit `{u}` in `{s}` (use ms, s, m, h or d)"
             ))
         }
     };
+    let ms = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("duration `{s}` is too long"))?;
     Ok(Duration::from_millis(ms))
 }
 
@@ -83,6 +86,7 @@ mod tests {
             Duration::from_secs(7 * 86400)
         );
         assert!(parse_duration("10 parsecs").is_err());
+        assert!(parse_duration("999999999999999d").is_err());
         assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
         assert_eq!(parse_size("10MB").unwrap(), 10_000_000);
         assert!(parse_size("1XB").is_err());

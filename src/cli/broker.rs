@@ -15,6 +15,16 @@ pub struct BrokerArgs {
     /// Settings file (TOML); flags override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Take this broker's settings from a topology file (with --region and --broker);
+    /// --data-dir is then the root of every region's data.
+    #[arg(long, value_name = "FILE", requires_all = ["region", "broker"])]
+    pub topology: Option<PathBuf>,
+    /// The region of this broker in the topology.
+    #[arg(long)]
+    pub region: Option<String>,
+    /// This broker's id in its region of the topology.
+    #[arg(long)]
+    pub broker: Option<i32>,
     /// Address for Kafka clients.
     #[arg(long, value_name = "HOST:PORT")]
     pub listen: Option<String>,
@@ -53,13 +63,23 @@ pub struct BrokerArgs {
 impl BrokerArgs {
     pub fn to_config(&self) -> anyhow::Result<BrokerConfig> {
         let mut c = BrokerConfig::default();
+        let mut data_dir = self.data_dir.clone();
+        if let (Some(path), Some(region), Some(id)) = (&self.topology, &self.region, self.broker) {
+            let t = crate::cli::load_topology(path)?;
+            let root = data_dir
+                .take()
+                .unwrap_or_else(|| PathBuf::from("ferry-data"));
+            c = t.broker_config(region, id, &root)?;
+            c.topology = Some(std::sync::Arc::new(t));
+            c.region = Some(region.clone());
+        }
         if let Some(path) = &self.config {
             BrokerFile::load(path)?.apply(&mut c)?;
         }
         let f = BrokerFile {
             listen: self.listen.clone(),
             advertised: self.advertised.clone(),
-            data_dir: self.data_dir.clone(),
+            data_dir,
             node_id: self.node_id,
             default_partitions: self.default_partitions,
             auto_create_topics: self.auto_create,

@@ -4,15 +4,24 @@
 //! not own any broker behaviour: subcommands build configs and call into the library.
 
 pub mod broker;
+pub mod clients;
 pub mod groups;
+pub mod topology;
+pub mod up;
+
+use std::path::Path;
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
 /// Ferry: Kafka-compatible brokers in every region, mirrored over QUIC.
+///
+/// Start with `ferry up` (two regions on loopback, from topology/local.toml), then produce and
+/// consume with any Kafka client, or with `ferry produce` and `ferry consume`.
 #[derive(Debug, Parser)]
-#[command(name = "ferry", version, about, long_about = None)]
+#[command(name = "ferry", version, about, long_about)]
 pub struct Cli {
-    /// Log format on stderr.
+    /// Log format on stderr (RUST_LOG sets the level, default info).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     #[command(subcommand)]
@@ -27,8 +36,18 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run one Kafka-compatible broker.
+    /// Run every process of a topology on this machine until Ctrl-C.
+    Up(up::UpArgs),
+    /// Run one Kafka-compatible broker (from flags, a config file, or a topology).
     Broker(broker::BrokerArgs),
+    /// Check or show a topology file.
+    Topology(topology::TopologyArgs),
+    /// Produce lines from stdin (values, key=value, or JSON records).
+    Produce(clients::ProduceArgs),
+    /// Print records of a topic (values, key=value, or JSON records).
+    Consume(clients::ConsumeArgs),
+    /// List or create topics in a region.
+    Topics(clients::TopicsArgs),
     /// Consumer groups: list, describe (members, offsets, lag), reset offsets.
     Groups(groups::GroupsArgs),
 }
@@ -46,10 +65,41 @@ pub fn init_logging(format: LogFormat) {
     }
 }
 
-pub fn run(cli: Cli) -> anyhow::Result<()> {
+/// The Kafka address of a region's first broker in a topology file.
+pub fn topology_bootstrap(path: &Path, region: &str) -> anyhow::Result<String> {
+    let t = load_topology(path)?;
+    let r = t.region(region).ok_or_else(|| {
+        anyhow::anyhow!(
+            "{}: no region `{region}` (regions: {})",
+            path.display(),
+            t.regions
+                .iter()
+                .map(|r| r.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })?;
+    let (h, p) = &r.brokers[0].advertised;
+    Ok(format!("{h}:{p}"))
+}
+
+/// Load a topology or fail with every error listed.
+pub fn load_topology(path: &Path) -> anyhow::Result<crate::topology::Topology> {
+    crate::topology::load(path).map_err(|errors| {
+        let lines: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        anyhow::anyhow!("invalid topology:\n{}", lines.join("\n"))
+    })
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     init_logging(cli.log_format);
     match cli.command {
-        Command::Broker(args) => broker::run(args),
-        Command::Groups(args) => groups::run(args),
+        Command::Up(args) => up::run(args).map(|_| ExitCode::SUCCESS),
+        Command::Broker(args) => broker::run(args).map(|_| ExitCode::SUCCESS),
+        Command::Topology(args) => topology::run(args),
+        Command::Produce(args) => clients::produce(args).map(|_| ExitCode::SUCCESS),
+        Command::Consume(args) => clients::consume(args).map(|_| ExitCode::SUCCESS),
+        Command::Topics(args) => clients::topics(args).map(|_| ExitCode::SUCCESS),
+        Command::Groups(args) => groups::run(args).map(|_| ExitCode::SUCCESS),
     }
 }

@@ -596,41 +596,37 @@ impl Coordinator {
         next
     }
 
-    /// Check an OffsetCommit against the group's generation. `generation = -1` with an empty
-    /// member id is a commit from a client that assigns partitions itself, allowed while the
-    /// group has no members.
+    /// Check an OffsetCommit against the group's generation, with Kafka's rules
+    /// (`ClassicGroup.validateOffsetCommit`): generation -1 with no member id is a commit from a
+    /// client that assigns partitions itself (or an admin tool), allowed only while the group
+    /// has no members; otherwise the member must be known and at the current generation.
+    /// Commits are accepted while a rebalance is being prepared (clients commit before giving
+    /// up their partitions) and refused while the leader's assignment is awaited.
     pub fn check_commit(&self, group_id: &str, generation: i32, member_id: &str) -> i16 {
-        match self.groups.get(group_id) {
-            None => {
-                if generation < 0 {
-                    code::NONE
-                } else {
-                    code::ILLEGAL_GENERATION
-                }
-            }
-            Some(g) if g.members.is_empty() => {
-                if generation < 0 {
-                    code::NONE
-                } else {
-                    code::ILLEGAL_GENERATION
-                }
-            }
-            Some(g) => {
-                if generation < 0 && member_id.is_empty() {
-                    return code::NONE;
-                }
-                if !g.members.contains_key(member_id) {
-                    return code::UNKNOWN_MEMBER_ID;
-                }
-                if generation != g.generation {
-                    return code::ILLEGAL_GENERATION;
-                }
-                if g.state == GroupState::PreparingRebalance {
-                    return code::REBALANCE_IN_PROGRESS;
-                }
+        let Some(g) = self.groups.get(group_id) else {
+            return if generation < 0 {
                 code::NONE
-            }
+            } else {
+                code::ILLEGAL_GENERATION
+            };
+        };
+        if generation < 0 && g.state == GroupState::Empty {
+            return code::NONE;
         }
+        if generation >= 0 || !member_id.is_empty() {
+            if !g.members.contains_key(member_id) {
+                return code::UNKNOWN_MEMBER_ID;
+            }
+            if generation != g.generation {
+                return code::ILLEGAL_GENERATION;
+            }
+        } else if g.state != GroupState::Empty {
+            return code::UNKNOWN_MEMBER_ID;
+        }
+        if g.state == GroupState::CompletingRebalance {
+            return code::REBALANCE_IN_PROGRESS;
+        }
+        code::NONE
     }
 
     /// Record a committed offset (a checked commit, or one replayed from `__consumer_offsets`).
