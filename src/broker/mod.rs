@@ -501,13 +501,27 @@ impl Broker {
         if !self.config.auto_create_topics {
             return Err(TopicError::Unknown(name.to_string()));
         }
-        match self.create_topic(name, None, None, BTreeMap::new(), false) {
+        // A topology's topic rule sets partitions and retention of topics it matches.
+        let (partitions, configs) = self.topic_defaults(name);
+        match self.create_topic(name, partitions, None, configs, false) {
             Ok(t) => Ok(t),
             Err(TopicError::AlreadyExists(_)) => self
                 .topic(name)
                 .ok_or_else(|| TopicError::Unknown(name.to_string())),
             Err(e) => Err(e),
         }
+    }
+
+    /// Partitions and configs for a new topic from the topology's rule for it, if any.
+    pub fn topic_defaults(&self, name: &str) -> (Option<i32>, BTreeMap<String, String>) {
+        let mut configs = BTreeMap::new();
+        let Some(rule) = self.config.topology.as_ref().and_then(|t| t.rule_for_topic(name)) else {
+            return (None, configs);
+        };
+        if let Some(r) = rule.retention {
+            configs.insert("retention.ms".to_string(), r.as_millis().to_string());
+        }
+        (rule.partitions, configs)
     }
 
     pub fn delete_topic(&self, name: &str) -> Result<Uuid, TopicError> {

@@ -12,7 +12,8 @@ use crate::topology;
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
-    /// Topology file.
+    /// Topology file (default: topology/local.toml, or its embedded copy when that file is
+    /// not there: two regions, east and west, on loopback).
     #[arg(long, default_value = "topology/local.toml")]
     pub topology: PathBuf,
     /// Root of every region's data (`<dir>/<region>/broker-<id>`).
@@ -36,7 +37,15 @@ fn wait_port(addr: std::net::SocketAddr, limit: Duration) -> bool {
     false
 }
 
-pub fn run(args: UpArgs) -> anyhow::Result<()> {
+pub fn run(mut args: UpArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    if !args.topology.exists() && args.topology == std::path::Path::new("topology/local.toml") {
+        // Run from outside the repository: use the embedded copy of the default topology.
+        let path = args.data_dir.join("local.toml");
+        std::fs::write(&path, topology::LOCAL_TOML)?;
+        args.topology = path;
+    }
     let topo = match topology::load(&args.topology) {
         Ok(t) => t,
         Err(errors) => {
@@ -47,8 +56,6 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         }
     };
     let exe = std::env::current_exe().context("finding the ferry binary")?;
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let data_root = args.data_dir.canonicalize()?;
     let mut procs: Vec<Proc> = Vec::new();
     let log_dir = data_root.join("logs");
