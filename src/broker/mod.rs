@@ -515,7 +515,12 @@ impl Broker {
     /// Partitions and configs for a new topic from the topology's rule for it, if any.
     pub fn topic_defaults(&self, name: &str) -> (Option<i32>, BTreeMap<String, String>) {
         let mut configs = BTreeMap::new();
-        let Some(rule) = self.config.topology.as_ref().and_then(|t| t.rule_for_topic(name)) else {
+        let Some(rule) = self
+            .config
+            .topology
+            .as_ref()
+            .and_then(|t| t.rule_for_topic(name))
+        else {
             return (None, configs);
         };
         if let Some(r) = rule.retention {

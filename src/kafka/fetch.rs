@@ -5,13 +5,14 @@
 //! `partition_max_bytes` and the response at most `max_bytes`, except that the first partition
 //! with data always gets at least one whole batch so that consumers make progress (KIP-74).
 //! The bytes may end with a partial batch, as Kafka's do; clients drop it and fetch again.
+//! Records are not read here: the answer carries file ranges, which the connection sends with
+//! `sendfile` (see [`super::fetch_wire`]).
 //! Fetch sessions (KIP-227) are not kept: the answer's session id is 0, so clients send full
 //! fetches.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use kafka_protocol::messages::fetch_request::FetchRequest;
 use kafka_protocol::messages::fetch_response::{
     FetchResponse, FetchableTopicResponse, PartitionData,
@@ -20,15 +21,24 @@ use kafka_protocol::messages::BrokerId;
 
 use super::code;
 use crate::broker::Broker;
-use crate::log::LogError;
+use crate::log::{LogError, ReadSlice};
 
 /// Longest wait honoured, whatever the client asks.
 const MAX_WAIT_CAP: Duration = Duration::from_secs(30);
 
 struct Collected {
     resp: FetchResponse,
+    /// Per topic and partition, the file range of its records (sent with sendfile).
+    records: Vec<Vec<Option<ReadSlice>>>,
     bytes: usize,
     any_error: bool,
+}
+
+/// A fetch answer: the response fields, and the records as file ranges (see
+/// [`super::fetch_wire`]).
+pub struct FetchAnswer {
+    pub resp: FetchResponse,
+    pub records: Vec<Vec<Option<ReadSlice>>>,
 }
 
 fn collect(broker: &Broker, req: &FetchRequest, version: i16) -> Collected {
@@ -36,7 +46,9 @@ fn collect(broker: &Broker, req: &FetchRequest, version: i16) -> Collected {
     let mut budget = req.max_bytes.max(0) as usize;
     let mut total = 0usize;
     let mut any_error = false;
+    let mut records: Vec<Vec<Option<ReadSlice>>> = Vec::with_capacity(req.topics.len());
     for ft in &req.topics {
+        let mut trecs = Vec::with_capacity(ft.partitions.len());
         let topic = if ft.topic.0.is_empty() && !ft.topic_id.is_nil() {
             broker.topic_by_id(ft.topic_id)
         } else {
@@ -56,6 +68,7 @@ fn collect(broker: &Broker, req: &FetchRequest, version: i16) -> Collected {
                 pd.error_code = code::UNKNOWN_TOPIC_OR_PARTITION;
                 any_error = true;
                 tr.partitions.push(pd);
+                trecs.push(None);
                 continue;
             };
             let (slice, start, end) = {
@@ -75,44 +88,41 @@ fn collect(broker: &Broker, req: &FetchRequest, version: i16) -> Collected {
             if version >= 5 {
                 pd.log_start_offset = start;
             }
+            let mut rec = None;
             match slice {
-                Ok(Some(s)) => match s.read() {
-                    Ok(bytes) => {
-                        total += bytes.len();
-                        budget = budget.saturating_sub(bytes.len());
-                        metrics::counter!("ferry_bytes_out_total", "topic" => partition.topic.to_string())
-                            .increment(bytes.len() as u64);
-                        pd.records = Some(Bytes::from(bytes));
-                    }
-                    Err(e) => {
-                        tracing::error!(topic = %partition.topic, partition = fp.partition, error = %e, "read failed");
-                        pd.error_code = 56; // KAFKA_STORAGE_ERROR
-                        any_error = true;
-                    }
-                },
-                Ok(None) => pd.records = Some(Bytes::new()),
+                Ok(Some(s)) => {
+                    total += s.len;
+                    budget = budget.saturating_sub(s.len);
+                    metrics::counter!("ferry_bytes_out_total", "topic" => partition.topic.to_string())
+                        .increment(s.len as u64);
+                    rec = Some(s);
+                }
+                Ok(None) => rec = Some(ReadSlice::empty()),
                 Err(LogError::OffsetOutOfRange { .. }) => {
                     pd.error_code = code::OFFSET_OUT_OF_RANGE;
                     any_error = true;
                 }
                 Err(e) => {
                     tracing::error!(topic = %partition.topic, partition = fp.partition, error = %e, "read failed");
-                    pd.error_code = 56;
+                    pd.error_code = 56; // KAFKA_STORAGE_ERROR
                     any_error = true;
                 }
             }
+            trecs.push(rec);
             tr.partitions.push(pd);
         }
         resp.responses.push(tr);
+        records.push(trecs);
     }
     Collected {
         resp,
+        records,
         bytes: total,
         any_error,
     }
 }
 
-pub async fn handle(broker: Arc<Broker>, req: FetchRequest, version: i16) -> FetchResponse {
+pub async fn handle(broker: Arc<Broker>, req: FetchRequest, version: i16) -> FetchAnswer {
     let wait = Duration::from_millis(req.max_wait_ms.max(0) as u64).min(MAX_WAIT_CAP);
     let deadline = tokio::time::Instant::now() + wait;
     let min_bytes = req.min_bytes.max(1) as usize;
@@ -123,10 +133,17 @@ pub async fn handle(broker: Arc<Broker>, req: FetchRequest, version: i16) -> Fet
         notified.as_mut().enable();
         let c = collect(&broker, &req, version);
         if c.bytes >= min_bytes || c.any_error || tokio::time::Instant::now() >= deadline {
-            return c.resp;
+            return FetchAnswer {
+                resp: c.resp,
+                records: c.records,
+            };
         }
         if tokio::time::timeout_at(deadline, notified).await.is_err() {
-            return collect(&broker, &req, version).resp;
+            let c = collect(&broker, &req, version);
+            return FetchAnswer {
+                resp: c.resp,
+                records: c.records,
+            };
         }
     }
 }

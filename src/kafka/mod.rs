@@ -15,6 +15,7 @@ pub mod admin;
 pub mod api_versions;
 pub mod coordinator;
 pub mod fetch;
+pub mod fetch_wire;
 pub mod list_offsets;
 pub mod metadata;
 pub mod produce;

@@ -23,11 +23,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 
+use super::fetch_wire::Piece;
 use super::*;
 use crate::broker::Broker;
+use crate::log::ReadSlice;
 
 /// A response being prepared; `None` means no response (produce with acks=0).
-pub type Pending = Pin<Box<dyn Future<Output = Option<Bytes>> + Send>>;
+pub type Pending = Pin<Box<dyn Future<Output = Option<Vec<Piece>>> + Send>>;
 
 /// Serve Kafka clients on `listener` until `shutdown` resolves.
 pub async fn run(
@@ -78,9 +80,15 @@ async fn connection(
     let (tx, mut rx) = mpsc::channel::<Pending>(broker.config.inflight_requests_max);
     let writer = tokio::spawn(async move {
         while let Some(p) = rx.recv().await {
-            if let Some(bytes) = p.await {
-                if let Err(e) = wr.write_all(&bytes).await {
-                    return Err(format!("write failed: {e}"));
+            if let Some(pieces) = p.await {
+                for piece in pieces {
+                    match piece {
+                        Piece::Bytes(b) => wr
+                            .write_all(&b)
+                            .await
+                            .map_err(|e| format!("write failed: {e}"))?,
+                        Piece::File(slice) => send_file(&wr, &slice).await?,
+                    }
                 }
             }
         }
@@ -117,10 +125,38 @@ async fn connection(
     result.and(w)
 }
 
+/// Send a file range to the socket with `sendfile`: the bytes go from the page cache to the
+/// socket without a copy through user space.
+async fn send_file(wr: &tokio::net::tcp::OwnedWriteHalf, slice: &ReadSlice) -> Result<(), String> {
+    use std::os::fd::AsFd;
+    let sock: &TcpStream = wr.as_ref();
+    let mut offset = slice.position;
+    let end = slice.position + slice.len as u64;
+    while offset < end {
+        sock.writable()
+            .await
+            .map_err(|e| format!("write failed: {e}"))?;
+        let want = (end - offset) as usize;
+        let r = sock.try_io(tokio::io::Interest::WRITABLE, || {
+            rustix::fs::sendfile(sock.as_fd(), slice.file.as_fd(), Some(&mut offset), want)
+                .map_err(std::io::Error::from)
+        });
+        match r {
+            // The file got shorter than promised (truncated under us): the frame cannot be
+            // completed, so the connection must close.
+            Ok(0) => return Err("segment file ended before the promised records".into()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(format!("sendfile failed: {e}")),
+        }
+    }
+    Ok(())
+}
+
 fn ready(b: anyhow::Result<Bytes>) -> Pending {
     Box::pin(async move {
         match b {
-            Ok(b) => Some(b),
+            Ok(b) => Some(vec![Piece::Bytes(b)]),
             Err(e) => {
                 tracing::error!(error = %e, "could not encode a response");
                 None
@@ -174,12 +210,19 @@ async fn request(
             let waiting = produce::start(&b, r, version).await;
             Box::pin(async move {
                 let resp = waiting.finish().await?;
-                encode_response(cid, version, &resp).ok()
+                encode_response(cid, version, &resp)
+                    .ok()
+                    .map(|b| vec![Piece::Bytes(b)])
             })
         }
         RequestKind::Fetch(r) => Box::pin(async move {
-            let resp = fetch::handle(b, r, version).await;
-            encode_response(cid, version, &resp).ok()
+            let answer = fetch::handle(b, r, version).await;
+            Some(fetch_wire::encode(
+                cid,
+                version,
+                &answer.resp,
+                &answer.records,
+            ))
         }),
         RequestKind::ListOffsets(r) => ready(encode_response(
             cid,
@@ -219,11 +262,15 @@ async fn request(
         )),
         RequestKind::JoinGroup(r) => Box::pin(async move {
             let resp = coordinator::join(b, r, version, client, peer).await;
-            encode_response(cid, version, &resp).ok()
+            encode_response(cid, version, &resp)
+                .ok()
+                .map(|b| vec![Piece::Bytes(b)])
         }),
         RequestKind::SyncGroup(r) => Box::pin(async move {
             let resp = coordinator::sync(b, r, version).await;
-            encode_response(cid, version, &resp).ok()
+            encode_response(cid, version, &resp)
+                .ok()
+                .map(|b| vec![Piece::Bytes(b)])
         }),
         RequestKind::Heartbeat(r) => ready(encode_response(
             cid,
@@ -237,7 +284,9 @@ async fn request(
         )),
         RequestKind::OffsetCommit(r) => Box::pin(async move {
             let resp = coordinator::commit(b, r).await;
-            encode_response(cid, version, &resp).ok()
+            encode_response(cid, version, &resp)
+                .ok()
+                .map(|b| vec![Piece::Bytes(b)])
         }),
         RequestKind::OffsetFetch(r) => ready(encode_response(
             cid,
@@ -256,11 +305,15 @@ async fn request(
         )),
         RequestKind::DeleteGroups(r) => Box::pin(async move {
             let resp = coordinator::delete_groups(b, r).await;
-            encode_response(cid, version, &resp).ok()
+            encode_response(cid, version, &resp)
+                .ok()
+                .map(|b| vec![Piece::Bytes(b)])
         }),
         RequestKind::OffsetDelete(r) => Box::pin(async move {
             let resp = coordinator::offset_delete(b, r).await;
-            encode_response(cid, version, &resp).ok()
+            encode_response(cid, version, &resp)
+                .ok()
+                .map(|b| vec![Piece::Bytes(b)])
         }),
         other => {
             return Err(format!(

@@ -80,6 +80,19 @@ pub struct ReadSlice {
 }
 
 impl ReadSlice {
+    /// An empty range (no records).
+    pub fn empty() -> ReadSlice {
+        static EMPTY: std::sync::OnceLock<Arc<File>> = std::sync::OnceLock::new();
+        let file = EMPTY
+            .get_or_init(|| Arc::new(File::open("/dev/null").expect("/dev/null")))
+            .clone();
+        ReadSlice {
+            file,
+            position: 0,
+            len: 0,
+        }
+    }
+
     pub fn read(&self) -> io::Result<Vec<u8>> {
         use std::os::unix::fs::FileExt;
         let mut buf = vec![0u8; self.len];
