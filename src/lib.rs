@@ -13,6 +13,8 @@
 //! - [`client`]: a small Kafka client for Ferry's own commands.
 //! - [`cli`]: the `ferry` command.
 //! - [`telemetry`]: Prometheus metrics.
+//! - [`transport`]: gateway transport: certificates, mutual-TLS QUIC configs, endpoints, peer
+//!   identity (the mirroring protocol on top comes with the gateway).
 //! - [`topology`]: topology files: regions, topic rules, failover, TLS; validation with positions.
 
 pub mod batch;
@@ -25,4 +27,5 @@ pub mod kafka;
 pub mod log;
 pub mod telemetry;
 pub mod topology;
+pub mod transport;
 pub mod units;

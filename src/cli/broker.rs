@@ -118,13 +118,17 @@ pub fn run(args: BrokerArgs) -> anyhow::Result<()> {
     rt.block_on(serve(config))
 }
 
-/// Wait for Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
+/// A future that completes on Ctrl-C (SIGINT) or SIGTERM. The handlers are installed when this
+/// is called, not when the future is first polled, so no signal slips through in between.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    async move {
+        tokio::select! {
+            _ = int.recv() => {},
+            _ = term.recv() => {},
+        }
     }
 }
 

@@ -329,6 +329,9 @@ fn text(b: &Option<Vec<u8>>) -> Option<String> {
 
 pub fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
     let addr = args.endpoint.address()?;
+    if args.max_records == Some(0) {
+        return Ok(());
+    }
     runtime()?.block_on(async move {
         let mut c = Client::connect(&addr).await?;
         let n = partitions(&mut c, &args.topic).await?;

@@ -4,6 +4,7 @@
 //! not own any broker behaviour: subcommands build configs and call into the library.
 
 pub mod broker;
+pub mod certs;
 pub mod clients;
 pub mod groups;
 pub mod topology;
@@ -50,6 +51,8 @@ pub enum Command {
     Topics(clients::TopicsArgs),
     /// Consumer groups: list, describe (members, offsets, lag), reset offsets.
     Groups(groups::GroupsArgs),
+    /// Create the gateways' certificates: a CA and one per region.
+    Certs(certs::CertsArgs),
 }
 
 /// Set up `tracing` on stderr; `RUST_LOG` overrides the default level (info).
@@ -101,5 +104,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Consume(args) => clients::consume(args).map(|_| ExitCode::SUCCESS),
         Command::Topics(args) => clients::topics(args).map(|_| ExitCode::SUCCESS),
         Command::Groups(args) => groups::run(args).map(|_| ExitCode::SUCCESS),
+        Command::Certs(args) => certs::run(args).map(|_| ExitCode::SUCCESS),
     }
 }

@@ -26,15 +26,31 @@ struct Proc {
     child: Child,
 }
 
-fn wait_port(addr: std::net::SocketAddr, limit: Duration) -> bool {
+/// Wait until the broker has logged that it listens (a port that accepts connections is not
+/// enough: another process may hold it). Fails as soon as the child exits.
+async fn wait_ready(p: &mut Proc, log: &std::path::Path, limit: Duration) -> Result<(), String> {
     let start = Instant::now();
     while start.elapsed() < limit {
-        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return true;
+        if let Ok(Some(status)) = p.child.try_wait() {
+            return Err(format!(
+                "{} exited ({status}) while starting; see {}",
+                p.name,
+                log.display()
+            ));
         }
-        std::thread::sleep(Duration::from_millis(50));
+        if std::fs::read_to_string(log)
+            .map(|t| t.contains("ferry broker listening on"))
+            .unwrap_or(false)
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    false
+    Err(format!(
+        "{} did not start listening within {limit:?}; see {}",
+        p.name,
+        log.display()
+    ))
 }
 
 pub fn run(mut args: UpArgs) -> anyhow::Result<()> {
@@ -57,15 +73,33 @@ pub fn run(mut args: UpArgs) -> anyhow::Result<()> {
     };
     let exe = std::env::current_exe().context("finding the ferry binary")?;
     let data_root = args.data_dir.canonicalize()?;
-    let mut procs: Vec<Proc> = Vec::new();
     let log_dir = data_root.join("logs");
     std::fs::create_dir_all(&log_dir)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(supervise(args, topo, exe, data_root, log_dir))
+}
+
+async fn supervise(
+    args: UpArgs,
+    topo: topology::Topology,
+    exe: PathBuf,
+    data_root: PathBuf,
+    log_dir: PathBuf,
+) -> anyhow::Result<()> {
+    // Signals are handled from the very start, so a Ctrl-C during start-up stops what was
+    // started instead of leaving orphans.
+    let shutdown = crate::cli::broker::shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut procs: Vec<Proc> = Vec::new();
+    let mut logs = Vec::new();
     for r in &topo.regions {
         for b in &r.brokers {
             let name = format!("{}/broker-{}", r.name, b.id);
-            let log =
-                std::fs::File::create(log_dir.join(format!("{}-broker-{}.log", r.name, b.id)))?;
-            let child = Command::new(&exe)
+            let log_path = log_dir.join(format!("{}-broker-{}.log", r.name, b.id));
+            let log = std::fs::File::create(&log_path)?;
+            let spawned = Command::new(&exe)
                 .arg("broker")
                 .arg("--topology")
                 .arg(&args.topology)
@@ -78,29 +112,36 @@ pub fn run(mut args: UpArgs) -> anyhow::Result<()> {
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)
-                .spawn()
-                .with_context(|| format!("starting {name}"))?;
-            procs.push(Proc { name, child });
-        }
-    }
-    let mut ok = true;
-    for r in &topo.regions {
-        for b in &r.brokers {
-            if !wait_port(b.listen, Duration::from_secs(30)) {
-                eprintln!(
-                    "{}/broker-{} did not start listening on {}",
-                    r.name, b.id, b.listen
-                );
-                ok = false;
+                .spawn();
+            match spawned {
+                Ok(child) => procs.push(Proc { name, child }),
+                Err(e) => {
+                    stop(&mut procs);
+                    bail!("starting {name}: {e}");
+                }
             }
+            logs.push(log_path);
         }
     }
-    if !ok {
+    let started = async {
+        for (p, log) in procs.iter_mut().zip(&logs) {
+            wait_ready(p, log, Duration::from_secs(60)).await?;
+        }
+        Ok::<(), String>(())
+    };
+    let ready = tokio::select! {
+        biased;
+        _ = &mut shutdown => {
+            eprintln!("stopping: signal received during start-up");
+            stop(&mut procs);
+            return Ok(());
+        }
+        r = started => r,
+    };
+    if let Err(why) = ready {
+        eprintln!("{why}");
         stop(&mut procs);
-        bail!(
-            "not every process started; see the logs in {}",
-            log_dir.display()
-        );
+        bail!("{why}");
     }
     println!(
         "ferry is up: {} ({} regions), data and logs in {}",
@@ -144,26 +185,23 @@ pub fn run(mut args: UpArgs) -> anyhow::Result<()> {
         );
     }
     println!("\nCtrl-C stops everything.");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let exited = rt.block_on(async {
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        let shutdown = crate::cli::broker::shutdown_signal();
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                _ = &mut shutdown => return None,
-                _ = tick.tick() => {
-                    for p in procs.iter_mut() {
-                        if let Ok(Some(status)) = p.child.try_wait() {
-                            return Some(format!("{} exited ({status})", p.name));
-                        }
-                    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let exited = loop {
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => break None,
+            _ = tick.tick() => {
+                if let Some(why) = procs.iter_mut().find_map(|p| match p.child.try_wait() {
+                    Ok(Some(status)) => Some(format!("{} exited ({status})", p.name)),
+                    _ => None,
+                }) {
+                    break Some(why);
                 }
             }
         }
-    });
+    };
     if let Some(why) = &exited {
         eprintln!("{why}: stopping the others");
     }
