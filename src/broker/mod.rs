@@ -512,6 +512,14 @@ impl Broker {
         }
     }
 
+    /// The primary region of a topic this broker holds as a mirror (the topology's rule names
+    /// another region as primary), or `None` when clients may produce to it here.
+    pub fn mirror_primary(&self, topic: &str) -> Option<String> {
+        let region = self.config.region.as_deref()?;
+        let rule = self.config.topology.as_ref()?.rule_for_topic(topic)?;
+        (rule.primary != region).then(|| rule.primary.clone())
+    }
+
     /// Partitions and configs for a new topic from the topology's rule for it, if any.
     pub fn topic_defaults(&self, name: &str) -> (Option<i32>, BTreeMap<String, String>) {
         let mut configs = BTreeMap::new();

@@ -38,9 +38,19 @@ pub async fn start(broker: &Arc<Broker>, req: ProduceRequest, version: i16) -> W
     let mut topics = Vec::with_capacity(req.topic_data.len());
     for td in req.topic_data {
         let topic = broker.topic(td.name.0.as_str());
+        // A topic whose primary is another region is a read-only mirror here.
+        let mirror_of = broker.mirror_primary(td.name.0.as_str());
         let mut parts = Vec::with_capacity(td.partition_data.len());
         for pd in td.partition_data {
-            let outcome = if !(-1..=1).contains(&acks) {
+            let outcome = if let Some(primary) = &mirror_of {
+                Outcome::Done(
+                    code::POLICY_VIOLATION,
+                    Some(format!(
+                        "topic '{}' is a read-only mirror of its primary region '{primary}': produce there",
+                        td.name.0.as_str()
+                    )),
+                )
+            } else if !(-1..=1).contains(&acks) {
                 Outcome::Done(code::INVALID_REQUIRED_ACKS, None)
             } else if req.transactional_id.is_some() {
                 Outcome::Done(
