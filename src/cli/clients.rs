@@ -277,12 +277,11 @@ async fn send_batch(
     for t in resp.responses {
         for p in t.partition_responses {
             if p.error_code != 0 {
-                bail!(
-                    "produce to {topic}-{}: {} ({})",
-                    p.index,
-                    error_name(p.error_code),
-                    p.error_code
-                );
+                let msg = p
+                    .error_message
+                    .map(|m| m.to_string())
+                    .unwrap_or_else(|| error_name(p.error_code).to_string());
+                bail!("produce to {topic}-{}: {msg} (error {})", p.index, p.error_code);
             }
         }
     }
