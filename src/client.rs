@@ -123,6 +123,50 @@ impl Client {
     }
 }
 
+impl Client {
+    /// MirrorAppend (Ferry's own request, see [`crate::kafka::mirror_append`]):
+    /// (error code, log end offset, message).
+    pub async fn mirror_append(
+        &mut self,
+        req: &crate::kafka::mirror_append::MirrorAppend,
+    ) -> Result<(i16, i64, String), ClientError> {
+        use crate::kafka::mirror_append as ma;
+        let api = ApiKey::Produce; // for error context only
+        self.correlation += 1;
+        let cid = self.correlation;
+        let frame = ma::encode_request(cid, req);
+        let io = |source| ClientError::Io { api, source };
+        let timeout = self.timeout;
+        let fut = async {
+            self.stream.write_all(&frame).await.map_err(io)?;
+            let n = self.stream.read_i32().await.map_err(io)?;
+            if n < 4 || n as usize > RESPONSE_BYTES_MAX {
+                return Err(ClientError::Codec {
+                    api,
+                    message: format!("MirrorAppend response of {n} bytes"),
+                });
+            }
+            let mut body = vec![0u8; n as usize];
+            self.stream.read_exact(&mut body).await.map_err(io)?;
+            Ok(Bytes::from(body))
+        };
+        let body = tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| ClientError::Timeout { api, timeout })??;
+        let (rcid, err, end, msg) = ma::decode_response(body).ok_or(ClientError::Codec {
+            api,
+            message: "malformed MirrorAppend response".into(),
+        })?;
+        if rcid != cid {
+            return Err(ClientError::Codec {
+                api,
+                message: format!("correlation id {rcid} for {cid}"),
+            });
+        }
+        Ok((err, end, msg))
+    }
+}
+
 /// Kafka error code names for messages.
 pub fn error_name(code: i16) -> &'static str {
     match code {

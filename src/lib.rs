@@ -8,6 +8,7 @@
 //! - [`broker`]: topics and partitions, idempotent producers, the group commit writer, the
 //!   async shell of the group coordinator with its durable `__consumer_offsets` log.
 //! - [`group`]: the consumer group coordinator (a state machine) and the offsets record format.
+//! - [`mirror`]: the mirroring gateway: frames, source and sink streams per partition.
 //! - [`kafka`]: the Kafka wire protocol server, one file per API.
 //! - [`config`]: broker settings from a file and flags.
 //! - [`client`]: a small Kafka client for Ferry's own commands.
@@ -25,6 +26,7 @@ pub mod config;
 pub mod group;
 pub mod kafka;
 pub mod log;
+pub mod mirror;
 pub mod telemetry;
 pub mod topology;
 pub mod transport;

@@ -218,6 +218,7 @@ impl GroupService {
             header,
             acks: -1,
             epoch: None,
+            exact: false,
             reply: Some(tx),
         };
         if self.writer.submit(req).await.is_err() {

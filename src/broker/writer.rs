@@ -33,6 +33,10 @@ pub struct AppendRequest {
     pub acks: i16,
     /// Region epoch to stamp in the partition leader epoch field, if any.
     pub epoch: Option<i32>,
+    /// A mirror copy: the batch keeps its offsets and must start at the log end (see
+    /// [`crate::log::PartitionLog::append_exact`]); a batch wholly below the log end is a
+    /// duplicate of what the mirror already has.
+    pub exact: bool,
     pub reply: Option<oneshot::Sender<AppendResult>>,
 }
 
@@ -55,6 +59,8 @@ pub enum AppendError {
     Storage(String),
     #[error("the broker is shutting down")]
     ShuttingDown,
+    #[error("mirror batch at offset {got} does not continue the log, which ends at {end}")]
+    NotContiguous { got: i64, end: i64 },
 }
 
 impl AppendError {
@@ -64,6 +70,7 @@ impl AppendError {
             AppendError::InvalidProducerEpoch { .. } => 47,
             AppendError::Storage(_) => 56,
             AppendError::ShuttingDown => 56,
+            AppendError::NotContiguous { .. } => 1,
         }
     }
 }
@@ -147,9 +154,14 @@ fn appender(
                 header,
                 acks,
                 epoch,
+                exact,
                 reply,
             } = req;
-            let (result, file) = append_one(&partition, &mut bytes, &header, epoch);
+            let (result, file) = if exact {
+                append_exact(&partition, &bytes, &header)
+            } else {
+                append_one(&partition, &mut bytes, &header, epoch)
+            };
             match (result, reply) {
                 (Ok(ok), Some(reply)) if acks == -1 && !ok.duplicate => {
                     to_sync.push(Pending {
@@ -233,6 +245,60 @@ fn append_one(
         }
         Err(e) => {
             tracing::error!(topic = %partition.topic, partition = partition.index, error = %e, "append failed");
+            (
+                Err(AppendError::Storage(format!(
+                    "{}-{}: {e}",
+                    partition.topic, partition.index
+                ))),
+                None,
+            )
+        }
+    }
+}
+
+fn append_exact(
+    partition: &Partition,
+    bytes: &[u8],
+    header: &BatchHeader,
+) -> (AppendResult, Option<Arc<File>>) {
+    let mut st = partition.state.lock().expect("partition lock");
+    let end = st.log.next_offset();
+    let start = st.log.start_offset();
+    if header.next_offset() <= end {
+        // Already here (a resend after a lost acknowledgement).
+        return (
+            Ok(AppendOk {
+                base_offset: header.base_offset,
+                log_start_offset: start,
+                duplicate: true,
+            }),
+            None,
+        );
+    }
+    if header.base_offset != end {
+        return (
+            Err(AppendError::NotContiguous {
+                got: header.base_offset,
+                end,
+            }),
+            None,
+        );
+    }
+    match st.log.append_exact(bytes) {
+        Ok(base_offset) => {
+            st.producers.record(header, base_offset);
+            let file = st.log.active_file();
+            (
+                Ok(AppendOk {
+                    base_offset,
+                    log_start_offset: st.log.start_offset(),
+                    duplicate: false,
+                }),
+                Some(file),
+            )
+        }
+        Err(e) => {
+            tracing::error!(topic = %partition.topic, partition = partition.index, error = %e, "mirror append failed");
             (
                 Err(AppendError::Storage(format!(
                     "{}-{}: {e}",

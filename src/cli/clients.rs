@@ -281,7 +281,11 @@ async fn send_batch(
                     .error_message
                     .map(|m| m.to_string())
                     .unwrap_or_else(|| error_name(p.error_code).to_string());
-                bail!("produce to {topic}-{}: {msg} (error {})", p.index, p.error_code);
+                bail!(
+                    "produce to {topic}-{}: {msg} (error {})",
+                    p.index,
+                    p.error_code
+                );
             }
         }
     }

@@ -6,6 +6,7 @@
 pub mod broker;
 pub mod certs;
 pub mod clients;
+pub mod gateway;
 pub mod groups;
 pub mod topology;
 pub mod up;
@@ -41,6 +42,8 @@ pub enum Command {
     Up(up::UpArgs),
     /// Run one Kafka-compatible broker (from flags, a config file, or a topology).
     Broker(broker::BrokerArgs),
+    /// Run one region's mirroring gateway (QUIC with mutual TLS to the other regions).
+    Gateway(gateway::GatewayArgs),
     /// Check or show a topology file.
     Topology(topology::TopologyArgs),
     /// Produce lines from stdin (values, key=value, or JSON records).
@@ -100,6 +103,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Up(args) => up::run(args).map(|_| ExitCode::SUCCESS),
         Command::Broker(args) => broker::run(args).map(|_| ExitCode::SUCCESS),
         Command::Topology(args) => topology::run(args),
+        Command::Gateway(args) => gateway::run(args).map(|_| ExitCode::SUCCESS),
         Command::Produce(args) => clients::produce(args).map(|_| ExitCode::SUCCESS),
         Command::Consume(args) => clients::consume(args).map(|_| ExitCode::SUCCESS),
         Command::Topics(args) => clients::topics(args).map(|_| ExitCode::SUCCESS),

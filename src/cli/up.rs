@@ -28,7 +28,12 @@ struct Proc {
 
 /// Wait until the broker has logged that it listens (a port that accepts connections is not
 /// enough: another process may hold it). Fails as soon as the child exits.
-async fn wait_ready(p: &mut Proc, log: &std::path::Path, limit: Duration) -> Result<(), String> {
+async fn wait_ready(
+    p: &mut Proc,
+    log: &std::path::Path,
+    marker: &str,
+    limit: Duration,
+) -> Result<(), String> {
     let start = Instant::now();
     while start.elapsed() < limit {
         if let Ok(Some(status)) = p.child.try_wait() {
@@ -39,7 +44,7 @@ async fn wait_ready(p: &mut Proc, log: &std::path::Path, limit: Duration) -> Res
             ));
         }
         if std::fs::read_to_string(log)
-            .map(|t| t.contains("ferry broker listening on"))
+            .map(|t| t.contains(marker))
             .unwrap_or(false)
         {
             return Ok(());
@@ -123,9 +128,52 @@ async fn supervise(
             logs.push(log_path);
         }
     }
+    // Gateways, with certificates made here when the topology names none.
+    let certs_dir = data_root.join("certs");
+    let with_gateways: Vec<&topology::Region> = topo
+        .regions
+        .iter()
+        .filter(|r| r.gateway.is_some())
+        .collect();
+    if !with_gateways.is_empty() && topo.tls.is_none() && !certs_dir.join("ca.pem").exists() {
+        if let Err(e) = crate::transport::certs::init(&topo, &certs_dir, false) {
+            stop(&mut procs);
+            bail!("making certificates in {}: {e}", certs_dir.display());
+        }
+    }
+    for r in with_gateways {
+        let name = format!("{}/gateway", r.name);
+        let log_path = log_dir.join(format!("{}-gateway.log", r.name));
+        let log = std::fs::File::create(&log_path)?;
+        let spawned = Command::new(&exe)
+            .arg("gateway")
+            .arg("--topology")
+            .arg(&args.topology)
+            .arg("--region")
+            .arg(&r.name)
+            .arg("--certs")
+            .arg(&certs_dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn();
+        match spawned {
+            Ok(child) => procs.push(Proc { name, child }),
+            Err(e) => {
+                stop(&mut procs);
+                bail!("starting {name}: {e}");
+            }
+        }
+        logs.push(log_path);
+    }
     let started = async {
         for (p, log) in procs.iter_mut().zip(&logs) {
-            wait_ready(p, log, Duration::from_secs(60)).await?;
+            let marker = if p.name.ends_with("/gateway") {
+                "ferry gateway listening on"
+            } else {
+                "ferry broker listening on"
+            };
+            wait_ready(p, log, marker, Duration::from_secs(60)).await?;
         }
         Ok::<(), String>(())
     };
@@ -161,10 +209,7 @@ async fn supervise(
             );
         }
         if let Some(g) = &r.gateway {
-            println!(
-                "  {:<8} gateway     quic {} admin {} (the gateway is not built yet)",
-                r.name, g.quic, g.admin
-            );
+            println!("  {:<8} gateway     quic {} (mutual TLS)", r.name, g.quic);
         }
     }
     if let (Some(first), Some(second)) = (topo.regions.first(), topo.regions.get(1)) {
@@ -180,7 +225,7 @@ async fn supervise(
             first.name
         );
         println!(
-            "  kcat -b {b} -C -t hello -o beginning -e  # read in {} (once the gateway mirrors it)",
+            "  kcat -b {b} -C -t hello -o beginning -e  # read the mirror in {}",
             second.name
         );
     }

@@ -106,6 +106,7 @@ pub async fn start(broker: &Arc<Broker>, req: ProduceRequest, version: i16) -> W
                                         header,
                                         acks,
                                         epoch: None,
+                                        exact: false,
                                         reply: if acks == 0 { None } else { Some(tx) },
                                     };
                                     if broker.writer().submit(req).await.is_err() {

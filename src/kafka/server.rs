@@ -172,6 +172,18 @@ async fn request(
     peer: SocketAddr,
 ) -> Result<Pending, String> {
     let started = std::time::Instant::now();
+    if frame.len() >= 2 && i16::from_be_bytes([frame[0], frame[1]]) == mirror_append::KEY {
+        let Some((cid, req)) = mirror_append::decode(frame) else {
+            return Err("malformed MirrorAppend request".into());
+        };
+        let b = broker.clone();
+        return Ok(Box::pin(async move {
+            let (err, end, msg) = mirror_append::handle(b, req).await;
+            Some(vec![Piece::Bytes(mirror_append::encode_response(
+                cid, err, end, &msg,
+            ))])
+        }));
+    }
     let (key, version, correlation_id, header, body) = match decode(&mut frame) {
         Decoded::Request {
             key,

@@ -1,0 +1,239 @@
+//! MirrorAppend: Ferry's own request (API key [`KEY`], outside Kafka's range) with which a
+//! region's gateway writes the primary region's batches into the local mirror, at the same
+//! offsets and with the same bytes. Kafka clients never send it.
+//!
+//! Request (after a request header v1: api key, version 0, correlation id, client id):
+//! `topic: i16 length + UTF-8`, `partition: i32`, `partition_count: i32`, `records: i32 length +
+//! batches`. The mirror topic is created (or grown) to `partition_count` partitions first. Each
+//! batch must be whole and CRC-valid; one wholly below the log end is a resend and skipped; the
+//! first new one must start exactly at the log end. The answer comes once the batches are on
+//! disk (fdatasync).
+//!
+//! Response (header v0): `error_code: i16`, `log_end_offset: i64`, `message: i16 length + UTF-8`.
+//! Records: empty to only ensure the topic and learn the log end.
+//!
+//! Only topics the topology makes mirrors here are accepted (their primary is another region),
+//! so the request cannot write into topics that clients produce to.
+
+use std::sync::Arc;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::sync::oneshot;
+
+use super::code;
+use crate::batch;
+use crate::broker::writer::AppendRequest;
+use crate::broker::{Broker, TopicError};
+
+/// The API key (Kafka's own keys stay below 100).
+pub const KEY: i16 = 20_000;
+
+/// A decoded MirrorAppend request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorAppend {
+    pub topic: String,
+    pub partition: i32,
+    pub partition_count: i32,
+    pub records: Bytes,
+}
+
+fn get_str(b: &mut Bytes) -> Option<String> {
+    if b.remaining() < 2 {
+        return None;
+    }
+    let n = b.get_i16();
+    if n < 0 || b.remaining() < n as usize {
+        return None;
+    }
+    String::from_utf8(b.split_to(n as usize).to_vec()).ok()
+}
+
+/// Decode a whole frame (header included). `None` for anything malformed.
+pub fn decode(mut frame: Bytes) -> Option<(i32, MirrorAppend)> {
+    if frame.remaining() < 8 {
+        return None;
+    }
+    let key = frame.get_i16();
+    let version = frame.get_i16();
+    let cid = frame.get_i32();
+    if key != KEY || version != 0 {
+        return None;
+    }
+    // client id (nullable string) and empty tagged fields are not used
+    if frame.remaining() < 2 {
+        return None;
+    }
+    let n = frame.get_i16();
+    if n > 0 {
+        if frame.remaining() < n as usize {
+            return None;
+        }
+        frame.advance(n as usize);
+    }
+    let topic = get_str(&mut frame)?;
+    if frame.remaining() < 12 {
+        return None;
+    }
+    let partition = frame.get_i32();
+    let partition_count = frame.get_i32();
+    let len = frame.get_i32();
+    if len < 0 || frame.remaining() != len as usize {
+        return None;
+    }
+    Some((
+        cid,
+        MirrorAppend {
+            topic,
+            partition,
+            partition_count,
+            records: frame,
+        },
+    ))
+}
+
+/// Encode a request frame (with its length prefix), for the gateway's client.
+pub fn encode_request(cid: i32, req: &MirrorAppend) -> Bytes {
+    let mut b = BytesMut::with_capacity(32 + req.topic.len() + req.records.len());
+    b.put_i32(0);
+    b.put_i16(KEY);
+    b.put_i16(0);
+    b.put_i32(cid);
+    b.put_i16(-1);
+    b.put_i16(req.topic.len() as i16);
+    b.put_slice(req.topic.as_bytes());
+    b.put_i32(req.partition);
+    b.put_i32(req.partition_count);
+    b.put_i32(req.records.len() as i32);
+    b.put_slice(&req.records);
+    let n = (b.len() - 4) as i32;
+    b[0..4].copy_from_slice(&n.to_be_bytes());
+    b.freeze()
+}
+
+/// Encode a response frame (with its length prefix).
+pub fn encode_response(cid: i32, error: i16, log_end: i64, message: &str) -> Bytes {
+    let mut b = BytesMut::with_capacity(24 + message.len());
+    b.put_i32(0);
+    b.put_i32(cid);
+    b.put_i16(error);
+    b.put_i64(log_end);
+    let m = &message.as_bytes()[..message.len().min(i16::MAX as usize)];
+    b.put_i16(m.len() as i16);
+    b.put_slice(m);
+    let n = (b.len() - 4) as i32;
+    b[0..4].copy_from_slice(&n.to_be_bytes());
+    b.freeze()
+}
+
+/// Decode a response body (after the length prefix): (correlation id, error, log end, message).
+pub fn decode_response(mut b: Bytes) -> Option<(i32, i16, i64, String)> {
+    if b.remaining() < 14 {
+        return None;
+    }
+    let cid = b.get_i32();
+    let err = b.get_i16();
+    let end = b.get_i64();
+    let msg = get_str(&mut b).unwrap_or_default();
+    Some((cid, err, end, msg))
+}
+
+/// Serve one MirrorAppend: (error code, log end offset, message).
+pub async fn handle(broker: Arc<Broker>, req: MirrorAppend) -> (i16, i64, String) {
+    if broker.mirror_primary(&req.topic).is_none() {
+        return (
+            code::POLICY_VIOLATION,
+            -1,
+            format!("topic '{}' is not a mirror in this region", req.topic),
+        );
+    }
+    // Ensure the mirror topic with the source's partition count.
+    let topic = match broker.topic(&req.topic) {
+        Some(t) => t,
+        None => {
+            let (_, configs) = broker.topic_defaults(&req.topic);
+            match broker.create_topic(
+                &req.topic,
+                Some(req.partition_count.max(1)),
+                None,
+                configs,
+                false,
+            ) {
+                Ok(t) => t,
+                Err(TopicError::AlreadyExists(_)) => match broker.topic(&req.topic) {
+                    Some(t) => t,
+                    None => {
+                        return (
+                            code::UNKNOWN_TOPIC_OR_PARTITION,
+                            -1,
+                            "topic vanished".into(),
+                        )
+                    }
+                },
+                Err(e) => return (e.kafka_code(), -1, e.to_string()),
+            }
+        }
+    };
+    if topic.partition_count() < req.partition_count {
+        if let Err(e) = broker.create_partitions(&req.topic, req.partition_count, false) {
+            if !matches!(e, TopicError::InvalidPartitions(_)) {
+                return (e.kafka_code(), -1, e.to_string());
+            }
+        }
+    }
+    let Some(partition) = broker.partition(&req.topic, req.partition) else {
+        return (
+            code::UNKNOWN_TOPIC_OR_PARTITION,
+            -1,
+            "no such partition".into(),
+        );
+    };
+    let batches = match batch::split(&req.records) {
+        Ok(b) => b,
+        Err(e) => return (code::CORRUPT_MESSAGE, partition.offsets().1, e.to_string()),
+    };
+    let mut waits = Vec::with_capacity(batches.len());
+    for (range, header) in batches {
+        let (tx, rx) = oneshot::channel();
+        let a = AppendRequest {
+            partition: partition.clone(),
+            bytes: req.records[range].to_vec(),
+            header,
+            acks: -1,
+            epoch: None,
+            exact: true,
+            reply: Some(tx),
+        };
+        if broker.writer().submit(a).await.is_err() {
+            return (56, -1, "shutting down".into());
+        }
+        waits.push(rx);
+    }
+    for rx in waits {
+        match rx.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return (e.kafka_code(), partition.offsets().1, e.to_string()),
+            Err(_) => return (56, -1, "writer stopped".into()),
+        }
+    }
+    (code::NONE, partition.offsets().1, String::new())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_and_response_round_trip() {
+        let req = MirrorAppend {
+            topic: "orders".into(),
+            partition: 3,
+            partition_count: 6,
+            records: Bytes::from_static(b"batches"),
+        };
+        let f = encode_request(9, &req);
+        assert_eq!(decode(f.slice(4..)), Some((9, req)));
+        assert!(decode(f.slice(4..f.len() - 1)).is_none());
+        let r = encode_response(9, 0, 42, "ok");
+        assert_eq!(decode_response(r.slice(4..)), Some((9, 0, 42, "ok".into())));
+    }
+}
