@@ -78,7 +78,8 @@ pub fn run(args: GatewayArgs) -> anyhow::Result<()> {
             _ = crate::cli::broker::shutdown_signal() => {
                 tracing::info!("shutting down the gateway");
                 endpoint.close(0u32.into(), b"shutdown");
-                endpoint.wait_idle().await;
+                // Let the close reach the peers, but do not wait for their idle timeout.
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), endpoint.wait_idle()).await;
             }
         }
         Ok(())

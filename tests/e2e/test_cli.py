@@ -32,7 +32,7 @@ import pytest
 from cli_support import (FerryUp, describe, ferry, kafka_partition, line_of, metric, port_open, pos_of,
                          running, scrape, wait_for)
 from conftest import EXTERNAL, FERRY_BIN, REPO, free_port
-from helpers import ck_consumer, ck_produce, kcat, kcat_consume, topic_name
+from helpers import kcat_consume_until, ck_consumer, ck_produce, kcat, kcat_consume, topic_name
 
 pytestmark = pytest.mark.skipif(bool(EXTERNAL), reason="the ferry command line needs the ferry binary")
 
@@ -152,14 +152,24 @@ def test_up_local_topology(ups, tmp_path, local_ports_free):
     assert after > before, f"west's Metadata requests did not move ({before} -> {after}): " \
                            f"`ferry topics --region west` did not talk to west\n{describe(w)}"
 
+    # the gateways mirror east's topic into west at the same offsets (the embedded default
+    # mirrors every topic created in east to west)
+    west = "127.0.0.1:29092"
+    got_w = kcat_consume_until(west, t, n, timeout=60)
+    assert [(r["key"], r["payload"], r["offset"]) for r in got_w] == [(f"k{i}", f"v{i}", i) for i in range(n)], got_w
+    assert all(r["headers"] == ["via", "kcat"] for r in got_w), got_w[:3]
+
     # data layout: <data-dir>/<region>/broker-<id>
     assert list((data / "east" / "broker-1" / f"{t}-0").glob("*.log")), sorted(data.rglob("*"))
     assert (data / "west" / "broker-1").is_dir(), sorted(data.rglob("*"))
 
     stop_cleanly(u, signal.SIGINT, local_ports_free)
     logs = broker_logs(data)
-    assert set(logs) == {"east-broker-1.log", "west-broker-1.log"}, logs.keys()
+    assert set(logs) == {"east-broker-1.log", "west-broker-1.log", "east-gateway.log", "west-gateway.log"}, logs.keys()
     for name, text in logs.items():
+        if name.endswith("gateway.log"):
+            assert "shutting down the gateway" in text, f"{name} did not shut down cleanly:\n{text[-3000:]}"
+            continue
         assert "shutting down: syncing partitions" in text, f"{name} did not shut down cleanly:\n{text[-3000:]}"
 
     # a second `ferry up` on the same data dir still has the records
