@@ -7,6 +7,8 @@
 //! BATCHES  (3, source → sink)  first_offset i64, then whole Kafka record batches, byte for byte
 //! ACK      (4, sink → source)  log_end i64: the mirror holds everything below it on disk
 //! ERROR    (5, sink → source)  code i16, log_end i64, message: u16 length + UTF-8
+//! OFFSETS  (6, source → sink)  group: u16 length + UTF-8, count u32, then per entry
+//!                              topic (u16 length + UTF-8), partition i32, offset i64
 //! ```
 //!
 //! The CRC catches corruption between the two gateways' processes; each batch also carries its
@@ -39,6 +41,11 @@ pub enum Frame {
         code: i16,
         log_end: i64,
         message: String,
+    },
+    /// A consumer group's committed offsets in the source region.
+    Offsets {
+        group: String,
+        entries: Vec<(String, i32, i64)>,
     },
 }
 
@@ -114,6 +121,16 @@ impl Frame {
                 b.put_i64(*log_end);
                 put_str(&mut b, message);
             }
+            Frame::Offsets { group, entries } => {
+                b.put_u8(6);
+                put_str(&mut b, group);
+                b.put_u32(entries.len() as u32);
+                for (t, p, o) in entries {
+                    put_str(&mut b, t);
+                    b.put_i32(*p);
+                    b.put_i64(*o);
+                }
+            }
         }
         let crc = crc32fast::hash(&b[4..]);
         b.put_u32(crc);
@@ -181,6 +198,19 @@ impl Frame {
                     message: get_str(&mut body, "ERROR")?,
                 }
             }
+            6 => {
+                let group = get_str(&mut body, "OFFSETS")?;
+                need(&body, 4, "OFFSETS")?;
+                let n = body.get_u32() as usize;
+                // Each entry takes at least 14 bytes: never allocate from the count alone.
+                let mut entries = Vec::with_capacity(n.min(body.remaining() / 14));
+                for _ in 0..n {
+                    let t = get_str(&mut body, "OFFSETS")?;
+                    need(&body, 12, "OFFSETS")?;
+                    entries.push((t, body.get_i32(), body.get_i64()));
+                }
+                Frame::Offsets { group, entries }
+            }
             k => return Err(FrameError::Kind(k)),
         })
     }
@@ -239,6 +269,10 @@ mod tests {
                 code: 1,
                 log_end: 5,
                 message: "gap".into(),
+            },
+            Frame::Offsets {
+                group: "g".into(),
+                entries: vec![("t".into(), 0, 5), ("u".into(), 3, 9)],
             },
         ];
         for f in frames {

@@ -22,6 +22,14 @@ use crate::transport::link;
 /// Bytes read per fetch and sent per BATCHES frame at most.
 const CHUNK_BYTES: i32 = 1 << 20;
 const RETRY: Duration = Duration::from_secs(1);
+/// How often committed group offsets are shipped to the mirrors. After a failover, a consumer
+/// group resumes at most this much (plus its own commit interval) behind where it was.
+pub const OFFSET_SYNC_INTERVAL: Duration = Duration::from_secs(2);
+
+/// A committed offset installed in a mirror never points past what the mirror holds.
+pub fn clamp_offset(committed: i64, mirror_log_end: i64) -> i64 {
+    committed.min(mirror_log_end)
+}
 
 /// Everything a gateway needs.
 pub struct Gateway {
@@ -95,13 +103,14 @@ impl Gateway {
         mut rx: quinn::RecvStream,
     ) -> Result<(), String> {
         let e = |x: std::io::Error| x.to_string();
-        let Some(Frame::Open {
-            topic,
-            partition,
-            partition_count,
-        }) = frame::read(&mut rx).await.map_err(e)?
-        else {
-            return Err("stream did not start with OPEN".into());
+        let (topic, partition, partition_count) = match frame::read(&mut rx).await.map_err(e)? {
+            Some(Frame::Open {
+                topic,
+                partition,
+                partition_count,
+            }) => (topic, partition, partition_count),
+            Some(f @ Frame::Offsets { .. }) => return self.sink_offsets(peer, f, tx, rx).await,
+            _ => return Err("stream did not start with OPEN or OFFSETS".into()),
         };
         // Only topics this peer is primary for, and that this region mirrors.
         let allowed = self
@@ -211,7 +220,229 @@ impl Gateway {
         }
     }
 
+    /// Install a group's committed offsets from the primary, each clamped to what this mirror
+    /// holds, so a consumer that moves here never skips a record it has not seen.
+    async fn sink_offsets(
+        &self,
+        peer: &str,
+        first: Frame,
+        mut tx: quinn::SendStream,
+        mut rx: quinn::RecvStream,
+    ) -> Result<(), String> {
+        let e = |x: std::io::Error| x.to_string();
+        let mut client = Client::connect(&self.broker)
+            .await
+            .map_err(|x| x.to_string())?;
+        let mut next = Some(first);
+        loop {
+            let f = match next.take() {
+                Some(f) => f,
+                None => match frame::read(&mut rx).await.map_err(e)? {
+                    Some(f) => f,
+                    None => return Ok(()),
+                },
+            };
+            let Frame::Offsets { group, entries } = f else {
+                return Err("expected OFFSETS".into());
+            };
+            let reply = match self
+                .install_offsets(&mut client, peer, &group, entries)
+                .await
+            {
+                Ok(n) => {
+                    metrics::counter!("ferry_mirror_group_offsets_installed_total")
+                        .increment(n as u64);
+                    Frame::Ack { log_end: n as i64 }
+                }
+                Err(message) => {
+                    tracing::debug!(%peer, %group, %message, "group offsets not installed");
+                    Frame::Error {
+                        code: -1,
+                        log_end: -1,
+                        message,
+                    }
+                }
+            };
+            frame::write(&mut tx, &reply).await.map_err(e)?;
+        }
+    }
+
+    async fn install_offsets(
+        &self,
+        client: &mut Client,
+        peer: &str,
+        group: &str,
+        entries: Vec<(String, i32, i64)>,
+    ) -> Result<usize, String> {
+        use kafka_protocol::messages::list_offsets_request::{
+            ListOffsetsPartition, ListOffsetsRequest, ListOffsetsTopic,
+        };
+        use kafka_protocol::messages::offset_commit_request::{
+            OffsetCommitRequest, OffsetCommitRequestPartition, OffsetCommitRequestTopic,
+        };
+        use kafka_protocol::messages::GroupId;
+        let sb = |s: &str| StrBytes::from_string(s.to_string());
+        let mut by_topic: BTreeMap<String, Vec<(i32, i64)>> = BTreeMap::new();
+        for (t, p, o) in entries {
+            let ok = self
+                .topology
+                .rule_for_topic(&t)
+                .map(|r| r.primary == peer && r.mirrors.contains(&self.region))
+                .unwrap_or(false);
+            if ok && o >= 0 {
+                by_topic.entry(t).or_default().push((p, o));
+            }
+        }
+        let mut commit = OffsetCommitRequest::default();
+        commit.group_id = GroupId(sb(group));
+        commit.generation_id_or_member_epoch = -1;
+        commit.member_id = sb("");
+        let mut n = 0;
+        for (t, parts) in by_topic {
+            // The mirror's log ends: offsets past them are clamped.
+            let mut lo = ListOffsetsRequest::default();
+            lo.replica_id = BrokerId(-1);
+            let mut lt = ListOffsetsTopic::default();
+            lt.name = TopicName(sb(&t));
+            for (p, _) in &parts {
+                let mut lp = ListOffsetsPartition::default();
+                lp.partition_index = *p;
+                lp.timestamp = -1;
+                lt.partitions.push(lp);
+            }
+            lo.topics.push(lt);
+            let ends: BTreeMap<i32, i64> = client
+                .send(&lo, 7)
+                .await
+                .map_err(|x| x.to_string())?
+                .topics
+                .into_iter()
+                .flat_map(|t| t.partitions)
+                .filter(|p| p.error_code == 0)
+                .map(|p| (p.partition_index, p.offset))
+                .collect();
+            let mut ct = OffsetCommitRequestTopic::default();
+            ct.name = TopicName(sb(&t));
+            for (p, o) in parts {
+                let Some(end) = ends.get(&p) else { continue };
+                let mut cp = OffsetCommitRequestPartition::default();
+                cp.partition_index = p;
+                cp.committed_offset = clamp_offset(o, *end);
+                cp.committed_metadata = Some(sb(""));
+                ct.partitions.push(cp);
+                n += 1;
+            }
+            if !ct.partitions.is_empty() {
+                commit.topics.push(ct);
+            }
+        }
+        if commit.topics.is_empty() {
+            return Ok(0);
+        }
+        let resp = client.send(&commit, 7).await.map_err(|x| x.to_string())?;
+        for t in resp.topics {
+            for p in t.partitions {
+                if p.error_code != 0 {
+                    return Err(format!(
+                        "group {group} {}-{}: error {} (the group may be active in this region)",
+                        t.name.0.as_str(),
+                        p.partition_index,
+                        p.error_code
+                    ));
+                }
+            }
+        }
+        Ok(n)
+    }
+
     // ---- source side ----------------------------------------------------------------------
+
+    /// Every [`OFFSET_SYNC_INTERVAL`], ship the committed offsets of every group for the topics
+    /// `peer` mirrors.
+    async fn offset_sync(
+        self: Arc<Self>,
+        peer: String,
+        mut conn_rx: watch::Receiver<Option<quinn::Connection>>,
+    ) {
+        loop {
+            let conn = loop {
+                if let Some(c) = conn_rx.borrow_and_update().clone() {
+                    break c;
+                }
+                if conn_rx.changed().await.is_err() {
+                    return;
+                }
+            };
+            if let Err(e) = self.offset_stream(&conn, &peer).await {
+                tracing::debug!(%peer, error = %e, "offset sync interrupted");
+            }
+            tokio::time::sleep(RETRY).await;
+        }
+    }
+
+    async fn offset_stream(&self, conn: &quinn::Connection, peer: &str) -> Result<(), String> {
+        use kafka_protocol::messages::list_groups_request::ListGroupsRequest;
+        use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequest;
+        use kafka_protocol::messages::GroupId;
+        let e = |x: std::io::Error| x.to_string();
+        let (mut tx, mut rx) = conn.open_bi().await.map_err(|x| x.to_string())?;
+        let mut client = Client::connect(&self.broker)
+            .await
+            .map_err(|x| x.to_string())?;
+        loop {
+            let groups = client
+                .send(&ListGroupsRequest::default(), 4)
+                .await
+                .map_err(|x| x.to_string())?
+                .groups;
+            for g in groups {
+                let mut of = OffsetFetchRequest::default();
+                of.group_id = GroupId(g.group_id.0.clone());
+                of.topics = None;
+                let resp = client.send(&of, 7).await.map_err(|x| x.to_string())?;
+                let entries: Vec<(String, i32, i64)> = resp
+                    .topics
+                    .into_iter()
+                    .filter(|t| {
+                        self.topology
+                            .rule_for_topic(t.name.0.as_str())
+                            .map(|r| {
+                                r.primary == self.region && r.mirrors.iter().any(|m| m == peer)
+                            })
+                            .unwrap_or(false)
+                    })
+                    .flat_map(|t| {
+                        let name = t.name.0.to_string();
+                        t.partitions
+                            .into_iter()
+                            .filter(|p| p.committed_offset >= 0)
+                            .map(move |p| (name.clone(), p.partition_index, p.committed_offset))
+                    })
+                    .collect();
+                if entries.is_empty() {
+                    continue;
+                }
+                let group = g.group_id.0.to_string();
+                frame::write(
+                    &mut tx,
+                    &Frame::Offsets {
+                        group: group.clone(),
+                        entries,
+                    },
+                )
+                .await
+                .map_err(e)?;
+                match frame::read(&mut rx).await.map_err(e)? {
+                    Some(Frame::Ack { .. }) => {}
+                    Some(Frame::Error { message, .. }) => {
+                        tracing::debug!(%peer, %group, %message, "peer did not install offsets")
+                    }
+                    other => return Err(format!("expected ACK, got {other:?}")),
+                }
+            }
+            tokio::time::sleep(OFFSET_SYNC_INTERVAL).await;
+        }
+    }
 
     /// Keep a connection to `peer` and a stream per partition of every topic it mirrors.
     async fn source_link(self: Arc<Self>, peer: String) {
@@ -238,6 +469,12 @@ impl Gateway {
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         });
+        {
+            let me = self.clone();
+            let rx = conn_rx.clone();
+            let pr = peer.clone();
+            tokio::spawn(async move { me.offset_sync(pr, rx).await });
+        }
         // Discover topics and start one task per partition.
         let mut started: HashSet<(String, i32)> = HashSet::new();
         loop {
@@ -247,9 +484,7 @@ impl Gateway {
                         let mirrored = self
                             .topology
                             .rule_for_topic(&topic)
-                            .map(|r| {
-                                r.primary == self.region && r.mirrors.contains(&peer)
-                            })
+                            .map(|r| r.primary == self.region && r.mirrors.contains(&peer))
                             .unwrap_or(false);
                         if !mirrored {
                             continue;
@@ -431,4 +666,16 @@ async fn fetch_raw(
         .and_then(|t| t.partitions.into_iter().next())
         .ok_or("empty fetch response")?;
     Ok((p.error_code, p.records.unwrap_or_default()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn installed_offsets_never_pass_the_mirror_end() {
+        assert_eq!(clamp_offset(120, 100), 100);
+        assert_eq!(clamp_offset(80, 100), 80);
+        assert_eq!(clamp_offset(0, 0), 0);
+    }
 }

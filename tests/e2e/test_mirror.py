@@ -271,3 +271,66 @@ def test_link_cut_by_stopping_the_source_gateway_heals(regions_factory):
     want = end_offsets(r.bootstrap("east"), topic)
     wait_mirrored(r, "west", topic, want)
     check_identical(r, "west", topic, acked)
+
+
+def committed(bootstrap: str, group: str, topic: str) -> list[int]:
+    from confluent_kafka import Consumer, TopicPartition
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        return [tp.offset for tp in c.committed([TopicPartition(topic, p) for p in range(PARTITIONS)], timeout=10)]
+    finally:
+        c.close()
+
+
+def test_group_committed_in_east_resumes_in_west(regions_factory):
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+    r = regions_factory(["east", "west"])
+    topic = "payments"
+    acked = produce(r.bootstrap("east"), topic, 6_000)
+    group = "billing"
+    # Consume about half in east, committing what was read.
+    c = Consumer({"bootstrap.servers": r.bootstrap("east"), "group.id": group, "enable.auto.commit": False,
+                  "auto.offset.reset": "earliest"})
+    seen_east = set()
+    try:
+        c.subscribe([topic])
+        deadline = time.monotonic() + 60
+        while len(seen_east) < 3_000 and time.monotonic() < deadline:
+            for m in c.consume(500, 1.0):
+                if not m.error():
+                    seen_east.add((m.partition(), m.offset()))
+        c.commit(asynchronous=False)
+    finally:
+        c.close()
+    east_committed = committed(r.bootstrap("east"), group, topic)
+    assert sum(o for o in east_committed if o > 0) == len(seen_east), (east_committed, len(seen_east))
+    # The gateway ships the offsets; west installs them (all records are mirrored by then).
+    wait_mirrored(r, "west", topic, end_offsets(r.bootstrap("east"), topic))
+    deadline = time.monotonic() + 60
+    west = None
+    while time.monotonic() < deadline:
+        west = committed(r.bootstrap("west"), group, topic)
+        if west == east_committed:
+            break
+        time.sleep(0.5)
+    assert west == east_committed, (west, east_committed)
+    # A consumer of the same group in west reads exactly the records east had not consumed.
+    c = Consumer({"bootstrap.servers": r.bootstrap("west"), "group.id": group, "enable.auto.commit": False,
+                  "auto.offset.reset": "earliest", "enable.partition.eof": True})
+    seen_west = set()
+    eofs = set()
+    try:
+        c.subscribe([topic])
+        deadline = time.monotonic() + 60
+        while len(eofs) < PARTITIONS and time.monotonic() < deadline:
+            for m in c.consume(500, 1.0):
+                if m.error():
+                    if m.error().code() == KafkaError._PARTITION_EOF:
+                        eofs.add(m.partition())
+                    continue
+                seen_west.add((m.partition(), m.offset()))
+    finally:
+        c.close()
+    assert not (seen_east & seen_west), "records consumed in east were delivered again in west"
+    assert seen_east | seen_west == set(acked), f"skipped {len(set(acked) - seen_east - seen_west)} records"
+
