@@ -8,6 +8,7 @@ pub mod certs;
 pub mod clients;
 pub mod gateway;
 pub mod groups;
+pub mod status;
 pub mod topology;
 pub mod up;
 
@@ -44,6 +45,8 @@ pub enum Command {
     Broker(broker::BrokerArgs),
     /// Run one region's mirroring gateway (QUIC with mutual TLS to the other regions).
     Gateway(gateway::GatewayArgs),
+    /// Cross-region offsets and lag per link and partition (tables, or --json).
+    Status(status::StatusArgs),
     /// Check or show a topology file.
     Topology(topology::TopologyArgs),
     /// Produce lines from stdin (values, key=value, or JSON records).
@@ -103,6 +106,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Up(args) => up::run(args).map(|_| ExitCode::SUCCESS),
         Command::Broker(args) => broker::run(args).map(|_| ExitCode::SUCCESS),
         Command::Topology(args) => topology::run(args),
+        Command::Status(args) => status::run(args).map(|_| ExitCode::SUCCESS),
         Command::Gateway(args) => gateway::run(args).map(|_| ExitCode::SUCCESS),
         Command::Produce(args) => clients::produce(args).map(|_| ExitCode::SUCCESS),
         Command::Consume(args) => clients::consume(args).map(|_| ExitCode::SUCCESS),

@@ -540,7 +540,10 @@ impl Gateway {
                     return;
                 }
             };
-            if let Err(e) = self.source_stream(&conn, &topic, partition, count).await {
+            if let Err(e) = self
+                .source_stream(&conn, &peer, &topic, partition, count)
+                .await
+            {
                 tracing::info!(%peer, %topic, partition, error = %e, "mirror stream interrupted: resuming");
             }
             tokio::time::sleep(RETRY).await;
@@ -550,6 +553,7 @@ impl Gateway {
     async fn source_stream(
         &self,
         conn: &quinn::Connection,
+        peer: &str,
         topic: &str,
         partition: i32,
         count: i32,
@@ -577,10 +581,19 @@ impl Gateway {
             .await
             .map_err(|x| x.to_string())?;
         loop {
-            let (err, bytes) = fetch_raw(&mut client, topic, partition, next).await?;
+            let (err, bytes, source_end) = fetch_raw(&mut client, topic, partition, next).await?;
             if err != 0 {
                 return Err(format!("fetch {topic}-{partition} at {next}: error {err}"));
             }
+            let labels = [
+                ("peer", peer.to_string()),
+                ("topic", topic.to_string()),
+                ("partition", partition.to_string()),
+            ];
+            metrics::gauge!("ferry_mirror_source_end_offset", &labels).set(source_end as f64);
+            metrics::gauge!("ferry_mirror_acked_offset", &labels).set(next as f64);
+            metrics::gauge!("ferry_mirror_lag_records", &labels)
+                .set((source_end - next).max(0) as f64);
             // Whole batches from `next` on; a partial batch at the end waits for the next fetch.
             let mut end_at = 0usize;
             let mut first = None;
@@ -622,6 +635,9 @@ impl Gateway {
                 Some(Frame::Ack { log_end }) => {
                     assert!(log_end >= next, "the mirror's end never goes back");
                     next = log_end;
+                    metrics::gauge!("ferry_mirror_acked_offset", &labels).set(next as f64);
+                    metrics::gauge!("ferry_mirror_lag_records", &labels)
+                        .set((source_end - next).max(0) as f64);
                     metrics::counter!("ferry_mirror_bytes_out_total", "topic" => topic.to_string())
                         .increment(sent as u64);
                 }
@@ -644,7 +660,7 @@ async fn fetch_raw(
     topic: &str,
     partition: i32,
     offset: i64,
-) -> Result<(i16, Bytes), String> {
+) -> Result<(i16, Bytes, i64), String> {
     let mut req = FetchRequest::default();
     req.replica_id = BrokerId(-1);
     req.max_wait_ms = 500;
@@ -665,7 +681,11 @@ async fn fetch_raw(
         .next()
         .and_then(|t| t.partitions.into_iter().next())
         .ok_or("empty fetch response")?;
-    Ok((p.error_code, p.records.unwrap_or_default()))
+    Ok((
+        p.error_code,
+        p.records.unwrap_or_default(),
+        p.high_watermark,
+    ))
 }
 
 #[cfg(test)]

@@ -334,3 +334,33 @@ def test_group_committed_in_east_resumes_in_west(regions_factory):
     assert not (seen_east & seen_west), "records consumed in east were delivered again in west"
     assert seen_east | seen_west == set(acked), f"skipped {len(set(acked) - seen_east - seen_west)} records"
 
+
+
+def status(r: Regions) -> dict:
+    import json
+    p = subprocess.run([str(FERRY_BIN), "status", "--topology", r.topology, "--json"], capture_output=True, timeout=60)
+    assert p.returncode == 0, p.stderr.decode()
+    return json.loads(p.stdout)
+
+
+def test_status_reports_lag_while_the_link_is_cut_and_zero_after(regions_factory):
+    r = regions_factory(["east", "west"])
+    topic = "status"
+    produce(r.bootstrap("east"), topic, 3_000)
+    wait_mirrored(r, "west", topic, end_offsets(r.bootstrap("east"), topic))
+    s = status(r)
+    rows = [p for p in s["partitions"] if p["topic"] == topic]
+    assert len(rows) == PARTITIONS and all(p["lag_records"] == 0 and p["lag_bytes"] == 0 for p in rows), rows
+    assert {x["region"]: x["up"] for x in s["regions"]} == {"east": True, "west": True}
+    # Cut the link (stop the receiving gateway) and produce more: status shows the lag.
+    r.gateways["west"].stop()
+    produce(r.bootstrap("east"), topic, 1_200, start=3_000)
+    rows = [p for p in status(r)["partitions"] if p["topic"] == topic]
+    assert sum(p["lag_records"] for p in rows) == 1_200, rows
+    assert all((p["lag_bytes"] > 0) == (p["lag_records"] > 0) for p in rows), rows
+    assert all(p["source_log_end"] - p["mirrored"] == p["lag_records"] for p in rows), rows
+    # Heal: the lag returns to zero.
+    r.gateways["west"].start()
+    wait_mirrored(r, "west", topic, end_offsets(r.bootstrap("east"), topic))
+    rows = [p for p in status(r)["partitions"] if p["topic"] == topic]
+    assert all(p["lag_records"] == 0 for p in rows), rows

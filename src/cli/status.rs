@@ -1,0 +1,329 @@
+//! `ferry status --topology FILE [--json]`: regions, links and per-partition cross-region offsets.
+//!
+//! Asks every region's broker directly (Kafka protocol), so it needs no gateway admin API: for
+//! each topic rule, each topic of its primary region and each mirror region, the source's log end
+//! and high watermark, the mirror's log end (which is also what the mirror has acknowledged: the
+//! sink answers only after fsync), and the lag in records, bytes and seconds. Lag seconds are
+//! the age of the oldest record the mirror does not have yet.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use clap::Args;
+use kafka_protocol::messages::fetch_request::{FetchPartition, FetchRequest, FetchTopic};
+use kafka_protocol::messages::list_offsets_request::{
+    ListOffsetsPartition, ListOffsetsRequest, ListOffsetsTopic,
+};
+use kafka_protocol::messages::metadata_request::MetadataRequest;
+use kafka_protocol::messages::{BrokerId, TopicName};
+use kafka_protocol::protocol::StrBytes;
+use serde::Serialize;
+
+use crate::batch;
+use crate::client::Client;
+use crate::log::now_ms;
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Topology file.
+    #[arg(long, default_value = "topology/local.toml")]
+    pub topology: PathBuf,
+    /// One JSON object on stdout instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct RegionStatus {
+    region: String,
+    broker: String,
+    up: bool,
+    topics: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct PartitionLag {
+    source: String,
+    mirror: String,
+    topic: String,
+    partition: i32,
+    source_log_end: i64,
+    source_high_watermark: i64,
+    mirrored: Option<i64>,
+    acknowledged: Option<i64>,
+    lag_records: Option<i64>,
+    /// At least this many bytes (exact unless `lag_bytes_truncated`).
+    lag_bytes: Option<u64>,
+    lag_bytes_truncated: bool,
+    lag_seconds: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Status {
+    topology: String,
+    regions: Vec<RegionStatus>,
+    partitions: Vec<PartitionLag>,
+}
+
+const LAG_BYTES_SCAN_MAX: i32 = 64 << 20;
+
+fn sb(s: &str) -> StrBytes {
+    StrBytes::from_string(s.to_string())
+}
+
+async fn topics(c: &mut Client) -> anyhow::Result<BTreeMap<String, i32>> {
+    let mut req = MetadataRequest::default();
+    req.topics = None;
+    let resp = c.send(&req, 9).await?;
+    Ok(resp
+        .topics
+        .into_iter()
+        .filter(|t| t.error_code == 0)
+        .filter_map(|t| t.name.map(|n| (n.0.to_string(), t.partitions.len() as i32)))
+        .filter(|(n, _)| !n.starts_with("__"))
+        .collect())
+}
+
+async fn ends(c: &mut Client, topic: &str, n: i32) -> anyhow::Result<BTreeMap<i32, i64>> {
+    let mut req = ListOffsetsRequest::default();
+    req.replica_id = BrokerId(-1);
+    let mut t = ListOffsetsTopic::default();
+    t.name = TopicName(sb(topic));
+    for p in 0..n {
+        let mut lp = ListOffsetsPartition::default();
+        lp.partition_index = p;
+        lp.timestamp = -1;
+        t.partitions.push(lp);
+    }
+    req.topics.push(t);
+    Ok(c.send(&req, 7)
+        .await?
+        .topics
+        .into_iter()
+        .flat_map(|t| t.partitions)
+        .filter(|p| p.error_code == 0)
+        .map(|p| (p.partition_index, p.offset))
+        .collect())
+}
+
+/// Bytes from `from` to the end of the source partition (bounded scan), and the timestamp of
+/// the first record at `from`.
+async fn unmirrored(
+    c: &mut Client,
+    topic: &str,
+    p: i32,
+    from: i64,
+) -> anyhow::Result<(u64, bool, Option<i64>, i64)> {
+    let mut req = FetchRequest::default();
+    req.replica_id = BrokerId(-1);
+    req.max_wait_ms = 0;
+    req.min_bytes = 0;
+    req.max_bytes = LAG_BYTES_SCAN_MAX;
+    let mut ft = FetchTopic::default();
+    ft.topic = TopicName(sb(topic));
+    let mut fp = FetchPartition::default();
+    fp.partition = p;
+    fp.fetch_offset = from;
+    fp.partition_max_bytes = LAG_BYTES_SCAN_MAX;
+    ft.partitions.push(fp);
+    req.topics.push(ft);
+    let resp = c.send(&req, 11).await?;
+    let part = resp
+        .responses
+        .into_iter()
+        .flat_map(|t| t.partitions)
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("empty fetch"))?;
+    let bytes = part.records.unwrap_or_default();
+    let mut at = 0;
+    let mut total = 0u64;
+    let mut first_ts = None;
+    let mut last_next = from;
+    while at + batch::HEADER_BYTES <= bytes.len() {
+        let Ok(h) = batch::BatchHeader::parse(&bytes[at..]) else {
+            break;
+        };
+        let n = h.total_bytes();
+        if at + n > bytes.len() {
+            break;
+        }
+        if h.next_offset() > from {
+            total += n as u64;
+            if first_ts.is_none() {
+                first_ts = batch::first_record_at_or_after(&bytes[at..at + n], i64::MIN)
+                    .map(|(_, ts)| ts)
+                    .or(Some(h.base_timestamp));
+            }
+        }
+        last_next = h.next_offset();
+        at += n;
+    }
+    Ok((
+        total,
+        last_next < part.high_watermark,
+        first_ts,
+        part.high_watermark,
+    ))
+}
+
+pub fn run(args: StatusArgs) -> anyhow::Result<()> {
+    let topo = crate::cli::load_topology(&args.topology)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let status = rt.block_on(async {
+        let mut clients: BTreeMap<String, Client> = BTreeMap::new();
+        let mut regions = Vec::new();
+        for r in &topo.regions {
+            let (h, p) = &r.brokers[0].advertised;
+            let addr = format!("{h}:{p}");
+            let mut st = RegionStatus {
+                region: r.name.clone(),
+                broker: addr.clone(),
+                up: false,
+                topics: 0,
+            };
+            if let Ok(mut c) = Client::connect(&addr).await {
+                c.timeout = std::time::Duration::from_secs(10);
+                if let Ok(t) = topics(&mut c).await {
+                    st.up = true;
+                    st.topics = t.len();
+                    clients.insert(r.name.clone(), c);
+                }
+            }
+            regions.push(st);
+        }
+        let mut partitions = Vec::new();
+        let primaries: Vec<String> = topo.regions.iter().map(|r| r.name.clone()).collect();
+        for primary in primaries {
+            let Some(src) = clients.get_mut(&primary) else {
+                continue;
+            };
+            let Ok(src_topics) = topics(src).await else {
+                continue;
+            };
+            for (topic, n) in src_topics {
+                let Some(rule) = topo.rule_for_topic(&topic) else {
+                    continue;
+                };
+                if rule.primary != primary {
+                    continue;
+                }
+                let src = clients.get_mut(&primary).expect("present");
+                let src_ends = ends(src, &topic, n).await.unwrap_or_default();
+                for mirror in &rule.mirrors {
+                    let mirror_ends = match clients.get_mut(mirror) {
+                        Some(c) => ends(c, &topic, n).await.ok(),
+                        None => None,
+                    };
+                    for p in 0..n {
+                        let src_end = src_ends.get(&p).copied().unwrap_or(-1);
+                        let m = mirror_ends
+                            .as_ref()
+                            .map(|e| e.get(&p).copied().unwrap_or(0));
+                        let mut row = PartitionLag {
+                            source: primary.clone(),
+                            mirror: mirror.clone(),
+                            topic: topic.clone(),
+                            partition: p,
+                            source_log_end: src_end,
+                            source_high_watermark: src_end,
+                            mirrored: m,
+                            acknowledged: m,
+                            lag_records: m.map(|m| (src_end - m).max(0)),
+                            lag_bytes: None,
+                            lag_bytes_truncated: false,
+                            lag_seconds: None,
+                        };
+                        if let Some(m) = m {
+                            if m >= src_end {
+                                row.lag_bytes = Some(0);
+                                row.lag_seconds = Some(0.0);
+                            } else {
+                                let src = clients.get_mut(&primary).expect("present");
+                                if let Ok((bytes, truncated, ts, _)) =
+                                    unmirrored(src, &topic, p, m).await
+                                {
+                                    row.lag_bytes = Some(bytes);
+                                    row.lag_bytes_truncated = truncated;
+                                    row.lag_seconds =
+                                        ts.map(|ts| ((now_ms() - ts).max(0)) as f64 / 1000.0);
+                                }
+                            }
+                        }
+                        partitions.push(row);
+                    }
+                }
+            }
+        }
+        Status {
+            topology: args.topology.display().to_string(),
+            regions,
+            partitions,
+        }
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    println!(
+        "{:<10} {:<24} {:<5} {:>7}",
+        "REGION", "BROKER", "UP", "TOPICS"
+    );
+    for r in &status.regions {
+        println!(
+            "{:<10} {:<24} {:<5} {:>7}",
+            r.region,
+            r.broker,
+            if r.up { "yes" } else { "DOWN" },
+            r.topics
+        );
+    }
+    println!();
+    let mut links: BTreeMap<(String, String), (i64, u64, f64)> = BTreeMap::new();
+    for p in &status.partitions {
+        let e = links
+            .entry((p.source.clone(), p.mirror.clone()))
+            .or_default();
+        e.0 += p.lag_records.unwrap_or(0);
+        e.1 += p.lag_bytes.unwrap_or(0);
+        e.2 = e.2.max(p.lag_seconds.unwrap_or(0.0));
+    }
+    println!(
+        "{:<20} {:>12} {:>14} {:>12}",
+        "LINK", "LAG RECORDS", "LAG BYTES", "LAG SECONDS"
+    );
+    for ((s, m), (r, b, secs)) in &links {
+        println!(
+            "{:<20} {:>12} {:>14} {:>12.1}",
+            format!("{s} -> {m}"),
+            r,
+            b,
+            secs
+        );
+    }
+    println!();
+    println!(
+        "{:<16} {:<28} {:>4} {:>12} {:>12} {:>10} {:>12} {:>9}",
+        "LINK", "TOPIC", "PART", "SOURCE END", "MIRRORED", "LAG", "LAG BYTES", "LAG SEC"
+    );
+    for p in &status.partitions {
+        let opt = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "down".into());
+        println!(
+            "{:<16} {:<28} {:>4} {:>12} {:>12} {:>10} {:>12} {:>9}",
+            format!("{} -> {}", p.source, p.mirror),
+            p.topic,
+            p.partition,
+            p.source_log_end,
+            opt(p.mirrored),
+            opt(p.lag_records),
+            p.lag_bytes
+                .map(|b| format!("{b}{}", if p.lag_bytes_truncated { "+" } else { "" }))
+                .unwrap_or_else(|| "-".into()),
+            p.lag_seconds
+                .map(|s| format!("{s:.1}"))
+                .unwrap_or_else(|| "-".into()),
+        );
+    }
+    Ok(())
+}
