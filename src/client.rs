@@ -167,6 +167,47 @@ impl Client {
     }
 }
 
+impl Client {
+    /// MirrorAck (see [`crate::kafka::mirror_append::ACK_KEY`]): tell the broker how far
+    /// `region` holds a partition. Returns the error code.
+    pub async fn mirror_ack(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        region: &str,
+        offset: i64,
+    ) -> Result<i16, ClientError> {
+        use crate::kafka::mirror_append as ma;
+        let api = ApiKey::Produce; // for error context only
+        self.correlation += 1;
+        let cid = self.correlation;
+        let frame = ma::encode_ack(cid, topic, partition, region, offset);
+        let io = |source| ClientError::Io { api, source };
+        self.stream.write_all(&frame).await.map_err(io)?;
+        let n = self.stream.read_i32().await.map_err(io)?;
+        if !(4..=1024).contains(&n) {
+            return Err(ClientError::Codec {
+                api,
+                message: format!("MirrorAck response of {n} bytes"),
+            });
+        }
+        let mut body = vec![0u8; n as usize];
+        self.stream.read_exact(&mut body).await.map_err(io)?;
+        let (rcid, err, _, _) =
+            ma::decode_response(Bytes::from(body)).ok_or(ClientError::Codec {
+                api,
+                message: "malformed MirrorAck response".into(),
+            })?;
+        if rcid != cid {
+            return Err(ClientError::Codec {
+                api,
+                message: format!("correlation id {rcid} for {cid}"),
+            });
+        }
+        Ok(err)
+    }
+}
+
 /// Kafka error code names for messages.
 pub fn error_name(code: i16) -> &'static str {
     match code {

@@ -38,9 +38,33 @@ pub struct Partition {
     pub topic: Arc<str>,
     pub index: i32,
     pub state: Mutex<PartitionState>,
+    /// For topics mirrored synchronously: how far each mirror region has acknowledged (on
+    /// disk), as reported by this region's gateway; produces with `acks=all` wait on it.
+    pub mirror_acks: Mutex<BTreeMap<String, i64>>,
+    /// Notified whenever a mirror acknowledgement moves.
+    pub mirror_acked: Notify,
 }
 
 impl Partition {
+    /// Record that `region` holds this partition below `offset`. Acknowledgements only grow.
+    pub fn mirror_ack(&self, region: &str, offset: i64) {
+        let mut acks = self.mirror_acks.lock().expect("mirror acks lock");
+        let e = acks.entry(region.to_string()).or_insert(-1);
+        if offset > *e {
+            *e = offset;
+        }
+        drop(acks);
+        self.mirror_acked.notify_waiters();
+    }
+
+    /// Whether every region in `regions` has acknowledged up to `offset` (exclusive end).
+    pub fn mirrors_have(&self, regions: &[String], offset: i64) -> bool {
+        let acks = self.mirror_acks.lock().expect("mirror acks lock");
+        regions
+            .iter()
+            .all(|r| acks.get(r).copied().unwrap_or(-1) >= offset)
+    }
+
     /// (log start offset, log end offset).
     pub fn offsets(&self) -> (i64, i64) {
         let st = self.state.lock().expect("partition lock");
@@ -378,6 +402,8 @@ impl Broker {
             topic: topic.clone(),
             index,
             state: Mutex::new(PartitionState { log, producers }),
+            mirror_acks: Mutex::new(BTreeMap::new()),
+            mirror_acked: Notify::new(),
         }))
     }
 
@@ -518,6 +544,22 @@ impl Broker {
         let region = self.config.region.as_deref()?;
         let rule = self.config.topology.as_ref()?.rule_for_topic(topic)?;
         (rule.primary != region).then(|| rule.primary.clone())
+    }
+
+    /// The regions that must hold a batch of `topic` before an `acks=all` produce is answered:
+    /// the mirrors of a topic whose rule says `mode = "sync"` and whose primary is this region.
+    pub fn sync_mirrors(&self, topic: &str) -> Vec<String> {
+        let (Some(region), Some(t)) =
+            (self.config.region.as_deref(), self.config.topology.as_ref())
+        else {
+            return Vec::new();
+        };
+        match t.rule_for_topic(topic) {
+            Some(r) if r.primary == region && r.mode == crate::topology::ReplicationMode::Sync => {
+                r.mirrors.clone()
+            }
+            _ => Vec::new(),
+        }
     }
 
     /// Partitions and configs for a new topic from the topology's rule for it, if any.

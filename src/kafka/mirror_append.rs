@@ -218,6 +218,75 @@ pub async fn handle(broker: Arc<Broker>, req: MirrorAppend) -> (i16, i64, String
     (code::NONE, partition.offsets().1, String::new())
 }
 
+/// MirrorAck: Ferry's own request (API key [`ACK_KEY`]) with which a region's gateway tells its
+/// broker how far a mirror region holds a partition on disk. Produces with `acks=all` to a
+/// topic mirrored synchronously wait for it.
+///
+/// Request (after a request header v1): `topic: i16 length + UTF-8`, `partition: i32`,
+/// `region: i16 length + UTF-8`, `offset: i64` (the mirror's log end). Response (header v0):
+/// `error_code: i16`, `log_end_offset: i64` (unused, -1), `message`.
+pub const ACK_KEY: i16 = 20_001;
+
+/// Encode a MirrorAck request frame (with its length prefix).
+pub fn encode_ack(cid: i32, topic: &str, partition: i32, region: &str, offset: i64) -> Bytes {
+    let mut b = BytesMut::with_capacity(40 + topic.len() + region.len());
+    b.put_i32(0);
+    b.put_i16(ACK_KEY);
+    b.put_i16(0);
+    b.put_i32(cid);
+    b.put_i16(-1);
+    b.put_i16(topic.len() as i16);
+    b.put_slice(topic.as_bytes());
+    b.put_i32(partition);
+    b.put_i16(region.len() as i16);
+    b.put_slice(region.as_bytes());
+    b.put_i64(offset);
+    let n = (b.len() - 4) as i32;
+    b[0..4].copy_from_slice(&n.to_be_bytes());
+    b.freeze()
+}
+
+/// Decode a MirrorAck frame (header included): (cid, topic, partition, region, offset).
+pub fn decode_ack(mut frame: Bytes) -> Option<(i32, String, i32, String, i64)> {
+    if frame.remaining() < 10 {
+        return None;
+    }
+    let key = frame.get_i16();
+    let version = frame.get_i16();
+    let cid = frame.get_i32();
+    if key != ACK_KEY || version != 0 {
+        return None;
+    }
+    let n = frame.get_i16();
+    if n > 0 {
+        if frame.remaining() < n as usize {
+            return None;
+        }
+        frame.advance(n as usize);
+    }
+    let topic = get_str(&mut frame)?;
+    if frame.remaining() < 4 {
+        return None;
+    }
+    let partition = frame.get_i32();
+    let region = get_str(&mut frame)?;
+    if frame.remaining() != 8 {
+        return None;
+    }
+    Some((cid, topic, partition, region, frame.get_i64()))
+}
+
+/// Serve a MirrorAck: error code.
+pub fn handle_ack(broker: &Broker, topic: &str, partition: i32, region: &str, offset: i64) -> i16 {
+    match broker.partition(topic, partition) {
+        Some(p) => {
+            p.mirror_ack(region, offset);
+            code::NONE
+        }
+        None => code::UNKNOWN_TOPIC_OR_PARTITION,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,7 +19,15 @@ use crate::broker::Broker;
 
 enum Outcome {
     Done(i16, Option<String>),
-    Waiting(Vec<oneshot::Receiver<AppendResult>>),
+    /// Per batch: the writer's answer, and the record count (for the synchronous mirror wait).
+    Waiting(Vec<(oneshot::Receiver<AppendResult>, i64)>, SyncWait),
+}
+
+/// What an `acks=all` produce to a synchronously mirrored topic must also wait for.
+#[derive(Clone)]
+struct SyncWait {
+    partition: Option<Arc<crate::broker::Partition>>,
+    regions: Vec<String>,
 }
 
 /// (topic name, topic id, per partition: index and outcome).
@@ -28,6 +36,7 @@ type TopicOutcome = (TopicName, uuid::Uuid, Vec<(i32, Outcome)>);
 /// A produce whose batches are queued; [`Waiting::finish`] builds the answer.
 pub struct Waiting {
     acks: i16,
+    timeout: std::time::Duration,
     version: i16,
     topics: Vec<TopicOutcome>,
 }
@@ -93,6 +102,14 @@ pub async fn start(broker: &Arc<Broker>, req: ProduceRequest, version: i16) -> W
                             }
                             Ok(batches) => {
                                 let mut rxs = Vec::with_capacity(batches.len());
+                                let sync = SyncWait {
+                                    partition: Some(partition.clone()),
+                                    regions: if acks == -1 {
+                                        broker.sync_mirrors(td.name.0.as_str())
+                                    } else {
+                                        Vec::new()
+                                    },
+                                };
                                 let topic_label = td.name.0.to_string();
                                 for (range, header) in batches {
                                     metrics::counter!("ferry_bytes_in_total", "topic" => topic_label.clone())
@@ -112,9 +129,9 @@ pub async fn start(broker: &Arc<Broker>, req: ProduceRequest, version: i16) -> W
                                     if broker.writer().submit(req).await.is_err() {
                                         break;
                                     }
-                                    rxs.push(rx);
+                                    rxs.push((rx, header.last_offset_delta as i64 + 1));
                                 }
-                                Outcome::Waiting(rxs)
+                                Outcome::Waiting(rxs, sync)
                             }
                         }
                     }
@@ -126,6 +143,7 @@ pub async fn start(broker: &Arc<Broker>, req: ProduceRequest, version: i16) -> W
     }
     Waiting {
         acks,
+        timeout: std::time::Duration::from_millis(req.timeout_ms.clamp(0, 300_000) as u64),
         version,
         topics,
     }
@@ -154,11 +172,13 @@ impl Waiting {
                             pr.error_message = msg.map(|m| sb(&m));
                         }
                     }
-                    Outcome::Waiting(rxs) => {
+                    Outcome::Waiting(rxs, sync) => {
                         let mut first = true;
-                        for rx in rxs {
+                        let mut end = -1i64;
+                        for (rx, count) in rxs {
                             match rx.await {
                                 Ok(Ok(ok)) => {
+                                    end = end.max(ok.base_offset + count);
                                     if first {
                                         pr.base_offset = ok.base_offset;
                                         if self.version >= 5 {
@@ -176,6 +196,20 @@ impl Waiting {
                             }
                             first = false;
                         }
+                        if pr.error_code == 0 && !sync.regions.is_empty() && end >= 0 {
+                            let part = sync.partition.as_ref().expect("set with regions");
+                            if !wait_mirrors(part, &sync.regions, end, self.timeout).await {
+                                // Written here, not yet in every synchronous mirror: the client
+                                // retries (an idempotent producer's retry is not written twice).
+                                pr.error_code = code::REQUEST_TIMED_OUT;
+                                if self.version >= 8 {
+                                    pr.error_message = Some(sb(&format!(
+                                        "not yet on disk in the synchronous mirror region(s) {}",
+                                        sync.regions.join(", ")
+                                    )));
+                                }
+                            }
+                        }
                     }
                 }
                 tr.partition_responses.push(pr);
@@ -183,5 +217,26 @@ impl Waiting {
             resp.responses.push(tr);
         }
         Some(resp)
+    }
+}
+
+/// Wait until every region in `regions` has acknowledged `partition` up to `end`, or `timeout`.
+async fn wait_mirrors(
+    partition: &crate::broker::Partition,
+    regions: &[String],
+    end: i64,
+    timeout: std::time::Duration,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let notified = partition.mirror_acked.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if partition.mirrors_have(regions, end) {
+            return true;
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return partition.mirrors_have(regions, end);
+        }
     }
 }

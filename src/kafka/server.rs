@@ -184,6 +184,13 @@ async fn request(
             ))])
         }));
     }
+    if frame.len() >= 2 && i16::from_be_bytes([frame[0], frame[1]]) == mirror_append::ACK_KEY {
+        let Some((cid, topic, partition, region, offset)) = mirror_append::decode_ack(frame) else {
+            return Err("malformed MirrorAck request".into());
+        };
+        let err = mirror_append::handle_ack(broker, &topic, partition, &region, offset);
+        return Ok(ready(Ok(mirror_append::encode_response(cid, err, -1, ""))));
+    }
     let (key, version, correlation_id, header, body) = match decode(&mut frame) {
         Decoded::Request {
             key,

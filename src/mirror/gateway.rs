@@ -580,6 +580,7 @@ impl Gateway {
         let mut client = Client::connect(&self.broker)
             .await
             .map_err(|x| x.to_string())?;
+        let _ = client.mirror_ack(topic, partition, peer, next).await;
         loop {
             let (err, bytes, source_end) = fetch_raw(&mut client, topic, partition, next).await?;
             if err != 0 {
@@ -635,6 +636,15 @@ impl Gateway {
                 Some(Frame::Ack { log_end }) => {
                     assert!(log_end >= next, "the mirror's end never goes back");
                     next = log_end;
+                    // The local broker answers acks=all produces of synchronously mirrored
+                    // topics once every such mirror holds them.
+                    let err = client
+                        .mirror_ack(topic, partition, peer, next)
+                        .await
+                        .map_err(|x| x.to_string())?;
+                    if err != 0 {
+                        tracing::debug!(%topic, partition, err, "broker did not take the mirror acknowledgement");
+                    }
                     metrics::gauge!("ferry_mirror_acked_offset", &labels).set(next as f64);
                     metrics::gauge!("ferry_mirror_lag_records", &labels)
                         .set((source_end - next).max(0) as f64);

@@ -56,7 +56,7 @@ class Proc:
 
 
 class Regions:
-    def __init__(self, tmp: Path, names: list[str]):
+    def __init__(self, tmp: Path, names: list[str], mode: str = "async"):
         self.tmp, self.names = tmp, names
         self.kafka = {n: free_port() for n in names}
         quic = {n: free_port() for n in names}
@@ -79,6 +79,7 @@ pattern = "*"
 partitions = {PARTITIONS}
 primary = "{names[0]}"
 mirrors = [{mirrors}]
+mode = "{mode}"
 """
         self.topology = tmp / "topology.toml"
         self.topology.write_text(text)
@@ -127,8 +128,8 @@ mirrors = [{mirrors}]
 def regions_factory(tmp_path, request):
     made: list[Regions] = []
 
-    def make(names):
-        r = Regions(tmp_path, names).start()
+    def make(names, mode="async"):
+        r = Regions(tmp_path, names, mode).start()
         made.append(r)
         return r
 
@@ -364,3 +365,35 @@ def test_status_reports_lag_while_the_link_is_cut_and_zero_after(regions_factory
     wait_mirrored(r, "west", topic, end_offsets(r.bootstrap("east"), topic))
     rows = [p for p in status(r)["partitions"] if p["topic"] == topic]
     assert all(p["lag_records"] == 0 for p in rows), rows
+
+
+def test_sync_mode_answers_acks_all_only_once_the_mirror_has_it(regions_factory):
+    from confluent_kafka import KafkaError
+    r = regions_factory(["east", "west"], mode="sync")
+    topic = "ledger"
+    # With the mirror reachable: when a delivery report arrives, west already holds the record.
+    p = ck_producer(r.bootstrap("east"), acks="all", enable_idempotence=True, linger_ms=0)
+    for i in range(20):
+        done = []
+        p.produce(topic, key=b"k", value=f"v{i}".encode(), partition=0,
+                  on_delivery=lambda err, msg: done.append((err, msg.offset())))
+        assert p.flush(30) == 0
+        err, offset = done[0]
+        assert err is None, err
+        assert end_offsets(r.bootstrap("west"), topic)[0] >= offset + 1, \
+            f"acknowledged offset {offset} but west ends at {end_offsets(r.bootstrap('west'), topic)[0]}"
+    # With the mirror's gateway down, an acks=all produce is not acknowledged as successful.
+    r.gateways["west"].stop()
+    q = ck_producer(r.bootstrap("east"), acks="all", enable_idempotence=False, linger_ms=0,
+                    request_timeout_ms=2000, message_timeout_ms=5000, retries=0)
+    done = []
+    q.produce(topic, value=b"during-cut", partition=0, on_delivery=lambda err, msg: done.append(err))
+    q.flush(30)
+    assert done and done[0] is not None, "acks=all succeeded while the synchronous mirror was unreachable"
+    assert done[0].code() in (KafkaError.REQUEST_TIMED_OUT, KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT), done[0]
+    # Healed: the record written meanwhile reaches west, and new produces succeed again.
+    r.gateways["west"].start()
+    wait_mirrored(r, "west", topic, end_offsets(r.bootstrap("east"), topic))
+    done = []
+    p.produce(topic, value=b"after", partition=0, on_delivery=lambda err, msg: done.append(err))
+    assert p.flush(60) == 0 and done == [None], done
