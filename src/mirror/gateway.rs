@@ -619,8 +619,14 @@ impl Gateway {
                 end_at = at;
             }
             let Some((start_at, first_offset)) = first else {
+                metrics::gauge!("ferry_mirror_lag_seconds", &labels).set(0.0);
                 continue;
             };
+            // Age of the oldest record the mirror does not have yet.
+            if let Ok(h) = batch::BatchHeader::parse(&bytes[start_at..]) {
+                let age = (crate::log::now_ms() - h.base_timestamp).max(0) as f64 / 1000.0;
+                metrics::gauge!("ferry_mirror_lag_seconds", &labels).set(age);
+            }
             let chunk = bytes.slice(start_at..end_at);
             let sent = chunk.len();
             frame::write(
