@@ -208,6 +208,64 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Offsets of `partitions` of `topic` at `timestamp` (-1 latest, -2 earliest, or a time):
+    /// partition → offset (-1 when no record is that recent). A partition error fails the call.
+    pub async fn list_offsets(
+        &mut self,
+        topic: &str,
+        partitions: &[i32],
+        timestamp: i64,
+    ) -> Result<std::collections::BTreeMap<i32, i64>, ClientError> {
+        use kafka_protocol::messages::list_offsets_request::{
+            ListOffsetsPartition, ListOffsetsRequest, ListOffsetsTopic,
+        };
+        use kafka_protocol::messages::{BrokerId, TopicName};
+        let mut req = ListOffsetsRequest::default();
+        req.replica_id = BrokerId(-1);
+        let mut t = ListOffsetsTopic::default();
+        t.name = TopicName(StrBytes::from_string(topic.to_string()));
+        for p in partitions {
+            let mut lp = ListOffsetsPartition::default();
+            lp.partition_index = *p;
+            lp.timestamp = timestamp;
+            t.partitions.push(lp);
+        }
+        req.topics.push(t);
+        let mut out = std::collections::BTreeMap::new();
+        for t in self.send(&req, 7).await?.topics {
+            for p in t.partitions {
+                if p.error_code != 0 {
+                    return Err(ClientError::Kafka(format!(
+                        "list offsets {topic}-{}: {} ({})",
+                        p.partition_index,
+                        error_name(p.error_code),
+                        p.error_code
+                    )));
+                }
+                out.insert(p.partition_index, p.offset);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every non-internal topic with its partition count.
+    pub async fn topics(&mut self) -> Result<std::collections::BTreeMap<String, i32>, ClientError> {
+        use kafka_protocol::messages::metadata_request::MetadataRequest;
+        let mut req = MetadataRequest::default();
+        req.topics = None;
+        Ok(self
+            .send(&req, 9)
+            .await?
+            .topics
+            .into_iter()
+            .filter(|t| t.error_code == 0)
+            .filter_map(|t| t.name.map(|n| (n.0.to_string(), t.partitions.len() as i32)))
+            .filter(|(n, _)| !n.starts_with("__"))
+            .collect())
+    }
+}
+
 /// Kafka error code names for messages.
 pub fn error_name(code: i16) -> &'static str {
     match code {

@@ -16,9 +16,6 @@ use bytes::Bytes;
 use clap::{Args, Subcommand};
 use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreateTopicsRequest};
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchRequest, FetchTopic};
-use kafka_protocol::messages::list_offsets_request::{
-    ListOffsetsPartition, ListOffsetsRequest, ListOffsetsTopic,
-};
 use kafka_protocol::messages::metadata_request::{MetadataRequest, MetadataRequestTopic};
 use kafka_protocol::messages::offset_commit_request::{
     OffsetCommitRequest, OffsetCommitRequestPartition, OffsetCommitRequestTopic,
@@ -292,40 +289,6 @@ async fn send_batch(
     Ok(n)
 }
 
-async fn list_offsets(
-    c: &mut Client,
-    topic: &str,
-    n: i32,
-    ts: i64,
-) -> anyhow::Result<BTreeMap<i32, i64>> {
-    let mut req = ListOffsetsRequest::default();
-    req.replica_id = BrokerId(-1);
-    let mut t = ListOffsetsTopic::default();
-    t.name = TopicName(sb(topic));
-    for p in 0..n {
-        let mut lp = ListOffsetsPartition::default();
-        lp.partition_index = p;
-        lp.timestamp = ts;
-        t.partitions.push(lp);
-    }
-    req.topics.push(t);
-    let resp = c.send(&req, 7).await?;
-    let mut out = BTreeMap::new();
-    for t in resp.topics {
-        for p in t.partitions {
-            if p.error_code != 0 {
-                bail!(
-                    "list offsets {topic}-{}: {}",
-                    p.partition_index,
-                    error_name(p.error_code)
-                );
-            }
-            out.insert(p.partition_index, p.offset);
-        }
-    }
-    Ok(out)
-}
-
 fn text(b: &Option<Vec<u8>>) -> Option<String> {
     b.as_ref().map(|b| String::from_utf8_lossy(b).into_owned())
 }
@@ -339,7 +302,9 @@ pub fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
         let mut c = Client::connect(&addr).await?;
         let n = partitions(&mut c, &args.topic).await?;
         let start = if args.from_beginning { -2 } else { -1 };
-        let mut positions = list_offsets(&mut c, &args.topic, n, start).await?;
+        let mut positions = c
+            .list_offsets(&args.topic, &(0..n).collect::<Vec<_>>(), start)
+            .await?;
         if let Some(g) = &args.group {
             let mut req = OffsetFetchRequest::default();
             req.group_id = GroupId(sb(g));
@@ -489,7 +454,7 @@ pub fn topics(args: TopicsArgs) -> anyhow::Result<()> {
                 for t in topics {
                     let name = t.name.map(|n| n.0.to_string()).unwrap_or_default();
                     let n = t.partitions.len() as i32;
-                    let ends = list_offsets(&mut c, &name, n, -1).await.unwrap_or_default();
+                    let ends = c.list_offsets(&name, &(0..n).collect::<Vec<_>>(), -1).await.unwrap_or_default();
                     let total: i64 = ends.values().sum();
                     println!("{name:<40} {n:>10} {total:>16}");
                 }

@@ -8,15 +8,12 @@ use clap::{Args, Subcommand};
 use kafka_protocol::messages::consumer_protocol_assignment::ConsumerProtocolAssignment;
 use kafka_protocol::messages::describe_groups_request::DescribeGroupsRequest;
 use kafka_protocol::messages::list_groups_request::ListGroupsRequest;
-use kafka_protocol::messages::list_offsets_request::{
-    ListOffsetsPartition, ListOffsetsRequest, ListOffsetsTopic,
-};
 use kafka_protocol::messages::metadata_request::{MetadataRequest, MetadataRequestTopic};
 use kafka_protocol::messages::offset_commit_request::{
     OffsetCommitRequest, OffsetCommitRequestPartition, OffsetCommitRequestTopic,
 };
 use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequest;
-use kafka_protocol::messages::{BrokerId, GroupId, TopicName};
+use kafka_protocol::messages::{GroupId, TopicName};
 use kafka_protocol::protocol::{Decodable, StrBytes};
 
 use crate::client::{error_name, Client};
@@ -89,41 +86,6 @@ async fn list(c: &mut Client) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// End offsets (or earliest, or by timestamp) of partitions.
-async fn list_offsets(
-    c: &mut Client,
-    topic: &str,
-    parts: &[i32],
-    ts: i64,
-) -> anyhow::Result<BTreeMap<i32, i64>> {
-    let mut req = ListOffsetsRequest::default();
-    req.replica_id = BrokerId(-1);
-    let mut t = ListOffsetsTopic::default();
-    t.name = TopicName(sb(topic));
-    for p in parts {
-        let mut lp = ListOffsetsPartition::default();
-        lp.partition_index = *p;
-        lp.timestamp = ts;
-        t.partitions.push(lp);
-    }
-    req.topics.push(t);
-    let resp = c.send(&req, 7).await?;
-    let mut out = BTreeMap::new();
-    for t in resp.topics {
-        for p in t.partitions {
-            if p.error_code != 0 {
-                bail!(
-                    "ListOffsets {topic}-{}: {}",
-                    p.partition_index,
-                    error_name(p.error_code)
-                );
-            }
-            out.insert(p.partition_index, p.offset);
-        }
-    }
-    Ok(out)
-}
-
 async fn group_state(
     c: &mut Client,
     group: &str,
@@ -185,9 +147,7 @@ async fn describe(c: &mut Client, group: &str) -> anyhow::Result<()> {
     for t in resp.topics {
         let topic = t.name.0.to_string();
         let parts: Vec<i32> = t.partitions.iter().map(|p| p.partition_index).collect();
-        let ends = list_offsets(c, &topic, &parts, -1)
-            .await
-            .unwrap_or_default();
+        let ends = c.list_offsets(&topic, &parts, -1).await.unwrap_or_default();
         for p in t.partitions {
             let end = ends.get(&p.partition_index).copied().unwrap_or(-1);
             let lag = if p.committed_offset >= 0 && end >= 0 {
@@ -237,14 +197,14 @@ async fn reset(c: &mut Client, r: ResetArgs) -> anyhow::Result<()> {
     }
     let parts: Vec<i32> = t.partitions.iter().map(|p| p.partition_index).collect();
     let targets: BTreeMap<i32, i64> = match r.to.as_str() {
-        "earliest" => list_offsets(c, &r.topic, &parts, -2).await?,
-        "latest" => list_offsets(c, &r.topic, &parts, -1).await?,
+        "earliest" => c.list_offsets(&r.topic, &parts, -2).await?,
+        "latest" => c.list_offsets(&r.topic, &parts, -1).await?,
         s if s.starts_with("timestamp:") => {
             let ts: i64 = s["timestamp:".len()..]
                 .parse()
                 .context("timestamp:MILLIS")?;
-            let by_ts = list_offsets(c, &r.topic, &parts, ts).await?;
-            let ends = list_offsets(c, &r.topic, &parts, -1).await?;
+            let by_ts = c.list_offsets(&r.topic, &parts, ts).await?;
+            let ends = c.list_offsets(&r.topic, &parts, -1).await?;
             // No record at or after the timestamp: the end of the partition.
             by_ts
                 .into_iter()
@@ -253,8 +213,8 @@ async fn reset(c: &mut Client, r: ResetArgs) -> anyhow::Result<()> {
         }
         s if s.starts_with("offset:") => {
             let o: i64 = s["offset:".len()..].parse().context("offset:N")?;
-            let earliest = list_offsets(c, &r.topic, &parts, -2).await?;
-            let latest = list_offsets(c, &r.topic, &parts, -1).await?;
+            let earliest = c.list_offsets(&r.topic, &parts, -2).await?;
+            let latest = c.list_offsets(&r.topic, &parts, -1).await?;
             parts
                 .iter()
                 .map(|p| (*p, o.clamp(earliest[p], latest[p])))

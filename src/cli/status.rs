@@ -11,10 +11,6 @@ use std::path::PathBuf;
 
 use clap::Args;
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchRequest, FetchTopic};
-use kafka_protocol::messages::list_offsets_request::{
-    ListOffsetsPartition, ListOffsetsRequest, ListOffsetsTopic,
-};
-use kafka_protocol::messages::metadata_request::MetadataRequest;
 use kafka_protocol::messages::{BrokerId, TopicName};
 use kafka_protocol::protocol::StrBytes;
 use serde::Serialize;
@@ -69,41 +65,6 @@ const LAG_BYTES_SCAN_MAX: i32 = 64 << 20;
 
 fn sb(s: &str) -> StrBytes {
     StrBytes::from_string(s.to_string())
-}
-
-async fn topics(c: &mut Client) -> anyhow::Result<BTreeMap<String, i32>> {
-    let mut req = MetadataRequest::default();
-    req.topics = None;
-    let resp = c.send(&req, 9).await?;
-    Ok(resp
-        .topics
-        .into_iter()
-        .filter(|t| t.error_code == 0)
-        .filter_map(|t| t.name.map(|n| (n.0.to_string(), t.partitions.len() as i32)))
-        .filter(|(n, _)| !n.starts_with("__"))
-        .collect())
-}
-
-async fn ends(c: &mut Client, topic: &str, n: i32) -> anyhow::Result<BTreeMap<i32, i64>> {
-    let mut req = ListOffsetsRequest::default();
-    req.replica_id = BrokerId(-1);
-    let mut t = ListOffsetsTopic::default();
-    t.name = TopicName(sb(topic));
-    for p in 0..n {
-        let mut lp = ListOffsetsPartition::default();
-        lp.partition_index = p;
-        lp.timestamp = -1;
-        t.partitions.push(lp);
-    }
-    req.topics.push(t);
-    Ok(c.send(&req, 7)
-        .await?
-        .topics
-        .into_iter()
-        .flat_map(|t| t.partitions)
-        .filter(|p| p.error_code == 0)
-        .map(|p| (p.partition_index, p.offset))
-        .collect())
 }
 
 /// Bytes from `from` to the end of the source partition (bounded scan), and the timestamp of
@@ -185,7 +146,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             };
             if let Ok(mut c) = Client::connect(&addr).await {
                 c.timeout = std::time::Duration::from_secs(10);
-                if let Ok(t) = topics(&mut c).await {
+                if let Ok(t) = c.topics().await {
                     st.up = true;
                     st.topics = t.len();
                     clients.insert(r.name.clone(), c);
@@ -199,7 +160,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             let Some(src) = clients.get_mut(&primary) else {
                 continue;
             };
-            let Ok(src_topics) = topics(src).await else {
+            let Ok(src_topics) = src.topics().await else {
                 continue;
             };
             for (topic, n) in src_topics {
@@ -210,10 +171,16 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
                     continue;
                 }
                 let src = clients.get_mut(&primary).expect("present");
-                let src_ends = ends(src, &topic, n).await.unwrap_or_default();
+                let src_ends = src
+                    .list_offsets(&topic, &(0..n).collect::<Vec<_>>(), -1)
+                    .await
+                    .unwrap_or_default();
                 for mirror in &rule.mirrors {
                     let mirror_ends = match clients.get_mut(mirror) {
-                        Some(c) => ends(c, &topic, n).await.ok(),
+                        Some(c) => c
+                            .list_offsets(&topic, &(0..n).collect::<Vec<_>>(), -1)
+                            .await
+                            .ok(),
                         None => None,
                     };
                     for p in 0..n {

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchRequest, FetchTopic};
-use kafka_protocol::messages::metadata_request::MetadataRequest;
 use kafka_protocol::messages::{BrokerId, TopicName};
 use kafka_protocol::protocol::StrBytes;
 use tokio::sync::watch;
@@ -511,16 +510,7 @@ impl Gateway {
         let mut c = Client::connect(&self.broker)
             .await
             .map_err(|e| e.to_string())?;
-        let mut req = MetadataRequest::default();
-        req.topics = None;
-        let resp = c.send(&req, 9).await.map_err(|e| e.to_string())?;
-        Ok(resp
-            .topics
-            .into_iter()
-            .filter(|t| t.error_code == 0)
-            .filter_map(|t| t.name.map(|n| (n.0.to_string(), t.partitions.len() as i32)))
-            .filter(|(n, _)| !n.starts_with("__"))
-            .collect())
+        c.topics().await.map_err(|e| e.to_string())
     }
 
     async fn source_partition(
