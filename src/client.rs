@@ -249,6 +249,52 @@ impl Client {
         Ok(out)
     }
 
+    /// Commit offsets of a group from outside it (generation -1, no member id: the group must
+    /// have no members). `offsets` is topic → [(partition, offset)]. The first partition error
+    /// fails the call.
+    pub async fn commit_offsets(
+        &mut self,
+        group: &str,
+        offsets: &std::collections::BTreeMap<String, Vec<(i32, i64)>>,
+    ) -> Result<(), ClientError> {
+        use kafka_protocol::messages::offset_commit_request::{
+            OffsetCommitRequest, OffsetCommitRequestPartition, OffsetCommitRequestTopic,
+        };
+        use kafka_protocol::messages::{GroupId, TopicName};
+        let sb = |s: &str| StrBytes::from_string(s.to_string());
+        let mut req = OffsetCommitRequest::default();
+        req.group_id = GroupId(sb(group));
+        req.generation_id_or_member_epoch = -1;
+        req.member_id = sb("");
+        for (topic, parts) in offsets {
+            let mut t = OffsetCommitRequestTopic::default();
+            t.name = TopicName(sb(topic));
+            for (p, o) in parts {
+                let mut cp = OffsetCommitRequestPartition::default();
+                cp.partition_index = *p;
+                cp.committed_offset = *o;
+                cp.committed_metadata = Some(sb(""));
+                t.partitions.push(cp);
+            }
+            req.topics.push(t);
+        }
+        for t in self.send(&req, 7).await?.topics {
+            for p in t.partitions {
+                if p.error_code != 0 {
+                    return Err(ClientError::Kafka(format!(
+                        "commit {} {}-{}: {} ({})",
+                        group,
+                        t.name.0.as_str(),
+                        p.partition_index,
+                        error_name(p.error_code),
+                        p.error_code
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Every non-internal topic with its partition count.
     pub async fn topics(&mut self) -> Result<std::collections::BTreeMap<String, i32>, ClientError> {
         use kafka_protocol::messages::metadata_request::MetadataRequest;

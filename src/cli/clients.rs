@@ -17,9 +17,6 @@ use clap::{Args, Subcommand};
 use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreateTopicsRequest};
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchRequest, FetchTopic};
 use kafka_protocol::messages::metadata_request::{MetadataRequest, MetadataRequestTopic};
-use kafka_protocol::messages::offset_commit_request::{
-    OffsetCommitRequest, OffsetCommitRequestPartition, OffsetCommitRequestTopic,
-};
 use kafka_protocol::messages::offset_fetch_request::{OffsetFetchRequest, OffsetFetchRequestTopic};
 use kafka_protocol::messages::produce_request::{
     PartitionProduceData, ProduceRequest, TopicProduceData,
@@ -409,33 +406,11 @@ async fn commit(
     positions: &BTreeMap<i32, i64>,
 ) -> anyhow::Result<()> {
     let Some(g) = &args.group else { return Ok(()) };
-    let mut req = OffsetCommitRequest::default();
-    req.group_id = GroupId(sb(g));
-    req.generation_id_or_member_epoch = -1;
-    req.member_id = sb("");
-    let mut t = OffsetCommitRequestTopic::default();
-    t.name = TopicName(sb(&args.topic));
-    for (p, o) in positions {
-        let mut cp = OffsetCommitRequestPartition::default();
-        cp.partition_index = *p;
-        cp.committed_offset = *o;
-        cp.committed_metadata = Some(sb(""));
-        t.partitions.push(cp);
-    }
-    req.topics.push(t);
-    let resp = c.send(&req, 7).await?;
-    for t in resp.topics {
-        for p in t.partitions {
-            if p.error_code != 0 {
-                bail!(
-                    "commit {}-{}: {}",
-                    t.name.0.as_str(),
-                    p.partition_index,
-                    error_name(p.error_code)
-                );
-            }
-        }
-    }
+    let entries = BTreeMap::from([(
+        args.topic.clone(),
+        positions.iter().map(|(p, o)| (*p, *o)).collect::<Vec<_>>(),
+    )]);
+    c.commit_offsets(g, &entries).await?;
     Ok(())
 }
 

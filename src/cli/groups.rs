@@ -9,9 +9,6 @@ use kafka_protocol::messages::consumer_protocol_assignment::ConsumerProtocolAssi
 use kafka_protocol::messages::describe_groups_request::DescribeGroupsRequest;
 use kafka_protocol::messages::list_groups_request::ListGroupsRequest;
 use kafka_protocol::messages::metadata_request::{MetadataRequest, MetadataRequestTopic};
-use kafka_protocol::messages::offset_commit_request::{
-    OffsetCommitRequest, OffsetCommitRequestPartition, OffsetCommitRequestTopic,
-};
 use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequest;
 use kafka_protocol::messages::{GroupId, TopicName};
 use kafka_protocol::protocol::{Decodable, StrBytes};
@@ -230,33 +227,11 @@ async fn reset(c: &mut Client, r: ResetArgs) -> anyhow::Result<()> {
         println!("(dry run: add --execute to commit these offsets)");
         return Ok(());
     }
-    let mut req = OffsetCommitRequest::default();
-    req.group_id = GroupId(sb(&r.group));
-    req.generation_id_or_member_epoch = -1;
-    req.member_id = sb("");
-    let mut ct = OffsetCommitRequestTopic::default();
-    ct.name = TopicName(sb(&r.topic));
-    for (p, o) in &targets {
-        let mut cp = OffsetCommitRequestPartition::default();
-        cp.partition_index = *p;
-        cp.committed_offset = *o;
-        cp.committed_metadata = Some(sb(""));
-        ct.partitions.push(cp);
-    }
-    req.topics.push(ct);
-    let resp = c.send(&req, 7).await?;
-    for t in resp.topics {
-        for p in t.partitions {
-            if p.error_code != 0 {
-                bail!(
-                    "commit {}-{}: {}",
-                    t.name.0.as_str(),
-                    p.partition_index,
-                    error_name(p.error_code)
-                );
-            }
-        }
-    }
+    let entries = BTreeMap::from([(
+        r.topic.clone(),
+        targets.iter().map(|(p, o)| (*p, *o)).collect(),
+    )]);
+    c.commit_offsets(&r.group, &entries).await?;
     println!("committed");
     Ok(())
 }

@@ -273,14 +273,6 @@ impl Gateway {
         group: &str,
         entries: Vec<(String, i32, i64)>,
     ) -> Result<usize, String> {
-        use kafka_protocol::messages::list_offsets_request::{
-            ListOffsetsPartition, ListOffsetsRequest, ListOffsetsTopic,
-        };
-        use kafka_protocol::messages::offset_commit_request::{
-            OffsetCommitRequest, OffsetCommitRequestPartition, OffsetCommitRequestTopic,
-        };
-        use kafka_protocol::messages::GroupId;
-        let sb = |s: &str| StrBytes::from_string(s.to_string());
         let mut by_topic: BTreeMap<String, Vec<(i32, i64)>> = BTreeMap::new();
         for (t, p, o) in entries {
             let ok = self
@@ -292,65 +284,31 @@ impl Gateway {
                 by_topic.entry(t).or_default().push((p, o));
             }
         }
-        let mut commit = OffsetCommitRequest::default();
-        commit.group_id = GroupId(sb(group));
-        commit.generation_id_or_member_epoch = -1;
-        commit.member_id = sb("");
+        let mut commit: BTreeMap<String, Vec<(i32, i64)>> = BTreeMap::new();
         let mut n = 0;
         for (t, parts) in by_topic {
             // The mirror's log ends: offsets past them are clamped.
-            let mut lo = ListOffsetsRequest::default();
-            lo.replica_id = BrokerId(-1);
-            let mut lt = ListOffsetsTopic::default();
-            lt.name = TopicName(sb(&t));
-            for (p, _) in &parts {
-                let mut lp = ListOffsetsPartition::default();
-                lp.partition_index = *p;
-                lp.timestamp = -1;
-                lt.partitions.push(lp);
-            }
-            lo.topics.push(lt);
-            let ends: BTreeMap<i32, i64> = client
-                .send(&lo, 7)
+            let ps: Vec<i32> = parts.iter().map(|(p, _)| *p).collect();
+            let ends = client
+                .list_offsets(&t, &ps, -1)
                 .await
-                .map_err(|x| x.to_string())?
-                .topics
+                .map_err(|x| x.to_string())?;
+            let clamped: Vec<(i32, i64)> = parts
                 .into_iter()
-                .flat_map(|t| t.partitions)
-                .filter(|p| p.error_code == 0)
-                .map(|p| (p.partition_index, p.offset))
+                .filter_map(|(p, o)| ends.get(&p).map(|end| (p, clamp_offset(o, *end))))
                 .collect();
-            let mut ct = OffsetCommitRequestTopic::default();
-            ct.name = TopicName(sb(&t));
-            for (p, o) in parts {
-                let Some(end) = ends.get(&p) else { continue };
-                let mut cp = OffsetCommitRequestPartition::default();
-                cp.partition_index = p;
-                cp.committed_offset = clamp_offset(o, *end);
-                cp.committed_metadata = Some(sb(""));
-                ct.partitions.push(cp);
-                n += 1;
-            }
-            if !ct.partitions.is_empty() {
-                commit.topics.push(ct);
+            n += clamped.len();
+            if !clamped.is_empty() {
+                commit.insert(t, clamped);
             }
         }
-        if commit.topics.is_empty() {
+        if commit.is_empty() {
             return Ok(0);
         }
-        let resp = client.send(&commit, 7).await.map_err(|x| x.to_string())?;
-        for t in resp.topics {
-            for p in t.partitions {
-                if p.error_code != 0 {
-                    return Err(format!(
-                        "group {group} {}-{}: error {} (the group may be active in this region)",
-                        t.name.0.as_str(),
-                        p.partition_index,
-                        p.error_code
-                    ));
-                }
-            }
-        }
+        client
+            .commit_offsets(group, &commit)
+            .await
+            .map_err(|x| format!("{x} (the group may be active in this region)"))?;
         Ok(n)
     }
 
