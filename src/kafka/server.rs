@@ -107,10 +107,23 @@ async fn connection(
                     "refused frame of {len} bytes (must be 8 to {max}): closing without reading it"
                 ));
             }
-            let mut buf = BytesMut::zeroed(len as usize);
-            rd.read_exact(&mut buf)
-                .await
-                .map_err(|e| format!("truncated frame ({len} bytes announced): {e}"))?;
+            // Read into uninitialised capacity (no zeroing pass over up to `frame_bytes_max`).
+            let len = len as usize;
+            let mut buf = BytesMut::with_capacity(len);
+            while buf.len() < len {
+                let want = (len - buf.len()) as u64;
+                let n = (&mut rd)
+                    .take(want)
+                    .read_buf(&mut buf)
+                    .await
+                    .map_err(|e| format!("truncated frame ({len} bytes announced): {e}"))?;
+                if n == 0 {
+                    return Err(format!(
+                        "truncated frame ({len} bytes announced, {} received)",
+                        buf.len()
+                    ));
+                }
+            }
             let pending = request(&broker, buf.freeze(), peer).await?;
             if tx.send(pending).await.is_err() {
                 return Err("response writer stopped".to_string());
