@@ -103,27 +103,20 @@ async fn supervise(
         for b in &r.brokers {
             let name = format!("{}/broker-{}", r.name, b.id);
             let log_path = log_dir.join(format!("{}-broker-{}.log", r.name, b.id));
-            let log = std::fs::File::create(&log_path)?;
-            let spawned = Command::new(&exe)
-                .arg("broker")
-                .arg("--topology")
-                .arg(&args.topology)
-                .arg("--region")
-                .arg(&r.name)
-                .arg("--broker")
-                .arg(b.id.to_string())
-                .arg("--data-dir")
-                .arg(&data_root)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn();
-            match spawned {
-                Ok(child) => procs.push(Proc { name, child }),
-                Err(e) => {
-                    stop(&mut procs);
-                    bail!("starting {name}: {e}");
-                }
+            let argv: Vec<std::ffi::OsString> = vec![
+                "broker".into(),
+                "--topology".into(),
+                args.topology.clone().into(),
+                "--region".into(),
+                r.name.clone().into(),
+                "--broker".into(),
+                b.id.to_string().into(),
+                "--data-dir".into(),
+                data_root.clone().into(),
+            ];
+            if let Err(e) = spawn(&exe, &argv, name, &log_path, &mut procs) {
+                stop(&mut procs);
+                bail!(e);
             }
             logs.push(log_path);
         }
@@ -144,25 +137,18 @@ async fn supervise(
     for r in with_gateways {
         let name = format!("{}/gateway", r.name);
         let log_path = log_dir.join(format!("{}-gateway.log", r.name));
-        let log = std::fs::File::create(&log_path)?;
-        let spawned = Command::new(&exe)
-            .arg("gateway")
-            .arg("--topology")
-            .arg(&args.topology)
-            .arg("--region")
-            .arg(&r.name)
-            .arg("--certs")
-            .arg(&certs_dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn();
-        match spawned {
-            Ok(child) => procs.push(Proc { name, child }),
-            Err(e) => {
-                stop(&mut procs);
-                bail!("starting {name}: {e}");
-            }
+        let argv: Vec<std::ffi::OsString> = vec![
+            "gateway".into(),
+            "--topology".into(),
+            args.topology.clone().into(),
+            "--region".into(),
+            r.name.clone().into(),
+            "--certs".into(),
+            certs_dir.clone().into(),
+        ];
+        if let Err(e) = spawn(&exe, &argv, name, &log_path, &mut procs) {
+            stop(&mut procs);
+            bail!(e);
         }
         logs.push(log_path);
     }
@@ -256,6 +242,28 @@ async fn supervise(
         Some(why) => bail!(why),
         None => Ok(()),
     }
+}
+
+/// Start `exe argv...` with stdout and stderr in `log`, and add it to `procs`.
+fn spawn(
+    exe: &std::path::Path,
+    argv: &[std::ffi::OsString],
+    name: String,
+    log: &std::path::Path,
+    procs: &mut Vec<Proc>,
+) -> Result<(), String> {
+    let err = |e: std::io::Error| format!("starting {name}: {e}");
+    let out = std::fs::File::create(log)
+        .map_err(|e| format!("starting {name}: {}: {e}", log.display()))?;
+    let child = Command::new(exe)
+        .args(argv)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().map_err(err)?)
+        .stderr(out)
+        .spawn()
+        .map_err(err)?;
+    procs.push(Proc { name, child });
+    Ok(())
 }
 
 fn stop(procs: &mut [Proc]) {
