@@ -445,3 +445,59 @@ mod tests {
         assert_eq!(murmur2(b"abc"), 479470107);
     }
 }
+
+impl Client {
+    /// FerryControl (see [`crate::kafka::control`]): one request to the broker's failover
+    /// control plane. `Err(ClientError::Kafka)` carries the broker's refusal.
+    pub async fn control(
+        &mut self,
+        req: &crate::kafka::control::Control,
+    ) -> Result<serde_json::Value, ClientError> {
+        use crate::kafka::control as c;
+        let api = ApiKey::Metadata; // for error context only
+        self.correlation += 1;
+        let cid = self.correlation;
+        let frame = c::encode_request(cid, req);
+        let io = |source| ClientError::Io { api, source };
+        let timeout = self.timeout;
+        let fut = async {
+            self.stream.write_all(&frame).await.map_err(io)?;
+            let n = self.stream.read_i32().await.map_err(io)?;
+            if n < 4 || n as usize > RESPONSE_BYTES_MAX {
+                return Err(ClientError::Codec {
+                    api,
+                    message: format!("FerryControl response of {n} bytes"),
+                });
+            }
+            let mut body = vec![0u8; n as usize];
+            self.stream.read_exact(&mut body).await.map_err(io)?;
+            Ok(Bytes::from(body))
+        };
+        let body = tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| ClientError::Timeout { api, timeout })??;
+        let (rcid, answer) = c::decode_response(body).ok_or(ClientError::Codec {
+            api,
+            message: "malformed FerryControl response".into(),
+        })?;
+        if rcid != cid {
+            return Err(ClientError::Codec {
+                api,
+                message: format!("correlation id {rcid} for {cid}"),
+            });
+        }
+        answer.map_err(ClientError::Kafka)
+    }
+
+    /// [`Client::control`] with the answer decoded into `T`.
+    pub async fn control_as<T: serde::de::DeserializeOwned>(
+        &mut self,
+        req: &crate::kafka::control::Control,
+    ) -> Result<T, ClientError> {
+        let v = self.control(req).await?;
+        serde_json::from_value(v).map_err(|e| ClientError::Codec {
+            api: ApiKey::Metadata,
+            message: format!("FerryControl answer: {e}"),
+        })
+    }
+}

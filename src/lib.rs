@@ -23,6 +23,7 @@ pub mod broker;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod failover;
 pub mod group;
 pub mod kafka;
 pub mod log;

@@ -7,6 +7,7 @@
 
 pub mod groups;
 pub mod producer;
+pub mod quarantine;
 pub mod writer;
 
 use std::collections::BTreeMap;
@@ -20,6 +21,7 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::config::BrokerConfig;
+use crate::failover::{self, Placement, RegionState, RuleState};
 use crate::log::{self, LogConfig, LogError, PartitionLog};
 use crate::units::{parse_duration, parse_size};
 use producer::ProducerStates;
@@ -30,6 +32,18 @@ use writer::Writer;
 pub struct PartitionState {
     pub log: PartitionLog,
     pub producers: ProducerStates,
+    /// Whether clients may write here, and at which region epoch. Checked by the writer under
+    /// this lock, so a fence takes effect between two appends, never in the middle of one.
+    pub gate: Gate,
+}
+
+/// The write gate of a partition (see [`crate::failover`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gate {
+    /// The region epoch stamped into every batch clients write here.
+    pub epoch: i32,
+    /// This region is the topic's primary and is not fenced.
+    pub writable: bool,
 }
 
 /// One partition of a topic.
@@ -251,6 +265,11 @@ pub struct Broker {
     groups: std::sync::OnceLock<Arc<groups::GroupService>>,
     /// Serialises topic creation and deletion.
     admin: Mutex<()>,
+    /// Who is primary for each topic rule (see [`crate::failover`]), durable in
+    /// `.ferry/failover.json`.
+    failover: RwLock<RegionState>,
+    /// The write lease the gateway renews under lease fencing: (armed, valid until).
+    lease: Mutex<(bool, Option<std::time::Instant>)>,
 }
 
 impl Broker {
@@ -262,7 +281,12 @@ impl Broker {
         let appended = Arc::new(Notify::new());
         let producer_ids =
             ProducerIds::open(meta_dir.join("producer-ids")).map_err(io_err(&meta_dir))?;
+        let failover =
+            RegionState::load(&meta_dir.join("failover.json")).map_err(io_err(&meta_dir))?;
+        let lease_armed = meta_dir.join("lease-armed").exists();
         let broker = Broker {
+            failover: RwLock::new(failover),
+            lease: Mutex::new((lease_armed, None)),
             writer: Writer::start(appended.clone()),
             appended,
             producer_ids: Mutex::new(producer_ids),
@@ -398,10 +422,15 @@ impl Broker {
         // Rebuild idempotent producer state from the active segment.
         let mut producers = ProducerStates::default();
         log.for_each_batch(log.active_base(), |h| producers.record(h, h.base_offset))?;
+        let gate = self.gate_for(topic);
         Ok(Arc::new(Partition {
             topic: topic.clone(),
             index,
-            state: Mutex::new(PartitionState { log, producers }),
+            state: Mutex::new(PartitionState {
+                log,
+                producers,
+                gate,
+            }),
             mirror_acks: Mutex::new(BTreeMap::new()),
             mirror_acked: Notify::new(),
         }))
@@ -538,25 +567,135 @@ impl Broker {
         }
     }
 
+    /// Where `topic` lives now (`None` without a topology, or for topics no rule covers).
+    pub fn placement(&self, topic: &str) -> Option<Placement> {
+        let t = self.config.topology.as_ref()?;
+        self.config.region.as_ref()?;
+        failover::placement(t, &self.failover.read().expect("failover lock"), topic)
+    }
+
+    /// The failover state of every rule of the topology.
+    pub fn failover_state(&self) -> RegionState {
+        self.failover.read().expect("failover lock").clone()
+    }
+
+    /// The write gate a partition of `topic` gets.
+    pub fn gate_for(&self, topic: &str) -> Gate {
+        match (self.placement(topic), self.config.region.as_deref()) {
+            (Some(p), Some(region)) => Gate {
+                epoch: p.epoch,
+                writable: p.primary == region && !p.fenced,
+            },
+            _ => Gate {
+                epoch: 0,
+                writable: true,
+            },
+        }
+    }
+
+    /// Move a topic rule to a new state (durably), then set the write gate of every partition
+    /// it covers. Returns whether anything changed.
+    pub fn apply_rule(&self, pattern: &str, new: RuleState) -> Result<bool, String> {
+        let Some(t) = self.config.topology.as_ref() else {
+            return Err("this broker runs without a topology".into());
+        };
+        let mut st = self.failover.write().expect("failover lock");
+        let mut next = st.clone();
+        let changed = next.apply(t, pattern, new).map_err(|e| e.to_string())?;
+        if changed {
+            let path = self.meta_dir.join("failover.json");
+            next.store(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            *st = next;
+        }
+        drop(st);
+        for topic in self.topics() {
+            let gate = self.gate_for(&topic.name);
+            for p in topic.partitions.read().expect("topic lock").iter() {
+                p.state.lock().expect("partition lock").gate = gate;
+            }
+        }
+        if changed {
+            tracing::info!(%pattern, "failover state changed");
+        }
+        Ok(changed)
+    }
+
+    /// Renew the write lease for `ms` from now (lease fencing). The first renewal arms the
+    /// lease for good: from then on (restarts included) this region takes writes for the topics
+    /// it is primary of only while a renewal is current.
+    pub fn renew_lease(&self, ms: u64) -> std::io::Result<()> {
+        let mut l = self.lease.lock().expect("lease lock");
+        if !l.0 {
+            let path = self.meta_dir.join("lease-armed");
+            write_atomic(&path, b"armed by the gateway under lease fencing\n")?;
+            l.0 = true;
+        }
+        l.1 = Some(std::time::Instant::now() + Duration::from_millis(ms));
+        Ok(())
+    }
+
+    /// Whether the write lease (if armed) is current.
+    pub fn lease_current(&self) -> bool {
+        let l = self.lease.lock().expect("lease lock");
+        !l.0 || l.1.is_some_and(|u| std::time::Instant::now() < u)
+    }
+
+    /// May a client produce to `topic` here? The epoch to stamp, or the Kafka error code and
+    /// message to answer with.
+    pub fn write_check(&self, topic: &str) -> Result<i32, (i16, String)> {
+        let (Some(p), Some(region)) = (self.placement(topic), self.config.region.as_deref())
+        else {
+            return Ok(0);
+        };
+        const NOT_LEADER: i16 = 6;
+        if p.primary != region {
+            if p.home == region {
+                // Demoted by a failover: clients still bootstrapped here follow Metadata.
+                return Err((
+                    NOT_LEADER,
+                    format!("region '{region}' is no longer the primary of '{topic}': '{}' is (epoch {})", p.primary, p.epoch),
+                ));
+            }
+            return Err((
+                44,
+                format!(
+                    "topic '{topic}' is a read-only mirror of its primary region '{}': produce there",
+                    p.primary
+                ),
+            ));
+        }
+        if p.fenced {
+            return Err((
+                NOT_LEADER,
+                format!("'{topic}' is fenced in '{region}' for a switchover"),
+            ));
+        }
+        if !self.lease_current() {
+            return Err((
+                NOT_LEADER,
+                format!("region '{region}' lost its write lease (cut off from its peers)"),
+            ));
+        }
+        Ok(p.epoch)
+    }
+
     /// The primary region of a topic this broker holds as a mirror (the topology's rule names
     /// another region as primary), or `None` when clients may produce to it here.
     pub fn mirror_primary(&self, topic: &str) -> Option<String> {
         let region = self.config.region.as_deref()?;
-        let rule = self.config.topology.as_ref()?.rule_for_topic(topic)?;
-        (rule.primary != region).then(|| rule.primary.clone())
+        let p = self.placement(topic)?;
+        (p.primary != region).then_some(p.primary)
     }
 
     /// The regions that must hold a batch of `topic` before an `acks=all` produce is answered:
     /// the mirrors of a topic whose rule says `mode = "sync"` and whose primary is this region.
     pub fn sync_mirrors(&self, topic: &str) -> Vec<String> {
-        let (Some(region), Some(t)) =
-            (self.config.region.as_deref(), self.config.topology.as_ref())
-        else {
+        let Some(region) = self.config.region.as_deref() else {
             return Vec::new();
         };
-        match t.rule_for_topic(topic) {
-            Some(r) if r.primary == region && r.mode == crate::topology::ReplicationMode::Sync => {
-                r.mirrors.clone()
+        match self.placement(topic) {
+            Some(p) if p.primary == region && p.mode == crate::topology::ReplicationMode::Sync => {
+                p.mirrors
             }
             _ => Vec::new(),
         }

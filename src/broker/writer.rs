@@ -61,6 +61,8 @@ pub enum AppendError {
     ShuttingDown,
     #[error("mirror batch at offset {got} does not continue the log, which ends at {end}")]
     NotContiguous { got: i64, end: i64 },
+    #[error("{0}")]
+    NotWritable(String),
 }
 
 impl AppendError {
@@ -71,6 +73,7 @@ impl AppendError {
             AppendError::Storage(_) => 56,
             AppendError::ShuttingDown => 56,
             AppendError::NotContiguous { .. } => 1,
+            AppendError::NotWritable(_) => 6,
         }
     }
 }
@@ -208,6 +211,18 @@ fn append_one(
 ) -> (AppendResult, Option<Arc<File>>) {
     let mut st = partition.state.lock().expect("partition lock");
     let start = st.log.start_offset();
+    if let Some(e) = epoch {
+        // Decided under the partition lock: a fence lands between two appends.
+        if !st.gate.writable || st.gate.epoch != e {
+            return (
+                Err(AppendError::NotWritable(format!(
+                    "{}-{} does not take writes at epoch {e} here (gate: epoch {}, writable {})",
+                    partition.topic, partition.index, st.gate.epoch, st.gate.writable
+                ))),
+                None,
+            );
+        }
+    }
     match st.producers.check(header) {
         SeqCheck::Duplicate { base_offset } => {
             return (
@@ -264,6 +279,15 @@ fn append_exact(
     let mut st = partition.state.lock().expect("partition lock");
     let end = st.log.next_offset();
     let start = st.log.start_offset();
+    if st.gate.writable {
+        return (
+            Err(AppendError::NotWritable(format!(
+                "{}-{} is written by clients here, not mirrored",
+                partition.topic, partition.index
+            ))),
+            None,
+        );
+    }
     if header.next_offset() <= end {
         // Already here (a resend after a lost acknowledgement).
         return (

@@ -18,6 +18,7 @@ pub mod fetch;
 pub mod fetch_wire;
 pub mod list_offsets;
 pub mod metadata;
+pub mod control;
 pub mod mirror_append;
 pub mod produce;
 pub mod producer_id;

@@ -47,18 +47,13 @@ pub async fn start(broker: &Arc<Broker>, req: ProduceRequest, version: i16) -> W
     let mut topics = Vec::with_capacity(req.topic_data.len());
     for td in req.topic_data {
         let topic = broker.topic(td.name.0.as_str());
-        // A topic whose primary is another region is a read-only mirror here.
-        let mirror_of = broker.mirror_primary(td.name.0.as_str());
+        // A topic whose primary is another region is a read-only mirror here; a fenced one
+        // (switchover, lost lease) takes no writes.
+        let write = broker.write_check(td.name.0.as_str());
         let mut parts = Vec::with_capacity(td.partition_data.len());
         for pd in td.partition_data {
-            let outcome = if let Some(primary) = &mirror_of {
-                Outcome::Done(
-                    code::POLICY_VIOLATION,
-                    Some(format!(
-                        "topic '{}' is a read-only mirror of its primary region '{primary}': produce there",
-                        td.name.0.as_str()
-                    )),
-                )
+            let outcome = if let Err((code, message)) = &write {
+                Outcome::Done(*code, Some(message.clone()))
             } else if !(-1..=1).contains(&acks) {
                 Outcome::Done(code::INVALID_REQUIRED_ACKS, None)
             } else if req.transactional_id.is_some() {
@@ -122,7 +117,7 @@ pub async fn start(broker: &Arc<Broker>, req: ProduceRequest, version: i16) -> W
                                         bytes: records[range].to_vec(),
                                         header,
                                         acks,
-                                        epoch: None,
+                                        epoch: Some(*write.as_ref().unwrap_or(&0)),
                                         exact: false,
                                         reply: if acks == 0 { None } else { Some(tx) },
                                     };

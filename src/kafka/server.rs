@@ -197,6 +197,21 @@ async fn request(
             ))])
         }));
     }
+    if frame.len() >= 2 && i16::from_be_bytes([frame[0], frame[1]]) == super::control::KEY {
+        let Some((cid, req)) = super::control::decode(frame) else {
+            return Err("malformed FerryControl request".into());
+        };
+        let b = broker.clone();
+        return Ok(Box::pin(async move {
+            let answer = match req {
+                Ok(r) => super::control::handle(b, r).await,
+                Err(e) => Err(format!("bad control request: {e}")),
+            };
+            Some(vec![Piece::Bytes(super::control::encode_response(
+                cid, answer,
+            ))])
+        }));
+    }
     if frame.len() >= 2 && i16::from_be_bytes([frame[0], frame[1]]) == mirror_append::ACK_KEY {
         let Some((cid, topic, partition, region, offset)) = mirror_append::decode_ack(frame) else {
             return Err("malformed MirrorAck request".into());

@@ -10,6 +10,7 @@
 //! offset is the offset of its first batch; the log end offset never goes back except by
 //! [`PartitionLog::truncate_to`].
 
+pub mod epochs;
 pub mod index;
 pub mod segment;
 
@@ -22,6 +23,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use thiserror::Error;
 
 use crate::batch::{self, BatchHeader};
+pub use epochs::EpochEntry;
+use epochs::EpochCache;
 use segment::Segment;
 
 /// Storage settings of one partition.
@@ -116,6 +119,8 @@ pub struct PartitionLog {
     config: LogConfig,
     /// Sorted by base offset; the last is the active segment. Never empty.
     segments: Vec<Segment>,
+    /// At which offset each region epoch began.
+    epochs: EpochCache,
 }
 
 pub fn now_ms() -> i64 {
@@ -178,14 +183,29 @@ impl PartitionLog {
                 .push(Segment::create(dir, 0, config.index_interval_bytes).map_err(io_err(dir))?);
         }
         report.segments = segments.len();
-        Ok((
-            PartitionLog {
-                dir: dir.to_path_buf(),
-                config,
-                segments,
-            },
-            report,
-        ))
+        let log_end = segments.last().expect("not empty").next_offset;
+        let (epochs, existed) = EpochCache::open(dir, log_end).map_err(io_err(dir))?;
+        let mut log = PartitionLog {
+            dir: dir.to_path_buf(),
+            config,
+            segments,
+            epochs,
+        };
+        if !existed {
+            // No history file yet (a new partition, or one written before epochs): scan it.
+            let mut found: Vec<EpochEntry> = Vec::new();
+            log.for_each_batch(0, |h| {
+                let e = h.partition_leader_epoch;
+                if e >= 0 && found.last().is_none_or(|l| e > l.epoch) {
+                    found.push(EpochEntry {
+                        epoch: e,
+                        start_offset: h.base_offset,
+                    });
+                }
+            })?;
+            log.epochs.rebuild(found).map_err(io_err(dir))?;
+        }
+        Ok((log, report))
     }
 
     pub fn dir(&self) -> &Path {
@@ -219,6 +239,11 @@ impl PartitionLog {
         self.segments.iter().map(|s| s.size).sum()
     }
 
+    /// The partition's epoch history.
+    pub fn epochs(&self) -> &[EpochEntry] {
+        self.epochs.entries()
+    }
+
     pub fn segment_count(&self) -> usize {
         self.segments.len()
     }
@@ -232,6 +257,9 @@ impl PartitionLog {
             batch::set_partition_leader_epoch(bytes, e);
         }
         let h = BatchHeader::parse(bytes).expect("validated before append");
+        self.epochs
+            .observe(h.partition_leader_epoch, base)
+            .map_err(io_err(&self.dir))?;
         self.append_at(bytes, &h)?;
         Ok(base)
     }
@@ -250,6 +278,9 @@ impl PartitionLog {
                 end: self.next_offset(),
             });
         }
+        self.epochs
+            .observe(h.partition_leader_epoch, h.base_offset)
+            .map_err(io_err(&self.dir))?;
         self.append_at(bytes, &h)?;
         Ok(h.base_offset)
     }
@@ -487,6 +518,8 @@ impl PartitionLog {
         self.segments.pop();
         let (seg, _) = Segment::open(&self.dir, base, idx, true).map_err(io_err(&self.dir))?;
         self.segments.push(seg);
+        // After the log: a crash in between leaves entries past the end, dropped on open.
+        self.epochs.truncate_to(offset).map_err(io_err(&self.dir))?;
         Ok(())
     }
 }
