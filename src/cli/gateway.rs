@@ -66,13 +66,12 @@ pub fn run(args: GatewayArgs) -> anyhow::Result<()> {
             crate::telemetry::install(m)?;
         }
         let endpoint = link::endpoint(spec.quic, Some(server), client)?;
+        let admin = tokio::net::TcpListener::bind(spec.admin)
+            .await
+            .with_context(|| format!("binding the admin API on {}", spec.admin))?;
         tracing::info!(region = %args.region, quic = %spec.quic, %broker, "ferry gateway listening on {}", spec.quic);
-        let gw = Arc::new(Gateway {
-            topology: topo,
-            region: args.region.clone(),
-            broker,
-            endpoint: endpoint.clone(),
-        });
+        let gw = Gateway::new(topo, args.region.clone(), broker, endpoint.clone());
+        tokio::spawn(crate::mirror::admin::serve(gw.clone(), admin));
         tokio::select! {
             _ = gw.run() => {},
             _ = crate::cli::broker::shutdown_signal() => {

@@ -2,13 +2,21 @@
 //!
 //! ```text
 //! frame   = length u32 (of kind..crc) | kind u8 | payload | crc u32 (CRC-32, IEEE, of kind+payload)
-//! OPEN     (1, source → sink)  topic: u16 length + UTF-8, partition i32, partition_count i32
-//! POSITION (2, sink → source)  log_end i64: where the mirror ends, so where to resume
+//! OPEN     (1, source → sink)  topic: u16 length + UTF-8, partition i32, partition_count i32,
+//!                              epoch i32: the source's region epoch for the topic
+//! POSITION (2, sink → source)  log_end i64: where the mirror ends, so where to resume; then
+//!                              count u32 and (epoch i32, start offset i64) per entry: the
+//!                              mirror's epoch history, to find where it diverges
 //! BATCHES  (3, source → sink)  first_offset i64, then whole Kafka record batches, byte for byte
 //! ACK      (4, sink → source)  log_end i64: the mirror holds everything below it on disk
 //! ERROR    (5, sink → source)  code i16, log_end i64, message: u16 length + UTF-8
 //! OFFSETS  (6, source → sink)  group: u16 length + UTF-8, count u32, then per entry
 //!                              topic (u16 length + UTF-8), partition i32, offset i64
+//! TRUNCATE (7, source → sink)  offset i64: the mirror's log past it is not in the source's
+//!                              history: quarantine it and cut it, then send POSITION again
+//! STATE    (8, either way)     sent_at u64 (sender's clock, ms), JSON (failover state, lease
+//!                              report, log ends): the heartbeat on a link's control stream
+//! STATE_ACK(9, answer)         sent_at u64 echoed
 //! ```
 //!
 //! The CRC catches corruption between the two gateways' processes; each batch also carries its
@@ -26,9 +34,11 @@ pub enum Frame {
         topic: String,
         partition: i32,
         partition_count: i32,
+        epoch: i32,
     },
     Position {
         log_end: i64,
+        epochs: Vec<crate::log::EpochEntry>,
     },
     Batches {
         first_offset: i64,
@@ -46,6 +56,18 @@ pub enum Frame {
     Offsets {
         group: String,
         entries: Vec<(String, i32, i64)>,
+    },
+    /// Cut the mirror back to `offset` (its tail there diverged), quarantining what is cut.
+    Truncate {
+        offset: i64,
+    },
+    /// A heartbeat carrying the sender's failover state (JSON).
+    State {
+        sent_at: u64,
+        json: String,
+    },
+    StateAck {
+        sent_at: u64,
     },
 }
 
@@ -88,15 +110,36 @@ impl Frame {
                 topic,
                 partition,
                 partition_count,
+                epoch,
             } => {
                 b.put_u8(1);
                 put_str(&mut b, topic);
                 b.put_i32(*partition);
                 b.put_i32(*partition_count);
+                b.put_i32(*epoch);
             }
-            Frame::Position { log_end } => {
+            Frame::Position { log_end, epochs } => {
                 b.put_u8(2);
                 b.put_i64(*log_end);
+                b.put_u32(epochs.len() as u32);
+                for e in epochs {
+                    b.put_i32(e.epoch);
+                    b.put_i64(e.start_offset);
+                }
+            }
+            Frame::Truncate { offset } => {
+                b.put_u8(7);
+                b.put_i64(*offset);
+            }
+            Frame::State { sent_at, json } => {
+                b.reserve(json.len() + 16);
+                b.put_u8(8);
+                b.put_u64(*sent_at);
+                b.put_slice(json.as_bytes());
+            }
+            Frame::StateAck { sent_at } => {
+                b.put_u8(9);
+                b.put_u64(*sent_at);
             }
             Frame::Batches {
                 first_offset,
@@ -161,17 +204,45 @@ impl Frame {
         Ok(match kind {
             1 => {
                 let topic = get_str(&mut body, "OPEN")?;
-                need(&body, 8, "OPEN")?;
+                need(&body, 12, "OPEN")?;
                 Frame::Open {
                     topic,
                     partition: body.get_i32(),
                     partition_count: body.get_i32(),
+                    epoch: body.get_i32(),
                 }
             }
             2 => {
-                need(&body, 8, "POSITION")?;
-                Frame::Position {
-                    log_end: body.get_i64(),
+                need(&body, 12, "POSITION")?;
+                let log_end = body.get_i64();
+                let n = body.get_u32() as usize;
+                need(&body, n.saturating_mul(12), "POSITION")?;
+                let epochs = (0..n)
+                    .map(|_| crate::log::EpochEntry {
+                        epoch: body.get_i32(),
+                        start_offset: body.get_i64(),
+                    })
+                    .collect();
+                Frame::Position { log_end, epochs }
+            }
+            7 => {
+                need(&body, 8, "TRUNCATE")?;
+                Frame::Truncate {
+                    offset: body.get_i64(),
+                }
+            }
+            8 => {
+                need(&body, 8, "STATE")?;
+                let sent_at = body.get_u64();
+                Frame::State {
+                    sent_at,
+                    json: String::from_utf8_lossy(&body).into_owned(),
+                }
+            }
+            9 => {
+                need(&body, 8, "STATE_ACK")?;
+                Frame::StateAck {
+                    sent_at: body.get_u64(),
                 }
             }
             3 => {
@@ -258,8 +329,27 @@ mod tests {
                 topic: "orders".into(),
                 partition: 2,
                 partition_count: 6,
+                epoch: 3,
             },
-            Frame::Position { log_end: 77 },
+            Frame::Position {
+                log_end: 77,
+                epochs: vec![
+                    crate::log::EpochEntry {
+                        epoch: 0,
+                        start_offset: 0,
+                    },
+                    crate::log::EpochEntry {
+                        epoch: 3,
+                        start_offset: 70,
+                    },
+                ],
+            },
+            Frame::Truncate { offset: 70 },
+            Frame::State {
+                sent_at: 123,
+                json: "{}".into(),
+            },
+            Frame::StateAck { sent_at: 123 },
             Frame::Batches {
                 first_offset: 77,
                 batches: Bytes::from_static(b"some batches"),

@@ -1,9 +1,17 @@
 //! The gateway process: one QUIC endpoint that accepts the peers that mirror from us... and
-//! dials the peers that mirror our topics.
+//! dials every peer it shares a topic rule with.
+//!
+//! Each gateway dials its peers and, on its own connection to a peer, sends a heartbeat every
+//! `failover.heartbeat` on a control stream (its failover state, how long ago it heard from
+//! each region, and the log ends of the topics it is primary for), plus one stream per
+//! partition it ships. Which partitions it ships follows the broker's failover state, polled
+//! every [`STATE_POLL`]: after a failover the direction reverses by itself. A peer whose
+//! heartbeat carries a newer epoch for a rule is believed (the peer is authenticated by mTLS),
+//! which is how a rejoining region learns it was replaced.
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchRequest, FetchTopic};
@@ -14,9 +22,16 @@ use tokio::sync::watch;
 use super::frame::{self, Frame};
 use crate::batch;
 use crate::client::Client;
+use crate::failover::lease::{Lease, LeaseConfig, Millis, DEFAULT_DRIFT};
+use crate::failover::{self, Placement, RegionState, RuleState};
+use crate::kafka::control::{Control, OffsetsAnswer, StateAnswer};
 use crate::kafka::mirror_append::MirrorAppend;
-use crate::topology::Topology;
+use crate::log::epochs::divergence;
+use crate::topology::{Fencing, Topology};
 use crate::transport::link;
+
+/// How often the gateway reads its broker's failover state.
+pub const STATE_POLL: Duration = Duration::from_millis(250);
 
 /// Bytes read per fetch and sent per BATCHES frame at most.
 const CHUNK_BYTES: i32 = 1 << 20;
@@ -30,6 +45,26 @@ pub fn clamp_offset(committed: i64, mirror_log_end: i64) -> i64 {
     committed.min(mirror_log_end)
 }
 
+/// What a heartbeat carries (JSON in a STATE frame).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Heartbeat {
+    pub region: String,
+    pub state: RegionState,
+    /// ms since the sender last heard from each region.
+    pub report: BTreeMap<String, u64>,
+    /// Log end offsets of the topics the sender is primary for, per partition.
+    pub ends: BTreeMap<String, Vec<i64>>,
+    /// Sender's wall clock (for reports only; leases use monotonic time).
+    pub unix_ms: i64,
+}
+
+/// The last heartbeat from a peer.
+#[derive(Debug, Clone)]
+pub struct PeerReport {
+    pub received: Instant,
+    pub heartbeat: Heartbeat,
+}
+
 /// Everything a gateway needs.
 pub struct Gateway {
     pub topology: Arc<Topology>,
@@ -37,28 +72,222 @@ pub struct Gateway {
     /// The local broker's Kafka address.
     pub broker: String,
     pub endpoint: quinn::Endpoint,
+    /// The broker's failover state (`None` until first read).
+    state: watch::Sender<Option<RegionState>>,
+    pub(crate) lease: Mutex<Lease>,
+    origin: Instant,
+    /// Links cut through the admin API (drills), and the open connections per peer.
+    cuts: Mutex<BTreeSet<String>>,
+    conns: Mutex<BTreeMap<String, Vec<quinn::Connection>>>,
+    pub(crate) reports: Mutex<BTreeMap<String, PeerReport>>,
 }
 
 impl Gateway {
-    /// Run until the process ends.
-    pub async fn run(self: Arc<Self>) {
-        let me = self.clone();
-        tokio::spawn(async move { me.accept_loop().await });
-        // Peers that mirror at least one topic whose primary is this region.
-        let peers: Vec<String> = self
-            .topology
+    pub fn new(
+        topology: Arc<Topology>,
+        region: String,
+        broker: String,
+        endpoint: quinn::Endpoint,
+    ) -> Arc<Gateway> {
+        let f = &topology.failover;
+        let cfg = LeaseConfig {
+            lease_ms: f.lease.as_millis() as u64,
+            heartbeat_ms: f.heartbeat.as_millis() as u64,
+            drift: DEFAULT_DRIFT,
+        };
+        let regions = topology.regions.iter().map(|r| r.name.clone()).collect();
+        let lease = Lease::new(&region, regions, f.witness.clone(), cfg, 0);
+        Arc::new(Gateway {
+            topology,
+            region,
+            broker,
+            endpoint,
+            state: watch::channel(None).0,
+            lease: Mutex::new(lease),
+            origin: Instant::now(),
+            cuts: Mutex::new(BTreeSet::new()),
+            conns: Mutex::new(BTreeMap::new()),
+            reports: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// Milliseconds on this gateway's monotonic clock.
+    pub fn now(&self) -> Millis {
+        self.origin.elapsed().as_millis() as Millis
+    }
+
+    /// The failover state as last read from the broker.
+    pub fn state(&self) -> RegionState {
+        self.state.borrow().clone().unwrap_or_default()
+    }
+
+    /// Where `topic` lives now.
+    pub fn placement(&self, topic: &str) -> Option<Placement> {
+        failover::placement(&self.topology, &self.state(), topic)
+    }
+
+    /// Whether this region ships `topic` to `peer` now.
+    fn ships(&self, topic: &str, peer: &str) -> bool {
+        self.placement(topic)
+            .is_some_and(|p| p.primary == self.region && p.mirrors.iter().any(|m| m == peer))
+    }
+
+    /// Regions this one shares a topic rule with.
+    pub fn peers(&self) -> Vec<String> {
+        self.topology
             .topics
             .iter()
-            .filter(|r| r.primary == self.region)
-            .flat_map(|r| r.mirrors.iter().cloned())
-            .collect::<std::collections::BTreeSet<_>>()
+            .map(failover::rule_regions)
+            .filter(|rs| rs.contains(&self.region))
+            .flatten()
+            .filter(|r| *r != self.region)
+            .collect::<BTreeSet<_>>()
             .into_iter()
-            .collect();
-        for peer in peers {
+            .collect()
+    }
+
+    pub fn is_cut(&self, peer: &str) -> bool {
+        self.cuts.lock().expect("cuts lock").contains(peer)
+    }
+
+    /// Cut (or heal) the link to `peer`: every connection to it is closed and none is made or
+    /// accepted until healed. For drills on deployments whose network the drill cannot touch.
+    pub fn set_cut(&self, peer: &str, cut: bool) {
+        if cut {
+            self.cuts.lock().expect("cuts lock").insert(peer.to_string());
+            for c in self
+                .conns
+                .lock()
+                .expect("conns lock")
+                .remove(peer)
+                .unwrap_or_default()
+            {
+                c.close(2u32.into(), b"link cut by the admin API");
+            }
+            tracing::warn!(%peer, "link cut through the admin API");
+        } else if self.cuts.lock().expect("cuts lock").remove(peer) {
+            tracing::warn!(%peer, "link healed through the admin API");
+        }
+    }
+
+    fn track(&self, peer: &str, conn: &quinn::Connection) {
+        let mut m = self.conns.lock().expect("conns lock");
+        let v = m.entry(peer.to_string()).or_default();
+        v.retain(|c| c.close_reason().is_none());
+        v.push(conn.clone());
+    }
+
+    /// A client of the local broker.
+    pub async fn broker_client(&self) -> Result<Client, String> {
+        Client::connect(&self.broker).await.map_err(|e| e.to_string())
+    }
+
+    /// Move a rule to `new` in the local broker, and take the broker's state at once.
+    pub async fn apply(&self, pattern: &str, new: RuleState) -> Result<bool, String> {
+        let mut c = self.broker_client().await?;
+        let v = c
+            .control(&Control::Apply {
+                pattern: pattern.to_string(),
+                state: new,
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        self.refresh_state(&mut c).await?;
+        Ok(v.get("changed").and_then(|c| c.as_bool()).unwrap_or(false))
+    }
+
+    async fn refresh_state(&self, c: &mut Client) -> Result<(), String> {
+        let a: StateAnswer = c
+            .control_as(&Control::State)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.state.send_if_modified(|s| {
+            if s.as_ref() != Some(&a.state) {
+                *s = Some(a.state);
+                true
+            } else {
+                false
+            }
+        });
+        Ok(())
+    }
+
+    /// Log ends and epoch histories of `topics` (every rule-covered topic when empty).
+    pub async fn offsets(&self, topics: Vec<String>) -> Result<OffsetsAnswer, String> {
+        self.broker_client()
+            .await?
+            .control_as(&Control::Offsets { topics })
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Run until the process ends.
+    pub async fn run(self: Arc<Self>) {
+        // The broker's failover state first: it decides what this gateway ships.
+        let mut rx = self.state.subscribe();
+        {
+            let me = self.clone();
+            tokio::spawn(async move { me.state_poll().await });
+        }
+        while rx.borrow_and_update().is_none() {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+        let me = self.clone();
+        tokio::spawn(async move { me.accept_loop().await });
+        if self.topology.failover.fencing == Fencing::Lease {
+            let me = self.clone();
+            tokio::spawn(async move { me.lease_loop().await });
+        }
+        for peer in self.peers() {
             let me = self.clone();
             tokio::spawn(async move { me.source_link(peer).await });
         }
         std::future::pending::<()>().await;
+    }
+
+    async fn state_poll(self: Arc<Self>) {
+        loop {
+            match self.broker_client().await {
+                Ok(mut c) => loop {
+                    if let Err(e) = self.refresh_state(&mut c).await {
+                        tracing::debug!(error = %e, "reading the broker's failover state");
+                        break;
+                    }
+                    tokio::time::sleep(STATE_POLL).await;
+                },
+                Err(e) => tracing::debug!(error = %e, "local broker not reachable"),
+            }
+            tokio::time::sleep(STATE_POLL).await;
+        }
+    }
+
+    /// Under lease fencing: renew the broker's write lease while a majority (or the witness)
+    /// answers our heartbeats; stop renewing otherwise, so the broker stops taking writes when
+    /// the lease runs out.
+    async fn lease_loop(self: Arc<Self>) {
+        let step = self.topology.failover.heartbeat / 4;
+        let mut client: Option<Client> = None;
+        loop {
+            tokio::time::sleep(step).await;
+            let now = self.now();
+            let until = {
+                let l = self.lease.lock().expect("lease lock");
+                l.may_write(now).then(|| l.write_lease_until()).flatten()
+            };
+            let Some(until) = until else { continue };
+            let ms = until.saturating_sub(now);
+            if client.is_none() {
+                client = self.broker_client().await.ok();
+            }
+            if let Some(c) = client.as_mut() {
+                if let Err(e) = c.control(&Control::RenewLease { ms }).await {
+                    tracing::debug!(error = %e, "renewing the broker's write lease");
+                    client = None;
+                }
+            }
+        }
     }
 
     // ---- sink side ----------------------------------------------------------------------
@@ -67,6 +296,11 @@ impl Gateway {
         loop {
             match link::accept(&self.endpoint, &self.topology).await {
                 Ok((peer, conn)) => {
+                    if self.is_cut(&peer) {
+                        conn.close(2u32.into(), b"link cut by the admin API");
+                        continue;
+                    }
+                    self.track(&peer, &conn);
                     let me = self.clone();
                     tokio::spawn(async move {
                         loop {
@@ -102,26 +336,36 @@ impl Gateway {
         mut rx: quinn::RecvStream,
     ) -> Result<(), String> {
         let e = |x: std::io::Error| x.to_string();
-        let (topic, partition, partition_count) = match frame::read(&mut rx).await.map_err(e)? {
-            Some(Frame::Open {
-                topic,
-                partition,
-                partition_count,
-            }) => (topic, partition, partition_count),
-            Some(f @ Frame::Offsets { .. }) => return self.sink_offsets(peer, f, tx, rx).await,
-            _ => return Err("stream did not start with OPEN or OFFSETS".into()),
-        };
-        // Only topics this peer is primary for, and that this region mirrors.
-        let allowed = self
-            .topology
-            .rule_for_topic(&topic)
-            .map(|r| r.primary == peer && r.mirrors.contains(&self.region))
-            .unwrap_or(false);
-        if !allowed {
-            let msg = format!(
+        let (topic, partition, partition_count, epoch) =
+            match frame::read(&mut rx).await.map_err(e)? {
+                Some(Frame::Open {
+                    topic,
+                    partition,
+                    partition_count,
+                    epoch,
+                }) => (topic, partition, partition_count, epoch),
+                Some(f @ Frame::Offsets { .. }) => return self.sink_offsets(peer, f, tx, rx).await,
+                Some(f @ Frame::State { .. }) => return self.sink_heartbeats(peer, f, tx, rx).await,
+                _ => return Err("stream did not start with OPEN, OFFSETS or STATE".into()),
+            };
+        // Only topics this peer is primary for at this very epoch, and that this region mirrors.
+        let refusal = match self.placement(&topic) {
+            None => Some(format!("no rule mirrors topic '{topic}'")),
+            Some(p) if p.epoch > epoch => Some(format!(
+                "region {peer} is at epoch {epoch} for '{topic}' but {} is primary at epoch {} (fenced)",
+                p.primary, p.epoch
+            )),
+            Some(p) if p.epoch < epoch => Some(format!(
+                "region {peer} is at epoch {epoch} for '{topic}', ahead of this region's {} (learning it from heartbeats)",
+                p.epoch
+            )),
+            Some(p) if p.primary != peer || !p.mirrors.contains(&self.region) => Some(format!(
                 "region {peer} may not mirror topic '{topic}' into {}",
                 self.region
-            );
+            )),
+            Some(_) => None,
+        };
+        if let Some(msg) = refusal {
             let _ = frame::write(
                 &mut tx,
                 &Frame::Error {
@@ -158,20 +402,59 @@ impl Gateway {
             .await;
             return Err(format!("{topic}-{partition}: {msg}"));
         }
-        frame::write(&mut tx, &Frame::Position { log_end: end })
+        let topic_ref = &topic;
+        let position = |end: i64| async move {
+            let o = self.offsets(vec![topic_ref.clone()]).await?;
+            let epochs = o
+                .topics
+                .get(topic_ref)
+                .and_then(|ps| ps.iter().find(|p| p.partition == partition))
+                .map(|p| p.epochs.clone())
+                .unwrap_or_default();
+            Ok::<Frame, String>(Frame::Position {
+                log_end: end,
+                epochs,
+            })
+        };
+        frame::write(&mut tx, &position(end).await?)
             .await
             .map_err(e)?;
-        tracing::info!(%peer, %topic, partition, log_end = end, "mirroring partition");
+        tracing::info!(%peer, %topic, partition, log_end = end, epoch, "mirroring partition");
         loop {
             let Some(f) = frame::read(&mut rx).await.map_err(e)? else {
                 return Ok(());
             };
-            let Frame::Batches {
-                first_offset,
-                batches,
-            } = f
-            else {
-                return Err("expected BATCHES".into());
+            let (first_offset, batches) = match f {
+                Frame::Batches {
+                    first_offset,
+                    batches,
+                } => (first_offset, batches),
+                Frame::Truncate { offset } if offset < end => {
+                    // Our tail past `offset` is not in the primary's history: set it aside.
+                    let answer: crate::kafka::control::TruncateAnswer = client
+                        .control_as(&Control::Truncate {
+                            topic: topic.clone(),
+                            partition,
+                            offset,
+                            region: self.region.clone(),
+                        })
+                        .await
+                        .map_err(|x| x.to_string())?;
+                    metrics::counter!("ferry_quarantined_records_total", "topic" => topic.clone())
+                        .increment(answer.quarantined as u64);
+                    end = answer.log_end;
+                    frame::write(&mut tx, &position(end).await?)
+                        .await
+                        .map_err(e)?;
+                    continue;
+                }
+                Frame::Truncate { .. } => {
+                    frame::write(&mut tx, &position(end).await?)
+                        .await
+                        .map_err(e)?;
+                    continue;
+                }
+                _ => return Err("expected BATCHES or TRUNCATE".into()),
             };
             // Check every batch before writing any: CRC and continuity.
             let reply = match batch::split(&batches) {
@@ -216,6 +499,138 @@ impl Gateway {
                 }
             };
             frame::write(&mut tx, &reply).await.map_err(e)?;
+        }
+    }
+
+    /// Our heartbeat, as sent now.
+    async fn heartbeat(&self) -> Heartbeat {
+        let state = self.state();
+        let mut ends = BTreeMap::new();
+        if let Ok(o) = self.offsets(Vec::new()).await {
+            for (t, ps) in o.topics {
+                if self.placement(&t).is_some_and(|p| p.primary == self.region) {
+                    ends.insert(t, ps.iter().map(|p| p.log_end).collect());
+                }
+            }
+        }
+        let report = self.lease.lock().expect("lease lock").report(self.now());
+        Heartbeat {
+            region: self.region.clone(),
+            state,
+            report,
+            ends,
+            unix_ms: crate::log::now_ms(),
+        }
+    }
+
+    /// Send a heartbeat to `peer` every `failover.heartbeat` on our connection to it; each
+    /// answer renews our lease.
+    async fn heartbeats(
+        self: Arc<Self>,
+        peer: String,
+        mut conn_rx: watch::Receiver<Option<quinn::Connection>>,
+    ) {
+        let every = self.topology.failover.heartbeat;
+        loop {
+            let conn = loop {
+                if let Some(c) = conn_rx.borrow_and_update().clone() {
+                    break c;
+                }
+                if conn_rx.changed().await.is_err() {
+                    return;
+                }
+            };
+            let r: Result<(), String> = async {
+                let (mut tx, mut rx) = conn.open_bi().await.map_err(|x| x.to_string())?;
+                loop {
+                    let hb = self.heartbeat().await;
+                    let sent_at = self.now();
+                    let json = serde_json::to_string(&hb).expect("serialisable");
+                    frame::write(&mut tx, &Frame::State { sent_at, json })
+                        .await
+                        .map_err(|x| x.to_string())?;
+                    match tokio::time::timeout(every * 2, frame::read(&mut rx)).await {
+                        Ok(Ok(Some(Frame::StateAck { sent_at }))) => {
+                            self.lease.lock().expect("lease lock").on_ack(&peer, sent_at);
+                        }
+                        Ok(Ok(other)) => return Err(format!("expected STATE_ACK, got {other:?}")),
+                        Ok(Err(x)) => return Err(x.to_string()),
+                        Err(_) => return Err("no STATE_ACK in two heartbeats".into()),
+                    }
+                    tokio::time::sleep(every).await;
+                }
+            }
+            .await;
+            if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "heartbeats interrupted");
+            }
+            tokio::time::sleep(RETRY.min(every)).await;
+        }
+    }
+
+    /// Take heartbeats from `peer`: note them for the lease, answer at once, and adopt any
+    /// newer epoch they carry (how a region that was away learns it has been replaced).
+    async fn sink_heartbeats(
+        &self,
+        peer: &str,
+        first: Frame,
+        mut tx: quinn::SendStream,
+        mut rx: quinn::RecvStream,
+    ) -> Result<(), String> {
+        let mut next = Some(first);
+        loop {
+            let f = match next.take() {
+                Some(f) => f,
+                None => match frame::read(&mut rx).await.map_err(|x| x.to_string())? {
+                    Some(f) => f,
+                    None => return Ok(()),
+                },
+            };
+            let Frame::State { sent_at, json } = f else {
+                return Err("expected STATE".into());
+            };
+            frame::write(&mut tx, &Frame::StateAck { sent_at })
+                .await
+                .map_err(|x| x.to_string())?;
+            let hb: Heartbeat = match serde_json::from_str(&json) {
+                Ok(h) => h,
+                Err(x) => {
+                    tracing::warn!(%peer, error = %x, "unreadable heartbeat");
+                    continue;
+                }
+            };
+            if hb.region != peer {
+                tracing::warn!(%peer, claimed = %hb.region, "heartbeat names another region");
+                continue;
+            }
+            let now = self.now();
+            self.lease
+                .lock()
+                .expect("lease lock")
+                .on_heartbeat(peer, now, hb.report.clone());
+            for (pattern, theirs) in &hb.state.rules {
+                let ours = self.state().rule(&self.topology, pattern);
+                let Some(ours) = ours else { continue };
+                if theirs.epoch > ours.epoch && theirs.primary != self.region {
+                    tracing::warn!(%peer, %pattern, epoch = theirs.epoch, primary = %theirs.primary,
+                        "a peer knows a newer epoch: adopting it");
+                    let new = RuleState {
+                        epoch: theirs.epoch,
+                        primary: theirs.primary.clone(),
+                        fenced: false,
+                    };
+                    if let Err(e) = self.apply(pattern, new).await {
+                        tracing::warn!(%pattern, error = %e, "could not adopt the newer epoch");
+                    }
+                }
+            }
+            self.reports.lock().expect("reports lock").insert(
+                peer.to_string(),
+                PeerReport {
+                    received: Instant::now(),
+                    heartbeat: hb,
+                },
+            );
         }
     }
 
@@ -276,10 +691,8 @@ impl Gateway {
         let mut by_topic: BTreeMap<String, Vec<(i32, i64)>> = BTreeMap::new();
         for (t, p, o) in entries {
             let ok = self
-                .topology
-                .rule_for_topic(&t)
-                .map(|r| r.primary == peer && r.mirrors.contains(&self.region))
-                .unwrap_or(false);
+                .placement(&t)
+                .is_some_and(|p| p.primary == peer && p.mirrors.contains(&self.region));
             if ok && o >= 0 {
                 by_topic.entry(t).or_default().push((p, o));
             }
@@ -360,14 +773,7 @@ impl Gateway {
                 let entries: Vec<(String, i32, i64)> = resp
                     .topics
                     .into_iter()
-                    .filter(|t| {
-                        self.topology
-                            .rule_for_topic(t.name.0.as_str())
-                            .map(|r| {
-                                r.primary == self.region && r.mirrors.iter().any(|m| m == peer)
-                            })
-                            .unwrap_or(false)
-                    })
+                    .filter(|t| self.ships(t.name.0.as_str(), peer))
                     .flat_map(|t| {
                         let name = t.name.0.to_string();
                         t.partitions
@@ -409,8 +815,13 @@ impl Gateway {
         tokio::spawn(async move {
             let mut backoff = RETRY;
             loop {
+                if me.is_cut(&p2) {
+                    tokio::time::sleep(RETRY).await;
+                    continue;
+                }
                 match link::connect(&me.endpoint, &me.topology, &p2).await {
                     Ok(conn) => {
+                        me.track(&p2, &conn);
                         tracing::info!(peer = %p2, "connected to peer gateway");
                         backoff = RETRY;
                         let _ = conn_tx.send(Some(conn.clone()));
@@ -432,27 +843,31 @@ impl Gateway {
             let pr = peer.clone();
             tokio::spawn(async move { me.offset_sync(pr, rx).await });
         }
-        // Discover topics and start one task per partition.
-        let mut started: HashSet<(String, i32)> = HashSet::new();
+        {
+            let me = self.clone();
+            let rx = conn_rx.clone();
+            let pr = peer.clone();
+            tokio::spawn(async move { me.heartbeats(pr, rx).await });
+        }
+        // Discover topics and start one task per partition this region ships to `peer`; a
+        // task ends when a failover moves the topic away, and starts again if it comes back.
+        let started: Arc<Mutex<HashSet<(String, i32)>>> = Arc::default();
         loop {
             match self.local_topics().await {
                 Ok(topics) => {
                     for (topic, count) in topics {
-                        let mirrored = self
-                            .topology
-                            .rule_for_topic(&topic)
-                            .map(|r| r.primary == self.region && r.mirrors.contains(&peer))
-                            .unwrap_or(false);
-                        if !mirrored {
+                        if !self.ships(&topic, &peer) {
                             continue;
                         }
                         for p in 0..count {
-                            if started.insert((topic.clone(), p)) {
+                            if started.lock().expect("started lock").insert((topic.clone(), p)) {
                                 let me = self.clone();
                                 let rx = conn_rx.clone();
                                 let (t, pr) = (topic.clone(), peer.clone());
+                                let started = started.clone();
                                 tokio::spawn(async move {
-                                    me.source_partition(pr, t, p, count, rx).await
+                                    me.source_partition(pr, t.clone(), p, count, rx).await;
+                                    started.lock().expect("started lock").remove(&(t, p));
                                 });
                             }
                         }
@@ -480,6 +895,10 @@ impl Gateway {
         mut conn_rx: watch::Receiver<Option<quinn::Connection>>,
     ) {
         loop {
+            if !self.ships(&topic, &peer) {
+                tracing::info!(%peer, %topic, partition, "no longer shipped from here (failover)");
+                return;
+            }
             let conn = loop {
                 if let Some(c) = conn_rx.borrow_and_update().clone() {
                     break c;
@@ -507,6 +926,10 @@ impl Gateway {
         count: i32,
     ) -> Result<(), String> {
         let e = |x: std::io::Error| x.to_string();
+        let epoch = self
+            .placement(topic)
+            .map(|p| p.epoch)
+            .ok_or("no rule for the topic")?;
         let (mut tx, mut rx) = conn.open_bi().await.map_err(|x| x.to_string())?;
         frame::write(
             &mut tx,
@@ -514,22 +937,46 @@ impl Gateway {
                 topic: topic.to_string(),
                 partition,
                 partition_count: count,
+                epoch,
             },
         )
         .await
         .map_err(e)?;
-        let mut next = match frame::read(&mut rx).await.map_err(e)? {
-            Some(Frame::Position { log_end }) => log_end,
-            Some(Frame::Error { message, .. }) => {
-                return Err(format!("refused by the mirror: {message}"))
+        // Where the mirror ends, and whether its tail is in our history (a rejoining region's
+        // may not be): if not, have it quarantined and cut first.
+        let mut next = loop {
+            let (log_end, theirs) = match frame::read(&mut rx).await.map_err(e)? {
+                Some(Frame::Position { log_end, epochs }) => (log_end, epochs),
+                Some(Frame::Error { message, .. }) => {
+                    return Err(format!("refused by the mirror: {message}"))
+                }
+                other => return Err(format!("expected POSITION, got {other:?}")),
+            };
+            let o = self.offsets(vec![topic.to_string()]).await?;
+            let ours = o
+                .topics
+                .get(topic)
+                .and_then(|ps| ps.iter().find(|p| p.partition == partition))
+                .cloned()
+                .ok_or("partition vanished")?;
+            let d = divergence(&ours.epochs, ours.log_end, &theirs, log_end);
+            if d >= log_end {
+                break log_end;
             }
-            other => return Err(format!("expected POSITION, got {other:?}")),
+            tracing::warn!(%peer, %topic, partition, mirror_end = log_end, diverges_at = d,
+                "the mirror's tail is not in this region's history: it will be quarantined");
+            frame::write(&mut tx, &Frame::Truncate { offset: d })
+                .await
+                .map_err(e)?;
         };
         let mut client = Client::connect(&self.broker)
             .await
             .map_err(|x| x.to_string())?;
         let _ = client.mirror_ack(topic, partition, peer, next).await;
         loop {
+            if self.placement(topic).map(|p| p.epoch) != Some(epoch) || !self.ships(topic, peer) {
+                return Err("the topic's failover state changed".into());
+            }
             let (err, bytes, source_end) = fetch_raw(&mut client, topic, partition, next).await?;
             if err != 0 {
                 return Err(format!("fetch {topic}-{partition} at {next}: error {err}"));

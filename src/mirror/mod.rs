@@ -15,5 +15,6 @@
 //! sync, sync replication mode, snappy on the wire, pipelining more than one request per
 //! partition stream.
 
+pub mod admin;
 pub mod frame;
 pub mod gateway;

@@ -56,7 +56,7 @@ class Proc:
 
 
 class Regions:
-    def __init__(self, tmp: Path, names: list[str], mode: str = "async"):
+    def __init__(self, tmp: Path, names: list[str], mode: str = "async", failover: str = 'fencing = "none"'):
         self.tmp, self.names = tmp, names
         self.kafka = {n: free_port() for n in names}
         quic = {n: free_port() for n in names}
@@ -80,6 +80,11 @@ partitions = {PARTITIONS}
 primary = "{names[0]}"
 mirrors = [{mirrors}]
 mode = "{mode}"
+
+# These tests stop gateways on purpose; lease fencing (which would stop east's writes once it
+# cannot reach west) has tests of its own.
+[failover]
+{failover}
 """
         self.topology = tmp / "topology.toml"
         self.topology.write_text(text)
@@ -128,8 +133,8 @@ mode = "{mode}"
 def regions_factory(tmp_path, request):
     made: list[Regions] = []
 
-    def make(names, mode="async"):
-        r = Regions(tmp_path, names, mode).start()
+    def make(names, mode="async", **kw):
+        r = Regions(tmp_path, names, mode, **kw).start()
         made.append(r)
         return r
 

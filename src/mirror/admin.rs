@@ -1,0 +1,415 @@
+//! The gateway's admin API: HTTP/1.1 with JSON bodies on the topology's `admin` address.
+//!
+//! `ferry failover`, `ferry drill` and operators' scripts drive a region through it:
+//!
+//! | method and path      | body                                              | does |
+//! |----------------------|---------------------------------------------------|------|
+//! | `GET /v1/state`      |                                                   | rules (epoch, primary, fenced), lease, peers' last heartbeats, cut links |
+//! | `GET /v1/offsets`    |                                                   | log end and epoch history of every partition a rule covers |
+//! | `POST /v1/fence`     | `{"patterns": [..], "fenced": true}`              | stop (or resume) client writes for rules this region is primary of; answers the final log ends |
+//! | `POST /v1/promote`   | `{"pattern", "epoch", "from", "wait_for", "force", "timeout_ms"}` | become primary at `epoch`: after catching up to `wait_for` (planned), or once `from`'s lease ran out (forced) |
+//! | `POST /v1/adopt`     | `{"pattern", "state": {"epoch", "primary"}}`      | take a newer rule state (a demoted or third region) |
+//! | `POST /v1/cut`       | `{"peer", "cut": true}`                           | cut (or heal) the link to a peer (drills) |
+//!
+//! Errors answer 4xx/5xx with `{"error": "..."}`. The API has no authentication of its own:
+//! bind it to an address only operators reach (loopback in the examples).
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::gateway::Gateway;
+use crate::failover::RuleState;
+use crate::topology::Fencing;
+
+/// Request bodies.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FenceRequest {
+    pub patterns: Vec<String>,
+    #[serde(default = "yes")]
+    pub fenced: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PromoteRequest {
+    pub pattern: String,
+    pub epoch: i32,
+    /// The primary being replaced.
+    pub from: String,
+    /// Planned: the log ends to reach first (topic → per partition).
+    #[serde(default)]
+    pub wait_for: BTreeMap<String, Vec<i64>>,
+    #[serde(default)]
+    pub force: bool,
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_timeout() -> u64 {
+    60_000
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AdoptRequest {
+    pub pattern: String,
+    pub state: RuleState,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CutRequest {
+    pub peer: String,
+    #[serde(default = "yes")]
+    pub cut: bool,
+}
+
+/// Serve the admin API on a bound listener until the process ends.
+pub async fn serve(gw: Arc<Gateway>, listener: tokio::net::TcpListener) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "gateway admin API on http://{addr}/v1/state");
+    }
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let gw = gw.clone();
+                async move { Ok::<_, Infallible>(route(gw, req).await) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await
+            {
+                tracing::debug!(error = %e, "admin connection ended");
+            }
+        });
+    }
+}
+
+fn reply(status: StatusCode, v: Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(
+        serde_json::to_vec_pretty(&v).expect("serialisable"),
+    )));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+async fn body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, String> {
+    let b = req
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    if b.len() > 1 << 20 {
+        return Err("body too large".into());
+    }
+    serde_json::from_slice(&b).map_err(|e| format!("bad request body: {e}"))
+}
+
+async fn route(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    let r: Result<Value, (StatusCode, String)> = match (req.method().clone(), path.as_str()) {
+        (Method::GET, "/v1/state") => Ok(state(&gw)),
+        (Method::GET, "/v1/offsets") => gw
+            .offsets(Vec::new())
+            .await
+            .map(|o| serde_json::to_value(o).expect("serialisable"))
+            .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e)),
+        (Method::POST, "/v1/fence") => match body::<FenceRequest>(req).await {
+            Ok(f) => fence(&gw, f).await,
+            Err(e) => Err((StatusCode::BAD_REQUEST, e)),
+        },
+        (Method::POST, "/v1/promote") => match body::<PromoteRequest>(req).await {
+            Ok(p) => promote(&gw, p).await,
+            Err(e) => Err((StatusCode::BAD_REQUEST, e)),
+        },
+        (Method::POST, "/v1/adopt") => match body::<AdoptRequest>(req).await {
+            Ok(a) => gw
+                .apply(&a.pattern, a.state)
+                .await
+                .map(|changed| json!({ "changed": changed }))
+                .map_err(|e| (StatusCode::CONFLICT, e)),
+            Err(e) => Err((StatusCode::BAD_REQUEST, e)),
+        },
+        (Method::POST, "/v1/cut") => match body::<CutRequest>(req).await {
+            Ok(c) if gw.peers().contains(&c.peer) => {
+                gw.set_cut(&c.peer, c.cut);
+                Ok(json!({ "peer": c.peer, "cut": c.cut }))
+            }
+            Ok(c) => Err((StatusCode::NOT_FOUND, format!("'{}' is not a peer", c.peer))),
+            Err(e) => Err((StatusCode::BAD_REQUEST, e)),
+        },
+        _ => Err((StatusCode::NOT_FOUND, format!("no route {path}"))),
+    };
+    match r {
+        Ok(v) => reply(StatusCode::OK, v),
+        Err((s, e)) => reply(s, json!({ "error": e })),
+    }
+}
+
+fn state(gw: &Gateway) -> Value {
+    let st = gw.state();
+    let rules: BTreeMap<String, RuleState> = gw
+        .topology
+        .topics
+        .iter()
+        .filter_map(|r| Some((r.pattern.clone(), st.rule(&gw.topology, &r.pattern)?)))
+        .collect();
+    let now = gw.now();
+    let (may_write, until) = {
+        let l = gw.lease.lock().expect("lease lock");
+        (
+            l.may_write(now),
+            l.write_lease_until().map(|u| u.saturating_sub(now)),
+        )
+    };
+    let peers: BTreeMap<String, Value> = gw
+        .reports
+        .lock()
+        .expect("reports lock")
+        .iter()
+        .map(|(p, r)| {
+            (
+                p.clone(),
+                json!({
+                    "heard_ms_ago": r.received.elapsed().as_millis() as u64,
+                    "ends": r.heartbeat.ends,
+                    "rules": r.heartbeat.state.rules,
+                }),
+            )
+        })
+        .collect();
+    let cuts: Vec<String> = gw.peers().into_iter().filter(|p| gw.is_cut(p)).collect();
+    json!({
+        "region": gw.region,
+        "rules": rules,
+        "lease": {
+            "fencing": match gw.topology.failover.fencing { Fencing::Lease => "lease", Fencing::None => "none" },
+            "may_write": may_write,
+            "remaining_ms": until.map(|u| u.min(u64::MAX / 2)),
+        },
+        "peers": peers,
+        "cuts": cuts,
+    })
+}
+
+/// Log ends of the topics a rule covers.
+async fn ends_of(gw: &Gateway, pattern: &str) -> Result<BTreeMap<String, Vec<i64>>, String> {
+    let o = gw.offsets(Vec::new()).await?;
+    Ok(o.topics
+        .into_iter()
+        .filter(|(t, _)| gw.placement(t).is_some_and(|p| p.pattern == pattern))
+        .map(|(t, ps)| (t, ps.iter().map(|p| p.log_end).collect()))
+        .collect())
+}
+
+async fn fence(gw: &Gateway, f: FenceRequest) -> Result<Value, (StatusCode, String)> {
+    let mut ends = BTreeMap::new();
+    for pattern in &f.patterns {
+        let st = gw
+            .state()
+            .rule(&gw.topology, pattern)
+            .ok_or((StatusCode::NOT_FOUND, format!("no rule '{pattern}'")))?;
+        if st.primary != gw.region {
+            return Err((
+                StatusCode::CONFLICT,
+                format!("{} is not the primary of '{pattern}' ({} is)", gw.region, st.primary),
+            ));
+        }
+        gw.apply(
+            pattern,
+            RuleState {
+                fenced: f.fenced,
+                ..st
+            },
+        )
+        .await
+        .map_err(|e| (StatusCode::CONFLICT, e))?;
+        // The gates are shut under each partition's lock: these ends are final.
+        ends.insert(
+            pattern.clone(),
+            ends_of(gw, pattern)
+                .await
+                .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e))?,
+        );
+    }
+    Ok(json!({ "fenced": f.fenced, "ends": ends }))
+}
+
+async fn promote(gw: &Gateway, p: PromoteRequest) -> Result<Value, (StatusCode, String)> {
+    let conflict = |e: String| (StatusCode::CONFLICT, e);
+    let cur = gw
+        .state()
+        .rule(&gw.topology, &p.pattern)
+        .ok_or((StatusCode::NOT_FOUND, format!("no rule '{}'", p.pattern)))?;
+    if cur.primary == gw.region && cur.epoch >= p.epoch {
+        return Ok(json!({ "epoch": cur.epoch, "already": true }));
+    }
+    if p.epoch <= cur.epoch {
+        return Err(conflict(format!(
+            "epoch {} is not above the current {}",
+            p.epoch, cur.epoch
+        )));
+    }
+    let started = std::time::Instant::now();
+    let deadline = started + Duration::from_millis(p.timeout_ms);
+    if !p.force {
+        // Planned: catch up to the fenced primary's final log ends (lag 0).
+        loop {
+            let ours = ends_of(gw, &p.pattern)
+                .await
+                .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e))?;
+            let behind: Vec<String> = p
+                .wait_for
+                .iter()
+                .flat_map(|(t, want)| {
+                    let have = ours.get(t).cloned().unwrap_or_default();
+                    want.iter()
+                        .enumerate()
+                        .filter(move |(i, w)| have.get(*i).copied().unwrap_or(0) < **w)
+                        .map(move |(i, w)| format!("{t}-{i} (want {w})"))
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            if behind.is_empty() {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err((
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("not caught up in time: {}", behind.join(", ")),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    } else if gw.topology.failover.fencing == Fencing::Lease {
+        // Forced: only once the old primary's lease has surely run out.
+        loop {
+            let ok = gw
+                .lease
+                .lock()
+                .expect("lease lock")
+                .may_take_over(&p.from, gw.now());
+            if ok {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err((
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("the lease of '{}' has not run out in time (it may still be alive)", p.from),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let ours = ends_of(gw, &p.pattern)
+        .await
+        .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e))?;
+    gw.apply(
+        &p.pattern,
+        RuleState {
+            epoch: p.epoch,
+            primary: gw.region.clone(),
+            fenced: false,
+        },
+    )
+    .await
+    .map_err(conflict)?;
+    tracing::warn!(pattern = %p.pattern, epoch = p.epoch, from = %p.from, force = p.force, "promoted to primary");
+    // What the old primary last said it had, for the loss report of a forced failover.
+    let last = gw
+        .reports
+        .lock()
+        .expect("reports lock")
+        .get(&p.from)
+        .map(|r| {
+            json!({
+                "heard_ms_ago": r.received.elapsed().as_millis() as u64,
+                "ends": r.heartbeat.ends,
+            })
+        });
+    Ok(json!({
+        "epoch": p.epoch,
+        "waited_ms": started.elapsed().as_millis() as u64,
+        "ends": ours,
+        "from_last_report": last,
+    }))
+}
+
+/// Call a gateway's admin API: `method` `path` with an optional JSON body. A non-2xx answer is
+/// an `Err` with the gateway's message.
+pub async fn call(
+    addr: std::net::SocketAddr,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+    timeout: Duration,
+) -> Result<Value, String> {
+    let fut = async {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("gateway admin {addr}: {e}"))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("gateway admin {addr}: {e}"))?;
+        tokio::spawn(conn);
+        let bytes = body
+            .map(|b| serde_json::to_vec(&b).expect("serialisable"))
+            .unwrap_or_default();
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, addr.to_string())
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(bytes)))
+            .map_err(|e| e.to_string())?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("gateway admin {addr}: {e}"))?;
+        let status = resp.status();
+        let b = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        let v: Value = serde_json::from_slice(&b).unwrap_or(Value::Null);
+        if status.is_success() {
+            Ok(v)
+        } else {
+            Err(v
+                .get("error")
+                .and_then(|e| e.as_str())
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("gateway admin {addr}: HTTP {status}")))
+        }
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| format!("gateway admin {addr}: no answer within {timeout:?}"))?
+}
