@@ -226,13 +226,30 @@ struct ProducerIds {
 
 const PRODUCER_ID_BLOCK: i64 = 1000;
 
+/// Producer ids of the region at position `i` of the topology (file order) start at `i << 40`,
+/// so regions never hand out the same id; without a topology they start at 0.
+pub fn producer_id_base(config: &BrokerConfig) -> i64 {
+    match (&config.topology, &config.region) {
+        (Some(t), Some(r)) => t
+            .regions
+            .iter()
+            .position(|x| &x.name == r)
+            .map_or(0, |i| (i as i64) << 40),
+        _ => 0,
+    }
+}
+
 impl ProducerIds {
-    fn open(path: PathBuf) -> std::io::Result<Self> {
+    /// `base`: the first id of this region's range. Mirrors keep the producer state of the
+    /// batches they copy, so after a failover the new primary must never hand out an id the
+    /// old one used: each region allocates from its own range (see [`producer_id_base`]).
+    fn open(path: PathBuf, base: i64) -> std::io::Result<Self> {
         let next = match std::fs::read_to_string(&path) {
             Ok(s) => s.trim().parse().unwrap_or(0),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
             Err(e) => return Err(e),
-        };
+        }
+        .max(base);
         Ok(ProducerIds {
             path,
             next,
@@ -280,7 +297,8 @@ impl Broker {
         std::fs::create_dir_all(&topics_dir).map_err(io_err(&topics_dir))?;
         let appended = Arc::new(Notify::new());
         let producer_ids =
-            ProducerIds::open(meta_dir.join("producer-ids")).map_err(io_err(&meta_dir))?;
+            ProducerIds::open(meta_dir.join("producer-ids"), producer_id_base(&config))
+                .map_err(io_err(&meta_dir))?;
         let failover =
             RegionState::load(&meta_dir.join("failover.json")).map_err(io_err(&meta_dir))?;
         let lease_armed = meta_dir.join("lease-armed").exists();
@@ -604,7 +622,8 @@ impl Broker {
         let changed = next.apply(t, pattern, new).map_err(|e| e.to_string())?;
         if changed {
             let path = self.meta_dir.join("failover.json");
-            next.store(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            next.store(&path)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
             *st = next;
         }
         drop(st);
@@ -643,8 +662,7 @@ impl Broker {
     /// May a client produce to `topic` here? The epoch to stamp, or the Kafka error code and
     /// message to answer with.
     pub fn write_check(&self, topic: &str) -> Result<i32, (i16, String)> {
-        let (Some(p), Some(region)) = (self.placement(topic), self.config.region.as_deref())
-        else {
+        let (Some(p), Some(region)) = (self.placement(topic), self.config.region.as_deref()) else {
             return Ok(0);
         };
         const NOT_LEADER: i16 = 6;

@@ -83,8 +83,7 @@ impl Broker {
                 if h.next_offset() <= at {
                     continue;
                 }
-                let (h, plain) =
-                    batch::plain_records(&bytes[range]).map_err(|e| e.to_string())?;
+                let (h, plain) = batch::plain_records(&bytes[range]).map_err(|e| e.to_string())?;
                 let recs = batch::records_in(&h, &plain).map_err(|e| e.to_string())?;
                 let Some(first) = recs.first() else {
                     at = h.next_offset();
@@ -96,7 +95,12 @@ impl Broker {
                     let mut headers: Vec<(String, Option<Vec<u8>>)> = r
                         .headers
                         .iter()
-                        .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v.map(|v| v.to_vec())))
+                        .map(|(k, v)| {
+                            (
+                                String::from_utf8_lossy(k).into_owned(),
+                                v.map(|v| v.to_vec()),
+                            )
+                        })
                         .collect();
                     for (k, v) in [
                         ("ferry.original.offset", r.offset.to_string()),

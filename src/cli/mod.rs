@@ -6,6 +6,7 @@
 pub mod broker;
 pub mod certs;
 pub mod clients;
+pub mod failover;
 pub mod gateway;
 pub mod groups;
 pub mod status;
@@ -59,6 +60,8 @@ pub enum Command {
     Groups(groups::GroupsArgs),
     /// Create the gateways' certificates: a CA and one per region.
     Certs(certs::CertsArgs),
+    /// Move the primary of topic rules to another region (planned switchover, or --force).
+    Failover(failover::FailoverArgs),
 }
 
 /// Set up `tracing` on stderr; `RUST_LOG` overrides the default level (info).
@@ -113,5 +116,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Topics(args) => clients::topics(args).map(|_| ExitCode::SUCCESS),
         Command::Groups(args) => groups::run(args).map(|_| ExitCode::SUCCESS),
         Command::Certs(args) => certs::run(args).map(|_| ExitCode::SUCCESS),
+        Command::Failover(args) => failover::run(args).map(|_| ExitCode::SUCCESS),
     }
 }

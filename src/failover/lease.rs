@@ -67,7 +67,10 @@ impl Lease {
         cfg: LeaseConfig,
         now: Millis,
     ) -> Lease {
-        assert!(regions.iter().any(|r| r == me), "a region is one of the regions");
+        assert!(
+            regions.iter().any(|r| r == me),
+            "a region is one of the regions"
+        );
         Lease {
             me: me.to_string(),
             regions,

@@ -75,8 +75,12 @@ impl RegionState {
     /// Load from `path`; a missing file is the topology's initial state.
     pub fn load(path: &Path) -> io::Result<RegionState> {
         match std::fs::read(path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))),
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: {e}", path.display()),
+                )
+            }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(RegionState::default()),
             Err(e) => Err(e),
         }
@@ -187,7 +191,10 @@ mod tests {
         let t = topo();
         let mut s = RegionState::default();
         let p = placement(&t, &s, "orders").unwrap();
-        assert_eq!((p.epoch, p.primary.as_str(), p.mirrors.clone()), (0, "east", vec!["west".to_string()]));
+        assert_eq!(
+            (p.epoch, p.primary.as_str(), p.mirrors.clone()),
+            (0, "east", vec!["west".to_string()])
+        );
         assert!(placement(&t, &s, "__consumer_offsets").is_none());
         let west1 = RuleState {
             epoch: 1,
@@ -197,26 +204,38 @@ mod tests {
         assert_eq!(s.apply(&t, "*", west1.clone()), Ok(true));
         assert_eq!(s.apply(&t, "*", west1.clone()), Ok(false));
         let p = placement(&t, &s, "orders").unwrap();
-        assert_eq!((p.epoch, p.primary.as_str(), p.mirrors.clone()), (1, "west", vec!["east".to_string()]));
+        assert_eq!(
+            (p.epoch, p.primary.as_str(), p.mirrors.clone()),
+            (1, "west", vec!["east".to_string()])
+        );
         assert_eq!(p.home, "east");
         let back = RuleState {
             epoch: 0,
             primary: "east".into(),
             fenced: false,
         };
-        assert!(matches!(s.apply(&t, "*", back), Err(StateError::EpochBack { .. })));
+        assert!(matches!(
+            s.apply(&t, "*", back),
+            Err(StateError::EpochBack { .. })
+        ));
         let taken = RuleState {
             epoch: 1,
             primary: "east".into(),
             fenced: false,
         };
-        assert!(matches!(s.apply(&t, "*", taken), Err(StateError::EpochTaken { .. })));
+        assert!(matches!(
+            s.apply(&t, "*", taken),
+            Err(StateError::EpochTaken { .. })
+        ));
         let nowhere = RuleState {
             epoch: 2,
             primary: "south".into(),
             fenced: false,
         };
-        assert!(matches!(s.apply(&t, "*", nowhere), Err(StateError::NotInRule { .. })));
+        assert!(matches!(
+            s.apply(&t, "*", nowhere),
+            Err(StateError::NotInRule { .. })
+        ));
     }
 
     #[test]

@@ -115,7 +115,10 @@ pub fn decode(mut frame: Bytes) -> Option<(i32, Result<Control, String>)> {
     if len < 0 || frame.remaining() != len as usize {
         return None;
     }
-    Some((cid, serde_json::from_slice(&frame).map_err(|e| e.to_string())))
+    Some((
+        cid,
+        serde_json::from_slice(&frame).map_err(|e| e.to_string()),
+    ))
 }
 
 /// Encode a response frame (with its length prefix).

@@ -13,12 +13,12 @@
 
 pub mod admin;
 pub mod api_versions;
+pub mod control;
 pub mod coordinator;
 pub mod fetch;
 pub mod fetch_wire;
 pub mod list_offsets;
 pub mod metadata;
-pub mod control;
 pub mod mirror_append;
 pub mod produce;
 pub mod producer_id;

@@ -23,8 +23,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use thiserror::Error;
 
 use crate::batch::{self, BatchHeader};
-pub use epochs::EpochEntry;
 use epochs::EpochCache;
+pub use epochs::EpochEntry;
 use segment::Segment;
 
 /// Storage settings of one partition.

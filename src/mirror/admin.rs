@@ -236,7 +236,10 @@ async fn fence(gw: &Gateway, f: FenceRequest) -> Result<Value, (StatusCode, Stri
         if st.primary != gw.region {
             return Err((
                 StatusCode::CONFLICT,
-                format!("{} is not the primary of '{pattern}' ({} is)", gw.region, st.primary),
+                format!(
+                    "{} is not the primary of '{pattern}' ({} is)",
+                    gw.region, st.primary
+                ),
             ));
         }
         gw.apply(
@@ -319,7 +322,10 @@ async fn promote(gw: &Gateway, p: PromoteRequest) -> Result<Value, (StatusCode, 
             if std::time::Instant::now() > deadline {
                 return Err((
                     StatusCode::GATEWAY_TIMEOUT,
-                    format!("the lease of '{}' has not run out in time (it may still be alive)", p.from),
+                    format!(
+                        "the lease of '{}' has not run out in time (it may still be alive)",
+                        p.from
+                    ),
                 ));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

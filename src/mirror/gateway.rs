@@ -154,7 +154,10 @@ impl Gateway {
     /// accepted until healed. For drills on deployments whose network the drill cannot touch.
     pub fn set_cut(&self, peer: &str, cut: bool) {
         if cut {
-            self.cuts.lock().expect("cuts lock").insert(peer.to_string());
+            self.cuts
+                .lock()
+                .expect("cuts lock")
+                .insert(peer.to_string());
             for c in self
                 .conns
                 .lock()
@@ -179,7 +182,9 @@ impl Gateway {
 
     /// A client of the local broker.
     pub async fn broker_client(&self) -> Result<Client, String> {
-        Client::connect(&self.broker).await.map_err(|e| e.to_string())
+        Client::connect(&self.broker)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// Move a rule to `new` in the local broker, and take the broker's state at once.
@@ -336,18 +341,20 @@ impl Gateway {
         mut rx: quinn::RecvStream,
     ) -> Result<(), String> {
         let e = |x: std::io::Error| x.to_string();
-        let (topic, partition, partition_count, epoch) =
-            match frame::read(&mut rx).await.map_err(e)? {
-                Some(Frame::Open {
-                    topic,
-                    partition,
-                    partition_count,
-                    epoch,
-                }) => (topic, partition, partition_count, epoch),
-                Some(f @ Frame::Offsets { .. }) => return self.sink_offsets(peer, f, tx, rx).await,
-                Some(f @ Frame::State { .. }) => return self.sink_heartbeats(peer, f, tx, rx).await,
-                _ => return Err("stream did not start with OPEN, OFFSETS or STATE".into()),
-            };
+        let (topic, partition, partition_count, epoch) = match frame::read(&mut rx)
+            .await
+            .map_err(e)?
+        {
+            Some(Frame::Open {
+                topic,
+                partition,
+                partition_count,
+                epoch,
+            }) => (topic, partition, partition_count, epoch),
+            Some(f @ Frame::Offsets { .. }) => return self.sink_offsets(peer, f, tx, rx).await,
+            Some(f @ Frame::State { .. }) => return self.sink_heartbeats(peer, f, tx, rx).await,
+            _ => return Err("stream did not start with OPEN, OFFSETS or STATE".into()),
+        };
         // Only topics this peer is primary for at this very epoch, and that this region mirrors.
         let refusal = match self.placement(&topic) {
             None => Some(format!("no rule mirrors topic '{topic}'")),
@@ -551,7 +558,10 @@ impl Gateway {
                         .map_err(|x| x.to_string())?;
                     match tokio::time::timeout(every * 2, frame::read(&mut rx)).await {
                         Ok(Ok(Some(Frame::StateAck { sent_at }))) => {
-                            self.lease.lock().expect("lease lock").on_ack(&peer, sent_at);
+                            self.lease
+                                .lock()
+                                .expect("lease lock")
+                                .on_ack(&peer, sent_at);
                         }
                         Ok(Ok(other)) => return Err(format!("expected STATE_ACK, got {other:?}")),
                         Ok(Err(x)) => return Err(x.to_string()),
@@ -860,7 +870,11 @@ impl Gateway {
                             continue;
                         }
                         for p in 0..count {
-                            if started.lock().expect("started lock").insert((topic.clone(), p)) {
+                            if started
+                                .lock()
+                                .expect("started lock")
+                                .insert((topic.clone(), p))
+                            {
                                 let me = self.clone();
                                 let rx = conn_rx.clone();
                                 let (t, pr) = (topic.clone(), peer.clone());

@@ -1,0 +1,127 @@
+"""Failover with real processes on loopback: `ferry failover` moves a topic rule's primary
+between regions through the gateways' admin APIs. A planned switchover loses nothing and
+reverses the mirror direction; a forced failover while the old primary is cut off, followed by
+the cut healing, quarantines exactly the old primary's divergent tail and leaves both regions
+with the same records at every offset."""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from conftest import EXTERNAL, FERRY_BIN
+from test_mirror import PARTITIONS, end_offsets, produce, read_all, regions_factory, wait_mirrored  # noqa: F401
+
+pytestmark = pytest.mark.skipif(bool(EXTERNAL), reason="ferry-only: gateways")
+
+
+def admin(r, region: str, method: str, path: str, body: dict | None = None) -> dict:
+    text = r.topology.read_text()
+    # the admin port of a region, as written by Regions
+    port = int(text.split(f"[regions.{region}.gateway]")[1].split("admin = \"127.0.0.1:")[1].split('"')[0])
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def failover(r, to: str, *extra: str) -> dict:
+    p = subprocess.run([str(FERRY_BIN), "failover", "--topology", str(r.topology), "--to", to, "--json", *extra],
+                       capture_output=True, timeout=120)
+    assert p.returncode == 0, p.stderr.decode() + "\n" + r.logs()
+    return json.loads(p.stdout)
+
+
+def all_records(bootstrap: str, topic: str, ends: list[int]) -> list:
+    out = []
+    for p in range(PARTITIONS):
+        out += [(p, *rec) for rec in read_all(bootstrap, topic, p, ends[p])]
+    return out
+
+
+def wait_state(r, region: str, epoch: int, primary: str, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    s = None
+    while time.monotonic() < deadline:
+        s = admin(r, region, "GET", "/v1/state")
+        if s["rules"]["*"]["epoch"] == epoch and s["rules"]["*"]["primary"] == primary:
+            return s
+        time.sleep(0.2)
+    raise AssertionError(f"{region} state {s}")
+
+
+def test_planned_switchover_loses_nothing_reverses_the_mirror_and_fails_back(regions_factory):
+    r = regions_factory(["east", "west"])
+    topic = "switch"
+    acked = produce(r.bootstrap("east"), topic, 3_000)
+    out = failover(r, "west")["rules"][0]
+    assert (out["from"], out["to"], out["epoch"], out["forced"]) == ("east", "west", 1, False), out
+    assert out["write_unavailable_ms"] >= 0
+    # Lag 0 at the switch: west holds everything east acknowledged, at the same offsets.
+    assert end_offsets(r.bootstrap("west"), topic) == end_offsets(r.bootstrap("east"), topic)
+    wait_state(r, "east", 1, "west")
+    # east refuses client writes now (NOT_LEADER_OR_FOLLOWER); west takes them and ships them to east.
+    acked.update(produce(r.bootstrap("west"), topic, 2_000, start=3_000))
+    want = end_offsets(r.bootstrap("west"), topic)
+    wait_mirrored(r, "east", topic, want)
+    # Failback is a planned switchover back.
+    back = failover(r, "east")["rules"][0]
+    assert (back["from"], back["to"], back["epoch"]) == ("west", "east", 2), back
+    acked.update(produce(r.bootstrap("east"), topic, 1_000, start=5_000))
+    want = end_offsets(r.bootstrap("east"), topic)
+    wait_mirrored(r, "west", topic, want)
+    assert sum(want) == len(acked) == 6_000
+    east = all_records(r.bootstrap("east"), topic, want)
+    west = all_records(r.bootstrap("west"), topic, want)
+    assert east == west
+    got = {(p, o): (k, v, h, ts) for (p, o, k, v, h, ts) in east}
+    assert got == acked
+    # Nothing was quarantined.
+    s = subprocess.run([str(FERRY_BIN), "topics", "--bootstrap", r.bootstrap("east")], capture_output=True, timeout=30)
+    assert b"__ferry.quarantine" not in s.stdout
+
+
+def test_forced_failover_then_rejoin_quarantines_exactly_the_divergent_tail(regions_factory):
+    r = regions_factory(["east", "west"])
+    topic = "forced"
+    acked = produce(r.bootstrap("east"), topic, 2_000)
+    shipped = end_offsets(r.bootstrap("east"), topic)
+    wait_mirrored(r, "west", topic, shipped)
+    # Cut the link both ways; east (fencing = none) keeps taking writes that never reach west.
+    admin(r, "east", "POST", "/v1/cut", {"peer": "west"})
+    admin(r, "west", "POST", "/v1/cut", {"peer": "east"})
+    divergent = produce(r.bootstrap("east"), topic, 500, start=2_000)
+    out = failover(r, "west", "--force")["rules"][0]
+    assert (out["from"], out["to"], out["epoch"], out["forced"]) == ("east", "west", 1, True), out
+    assert end_offsets(r.bootstrap("west"), topic) == shipped
+    acked_west = produce(r.bootstrap("west"), topic, 300, start=10_000)
+    # Heal: east learns epoch 1 from west's heartbeats, moves its divergent tail to the
+    # quarantine, and becomes a mirror of west.
+    admin(r, "east", "POST", "/v1/cut", {"peer": "west", "cut": False})
+    admin(r, "west", "POST", "/v1/cut", {"peer": "east", "cut": False})
+    wait_state(r, "east", 1, "west")
+    want = end_offsets(r.bootstrap("west"), topic)
+    wait_mirrored(r, "east", topic, want)
+    east = all_records(r.bootstrap("east"), topic, want)
+    west = all_records(r.bootstrap("west"), topic, want)
+    assert east == west, "after rejoin, every offset holds the same record in both regions"
+    live = {(p, o): (k, v, h, ts) for (p, o, k, v, h, ts) in west}
+    for key, rec in {**{k: v for k, v in acked.items()}, **acked_west}.items():
+        assert live[key] == rec
+    # The quarantine holds exactly the divergent tail, with its original offsets.
+    q = f"__ferry.quarantine.{topic}"
+    qends = end_offsets(r.bootstrap("east"), q)
+    assert sum(qends) == len(divergent) == 500
+    quarantined = {}
+    for p in range(PARTITIONS):
+        for (o, k, v, h, ts) in read_all(r.bootstrap("east"), q, p, qends[p]):
+            hd = dict((hk, hv) for hk, hv in h if hk.startswith("ferry.original."))
+            assert hd["ferry.original.region"] == b"east" and hd["ferry.original.epoch"] == b"0"
+            assert int(hd["ferry.original.partition"]) == p
+            orig = [(hk, hv) for hk, hv in h if not hk.startswith("ferry.original.")]
+            quarantined[(p, int(hd["ferry.original.offset"]))] = (k, v, orig, ts)
+    assert quarantined == divergent
