@@ -6,6 +6,7 @@
 pub mod broker;
 pub mod certs;
 pub mod clients;
+pub mod drill;
 pub mod failover;
 pub mod gateway;
 pub mod groups;
@@ -62,6 +63,8 @@ pub enum Command {
     Certs(certs::CertsArgs),
     /// Move the primary of topic rules to another region (planned switchover, or --force).
     Failover(failover::FailoverArgs),
+    /// Run a failover drill against a running topology and report RPO and RTO.
+    Drill(drill::DrillArgs),
 }
 
 /// Set up `tracing` on stderr; `RUST_LOG` overrides the default level (info).
@@ -117,5 +120,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Groups(args) => groups::run(args).map(|_| ExitCode::SUCCESS),
         Command::Certs(args) => certs::run(args).map(|_| ExitCode::SUCCESS),
         Command::Failover(args) => failover::run(args).map(|_| ExitCode::SUCCESS),
+        Command::Drill(args) => drill::run(args),
     }
 }

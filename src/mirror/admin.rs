@@ -344,6 +344,12 @@ async fn promote(gw: &Gateway, p: PromoteRequest) -> Result<Value, (StatusCode, 
     )
     .await
     .map_err(conflict)?;
+    if p.force {
+        gw.replaced
+            .lock()
+            .expect("replaced lock")
+            .insert(p.from.clone());
+    }
     tracing::warn!(pattern = %p.pattern, epoch = p.epoch, from = %p.from, force = p.force, "promoted to primary");
     // What the old primary last said it had, for the loss report of a forced failover.
     let last = gw

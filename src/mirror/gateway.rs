@@ -80,6 +80,10 @@ pub struct Gateway {
     cuts: Mutex<BTreeSet<String>>,
     conns: Mutex<BTreeMap<String, Vec<quinn::Connection>>>,
     pub(crate) reports: Mutex<BTreeMap<String, PeerReport>>,
+    /// Regions this one replaced by a forced promotion and that have not rejoined yet. Their
+    /// lease has run out and they cannot renew it (a stale primary's heartbeats get no lease
+    /// credit), so they count towards this region's majority until they come back.
+    pub(crate) replaced: Mutex<BTreeSet<String>>,
 }
 
 impl Gateway {
@@ -108,6 +112,7 @@ impl Gateway {
             cuts: Mutex::new(BTreeSet::new()),
             conns: Mutex::new(BTreeMap::new()),
             reports: Mutex::new(BTreeMap::new()),
+            replaced: Mutex::new(BTreeSet::new()),
         })
     }
 
@@ -278,7 +283,10 @@ impl Gateway {
             tokio::time::sleep(step).await;
             let now = self.now();
             let until = {
-                let l = self.lease.lock().expect("lease lock");
+                let mut l = self.lease.lock().expect("lease lock");
+                for r in self.replaced.lock().expect("replaced lock").iter() {
+                    l.on_ack(r, now);
+                }
                 l.may_write(now).then(|| l.write_lease_until()).flatten()
             };
             let Some(until) = until else { continue };
@@ -599,16 +607,35 @@ impl Gateway {
             let Frame::State { sent_at, json } = f else {
                 return Err("expected STATE".into());
             };
-            frame::write(&mut tx, &Frame::StateAck { sent_at })
-                .await
-                .map_err(|x| x.to_string())?;
             let hb: Heartbeat = match serde_json::from_str(&json) {
                 Ok(h) => h,
                 Err(x) => {
                     tracing::warn!(%peer, error = %x, "unreadable heartbeat");
-                    continue;
+                    Heartbeat::default()
                 }
             };
+            // A peer behind on some rule's epoch (a replaced primary that has not learnt it
+            // yet) gets no lease credit: the answer acknowledges time 0.
+            let ours = self.state();
+            let stale = self.topology.topics.iter().any(|r| {
+                let mine = ours.rule(&self.topology, &r.pattern).map_or(0, |s| s.epoch);
+                let theirs = hb
+                    .state
+                    .rule(&self.topology, &r.pattern)
+                    .map_or(0, |s| s.epoch);
+                theirs < mine
+            });
+            let credit = if stale || hb.region != peer {
+                0
+            } else {
+                sent_at
+            };
+            frame::write(&mut tx, &Frame::StateAck { sent_at: credit })
+                .await
+                .map_err(|x| x.to_string())?;
+            if !stale && hb.region == peer {
+                self.replaced.lock().expect("replaced lock").remove(peer);
+            }
             if hb.region != peer {
                 tracing::warn!(%peer, claimed = %hb.region, "heartbeat names another region");
                 continue;
