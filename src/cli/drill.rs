@@ -432,6 +432,57 @@ async fn consumer(
     }
 }
 
+/// The quarantined records of a region: (partition, original offset, seq).
+async fn read_quarantine(
+    addr: &str,
+    qtopic: &str,
+    partitions: i32,
+) -> anyhow::Result<Vec<(i32, i64, u64)>> {
+    let mut out = Vec::new();
+    let mut c = Client::connect(addr).await?;
+    let mut req = FetchRequest::default();
+    req.replica_id = BrokerId(-1);
+    req.max_bytes = 16 << 20;
+    let mut ft = FetchTopic::default();
+    ft.topic = TopicName(sb(qtopic));
+    for p in 0..partitions {
+        let mut fp = FetchPartition::default();
+        fp.partition = p;
+        fp.partition_max_bytes = 8 << 20;
+        ft.partitions.push(fp);
+    }
+    req.topics.push(ft);
+    let resp = c.send(&req, 11).await?;
+    for tr in resp.responses {
+        for pr in tr.partitions {
+            // UNKNOWN_TOPIC_OR_PARTITION: nothing was quarantined.
+            let Some(b) = pr.records.filter(|_| pr.error_code == 0) else {
+                continue;
+            };
+            for r in decode_records(&b)? {
+                let h = |k: &str| {
+                    r.headers
+                        .iter()
+                        .find(|(x, _)| x == k)
+                        .and_then(|(_, v)| v.clone())
+                        .and_then(|v| String::from_utf8(v).ok())
+                };
+                let orig: i64 = h("ferry.original.offset")
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(-1);
+                let seq: u64 = r
+                    .value
+                    .as_deref()
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(u64::MAX);
+                out.push((pr.partition_index, orig, seq));
+            }
+        }
+    }
+    Ok(out)
+}
+
 async fn committed(
     c: &mut Client,
     group: &str,
@@ -573,13 +624,15 @@ async fn drill(t: Arc<Topology>, args: &DrillArgs) -> anyhow::Result<Report> {
     }
     let (target_tx, target_rx) = watch::channel(primary.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
+    // The consumer stops later than the producer: once it has read to the end.
+    let (stop_cons_tx, stop_cons_rx) = watch::channel(false);
     let prod = tokio::spawn(producer(
         t.clone(),
         topic.clone(),
         args.partitions,
         args.rate,
         target_rx.clone(),
-        stop_rx.clone(),
+        stop_rx,
         sh.clone(),
     ));
     let cons = tokio::spawn(consumer(
@@ -588,12 +641,14 @@ async fn drill(t: Arc<Topology>, args: &DrillArgs) -> anyhow::Result<Report> {
         group.clone(),
         args.partitions,
         target_rx,
-        stop_rx,
+        stop_cons_rx,
         sh.clone(),
     ));
     tokio::time::sleep(args.phase).await;
 
-    let timeout = t.failover.lease * 2 + Duration::from_secs(30);
+    // Long enough to catch up (planned) or for the old lease to run out (forced).
+    let f = &t.failover;
+    let timeout = f.lease + f.lease / 10 + f.heartbeat * 2 + Duration::from_secs(5);
     let fault_at: Option<Instant>;
     let mut outcome: Option<RuleOutcome> = None;
     let mut violations = Vec::new();
@@ -724,6 +779,7 @@ async fn drill(t: Arc<Topology>, args: &DrillArgs) -> anyhow::Result<Report> {
     )
     .await?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop_cons_tx.send_replace(true);
     let _ = cons.await;
     sh.event("every region holds the same log".to_string());
 
@@ -750,52 +806,11 @@ async fn drill(t: Arc<Topology>, args: &DrillArgs) -> anyhow::Result<Report> {
         .iter()
         .filter(|a| at.get(&(a.partition, a.offset)) != Some(&a.seq))
         .collect();
-    // The quarantine of the old primary.
+    // The quarantines of every region (a mirror may have held a tail the new primary lacked).
     let mut quarantined: Vec<(i32, i64, u64)> = Vec::new();
     let qtopic = crate::broker::quarantine::topic_for(&topic);
-    if let Ok(mut c) = Client::connect(&bootstrap(&t, &primary)?).await {
-        {
-            let mut req = FetchRequest::default();
-            req.replica_id = BrokerId(-1);
-            req.max_bytes = 16 << 20;
-            let mut ft = FetchTopic::default();
-            ft.topic = TopicName(sb(&qtopic));
-            for p in 0..args.partitions {
-                let mut fp = FetchPartition::default();
-                fp.partition = p;
-                fp.partition_max_bytes = 8 << 20;
-                ft.partitions.push(fp);
-            }
-            req.topics.push(ft);
-            let resp = c.send(&req, 11).await?;
-            for tr in resp.responses {
-                for pr in tr.partitions {
-                    // UNKNOWN_TOPIC_OR_PARTITION: nothing was quarantined.
-                    let Some(b) = pr.records.filter(|_| pr.error_code == 0) else {
-                        continue;
-                    };
-                    for r in decode_records(&b)? {
-                        let h = |k: &str| {
-                            r.headers
-                                .iter()
-                                .find(|(x, _)| x == k)
-                                .and_then(|(_, v)| v.clone())
-                                .and_then(|v| String::from_utf8(v).ok())
-                        };
-                        let orig: i64 = h("ferry.original.offset")
-                            .and_then(|s| s.parse().ok())
-                            .unwrap_or(-1);
-                        let seq: u64 = r
-                            .value
-                            .as_deref()
-                            .and_then(|v| std::str::from_utf8(v).ok())
-                            .and_then(|s| s.parse().ok())
-                            .unwrap_or(u64::MAX);
-                        quarantined.push((pr.partition_index, orig, seq));
-                    }
-                }
-            }
-        }
+    for r in &regions {
+        quarantined.extend(read_quarantine(&bootstrap(&t, r)?, &qtopic, args.partitions).await?);
     }
     for (p, o, s) in &quarantined {
         if at.get(&(*p, *o)) == Some(s) {
