@@ -140,6 +140,25 @@ impl Lease {
         self.write_lease_until().is_some_and(|u| now < u)
     }
 
+    /// Whether we heard from `region` within the last two heartbeats (ourselves: always).
+    pub fn alive(&self, region: &str, now: Millis) -> bool {
+        region == self.me
+            || now.saturating_sub(self.last_heard(region)) <= 2 * self.cfg.heartbeat_ms
+    }
+
+    /// The region that should take over from `primary` automatically: the first of
+    /// `candidates` (a rule's regions in file order) other than the primary that is alive here.
+    pub fn preferred_successor<'a>(
+        &self,
+        primary: &str,
+        candidates: &'a [String],
+        now: Millis,
+    ) -> Option<&'a String> {
+        candidates
+            .iter()
+            .find(|r| *r != primary && self.alive(r, now))
+    }
+
     /// Whether `primary`'s lease has surely run out in our own view.
     pub fn expired_here(&self, primary: &str, now: Millis) -> bool {
         now >= self.last_heard(primary) + self.cfg.expiry_wait_ms()
@@ -231,6 +250,22 @@ mod tests {
         assert!(west.may_take_over("east", 40_000));
         // a stale report does not count
         assert!(!west.may_take_over("east", 45_000));
+    }
+
+    #[test]
+    fn the_first_live_region_in_rule_order_succeeds() {
+        let r = regions(&["east", "west", "south"]);
+        let mut south = Lease::new("south", r.clone(), None, cfg(), 0);
+        south.on_heartbeat("west", 20_000, BTreeMap::new());
+        assert_eq!(
+            south.preferred_successor("east", &r, 21_000),
+            Some(&"west".to_string())
+        );
+        // west fell silent too: south is next
+        assert_eq!(
+            south.preferred_successor("east", &r, 30_000),
+            Some(&"south".to_string())
+        );
     }
 
     #[test]

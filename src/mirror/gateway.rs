@@ -27,7 +27,7 @@ use crate::failover::{self, Placement, RegionState, RuleState};
 use crate::kafka::control::{Control, OffsetsAnswer, StateAnswer};
 use crate::kafka::mirror_append::MirrorAppend;
 use crate::log::epochs::divergence;
-use crate::topology::{Fencing, Topology};
+use crate::topology::{Fencing, Promotion, Topology};
 use crate::transport::link;
 
 /// How often the gateway reads its broker's failover state.
@@ -289,6 +289,9 @@ impl Gateway {
                 }
                 l.may_write(now).then(|| l.write_lease_until()).flatten()
             };
+            if self.topology.failover.promotion == Promotion::Automatic {
+                self.auto_promote(now).await;
+            }
             let Some(until) = until else { continue };
             let ms = until.saturating_sub(now);
             if client.is_none() {
@@ -298,6 +301,52 @@ impl Gateway {
                 if let Err(e) = c.control(&Control::RenewLease { ms }).await {
                     tracing::debug!(error = %e, "renewing the broker's write lease");
                     client = None;
+                }
+            }
+        }
+    }
+
+    /// Automatic promotion (`promotion = "automatic"`, lease fencing only): take over a rule
+    /// whose primary's lease has surely run out, when enough regions agree and this region is
+    /// the first live one after the primary in the rule's order.
+    async fn auto_promote(&self, now: Millis) {
+        let st = self.state();
+        for rule in &self.topology.topics {
+            let regions = failover::rule_regions(rule);
+            if !regions.contains(&self.region) {
+                continue;
+            }
+            let Some(cur) = st.rule(&self.topology, &rule.pattern) else {
+                continue;
+            };
+            if cur.primary == self.region {
+                continue;
+            }
+            let go = {
+                let l = self.lease.lock().expect("lease lock");
+                l.may_take_over(&cur.primary, now)
+                    && l.preferred_successor(&cur.primary, &regions, now) == Some(&self.region)
+            };
+            if !go {
+                continue;
+            }
+            let new = RuleState {
+                epoch: cur.epoch + 1,
+                primary: self.region.clone(),
+                fenced: false,
+            };
+            match self.apply(&rule.pattern, new).await {
+                Ok(_) => {
+                    self.replaced
+                        .lock()
+                        .expect("replaced lock")
+                        .insert(cur.primary.clone());
+                    metrics::counter!("ferry_automatic_promotions_total").increment(1);
+                    tracing::warn!(pattern = %rule.pattern, epoch = cur.epoch + 1, from = %cur.primary,
+                        "automatic promotion: the primary's lease ran out");
+                }
+                Err(e) => {
+                    tracing::warn!(pattern = %rule.pattern, error = %e, "automatic promotion failed")
                 }
             }
         }

@@ -40,16 +40,27 @@ def running(request, tmp_path):
     path, regions = TOPOLOGIES[request.param]
     deadline = time.monotonic() + 20
     while True:  # the previous test's processes may still be exiting
-        busy = [p for r in regions for p in (KAFKA[r], ADMIN[r]) if port_open("127.0.0.1", p)]
+        busy = [p for r in regions for p in (KAFKA[r], KAFKA[r] + 2, ADMIN[r], ADMIN[r] + 1)
+                if port_open("127.0.0.1", p)]
         if not busy:
             break
         if time.monotonic() > deadline:
             pytest.fail(f"ports {busy} of {path.name} are in use by another process")
         time.sleep(0.2)
-    u = FerryUp(["--topology", path, "--data-dir", tmp_path / "data"], tmp_path, tmp_path / "logs")
-    u.start()
+    for attempt in range(3):
+        u = FerryUp(["--topology", path, "--data-dir", tmp_path / f"data{attempt}"], tmp_path, tmp_path / f"logs{attempt}")
+        u.start()
+        try:
+            u.wait_ready(len(regions))  # broker children (gateways are not counted)
+            break
+        except AssertionError:
+            # a port of the previous test's processes not released yet (UDP, or a listener
+            # without SO_REUSEADDR): try again shortly
+            u.cleanup()
+            if attempt == 2:
+                raise
+            time.sleep(3)
     try:
-        u.wait_ready(len(regions))  # broker children (gateways are not counted)
         # Every gateway hears every peer (heartbeats flow, leases are granted).
         deadline = time.monotonic() + 60
         while True:
