@@ -335,13 +335,25 @@ impl Topology {
         Ok(BrokerConfig {
             listen: b.listen,
             advertised: Some(b.advertised.clone()),
-            node_id: b.id,
+            node_id: self.node_id(region, b.id),
             metrics: b.metrics,
             data_dir: self
                 .region_dir(region, data_root)?
                 .join(format!("broker-{}", b.id)),
             ..BrokerConfig::default()
         })
+    }
+
+    /// The Kafka node id of a broker: `1000 × region position (file order) + id`, unique
+    /// across the topology, so a Metadata answer can name brokers of other regions (after a
+    /// failover) without clashing. The first region's brokers keep their own ids.
+    pub fn node_id(&self, region: &str, broker_id: i32) -> i32 {
+        let i = self
+            .regions
+            .iter()
+            .position(|r| r.name == region)
+            .unwrap_or(0) as i32;
+        i * 1000 + broker_id
     }
 
     fn region_or_err(&self, name: &str) -> Result<&Region, LookupError> {

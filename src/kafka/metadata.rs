@@ -1,6 +1,8 @@
-//! Metadata: brokers, and topics with their partitions (this broker leads them all).
-//! Requested topics that do not exist are created when auto-creation is on and the client allows
-//! it (`allow_auto_topic_creation`).
+//! Metadata: brokers, and topics with their partitions (this broker leads them all, except in
+//! a region a failover demoted: there the new primary region's broker is named as the leader,
+//! so producers bootstrapped in the old primary follow the switchover without a configuration
+//! change). Requested topics that do not exist are created when auto-creation is on and the
+//! client allows it (`allow_auto_topic_creation`).
 
 use kafka_protocol::messages::metadata_request::MetadataRequest;
 use kafka_protocol::messages::metadata_response::{
@@ -11,8 +13,32 @@ use kafka_protocol::messages::{BrokerId, TopicName};
 use super::{code, sb};
 use crate::broker::{Broker, Topic};
 
+/// The broker that leads `topic` for clients of this region: this one, or (in a region a
+/// failover demoted) the first broker of the primary region, with its address.
+pub fn leader_of(broker: &Broker, topic: &str) -> (i32, i32, Option<(String, u16)>) {
+    let own = broker.config.node_id;
+    let (Some(p), Some(region), Some(t)) = (
+        broker.placement(topic),
+        broker.config.region.as_deref(),
+        broker.config.topology.as_ref(),
+    ) else {
+        return (own, 0, None);
+    };
+    if p.home == region && p.primary != region {
+        if let Some(b) = t.region(&p.primary).and_then(|r| r.brokers.first()) {
+            return (
+                t.node_id(&p.primary, b.id),
+                p.epoch,
+                Some(b.advertised.clone()),
+            );
+        }
+    }
+    (own, p.epoch, None)
+}
+
 pub fn topic_entry(broker: &Broker, t: &Topic, version: i16) -> MetadataResponseTopic {
-    let node = BrokerId(broker.config.node_id);
+    let (leader, epoch, _) = leader_of(broker, &t.name);
+    let node = BrokerId(leader);
     let mut mt = MetadataResponseTopic::default();
     mt.name = Some(TopicName(sb(&t.name)));
     // Fields a version lacks must stay at their defaults, or encoding fails.
@@ -29,7 +55,7 @@ pub fn topic_entry(broker: &Broker, t: &Topic, version: i16) -> MetadataResponse
             p.partition_index = i;
             p.leader_id = node;
             if version >= 7 {
-                p.leader_epoch = 0;
+                p.leader_epoch = epoch;
             }
             p.replica_nodes = vec![node];
             p.isr_nodes = vec![node];
@@ -53,6 +79,33 @@ pub fn handle(broker: &Broker, req: MetadataRequest, version: i16) -> MetadataRe
     resp.controller_id = BrokerId(broker.config.node_id);
     resp.cluster_authorized_operations = i32::MIN;
     // v0 has no null: an empty list means every topic; v1+ null means every topic.
+    let resp = topics(broker, req, version, resp);
+    // Brokers of other regions that lead a topic here (after a failover).
+    let mut extra = std::collections::BTreeMap::new();
+    for t in resp.topics.iter().filter_map(|t| t.name.as_ref()) {
+        if let (node, _, Some(addr)) = leader_of(broker, t.0.as_str()) {
+            extra.insert(node, addr);
+        }
+    }
+    let mut resp = resp;
+    for (node, (host, port)) in extra {
+        if resp.brokers.iter().all(|b| b.node_id.0 != node) {
+            let mut b = MetadataResponseBroker::default();
+            b.node_id = BrokerId(node);
+            b.host = sb(&host);
+            b.port = port as i32;
+            resp.brokers.push(b);
+        }
+    }
+    resp
+}
+
+fn topics(
+    broker: &Broker,
+    req: MetadataRequest,
+    version: i16,
+    mut resp: MetadataResponse,
+) -> MetadataResponse {
     let all = match &req.topics {
         None => true,
         Some(t) if t.is_empty() && version == 0 => true,
