@@ -450,7 +450,8 @@ fn broker_config_resolves_listener_id_metrics_and_data_dir() {
         .unwrap();
     assert_eq!(c.listen, "127.0.0.1:39092".parse().unwrap());
     assert_eq!(c.advertised(), ("127.0.0.1".to_string(), 39092));
-    assert_eq!(c.node_id, 1);
+    // south is the third region: Kafka node ids are unique across the topology.
+    assert_eq!(c.node_id, 2001);
     assert_eq!(c.metrics, Some("127.0.0.1:39094".parse().unwrap()));
     assert_eq!(c.data_dir, PathBuf::from("/var/ferry/south/broker-1"));
     assert_eq!(
