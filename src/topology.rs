@@ -1063,8 +1063,8 @@ fn read_broker(
 ) -> Option<(BrokerSpec, usize)> {
     let o = cx.table(v, path)?;
     o.known(cx, BROKER_KEYS);
-    let idv = o.required(cx, "id", Some("Kafka node id, e.g. `id = 1`".into()));
-    let id = idv.and_then(|v| cx.int(v, &o.field("id"), 0, i32::MAX as i64));
+    let idv = o.required(cx, "id", Some("broker id 0..=999, e.g. `id = 1`".into()));
+    let id = idv.and_then(|v| cx.int(v, &o.field("id"), 0, 999));
     let listen = o
         .required(
             cx,

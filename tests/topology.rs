@@ -106,7 +106,7 @@ fn three_regions_example_loads() {
     assert_eq!(names, ["east", "west", "south"]);
     assert_eq!(
         t.region("south").unwrap().brokers[0].listen,
-        "127.0.0.1:39092".parse().unwrap()
+        "127.0.0.1:31092".parse().unwrap()
     );
     assert_eq!(t.region("east").unwrap().brokers[0].listen.port(), 19092);
     assert_eq!(t.region("west").unwrap().brokers[0].listen.port(), 29092);
@@ -448,11 +448,11 @@ fn broker_config_resolves_listener_id_metrics_and_data_dir() {
     let c = t
         .broker_config("south", 1, Path::new("/var/ferry"))
         .unwrap();
-    assert_eq!(c.listen, "127.0.0.1:39092".parse().unwrap());
-    assert_eq!(c.advertised(), ("127.0.0.1".to_string(), 39092));
+    assert_eq!(c.listen, "127.0.0.1:31092".parse().unwrap());
+    assert_eq!(c.advertised(), ("127.0.0.1".to_string(), 31092));
     // south is the third region: Kafka node ids are unique across the topology.
     assert_eq!(c.node_id, 2001);
-    assert_eq!(c.metrics, Some("127.0.0.1:39094".parse().unwrap()));
+    assert_eq!(c.metrics, Some("127.0.0.1:31094".parse().unwrap()));
     assert_eq!(c.data_dir, PathBuf::from("/var/ferry/south/broker-1"));
     assert_eq!(
         c.default_partitions, 1,

@@ -10,6 +10,7 @@ pub mod drill;
 pub mod failover;
 pub mod gateway;
 pub mod groups;
+pub mod quarantine;
 pub mod status;
 pub mod topology;
 pub mod up;
@@ -65,6 +66,8 @@ pub enum Command {
     Failover(failover::FailoverArgs),
     /// Run a failover drill against a running topology and report RPO and RTO.
     Drill(drill::DrillArgs),
+    /// Records a rejoining region set aside: list, show, replay into the live topic.
+    Quarantine(quarantine::QuarantineArgs),
 }
 
 /// Set up `tracing` on stderr; `RUST_LOG` overrides the default level (info).
@@ -121,5 +124,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Certs(args) => certs::run(args).map(|_| ExitCode::SUCCESS),
         Command::Failover(args) => failover::run(args).map(|_| ExitCode::SUCCESS),
         Command::Drill(args) => drill::run(args),
+        Command::Quarantine(args) => quarantine::run(args).map(|_| ExitCode::SUCCESS),
     }
 }

@@ -154,6 +154,26 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             }
             regions.push(st);
         }
+        // The newest failover state any reachable region knows (links follow failovers).
+        let mut state = crate::failover::RegionState::default();
+        for c in clients.values_mut() {
+            if let Ok(a) = c
+                .control_as::<crate::kafka::control::StateAnswer>(
+                    &crate::kafka::control::Control::State,
+                )
+                .await
+            {
+                for (pattern, rs) in a.state.rules {
+                    let newer = state
+                        .rules
+                        .get(&pattern)
+                        .is_none_or(|have| rs.epoch > have.epoch);
+                    if newer {
+                        state.rules.insert(pattern, rs);
+                    }
+                }
+            }
+        }
         let mut partitions = Vec::new();
         let primaries: Vec<String> = topo.regions.iter().map(|r| r.name.clone()).collect();
         for primary in primaries {
@@ -164,7 +184,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
                 continue;
             };
             for (topic, n) in src_topics {
-                let Some(rule) = topo.rule_for_topic(&topic) else {
+                let Some(rule) = crate::failover::placement(&topo, &state, &topic) else {
                     continue;
                 };
                 if rule.primary != primary {

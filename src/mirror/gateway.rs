@@ -1105,8 +1105,12 @@ impl Gateway {
             }
             let Some((start_at, first_offset)) = first else {
                 metrics::gauge!("ferry_mirror_lag_seconds", &labels).set(0.0);
+                metrics::gauge!("ferry_mirror_lag_bytes", &labels).set(0.0);
                 continue;
             };
+            // Bytes the mirror lacks: exact when the fetch reached the source's end (it was
+            // under CHUNK_BYTES), a lower bound otherwise.
+            metrics::gauge!("ferry_mirror_lag_bytes", &labels).set((bytes.len() - start_at) as f64);
             // Age of the oldest record the mirror does not have yet.
             if let Ok(h) = batch::BatchHeader::parse(&bytes[start_at..]) {
                 let age = (crate::log::now_ms() - h.base_timestamp).max(0) as f64 / 1000.0;

@@ -26,8 +26,8 @@ TOPOLOGIES = {
     "local": (REPO / "topology" / "local.toml", ["east", "west"]),
     "three-regions": (REPO / "topology" / "three-regions.toml", ["east", "west", "south"]),
 }
-KAFKA = {"east": 19092, "west": 29092, "south": 39092}
-ADMIN = {"east": 19095, "west": 29095, "south": 39095}
+KAFKA = {"east": 19092, "west": 29092, "south": 31092}
+ADMIN = {"east": 19095, "west": 29095, "south": 31095}
 
 
 def state(region: str) -> dict:

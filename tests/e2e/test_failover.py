@@ -97,6 +97,12 @@ def test_planned_switchover_loses_nothing_reverses_the_mirror_and_fails_back(reg
     acked.update(produce(r.bootstrap("east"), topic, 1_000, start=3_000))
     acked.update(produce(r.bootstrap("west"), topic, 1_000, start=4_000))
     assert wait_same(r, ["west", "east"], topic) == text(acked)
+    # `ferry status` follows the failover: the link now runs west -> east.
+    st = subprocess.run([str(FERRY_BIN), "status", "--topology", str(r.topology), "--json"], capture_output=True,
+                        timeout=60)
+    rows = [p for p in json.loads(st.stdout)["partitions"] if p["topic"] == topic]
+    assert len(rows) == PARTITIONS and all(
+        (p["source"], p["mirror"], p["lag_records"]) == ("west", "east", 0) for p in rows), rows
     # Failback is a planned switchover back.
     back = failover(r, "east")["rules"][0]
     assert (back["from"], back["to"], back["epoch"]) == ("west", "east", 2), back
@@ -155,3 +161,20 @@ def test_forced_failover_then_rejoin_quarantines_exactly_the_divergent_tail(regi
             orig = [(hk, hv) for hk, hv in h if not hk.startswith("ferry.original.")]
             quarantined[(p, int(hd["ferry.original.offset"]))] = (k, v, orig, ts)
     assert quarantined == divergent
+
+    # `ferry quarantine`: list, show, replay into the live topic in its current primary (west).
+    def ferry(*a):
+        p = subprocess.run([str(FERRY_BIN), *a, "--topology", str(r.topology)], capture_output=True, timeout=120)
+        assert p.returncode == 0, p.stderr.decode()
+        return p.stdout.decode()
+
+    rows = json.loads(ferry("quarantine", "list", "--json"))
+    assert [(x["region"], x["topic"], x["records"]) for x in rows] == [("east", topic, 500)], rows
+    shown = [json.loads(line) for line in ferry("quarantine", "show", topic, "--region", "east").splitlines()]
+    assert sorted((x["partition"], x["original_offset"]) for x in shown) == sorted(divergent)
+    assert all(x["original_region"] == "east" and x["original_epoch"] == 0 for x in shown)
+    before = local(r.bootstrap("west"), topic)
+    assert "replayed 500" in ferry("quarantine", "replay", topic, "--region", "east")
+    after = wait_same(r, ["west", "east"], topic)
+    added = sorted(v for k, v in after.items() if k not in before)
+    assert added == sorted((k.decode(), v.decode()) for (k, v, _h, _ts) in divergent.values())

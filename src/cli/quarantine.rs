@@ -1,0 +1,332 @@
+//! `ferry quarantine list|show|replay`: inspect the records a rejoining region set aside (its
+//! divergent tail, in `__ferry.quarantine.<topic>`), and produce them again into the live topic
+//! once an operator has decided they belong there.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use hyper::Method;
+use kafka_protocol::messages::fetch_request::{FetchPartition, FetchRequest, FetchTopic};
+use kafka_protocol::messages::produce_request::{
+    PartitionProduceData, ProduceRequest, TopicProduceData,
+};
+use kafka_protocol::messages::{BrokerId, TopicName};
+use kafka_protocol::protocol::StrBytes;
+use serde::Serialize;
+
+use crate::batch::build;
+use crate::broker::quarantine::{topic_for, PREFIX};
+use crate::client::{decode_records, error_name, Client, OwnedRecord};
+use crate::mirror::admin;
+
+#[derive(Debug, Args)]
+pub struct QuarantineArgs {
+    #[command(subcommand)]
+    pub command: QuarantineCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QuarantineCommand {
+    /// Quarantine topics and their record counts, per region.
+    List {
+        #[arg(long, default_value = "topology/local.toml")]
+        topology: PathBuf,
+        /// Only this region (default: every region).
+        #[arg(long)]
+        region: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The quarantined records of a topic in a region, with their original offset, epoch and
+    /// region (one JSON object per line).
+    Show {
+        /// The live topic (its quarantine is `__ferry.quarantine.<topic>`).
+        topic: String,
+        #[arg(long, default_value = "topology/local.toml")]
+        topology: PathBuf,
+        #[arg(long)]
+        region: String,
+    },
+    /// Produce the quarantined records of a topic again into the live topic, in its current
+    /// primary region (same partition, key, value, headers and timestamp; the
+    /// `ferry.original.*` headers are dropped). The quarantine is kept: replay once.
+    Replay {
+        topic: String,
+        #[arg(long, default_value = "topology/local.toml")]
+        topology: PathBuf,
+        /// The region holding the quarantine.
+        #[arg(long)]
+        region: String,
+    },
+}
+
+fn sb(s: &str) -> StrBytes {
+    StrBytes::from_string(s.to_string())
+}
+
+/// One quarantined record.
+#[derive(Debug, Clone, Serialize)]
+pub struct Quarantined {
+    pub partition: i32,
+    /// Offset in the quarantine topic.
+    pub offset: i64,
+    pub original_offset: Option<i64>,
+    pub original_epoch: Option<i32>,
+    pub original_region: Option<String>,
+    pub timestamp: i64,
+    pub key: Option<String>,
+    pub value: Option<String>,
+    pub headers: Vec<(String, Option<String>)>,
+    #[serde(skip)]
+    pub record: OwnedRecord,
+}
+
+fn text(b: &Option<Vec<u8>>) -> Option<String> {
+    b.as_ref().map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+async fn all_topics(c: &mut Client) -> anyhow::Result<BTreeMap<String, i32>> {
+    use kafka_protocol::messages::metadata_request::MetadataRequest;
+    let mut req = MetadataRequest::default();
+    req.topics = None;
+    Ok(c.send(&req, 9)
+        .await?
+        .topics
+        .into_iter()
+        .filter(|t| t.error_code == 0)
+        .filter_map(|t| t.name.map(|n| (n.0.to_string(), t.partitions.len() as i32)))
+        .collect())
+}
+
+/// Every record of a quarantine topic in one broker.
+pub async fn read(c: &mut Client, live_topic: &str) -> anyhow::Result<Vec<Quarantined>> {
+    let q = topic_for(live_topic);
+    let Some(partitions) = all_topics(c).await?.get(&q).copied() else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for p in 0..partitions {
+        let end = c
+            .list_offsets(&q, &[p], -1)
+            .await?
+            .get(&p)
+            .copied()
+            .unwrap_or(0);
+        let mut at = c
+            .list_offsets(&q, &[p], -2)
+            .await?
+            .get(&p)
+            .copied()
+            .unwrap_or(0);
+        while at < end {
+            let mut req = FetchRequest::default();
+            req.replica_id = BrokerId(-1);
+            req.max_bytes = 8 << 20;
+            let mut ft = FetchTopic::default();
+            ft.topic = TopicName(sb(&q));
+            let mut fp = FetchPartition::default();
+            fp.partition = p;
+            fp.fetch_offset = at;
+            fp.partition_max_bytes = 4 << 20;
+            ft.partitions.push(fp);
+            req.topics.push(ft);
+            let resp = c.send(&req, 11).await?;
+            let mut progressed = false;
+            for t in resp.responses {
+                for pr in t.partitions {
+                    if pr.error_code != 0 {
+                        bail!("fetch {q}-{p}: {}", error_name(pr.error_code));
+                    }
+                    let Some(b) = pr.records else { continue };
+                    for r in decode_records(&b)? {
+                        if r.offset < at {
+                            continue;
+                        }
+                        at = r.offset + 1;
+                        progressed = true;
+                        let h = |k: &str| {
+                            r.headers
+                                .iter()
+                                .find(|(x, _)| x == k)
+                                .and_then(|(_, v)| text(v))
+                        };
+                        out.push(Quarantined {
+                            partition: p,
+                            offset: r.offset,
+                            original_offset: h("ferry.original.offset")
+                                .and_then(|s| s.parse().ok()),
+                            original_epoch: h("ferry.original.epoch").and_then(|s| s.parse().ok()),
+                            original_region: h("ferry.original.region"),
+                            timestamp: r.timestamp,
+                            key: text(&r.key),
+                            value: text(&r.value),
+                            headers: r
+                                .headers
+                                .iter()
+                                .filter(|(k, _)| !k.starts_with("ferry.original."))
+                                .map(|(k, v)| (k.clone(), text(v)))
+                                .collect(),
+                            record: r,
+                        });
+                    }
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub fn run(args: QuarantineArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match args.command {
+            QuarantineCommand::List {
+                topology,
+                region,
+                json,
+            } => {
+                let t = crate::cli::load_topology(&topology)?;
+                let regions: Vec<String> = match region {
+                    Some(r) => vec![r],
+                    None => t.regions.iter().map(|r| r.name.clone()).collect(),
+                };
+                let mut rows = Vec::new();
+                for r in regions {
+                    let addr = crate::cli::topology_bootstrap(&topology, &r)?;
+                    let mut c = match Client::connect(&addr).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            eprintln!("{r}: {e}");
+                            continue;
+                        }
+                    };
+                    for (name, partitions) in all_topics(&mut c).await? {
+                        let Some(live) = name.strip_prefix(PREFIX) else {
+                            continue;
+                        };
+                        let ps: Vec<i32> = (0..partitions).collect();
+                        let ends = c.list_offsets(&name, &ps, -1).await?;
+                        let starts = c.list_offsets(&name, &ps, -2).await?;
+                        let records: i64 = ps
+                            .iter()
+                            .map(|p| ends.get(p).unwrap_or(&0) - starts.get(p).unwrap_or(&0))
+                            .sum();
+                        rows.push(serde_json::json!({
+                            "region": r, "topic": live, "quarantine": name, "records": records,
+                        }));
+                    }
+                }
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                } else if rows.is_empty() {
+                    println!("no quarantined records");
+                } else {
+                    println!("{:<10} {:<30} {:>10}", "REGION", "TOPIC", "RECORDS");
+                    for r in rows {
+                        println!(
+                            "{:<10} {:<30} {:>10}",
+                            r["region"].as_str().unwrap_or(""),
+                            r["topic"].as_str().unwrap_or(""),
+                            r["records"]
+                        );
+                    }
+                }
+            }
+            QuarantineCommand::Show {
+                topic,
+                topology,
+                region,
+            } => {
+                let addr = crate::cli::topology_bootstrap(&topology, &region)?;
+                let mut c = Client::connect(&addr).await?;
+                for q in read(&mut c, &topic).await? {
+                    println!("{}", serde_json::to_string(&q)?);
+                }
+            }
+            QuarantineCommand::Replay {
+                topic,
+                topology,
+                region,
+            } => {
+                let t = crate::cli::load_topology(&topology)?;
+                let addr = crate::cli::topology_bootstrap(&topology, &region)?;
+                let mut c = Client::connect(&addr).await?;
+                let recs = read(&mut c, &topic).await?;
+                if recs.is_empty() {
+                    println!("no quarantined records of `{topic}` in {region}");
+                    return Ok(());
+                }
+                // The live topic's current primary, from the region's gateway.
+                let rule = t
+                    .rule_for_topic(&topic)
+                    .with_context(|| format!("no topic rule covers `{topic}`"))?;
+                let admin_addr = super::failover::admin_addr(&t, &region)?;
+                let st = admin::call(
+                    admin_addr,
+                    Method::GET,
+                    "/v1/state",
+                    None,
+                    std::time::Duration::from_secs(10),
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("{region}: {e}"))?;
+                let primary = st["rules"][&rule.pattern]["primary"]
+                    .as_str()
+                    .context("no state for the rule")?
+                    .to_string();
+                let mut live = Client::connect(&crate::cli::topology_bootstrap(&topology, &primary)?)
+                    .await?;
+                let mut n = 0usize;
+                for q in &recs {
+                    let r = &q.record;
+                    let rec = build::Record {
+                        key: r.key.clone(),
+                        value: r.value.clone(),
+                        headers: r
+                            .headers
+                            .iter()
+                            .filter(|(k, _)| !k.starts_with("ferry.original."))
+                            .cloned()
+                            .collect(),
+                        timestamp_delta: 0,
+                    };
+                    let mut req = ProduceRequest::default();
+                    req.acks = -1;
+                    req.timeout_ms = 30_000;
+                    let mut td = TopicProduceData::default();
+                    td.name = TopicName(sb(&topic));
+                    let mut pd = PartitionProduceData::default();
+                    pd.index = q.partition;
+                    pd.records = Some(Bytes::from(build::batch(0, r.timestamp, None, &[rec])));
+                    td.partition_data.push(pd);
+                    req.topic_data.push(td);
+                    let resp = live.send(&req, 8).await?;
+                    for tr in resp.responses {
+                        for pr in tr.partition_responses {
+                            if pr.error_code != 0 {
+                                bail!(
+                                    "replaying into {topic}-{} in {primary}: {} (after {n} records)",
+                                    q.partition,
+                                    error_name(pr.error_code)
+                                );
+                            }
+                        }
+                    }
+                    n += 1;
+                }
+                println!(
+                    "replayed {n} quarantined records of `{topic}` from {region} into {primary} (the quarantine is kept)"
+                );
+            }
+        }
+        anyhow::Ok(())
+    })
+}
