@@ -16,6 +16,7 @@
 //! - [`telemetry`]: Prometheus metrics.
 //! - [`transport`]: gateway transport: certificates, mutual-TLS QUIC configs, endpoints, peer
 //!   identity (the mirroring protocol on top comes with the gateway).
+//! - [`sim`]: the deterministic multi-region simulator (`ferry simulate`).
 //! - [`topology`]: topology files: regions, topic rules, failover, TLS; validation with positions.
 
 pub mod batch;
@@ -28,6 +29,7 @@ pub mod group;
 pub mod kafka;
 pub mod log;
 pub mod mirror;
+pub mod sim;
 pub mod telemetry;
 pub mod topology;
 pub mod transport;

@@ -1522,6 +1522,16 @@ fn read_failover(
             }
         }
     }
+    if let Some(v) = o.get("promotion") {
+        if f.promotion == Promotion::Automatic && regions.len() < 3 && f.witness.is_none() {
+            cx.err(
+                v.span().start,
+                "failover.promotion",
+                "automatic promotion needs a third region or a witness: with two regions, both sides of a cut would promote themselves",
+                Some("add a region (it may be a witness: `witness = \"NAME\"`) or use `promotion = \"manual\"` and `ferry failover --force`".into()),
+            );
+        }
+    }
     f
 }
 

@@ -84,6 +84,185 @@ pub struct DrillArgs {
     /// Also write the Markdown report to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Run the topology's brokers and gateways itself, with data under this directory, so a
+    /// region loss is real: the primary's processes are killed with SIGKILL and restarted for
+    /// the rejoin. Without it the drill works against a running deployment through its admin
+    /// APIs (a lost region is then emulated by cutting its links and fencing it).
+    #[arg(long, value_name = "DIR")]
+    pub spawn: Option<PathBuf>,
+}
+
+/// The processes of a topology the drill runs itself (`--spawn`).
+struct Spawned {
+    exe: PathBuf,
+    topology: PathBuf,
+    data: PathBuf,
+    procs: BTreeMap<String, Vec<std::process::Child>>,
+}
+
+impl Spawned {
+    fn new(
+        topology: &std::path::Path,
+        data: &std::path::Path,
+        t: &Topology,
+    ) -> anyhow::Result<Spawned> {
+        std::fs::create_dir_all(data.join("logs"))?;
+        let exe = std::env::current_exe().context("finding the ferry binary")?;
+        let data = data.canonicalize()?;
+        if t.tls.is_none() && !data.join("certs").join("ca.pem").exists() {
+            let st = std::process::Command::new(&exe)
+                .args(["certs", "init", "--topology"])
+                .arg(topology)
+                .arg("--out")
+                .arg(data.join("certs"))
+                .stdout(std::process::Stdio::null())
+                .status()?;
+            if !st.success() {
+                bail!("ferry certs init failed");
+            }
+        }
+        Ok(Spawned {
+            exe,
+            topology: topology.to_path_buf(),
+            data,
+            procs: BTreeMap::new(),
+        })
+    }
+
+    /// Start a region's brokers and gateway and wait until each logs that it listens.
+    async fn start(&mut self, t: &Topology, region: &str) -> anyhow::Result<()> {
+        let r = t.region(region).context("region")?;
+        let mut argvs: Vec<(String, Vec<std::ffi::OsString>, &str)> = Vec::new();
+        for b in &r.brokers {
+            argvs.push((
+                format!("{region}-broker-{}", b.id),
+                vec![
+                    "broker".into(),
+                    "--topology".into(),
+                    self.topology.clone().into(),
+                    "--region".into(),
+                    region.into(),
+                    "--broker".into(),
+                    b.id.to_string().into(),
+                    "--data-dir".into(),
+                    self.data.clone().into(),
+                ],
+                "ferry broker listening on",
+            ));
+        }
+        if r.gateway.is_some() {
+            argvs.push((
+                format!("{region}-gateway"),
+                vec![
+                    "gateway".into(),
+                    "--topology".into(),
+                    self.topology.clone().into(),
+                    "--region".into(),
+                    region.into(),
+                    "--certs".into(),
+                    self.data.join("certs").into(),
+                ],
+                "ferry gateway listening on",
+            ));
+        }
+        for (name, argv, marker) in argvs {
+            let log = self.data.join("logs").join(format!("{name}.log"));
+            let from = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0) as usize;
+            let out = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)?;
+            let mut child = std::process::Command::new(&self.exe)
+                .args(&argv)
+                .stdin(std::process::Stdio::null())
+                .stdout(out.try_clone()?)
+                .stderr(out)
+                .spawn()?;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let text = std::fs::read(&log).unwrap_or_default();
+                if String::from_utf8_lossy(&text[from.min(text.len())..]).contains(marker) {
+                    break;
+                }
+                if let Ok(Some(st)) = child.try_wait() {
+                    bail!("{name} exited ({st}) while starting; see {}", log.display());
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    bail!("{name} did not start; see {}", log.display());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            self.procs
+                .entry(region.to_string())
+                .or_default()
+                .push(child);
+        }
+        Ok(())
+    }
+
+    /// SIGKILL every process of a region.
+    fn kill(&mut self, region: &str) {
+        for mut c in self.procs.remove(region).unwrap_or_default() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stop everything (SIGTERM, then SIGKILL after 15 s).
+    fn stop(&mut self) {
+        let all: Vec<std::process::Child> = std::mem::take(&mut self.procs)
+            .into_values()
+            .flatten()
+            .collect();
+        for c in &all {
+            if let Some(pid) = rustix::process::Pid::from_raw(c.id() as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for mut c in all {
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Wait until every gateway hears all its peers and, under lease fencing, holds its lease.
+async fn wait_ready(t: &Topology, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let gateways = t.regions.iter().filter(|x| x.gateway.is_some()).count();
+    loop {
+        let mut ok = true;
+        for r in t.regions.iter().filter(|r| r.gateway.is_some()) {
+            let addr = admin_addr(t, &r.name)?;
+            match admin::call(addr, Method::GET, "/v1/state", None, CALL).await {
+                Ok(v) => {
+                    let peers = v["peers"].as_object().map_or(0, |m| m.len());
+                    ok &= peers + 1 >= gateways
+                        && (t.failover.fencing != crate::topology::Fencing::Lease
+                            || v["lease"]["may_write"].as_bool() == Some(true));
+                }
+                Err(_) => ok = false,
+            }
+        }
+        if ok {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the topology's gateways did not become ready");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -544,7 +723,24 @@ pub fn run(args: DrillArgs) -> anyhow::Result<std::process::ExitCode> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let report = rt.block_on(drill(t, &args))?;
+    let report = rt.block_on(async {
+        let mut spawned = match &args.spawn {
+            Some(dir) => {
+                let mut s = Spawned::new(&args.topology, dir, &t)?;
+                for r in &t.regions {
+                    s.start(&t, &r.name).await?;
+                }
+                wait_ready(&t, Duration::from_secs(60)).await?;
+                Some(s)
+            }
+            None => None,
+        };
+        let r = drill(t.clone(), &args, spawned.as_mut()).await;
+        if let Some(mut s) = spawned {
+            s.stop();
+        }
+        r
+    })?;
     let md = markdown(&report);
     if let Some(path) = &args.report {
         std::fs::write(path, &md).with_context(|| format!("writing {}", path.display()))?;
@@ -561,7 +757,11 @@ pub fn run(args: DrillArgs) -> anyhow::Result<std::process::ExitCode> {
     })
 }
 
-async fn drill(t: Arc<Topology>, args: &DrillArgs) -> anyhow::Result<Report> {
+async fn drill(
+    t: Arc<Topology>,
+    args: &DrillArgs,
+    mut spawned: Option<&mut Spawned>,
+) -> anyhow::Result<Report> {
     let rule = t
         .topics
         .iter()
@@ -678,11 +878,21 @@ async fn drill(t: Arc<Topology>, args: &DrillArgs) -> anyhow::Result<Report> {
                 vec![target.clone()]
             };
             fault_at = Some(Instant::now());
-            for p in &peers {
-                cut(&t, &primary, p, true).await?;
+            let killed = match (&mut spawned, args.scenario) {
+                (Some(sp), Scenario::RegionLoss) => {
+                    sp.kill(&primary);
+                    sh.event(format!("SIGKILL every process of {primary}: region lost"));
+                    true
+                }
+                _ => false,
+            };
+            if !killed {
+                for p in &peers {
+                    cut(&t, &primary, p, true).await?;
+                }
+                sh.event(format!("cut {primary} from {}", peers.join(", ")));
             }
-            sh.event(format!("cut {primary} from {}", peers.join(", ")));
-            if args.scenario == Scenario::RegionLoss {
+            if args.scenario == Scenario::RegionLoss && !killed {
                 // The region keeps taking writes a moment (never shipped), then dies.
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 post(
@@ -718,15 +928,23 @@ async fn drill(t: Arc<Topology>, args: &DrillArgs) -> anyhow::Result<Report> {
     tokio::time::sleep(args.phase).await;
     // Heal, rejoin, fail back.
     if args.scenario != Scenario::Switchover {
-        for p in t
-            .regions
-            .iter()
-            .map(|r| r.name.clone())
-            .filter(|r| *r != primary)
-        {
-            let _ = cut(&t, &primary, &p, false).await;
+        match (&mut spawned, args.scenario) {
+            (Some(sp), Scenario::RegionLoss) => {
+                sp.start(&t, &primary).await?;
+                sh.event(format!("{primary} restarted"));
+            }
+            _ => {
+                for p in t
+                    .regions
+                    .iter()
+                    .map(|r| r.name.clone())
+                    .filter(|r| *r != primary)
+                {
+                    let _ = cut(&t, &primary, &p, false).await;
+                }
+                sh.event("links healed".to_string());
+            }
         }
-        sh.event("links healed".to_string());
         if outcome.is_some() {
             // The old primary learns the new epoch from heartbeats and rejoins as a mirror.
             let deadline = Instant::now() + Duration::from_secs(60);

@@ -11,6 +11,7 @@ pub mod failover;
 pub mod gateway;
 pub mod groups;
 pub mod quarantine;
+pub mod simulate;
 pub mod status;
 pub mod topology;
 pub mod up;
@@ -68,6 +69,8 @@ pub enum Command {
     Drill(drill::DrillArgs),
     /// Records a rejoining region set aside: list, show, replay into the live topic.
     Quarantine(quarantine::QuarantineArgs),
+    /// Run a deterministic multi-region simulation (seeds, invariants, trace hash), or a sweep.
+    Simulate(simulate::SimulateArgs),
 }
 
 /// Set up `tracing` on stderr; `RUST_LOG` overrides the default level (info).
@@ -124,6 +127,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Certs(args) => certs::run(args).map(|_| ExitCode::SUCCESS),
         Command::Failover(args) => failover::run(args).map(|_| ExitCode::SUCCESS),
         Command::Drill(args) => drill::run(args),
+        Command::Simulate(args) => simulate::run(args),
         Command::Quarantine(args) => quarantine::run(args).map(|_| ExitCode::SUCCESS),
     }
 }

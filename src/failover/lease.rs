@@ -119,15 +119,34 @@ impl Lease {
 
     /// Until when this region may take writes as a primary (`None`: it never held a lease).
     pub fn write_lease_until(&self) -> Option<Millis> {
+        self.write_lease_until_with(&[], 0)
+    }
+
+    /// [`Lease::write_lease_until`], counting `fenced` regions as if they had answered at
+    /// `now`: regions this one replaced by a forced (operator) promotion, whose lease has run
+    /// out and who get no lease credit until they adopt the new epoch.
+    pub fn write_lease_until_with(&self, fenced: &[String], now: Millis) -> Option<Millis> {
+        let acked = |r: &String| -> Option<Millis> {
+            if fenced.contains(r) {
+                Some(now)
+            } else {
+                self.acked.get(r).copied()
+            }
+        };
         let contact = match &self.witness {
             Some(w) if *w == self.me => return Some(Millis::MAX),
-            Some(w) => self.acked.get(w).copied(),
+            Some(w) => acked(w),
             None => {
                 let need = self.majority() - 1; // others besides me
                 if need == 0 {
                     return Some(Millis::MAX);
                 }
-                let mut times: Vec<Millis> = self.acked.values().copied().collect();
+                let mut times: Vec<Millis> = self
+                    .regions
+                    .iter()
+                    .filter(|r| **r != self.me)
+                    .filter_map(acked)
+                    .collect();
                 times.sort_unstable_by(|a, b| b.cmp(a));
                 times.get(need - 1).copied()
             }
@@ -162,6 +181,13 @@ impl Lease {
     /// Whether `primary`'s lease has surely run out in our own view.
     pub fn expired_here(&self, primary: &str, now: Millis) -> bool {
         now >= self.last_heard(primary) + self.cfg.expiry_wait_ms()
+    }
+
+    /// Whether this region hears from a majority of regions (or the witness) right now: what an
+    /// automatic promotion needs besides [`Lease::may_take_over`], so that two sides of a
+    /// partition never both promote themselves.
+    pub fn has_quorum(&self, now: Millis) -> bool {
+        self.may_write(now)
     }
 
     /// Whether this region may take over from `primary` at `now`: the lease ran out here and
@@ -265,6 +291,21 @@ mod tests {
         assert_eq!(
             south.preferred_successor("east", &r, 30_000),
             Some(&"south".to_string())
+        );
+    }
+
+    #[test]
+    fn a_two_region_partition_gives_no_side_a_quorum() {
+        let r = regions(&["east", "west"]);
+        let mut west = Lease::new("west", r.clone(), None, cfg(), 0);
+        west.on_ack("east", 1_000);
+        assert!(west.has_quorum(5_000));
+        // cut: neither side hears the other; neither may promote itself automatically
+        assert!(!west.has_quorum(12_000));
+        // an operator's forced promotion counts the replaced (fenced) region
+        assert_eq!(
+            west.write_lease_until_with(&["east".to_string()], 12_000),
+            Some(22_000)
         );
     }
 

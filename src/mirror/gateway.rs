@@ -283,11 +283,15 @@ impl Gateway {
             tokio::time::sleep(step).await;
             let now = self.now();
             let until = {
-                let mut l = self.lease.lock().expect("lease lock");
-                for r in self.replaced.lock().expect("replaced lock").iter() {
-                    l.on_ack(r, now);
-                }
-                l.may_write(now).then(|| l.write_lease_until()).flatten()
+                let l = self.lease.lock().expect("lease lock");
+                let fenced: Vec<String> = self
+                    .replaced
+                    .lock()
+                    .expect("replaced lock")
+                    .iter()
+                    .cloned()
+                    .collect();
+                l.write_lease_until_with(&fenced, now).filter(|u| now < *u)
             };
             if self.topology.failover.promotion == Promotion::Automatic {
                 self.auto_promote(now).await;
@@ -324,7 +328,10 @@ impl Gateway {
             }
             let go = {
                 let l = self.lease.lock().expect("lease lock");
-                l.may_take_over(&cur.primary, now)
+                // A real quorum (not the credit of replaced regions): two sides of a partition
+                // never both promote themselves.
+                l.has_quorum(now)
+                    && l.may_take_over(&cur.primary, now)
                     && l.preferred_successor(&cur.primary, &regions, now) == Some(&self.region)
             };
             if !go {
@@ -337,10 +344,6 @@ impl Gateway {
             };
             match self.apply(&rule.pattern, new).await {
                 Ok(_) => {
-                    self.replaced
-                        .lock()
-                        .expect("replaced lock")
-                        .insert(cur.primary.clone());
                     metrics::counter!("ferry_automatic_promotions_total").increment(1);
                     tracing::warn!(pattern = %rule.pattern, epoch = cur.epoch + 1, from = %cur.primary,
                         "automatic promotion: the primary's lease ran out");

@@ -203,6 +203,9 @@ pub struct Faults {
     pub switchover_every: Option<u64>,
     #[serde(default, deserialize_with = "opt_duration_ms")]
     pub forced_failover_every: Option<u64>,
+    /// One forced failover at this moment (in addition to `forced_failover_every`).
+    #[serde(default, deserialize_with = "opt_duration_ms")]
+    pub forced_failover_at: Option<u64>,
     /// Region loss: the primary is cut from every peer and crashes, an operator forces a
     /// failover, and the region comes back (rejoins) after `region_loss_for`.
     #[serde(default, deserialize_with = "opt_duration_ms")]
@@ -355,7 +358,10 @@ impl Scenario {
             ("faults.isolate_every", self.faults.isolate_every),
             ("faults.crash_every", self.faults.crash_every),
             ("faults.switchover_every", self.faults.switchover_every),
-            ("faults.forced_failover_every", self.faults.forced_failover_every),
+            (
+                "faults.forced_failover_every",
+                self.faults.forced_failover_every,
+            ),
             ("faults.region_loss_every", self.faults.region_loss_every),
         ] {
             if v == Some(0) {

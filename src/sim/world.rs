@@ -1,0 +1,2454 @@
+//! The simulated world: regions (broker + gateway each), WAN links, producers, consumer groups,
+//! an operator, and the fault injector, driven by one event queue under simulated time.
+//!
+//! Owns: the discrete-event loop (events ordered by `(time, sequence number)`), the models of
+//! everything that in production is I/O (logs in memory with a durable prefix, links that delay,
+//! lose, duplicate and reorder messages, process crashes, per-process clocks that drift), the
+//! re-modelled event handling of the gateway (`crate::mirror::gateway` is async I/O code: its
+//! heartbeat, lease, stream-open/divergence/truncate, batch/ack and offset-sync handling are
+//! re-implemented here step by step), and the invariant checks. Does not own: the failover rules,
+//! the lease machine, the divergence function or the offset clamp — those are the production
+//! functions, called as they are ([`RegionState::apply`], [`placement`], [`Lease`],
+//! [`divergence`], [`clamp_offset`]).
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+
+use super::rng::Rng;
+use super::scenario::{Scenario, TOPIC};
+use super::trace::Trace;
+use crate::failover::lease::{Lease, LeaseConfig, Millis, DEFAULT_DRIFT};
+use crate::failover::{placement, rule_regions, Placement, RegionState, RuleState};
+use crate::log::epochs::{divergence, EpochEntry};
+#[cfg(not(feature = "sim-bug-skip-offset-clamp"))]
+use crate::mirror::gateway::clamp_offset;
+use crate::mirror::gateway::OFFSET_SYNC_INTERVAL;
+use crate::topology::{Fencing, Promotion, ReplicationMode, Topology};
+
+/// Client ↔ broker latency inside a region (one way), ms.
+const LOCAL_MS: u64 = 1;
+/// Group commit: an fsync this long after the first unsynced append, ms.
+const FSYNC_MS: u64 = 2;
+/// Most records in one BATCHES message.
+const BATCH_RECORDS: usize = 64;
+/// Most bytes in one BATCHES message (the gateway's CHUNK_BYTES).
+const BATCH_BYTES: u64 = 1 << 20;
+/// A stream that failed is reopened after this long (the gateway's RETRY), ms.
+const RETRY_MS: u64 = 1_000;
+/// A producer's request timeout and error backoff, ms.
+const REQUEST_TIMEOUT_MS: u64 = 5_000;
+const PRODUCE_BACKOFF_MS: u64 = 100;
+const MAX_IN_FLIGHT: usize = 5;
+/// A consumer poll delivers at most this many records per partition.
+const POLL_RECORDS: i64 = 500;
+/// Operator waits: how often a promotion polls, and when it gives up.
+const OP_POLL_MS: u64 = 50;
+const OP_TIMEOUT_MS: u64 = 20_000;
+
+/// One record as stored: its offset, the region epoch stamped into its batch, and which
+/// produced record it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record {
+    pub offset: i64,
+    pub epoch: i32,
+    pub payload: u64,
+}
+
+/// One partition's copy in one region.
+#[derive(Debug, Clone, Default)]
+struct Part {
+    log: Vec<Record>,
+    /// Records `0..durable` were fsynced; a crash loses the rest.
+    durable: usize,
+    /// The partition's `leader-epoch-checkpoint`, kept in memory (durable in production; here
+    /// it is cut back to the durable log end on restart, as `EpochCache::open` does).
+    epochs: Vec<EpochEntry>,
+}
+
+impl Part {
+    fn end(&self) -> i64 {
+        self.log.len() as i64
+    }
+}
+
+/// `EpochCache::observe` without the file: a new epoch starts at `offset`; epochs never go back.
+fn observe(epochs: &mut Vec<EpochEntry>, epoch: i32, offset: i64) -> Result<(), String> {
+    match epochs.last() {
+        Some(l) if l.epoch == epoch => Ok(()),
+        Some(l) if epoch < l.epoch => Err(format!(
+            "a batch of epoch {epoch} at offset {offset} follows epoch {}",
+            l.epoch
+        )),
+        _ => {
+            epochs.push(EpochEntry {
+                epoch,
+                start_offset: offset,
+            });
+            Ok(())
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct PeerReport {
+    sent_sim: u64,
+    ends: Option<Vec<i64>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Idle,
+    Opening,
+    Truncating,
+    Streaming,
+    /// Failed; reopened by a retry timer.
+    Backoff,
+}
+
+/// The source side of one partition's mirror stream to one peer.
+#[derive(Debug, Clone)]
+struct Stream {
+    session: u64,
+    epoch: i32,
+    phase: Phase,
+    next: i64,
+    /// (first offset, records) of the BATCHES message waiting for its ACK, and its attempt.
+    inflight: Option<(i64, usize, u32)>,
+}
+
+#[derive(Debug, Clone)]
+struct PendingAck {
+    producer: usize,
+    req: u64,
+    part: usize,
+    offset: i64,
+    payload: u64,
+    epoch: i32,
+}
+
+/// One region: its broker and its gateway, as one process.
+struct Region {
+    name: String,
+    up: bool,
+    incarnation: u64,
+    /// Clock rate of this machine (1 ± drift) and the simulated time the process booted.
+    rate: f64,
+    boot: u64,
+    parts: Vec<Part>,
+    state: RegionState,
+    lease: Lease,
+    /// The broker's write lease (its own clock), renewed by the lease tick; `armed` persists.
+    broker_lease_until: Option<Millis>,
+    armed: bool,
+    replaced: BTreeSet<String>,
+    reports: BTreeMap<String, PeerReport>,
+    /// [peer][partition] source streams.
+    streams: Vec<Vec<Stream>>,
+    /// [peer][partition] mirror ends acknowledged by peers (sync mode).
+    mirror_acked: Vec<Vec<i64>>,
+    /// (peer, partition) → the sink session accepted from that source.
+    sink_sessions: BTreeMap<(usize, usize), u64>,
+    pending: Vec<PendingAck>,
+    fsync_scheduled: bool,
+    /// Committed offsets per consumer group (durable: written with acks=all in production).
+    groups: BTreeMap<u32, Vec<i64>>,
+    /// Records set aside by truncation (quarantine), for the report.
+    quarantined: u64,
+}
+
+#[derive(Debug, Clone)]
+enum Msg {
+    Heartbeat {
+        sent_at: Millis,
+        sent_sim: u64,
+        state: RegionState,
+        report: BTreeMap<String, u64>,
+        ends: Option<Vec<i64>>,
+    },
+    HeartbeatAck {
+        credit: Millis,
+    },
+    Open {
+        session: u64,
+        part: usize,
+        epoch: i32,
+    },
+    Position {
+        session: u64,
+        part: usize,
+        log_end: i64,
+        epochs: Vec<EpochEntry>,
+    },
+    Refused {
+        session: u64,
+        part: usize,
+    },
+    Truncate {
+        session: u64,
+        part: usize,
+        offset: i64,
+    },
+    Batches {
+        session: u64,
+        part: usize,
+        first: i64,
+        records: Vec<Record>,
+    },
+    Ack {
+        session: u64,
+        part: usize,
+        log_end: i64,
+    },
+    Error {
+        session: u64,
+        part: usize,
+    },
+    Offsets {
+        group: u32,
+        entries: Vec<i64>,
+    },
+}
+
+impl Msg {
+    fn line(&self) -> String {
+        match self {
+            Msg::Heartbeat { sent_at, ends, .. } => format!("HB sent_at={sent_at} ends={ends:?}"),
+            Msg::HeartbeatAck { credit } => format!("HB_ACK credit={credit}"),
+            Msg::Open {
+                session,
+                part,
+                epoch,
+            } => format!("OPEN s={session} p={part} epoch={epoch}"),
+            Msg::Position {
+                session,
+                part,
+                log_end,
+                epochs,
+            } => format!(
+                "POSITION s={session} p={part} end={log_end} epochs={:?}",
+                epochs
+                    .iter()
+                    .map(|e| (e.epoch, e.start_offset))
+                    .collect::<Vec<_>>()
+            ),
+            Msg::Refused { session, part } => format!("REFUSED s={session} p={part}"),
+            Msg::Truncate {
+                session,
+                part,
+                offset,
+            } => format!("TRUNCATE s={session} p={part} at={offset}"),
+            Msg::Batches {
+                session,
+                part,
+                first,
+                records,
+            } => format!(
+                "BATCHES s={session} p={part} first={first} n={}",
+                records.len()
+            ),
+            Msg::Ack {
+                session,
+                part,
+                log_end,
+            } => format!("ACK s={session} p={part} end={log_end}"),
+            Msg::Error { session, part } => format!("ERROR s={session} p={part}"),
+            Msg::Offsets { group, entries } => format!("OFFSETS g={group} {entries:?}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum OpKind {
+    Switchover,
+    Forced,
+}
+
+#[derive(Debug, Clone)]
+enum Ev {
+    ProducerTick(usize),
+    ProducerSend(usize),
+    ProducerTimeout(usize, u64),
+    ProduceArrive {
+        region: usize,
+        inc: u64,
+        producer: usize,
+        req: u64,
+        part: usize,
+        payload: u64,
+    },
+    ProduceReply {
+        producer: usize,
+        req: u64,
+        result: Result<(usize, i64, i32), String>,
+    },
+    Fsync(usize, u64),
+    Deliver {
+        from: usize,
+        to: usize,
+        from_inc: u64,
+        to_inc: u64,
+        msg: Msg,
+    },
+    Heartbeat(usize, u64),
+    LeaseTick(usize, u64),
+    OffsetSync(usize, u64),
+    StreamTimer {
+        region: usize,
+        inc: u64,
+        peer: usize,
+        part: usize,
+        session: u64,
+        attempt: u32,
+    },
+    StreamRetry {
+        region: usize,
+        inc: u64,
+        peer: usize,
+        part: usize,
+    },
+    ConsumerPoll(usize),
+    ConsumerCommit(usize),
+    FaultCut,
+    FaultIsolate,
+    FaultCrash,
+    FaultSwitchover,
+    FaultForced,
+    FaultRegionLoss,
+    Heal(usize, usize),
+    Restart(usize),
+    OpStart {
+        kind: OpKind,
+        to: Option<usize>,
+    },
+    OpPoll {
+        kind: OpKind,
+        from: usize,
+        to: usize,
+        epoch: i32,
+        wait_for: Vec<i64>,
+        deadline: u64,
+    },
+    Settle,
+}
+
+impl Ev {
+    fn line(&self) -> String {
+        match self {
+            Ev::Deliver {
+                from, to, msg: m, ..
+            } => format!("deliver {from}->{to} {}", m.line()),
+            Ev::OpPoll {
+                kind,
+                from,
+                to,
+                epoch,
+                ..
+            } => format!("op-poll {kind:?} {from}->{to} epoch={epoch}"),
+            e => format!("{e:?}"),
+        }
+    }
+}
+
+struct Scheduled {
+    at: u64,
+    seq: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Scheduled {
+    fn cmp(&self, o: &Self) -> Ordering {
+        // BinaryHeap is a max-heap: the earliest (time, seq) is the greatest.
+        (o.at, o.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Producer {
+    next_seq: u64,
+    next_req: u64,
+    queue: VecDeque<(usize, u64)>,
+    inflight: BTreeMap<u64, (usize, u64)>,
+    backoff_until: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Consumer {
+    group: u32,
+    region: Option<usize>,
+    pos: Vec<i64>,
+    /// [partition][offset] → payloads delivered at that offset (usually one).
+    delivered: Vec<Vec<Vec<u64>>>,
+}
+
+/// An acknowledged record, as the producer saw it.
+#[derive(Debug, Clone, Copy)]
+struct Acked {
+    region: usize,
+    part: usize,
+    offset: i64,
+    epoch: i32,
+    payload: u64,
+    at: u64,
+}
+
+/// What a forced failover reported it may have lost: the records of `ranges` (the old primary's
+/// last reported ends past what the new primary held) and anything acknowledged from
+/// `window_start` on (the unknown window: since the old primary's last heartbeat was sent).
+#[derive(Debug, Clone)]
+struct LossReport {
+    old_epoch: i32,
+    ranges: Vec<(i64, i64)>,
+    window_start: u64,
+}
+
+/// The first broken invariant of a run.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub invariant: &'static str,
+    pub message: String,
+    pub at_ms: u64,
+    /// The last trace lines before it (oldest first).
+    pub recent: Vec<String>,
+}
+
+/// The result of one seed.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub seed: u64,
+    pub sim_ms: u64,
+    pub events: u64,
+    pub acknowledged: u64,
+    /// Acknowledged records lost, every one of them inside a forced failover's report.
+    pub rpo_records: u64,
+    /// What the forced failovers reported (records behind + acknowledged in unknown windows).
+    pub reported_loss: u64,
+    pub switchovers: u32,
+    pub forced_failovers: u32,
+    pub crashes: u32,
+    pub quarantined: u64,
+    pub max_lag: i64,
+    pub mean_lag: f64,
+    pub trace_hash: u64,
+    pub failure: Option<Failure>,
+}
+
+/// Knobs the sweep overrides on top of a scenario.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub loss: Option<f64>,
+    pub rtt: Option<u64>,
+    /// Model the proposed gateway fix for the stale-credit bug (docs/simulations.md, "Found"):
+    /// an acknowledgement that grants no credit (`sent_at = 0`) is not fed to `Lease::on_ack`.
+    /// Off (the production behaviour) by default.
+    pub ignore_zero_credit: bool,
+    /// Model the proposed fix for the stale-commit finding: when a rejoining region quarantines
+    /// its tail from offset `d`, its committed group offsets past `d` are cut back to `d`.
+    pub clamp_offsets_on_truncate: bool,
+}
+
+pub struct World {
+    sc: Scenario,
+    topo: Topology,
+    rule_pattern: String,
+    rule_regions: Vec<String>,
+    mode: ReplicationMode,
+    fencing: Fencing,
+    promotion: Promotion,
+    nparts: usize,
+    rng: Rng,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Scheduled>,
+    regions: Vec<Region>,
+    /// Cut counters per unordered link (index by min,max).
+    cuts: BTreeMap<(usize, usize), u32>,
+    link_rtt: u64,
+    link_loss: f64,
+    ignore_zero_credit: bool,
+    clamp_offsets_on_truncate: bool,
+    producers: Vec<Producer>,
+    consumers: Vec<Consumer>,
+    acked: Vec<Acked>,
+    reports: Vec<LossReport>,
+    /// The newest rule state any region applied (what clients follow).
+    latest: RuleState,
+    op_busy: bool,
+    settled: bool,
+    trace: Trace,
+    failure: Option<Failure>,
+    stats: Outcome,
+    lag_samples: u64,
+    lag_sum: f64,
+}
+
+impl World {
+    pub fn new(sc: &Scenario, seed: u64, ov: &Overrides) -> Result<World, super::SimError> {
+        let topo = sc.build_topology().map_err(|m| super::SimError::Scenario {
+            file: sc.name.clone(),
+            message: m,
+        })?;
+        let rule = topo.topics[0].clone();
+        let rule_regions = rule_regions(&rule);
+        let mut rng = Rng::new(seed);
+        let cfg = LeaseConfig {
+            lease_ms: topo.failover.lease.as_millis() as u64,
+            heartbeat_ms: topo.failover.heartbeat.as_millis() as u64,
+            drift: DEFAULT_DRIFT,
+        };
+        let all: Vec<String> = topo.regions.iter().map(|r| r.name.clone()).collect();
+        let nparts = sc.topology.partitions as usize;
+        let n = all.len();
+        let regions = all
+            .iter()
+            .map(|name| {
+                let d = sc.faults.clock_drift;
+                let rate = 1.0 + (rng.unit() * 2.0 - 1.0) * d;
+                Region {
+                    name: name.clone(),
+                    up: true,
+                    incarnation: 0,
+                    rate,
+                    boot: 0,
+                    parts: vec![Part::default(); nparts],
+                    state: RegionState::default(),
+                    lease: Lease::new(name, all.clone(), None, cfg.clone(), 0),
+                    broker_lease_until: None,
+                    armed: false,
+                    replaced: BTreeSet::new(),
+                    reports: BTreeMap::new(),
+                    streams: vec![
+                        vec![
+                            Stream {
+                                session: 0,
+                                epoch: -1,
+                                phase: Phase::Idle,
+                                next: 0,
+                                inflight: None,
+                            };
+                            nparts
+                        ];
+                        n
+                    ],
+                    mirror_acked: vec![vec![0; nparts]; n],
+                    sink_sessions: BTreeMap::new(),
+                    pending: Vec::new(),
+                    fsync_scheduled: false,
+                    groups: BTreeMap::new(),
+                    quarantined: 0,
+                }
+            })
+            .collect();
+        let latest = RegionState::default()
+            .rule(&topo, &rule.pattern)
+            .expect("the rule exists");
+        let producers = (0..sc.workload.producers)
+            .map(|_| Producer {
+                next_seq: 0,
+                next_req: 0,
+                queue: VecDeque::new(),
+                inflight: BTreeMap::new(),
+                backoff_until: 0,
+            })
+            .collect();
+        let consumers = (0..sc.workload.consumer_groups)
+            .map(|g| Consumer {
+                group: g,
+                region: None,
+                pos: vec![0; nparts],
+                delivered: vec![Vec::new(); nparts],
+            })
+            .collect();
+        let mut w = World {
+            mode: rule.mode,
+            fencing: topo.failover.fencing,
+            promotion: topo.failover.promotion,
+            rule_pattern: rule.pattern.clone(),
+            rule_regions,
+            nparts,
+            rng,
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            regions,
+            cuts: BTreeMap::new(),
+            link_rtt: ov.rtt.unwrap_or(sc.links.rtt),
+            link_loss: ov.loss.unwrap_or(sc.links.loss),
+            ignore_zero_credit: ov.ignore_zero_credit,
+            clamp_offsets_on_truncate: ov.clamp_offsets_on_truncate,
+            producers,
+            consumers,
+            acked: Vec::new(),
+            reports: Vec::new(),
+            latest,
+            op_busy: false,
+            settled: false,
+            trace: Trace::new(),
+            failure: None,
+            stats: Outcome {
+                seed,
+                sim_ms: 0,
+                events: 0,
+                acknowledged: 0,
+                rpo_records: 0,
+                reported_loss: 0,
+                switchovers: 0,
+                forced_failovers: 0,
+                crashes: 0,
+                quarantined: 0,
+                max_lag: 0,
+                mean_lag: 0.0,
+                trace_hash: 0,
+                failure: None,
+            },
+            lag_samples: 0,
+            lag_sum: 0.0,
+            sc: sc.clone(),
+            topo,
+        };
+        w.boot();
+        Ok(w)
+    }
+
+    fn boot(&mut self) {
+        for r in 0..self.regions.len() {
+            self.start_process(r);
+        }
+        let gap = (1000 / self.sc.workload.rate as u64).max(1);
+        for p in 0..self.producers.len() {
+            let at = self.rng.below(gap);
+            self.at(at, Ev::ProducerTick(p));
+        }
+        for c in 0..self.consumers.len() {
+            let poll = self.sc.workload.poll_interval;
+            let commit = self.sc.workload.commit_interval;
+            let a = self.rng.below(poll);
+            let b = self.rng.below(commit);
+            self.at(a, Ev::ConsumerPoll(c));
+            self.at(b, Ev::ConsumerCommit(c));
+        }
+        let f = self.sc.faults.clone();
+        for (every, ev) in [
+            (f.cut_every, Ev::FaultCut),
+            (f.isolate_every, Ev::FaultIsolate),
+            (f.crash_every, Ev::FaultCrash),
+            (f.switchover_every, Ev::FaultSwitchover),
+            (f.forced_failover_every, Ev::FaultForced),
+            (f.region_loss_every, Ev::FaultRegionLoss),
+        ] {
+            if let Some(m) = every {
+                let at = self.rng.exp(m);
+                self.at(at, ev);
+            }
+        }
+        if let Some(at) = f.forced_failover_at {
+            let to = self.pick_target();
+            self.at(
+                at,
+                Ev::OpStart {
+                    kind: OpKind::Forced,
+                    to,
+                },
+            );
+        }
+        self.at(self.sc.duration, Ev::Settle);
+    }
+
+    /// Start (or restart) the process of region `r`: timers on its own clock.
+    fn start_process(&mut self, r: usize) {
+        let inc = self.regions[r].incarnation;
+        let hb = self.topo.failover.heartbeat.as_millis() as u64;
+        let a = self.rng.below(hb);
+        let b = self.rng.below(hb / 4 + 1);
+        let c = self.rng.below(OFFSET_SYNC_INTERVAL.as_millis() as u64);
+        self.after(a, Ev::Heartbeat(r, inc));
+        self.after(b, Ev::LeaseTick(r, inc));
+        self.after(c, Ev::OffsetSync(r, inc));
+        self.pump_all(r);
+    }
+
+    fn at(&mut self, at: u64, ev: Ev) {
+        self.seq += 1;
+        self.queue.push(Scheduled {
+            at,
+            seq: self.seq,
+            ev,
+        });
+    }
+
+    fn after(&mut self, delay: u64, ev: Ev) {
+        self.at(self.now + delay, ev);
+    }
+
+    /// Simulated ms for `local_ms` on region `r`'s clock.
+    fn local_delay(&self, r: usize, local_ms: u64) -> u64 {
+        ((local_ms as f64) / self.regions[r].rate).ceil() as u64
+    }
+
+    /// Region `r`'s process clock now.
+    fn local(&self, r: usize) -> Millis {
+        let reg = &self.regions[r];
+        ((self.now - reg.boot) as f64 * reg.rate) as Millis
+    }
+
+    fn idx(&self, name: &str) -> usize {
+        self.regions
+            .iter()
+            .position(|r| r.name == name)
+            .expect("a known region")
+    }
+
+    fn placement(&self, r: usize) -> Placement {
+        placement(&self.topo, &self.regions[r].state, TOPIC).expect("the rule covers the topic")
+    }
+
+    fn rule_state(&self, r: usize) -> RuleState {
+        self.regions[r]
+            .state
+            .rule(&self.topo, &self.rule_pattern)
+            .expect("the rule exists")
+    }
+
+    fn log(&mut self, line: String) {
+        let l = format!("{} {line}", self.now);
+        self.trace.push(l);
+    }
+
+    fn fail(&mut self, invariant: &'static str, message: String) {
+        if self.failure.is_some() || !self.sc.invariants.on(invariant) {
+            return;
+        }
+        self.log(format!("INVARIANT BROKEN {invariant}: {message}"));
+        self.failure = Some(Failure {
+            invariant,
+            message,
+            at_ms: self.now,
+            recent: self.trace.recent(),
+        });
+    }
+
+    /// Apply a rule change in region `r` through the production rules.
+    fn apply(&mut self, r: usize, new: RuleState) -> bool {
+        let pattern = self.rule_pattern.clone();
+        let res = self.regions[r]
+            .state
+            .apply(&self.topo, &pattern, new.clone());
+        match res {
+            Ok(changed) => {
+                if changed {
+                    self.log(format!(
+                        "apply {} epoch={} primary={} fenced={}",
+                        self.regions[r].name, new.epoch, new.primary, new.fenced
+                    ));
+                    if new.epoch > self.latest.epoch
+                        || (new.epoch == self.latest.epoch && new.primary == self.latest.primary)
+                    {
+                        self.latest = new;
+                    }
+                    self.pump_all(r);
+                }
+                true
+            }
+            Err(e) => {
+                self.log(format!("apply {} refused: {e}", self.regions[r].name));
+                false
+            }
+        }
+    }
+
+    // ---- network ------------------------------------------------------------------------
+
+    fn link_cut(&self, a: usize, b: usize) -> bool {
+        self.cuts.get(&(a.min(b), a.max(b))).is_some_and(|n| *n > 0)
+    }
+
+    fn send(&mut self, from: usize, to: usize, msg: Msg) {
+        if !self.regions[from].up || !self.regions[to].up || self.link_cut(from, to) {
+            return;
+        }
+        let jitter = self.sc.links.jitter;
+        let copies = if self.rng.chance(self.sc.links.duplicate) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            if self.rng.chance(self.link_loss) {
+                continue; // lost: the sender's timer retransmits
+            }
+            let d = (self.link_rtt / 2).max(1) + if jitter > 0 { self.rng.upto(jitter) } else { 0 };
+            let ev = Ev::Deliver {
+                from,
+                to,
+                from_inc: self.regions[from].incarnation,
+                to_inc: self.regions[to].incarnation,
+                msg: msg.clone(),
+            };
+            self.after(d, ev);
+        }
+    }
+
+    /// How long a stream waits for an answer before sending again.
+    fn rto(&self) -> u64 {
+        (self.link_rtt * 2 + self.sc.links.jitter * 2).max(50)
+    }
+
+    // ---- broker -------------------------------------------------------------------------
+
+    /// Whether region `r`'s broker takes writes now.
+    fn takes_writes(&self, r: usize) -> Result<(), &'static str> {
+        let reg = &self.regions[r];
+        if !reg.up {
+            return Err("down");
+        }
+        let p = self.placement(r);
+        if p.primary != reg.name {
+            return Err("not the primary");
+        }
+        if p.fenced {
+            return Err("fenced");
+        }
+        if self.fencing == Fencing::Lease && reg.armed {
+            let now = self.local(r);
+            if reg.broker_lease_until.is_none_or(|u| now >= u) {
+                return Err("lost its write lease");
+            }
+        }
+        Ok(())
+    }
+
+    fn produce(&mut self, r: usize, producer: usize, req: u64, part: usize, payload: u64) {
+        let reply = |w: &mut World, result| {
+            w.after(
+                LOCAL_MS,
+                Ev::ProduceReply {
+                    producer,
+                    req,
+                    result,
+                },
+            );
+        };
+        if let Err(why) = self.takes_writes(r) {
+            reply(self, Err(why.to_string()));
+            return;
+        }
+        if self.rng.chance(self.sc.faults.append_failure) {
+            self.log(format!("disk: append failed in {}", self.regions[r].name));
+            reply(self, Err("append failed".into()));
+            return;
+        }
+        // Under lease fencing, nobody else may be taking writes at this instant.
+        if self.fencing == Fencing::Lease {
+            for q in 0..self.regions.len() {
+                if q != r && self.takes_writes(q).is_ok() {
+                    let msg = format!(
+                        "{} and {} both take writes for '{TOPIC}' (epochs {} and {})",
+                        self.regions[r].name,
+                        self.regions[q].name,
+                        self.rule_state(r).epoch,
+                        self.rule_state(q).epoch
+                    );
+                    self.fail("single-writer", msg);
+                }
+            }
+        }
+        let epoch = self.rule_state(r).epoch;
+        let p = &mut self.regions[r].parts[part];
+        let offset = p.end();
+        if let Err(e) = observe(&mut p.epochs, epoch, offset) {
+            reply(self, Err(e));
+            return;
+        }
+        p.log.push(Record {
+            offset,
+            epoch,
+            payload,
+        });
+        self.check_increasing(r, part);
+        self.regions[r].pending.push(PendingAck {
+            producer,
+            req,
+            part,
+            offset,
+            payload,
+            epoch,
+        });
+        self.log(format!(
+            "append {} p={part} off={offset} epoch={epoch} payload={payload:x}",
+            self.regions[r].name
+        ));
+        self.schedule_fsync(r);
+        self.pump_all(r);
+    }
+
+    fn check_increasing(&mut self, r: usize, part: usize) {
+        let log = &self.regions[r].parts[part].log;
+        let n = log.len();
+        if n >= 2 && log[n - 1].offset <= log[n - 2].offset {
+            let m = format!(
+                "{} p={part}: offset {} follows {}",
+                self.regions[r].name,
+                log[n - 1].offset,
+                log[n - 2].offset
+            );
+            self.fail("offsets-increase", m);
+        }
+    }
+
+    fn schedule_fsync(&mut self, r: usize) {
+        if !self.regions[r].fsync_scheduled {
+            self.regions[r].fsync_scheduled = true;
+            let inc = self.regions[r].incarnation;
+            self.after(FSYNC_MS, Ev::Fsync(r, inc));
+        }
+    }
+
+    fn fsync(&mut self, r: usize) {
+        self.regions[r].fsync_scheduled = false;
+        if self.rng.chance(self.sc.faults.fsync_failure) {
+            self.log(format!(
+                "disk: fsync failed in {}: the process exits",
+                self.regions[r].name
+            ));
+            self.crash(r);
+            let d = self.sc.faults.down_for;
+            self.after(d, Ev::Restart(r));
+            return;
+        }
+        for p in &mut self.regions[r].parts {
+            p.durable = p.log.len();
+        }
+        self.resolve_acks(r);
+    }
+
+    /// Answer the produces that are durable (and, for sync topics, held by every mirror).
+    fn resolve_acks(&mut self, r: usize) {
+        let pl = self.placement(r);
+        let mirrors: Vec<usize> = pl.mirrors.iter().map(|m| self.idx(m)).collect();
+        let sync = self.mode == ReplicationMode::Sync;
+        let reg = &mut self.regions[r];
+        let mut done = Vec::new();
+        reg.pending.retain(|a| {
+            let durable = (a.offset as usize) < reg.parts[a.part].durable;
+            let mirrored = !sync
+                || mirrors
+                    .iter()
+                    .all(|m| reg.mirror_acked[*m][a.part] > a.offset);
+            if durable && mirrored {
+                done.push(a.clone());
+                false
+            } else {
+                true
+            }
+        });
+        for a in done {
+            self.after(
+                LOCAL_MS,
+                Ev::ProduceReply {
+                    producer: a.producer,
+                    req: a.req,
+                    result: Ok((r, a.offset, a.epoch)),
+                },
+            );
+            let _ = a.payload;
+        }
+    }
+
+    fn crash(&mut self, r: usize) {
+        if !self.regions[r].up {
+            return;
+        }
+        self.stats.crashes += 1;
+        self.log(format!("crash {}", self.regions[r].name));
+        let reg = &mut self.regions[r];
+        reg.up = false;
+        reg.incarnation += 1;
+        for p in &mut reg.parts {
+            p.log.truncate(p.durable);
+            let end = p.end();
+            p.epochs.retain(|e| e.start_offset < end);
+        }
+        reg.pending.clear();
+        reg.fsync_scheduled = false;
+        reg.sink_sessions.clear();
+        reg.replaced.clear();
+        reg.reports.clear();
+        reg.broker_lease_until = None;
+    }
+
+    fn restart(&mut self, r: usize) {
+        if self.regions[r].up {
+            return;
+        }
+        self.log(format!("restart {}", self.regions[r].name));
+        let all: Vec<String> = self.regions.iter().map(|x| x.name.clone()).collect();
+        let cfg = self.regions[r].lease.config().clone();
+        let now = self.now;
+        let reg = &mut self.regions[r];
+        reg.up = true;
+        reg.boot = now;
+        reg.lease = Lease::new(&reg.name, all, None, cfg, 0);
+        for peer in &mut reg.streams {
+            for s in peer.iter_mut() {
+                s.phase = Phase::Idle;
+                s.inflight = None;
+                s.epoch = -1;
+            }
+        }
+        for m in &mut reg.mirror_acked {
+            m.iter_mut().for_each(|x| *x = 0);
+        }
+        self.start_process(r);
+    }
+
+    // ---- gateway: heartbeats and the lease -------------------------------------------
+
+    fn peers(&self, r: usize) -> Vec<usize> {
+        let me = &self.regions[r].name;
+        if !self.rule_regions.contains(me) {
+            return Vec::new();
+        }
+        self.rule_regions
+            .iter()
+            .filter(|x| *x != me)
+            .map(|x| self.idx(x))
+            .collect()
+    }
+
+    fn heartbeat(&mut self, r: usize) {
+        let now = self.local(r);
+        let state = self.regions[r].state.clone();
+        let report = self.regions[r].lease.report(now);
+        let ends = (self.placement(r).primary == self.regions[r].name)
+            .then(|| self.regions[r].parts.iter().map(|p| p.end()).collect());
+        for peer in self.peers(r) {
+            self.send(
+                r,
+                peer,
+                Msg::Heartbeat {
+                    sent_at: now,
+                    sent_sim: self.now,
+                    state: state.clone(),
+                    report: report.clone(),
+                    ends: ends.clone(),
+                },
+            );
+        }
+        let every = self.topo.failover.heartbeat.as_millis() as u64;
+        let d = self.local_delay(r, every);
+        let inc = self.regions[r].incarnation;
+        self.after(d, Ev::Heartbeat(r, inc));
+        self.sample_lag(r);
+    }
+
+    fn sample_lag(&mut self, r: usize) {
+        if self.placement(r).primary != self.regions[r].name {
+            return;
+        }
+        for peer in self.peers(r) {
+            // Lag while the mirror can be reached (a cut or a crash makes its own lag).
+            if !self.regions[peer].up || self.link_cut(r, peer) {
+                continue;
+            }
+            for p in 0..self.nparts {
+                let lag =
+                    (self.regions[r].parts[p].end() - self.regions[peer].parts[p].end()).max(0);
+                self.stats.max_lag = self.stats.max_lag.max(lag);
+                self.lag_sum += lag as f64;
+                self.lag_samples += 1;
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_heartbeat(
+        &mut self,
+        r: usize,
+        peer: usize,
+        sent_at: Millis,
+        sent_sim: u64,
+        state: RegionState,
+        report: BTreeMap<String, u64>,
+        ends: Option<Vec<i64>>,
+    ) {
+        let mine = self.rule_state(r).epoch;
+        let theirs = state
+            .rule(&self.topo, &self.rule_pattern)
+            .map_or(0, |s| s.epoch);
+        let stale = theirs < mine;
+        let credit = if stale { 0 } else { sent_at };
+        self.send(r, peer, Msg::HeartbeatAck { credit });
+        let pname = self.regions[peer].name.clone();
+        if !stale {
+            self.regions[r].replaced.remove(&pname);
+        }
+        let now = self.local(r);
+        self.regions[r].lease.on_heartbeat(&pname, now, report);
+        for (pattern, th) in &state.rules {
+            if *pattern != self.rule_pattern {
+                continue;
+            }
+            let ours = self.rule_state(r);
+            if th.epoch > ours.epoch && th.primary != self.regions[r].name {
+                self.log(format!(
+                    "{} adopts epoch {} ({}) from {pname}'s heartbeat",
+                    self.regions[r].name, th.epoch, th.primary
+                ));
+                self.apply(
+                    r,
+                    RuleState {
+                        epoch: th.epoch,
+                        primary: th.primary.clone(),
+                        fenced: false,
+                    },
+                );
+            }
+        }
+        self.regions[r]
+            .reports
+            .insert(pname, PeerReport { sent_sim, ends });
+    }
+
+    fn lease_tick(&mut self, r: usize) {
+        let now = self.local(r);
+        if self.fencing == Fencing::Lease {
+            let reg = &mut self.regions[r];
+            for x in reg.replaced.clone() {
+                reg.lease.on_ack(&x, now);
+            }
+            if reg.lease.may_write(now) {
+                if let Some(u) = reg.lease.write_lease_until() {
+                    reg.broker_lease_until = Some(u);
+                    reg.armed = true;
+                }
+            }
+            if self.promotion == Promotion::Automatic {
+                self.auto_promote(r, now);
+            }
+        }
+        let step = (self.topo.failover.heartbeat.as_millis() as u64 / 4).max(1);
+        let d = self.local_delay(r, step);
+        let inc = self.regions[r].incarnation;
+        self.after(d, Ev::LeaseTick(r, inc));
+    }
+
+    fn auto_promote(&mut self, r: usize, now: Millis) {
+        let cur = self.rule_state(r);
+        let me = self.regions[r].name.clone();
+        if cur.primary == me || !self.rule_regions.contains(&me) {
+            return;
+        }
+        let go = {
+            let l = &self.regions[r].lease;
+            l.may_take_over(&cur.primary, now)
+                && l.preferred_successor(&cur.primary, &self.rule_regions, now) == Some(&me)
+        };
+        if go {
+            let from = self.idx(&cur.primary);
+            self.log(format!(
+                "{me}: automatic promotion (the lease of {} ran out)",
+                cur.primary
+            ));
+            self.take_over(r, from, cur.epoch + 1, true);
+        }
+    }
+
+    /// Region `to` becomes primary at `epoch`, replacing `from`. Forced: record the loss report.
+    fn take_over(&mut self, to: usize, from: usize, epoch: i32, forced: bool) -> bool {
+        let old_epoch = self.rule_state(to).epoch.max(self.latest.epoch);
+        let new = RuleState {
+            epoch,
+            primary: self.regions[to].name.clone(),
+            fenced: false,
+        };
+        if !self.apply(to, new.clone()) {
+            return false;
+        }
+        if forced {
+            self.stats.forced_failovers += 1;
+            let fname = self.regions[from].name.clone();
+            self.regions[to].replaced.insert(fname.clone());
+            let last = self.regions[to].reports.get(&fname).cloned();
+            let ours: Vec<i64> = self.regions[to].parts.iter().map(|p| p.end()).collect();
+            let (ranges, window_start): (Vec<(i64, i64)>, u64) = match last {
+                Some(PeerReport {
+                    sent_sim,
+                    ends: Some(ends),
+                }) => (
+                    ours.iter()
+                        .enumerate()
+                        .map(|(p, m)| (*m, ends.get(p).copied().unwrap_or(*m).max(*m)))
+                        .collect(),
+                    sent_sim,
+                ),
+                Some(PeerReport { sent_sim, .. }) => {
+                    (ours.iter().map(|m| (*m, *m)).collect(), sent_sim)
+                }
+                // Never heard from the old primary: everything it may have had is unknown.
+                None => (ours.iter().map(|m| (*m, i64::MAX)).collect(), 0),
+            };
+            let behind: i64 = ranges
+                .iter()
+                .map(|(a, b)| ((*b).min(a + 1_000_000_000) - a).max(0))
+                .sum();
+            self.log(format!(
+                "forced failover {fname} -> {} epoch={epoch}: behind {ranges:?}, unknown since {window_start}",
+                self.regions[to].name
+            ));
+            self.stats.reported_loss += behind.max(0) as u64;
+            self.reports.push(LossReport {
+                old_epoch,
+                ranges,
+                window_start,
+            });
+        }
+        true
+    }
+
+    // ---- gateway: mirror streams (source side) ----------------------------------------
+
+    fn pump_all(&mut self, r: usize) {
+        if !self.regions[r].up {
+            return;
+        }
+        for peer in self.peers(r) {
+            for p in 0..self.nparts {
+                self.pump(r, peer, p);
+            }
+        }
+    }
+
+    fn ships(&self, r: usize, peer: usize) -> Option<i32> {
+        let pl = self.placement(r);
+        (pl.primary == self.regions[r].name && pl.mirrors.contains(&self.regions[peer].name))
+            .then_some(pl.epoch)
+    }
+
+    fn pump(&mut self, r: usize, peer: usize, part: usize) {
+        let Some(epoch) = self.ships(r, peer) else {
+            let s = &mut self.regions[r].streams[peer][part];
+            s.phase = Phase::Idle;
+            s.inflight = None;
+            return;
+        };
+        let inc = self.regions[r].incarnation;
+        let s = self.regions[r].streams[peer][part].clone();
+        if s.phase == Phase::Backoff {
+            return;
+        }
+        if s.epoch != epoch || s.phase == Phase::Idle {
+            self.seq += 1;
+            let session = self.seq;
+            let st = &mut self.regions[r].streams[peer][part];
+            st.session = session;
+            st.epoch = epoch;
+            st.phase = Phase::Opening;
+            st.inflight = None;
+            self.send(
+                r,
+                peer,
+                Msg::Open {
+                    session,
+                    part,
+                    epoch,
+                },
+            );
+            let rto = self.rto();
+            self.after(
+                rto,
+                Ev::StreamTimer {
+                    region: r,
+                    inc,
+                    peer,
+                    part,
+                    session,
+                    attempt: 0,
+                },
+            );
+            return;
+        }
+        if s.phase != Phase::Streaming || s.inflight.is_some() {
+            return;
+        }
+        let log = &self.regions[r].parts[part].log;
+        let end = log.len() as i64;
+        if s.next >= end {
+            return;
+        }
+        let per = self.sc.workload.record_bytes.max(1) as u64;
+        let max = BATCH_RECORDS.min((BATCH_BYTES / per).max(1) as usize);
+        let from = s.next as usize;
+        let to = (from + max).min(log.len());
+        let records = log[from..to].to_vec();
+        let n = records.len();
+        self.regions[r].streams[peer][part].inflight = Some((s.next, n, 0));
+        self.send_batch(r, peer, part, s.session, s.next, records, 0);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn send_batch(
+        &mut self,
+        r: usize,
+        peer: usize,
+        part: usize,
+        session: u64,
+        first: i64,
+        records: Vec<Record>,
+        attempt: u32,
+    ) {
+        self.send(
+            r,
+            peer,
+            Msg::Batches {
+                session,
+                part,
+                first,
+                records,
+            },
+        );
+        let rto = self.rto();
+        let inc = self.regions[r].incarnation;
+        self.after(
+            rto,
+            Ev::StreamTimer {
+                region: r,
+                inc,
+                peer,
+                part,
+                session,
+                attempt,
+            },
+        );
+    }
+
+    fn stream_timer(&mut self, r: usize, peer: usize, part: usize, session: u64, attempt: u32) {
+        let s = self.regions[r].streams[peer][part].clone();
+        if s.session != session {
+            return;
+        }
+        let inc = self.regions[r].incarnation;
+        let rto = self.rto();
+        match s.phase {
+            Phase::Opening => {
+                if self.ships(r, peer) != Some(s.epoch) {
+                    self.pump(r, peer, part);
+                    return;
+                }
+                self.send(
+                    r,
+                    peer,
+                    Msg::Open {
+                        session,
+                        part,
+                        epoch: s.epoch,
+                    },
+                );
+                self.after(
+                    rto,
+                    Ev::StreamTimer {
+                        region: r,
+                        inc,
+                        peer,
+                        part,
+                        session,
+                        attempt: attempt + 1,
+                    },
+                );
+            }
+            Phase::Streaming => {
+                let Some((first, n, a)) = s.inflight else {
+                    return;
+                };
+                if a != attempt {
+                    return;
+                }
+                if self.ships(r, peer) != Some(s.epoch) {
+                    self.pump(r, peer, part);
+                    return;
+                }
+                let log = &self.regions[r].parts[part].log;
+                let to = (first as usize + n).min(log.len());
+                if first as usize >= to {
+                    // Our own log lost this tail (crash): start over.
+                    self.reset_stream(r, peer, part);
+                    return;
+                }
+                let records = log[first as usize..to].to_vec();
+                self.regions[r].streams[peer][part].inflight = Some((first, records.len(), a + 1));
+                self.send_batch(r, peer, part, session, first, records, a + 1);
+            }
+            Phase::Truncating => {
+                // The TRUNCATE or its POSITION was lost: open again.
+                self.reset_stream(r, peer, part);
+            }
+            _ => {}
+        }
+    }
+
+    /// The stream failed: reopen it after RETRY.
+    fn reset_stream(&mut self, r: usize, peer: usize, part: usize) {
+        let s = &mut self.regions[r].streams[peer][part];
+        s.phase = Phase::Backoff;
+        s.inflight = None;
+        s.session = 0;
+        let inc = self.regions[r].incarnation;
+        self.after(
+            RETRY_MS,
+            Ev::StreamRetry {
+                region: r,
+                inc,
+                peer,
+                part,
+            },
+        );
+    }
+
+    fn on_position(
+        &mut self,
+        r: usize,
+        peer: usize,
+        part: usize,
+        session: u64,
+        log_end: i64,
+        theirs: Vec<EpochEntry>,
+    ) {
+        let s = self.regions[r].streams[peer][part].clone();
+        if s.session != session || !(s.phase == Phase::Opening || s.phase == Phase::Truncating) {
+            return;
+        }
+        if self.ships(r, peer) != Some(s.epoch) {
+            self.pump(r, peer, part);
+            return;
+        }
+        let ours = &self.regions[r].parts[part];
+        let d = divergence(&ours.epochs, ours.end(), &theirs, log_end);
+        if d >= log_end {
+            // Reconciled: the mirror's log is a prefix of ours.
+            self.check_prefix(r, peer, part, log_end);
+            let st = &mut self.regions[r].streams[peer][part];
+            st.phase = Phase::Streaming;
+            st.next = log_end;
+            st.inflight = None;
+            self.regions[r].mirror_acked[peer][part] = log_end;
+            self.resolve_acks(r);
+            self.pump(r, peer, part);
+        } else {
+            self.log(format!(
+                "{} -> {} p={part}: mirror tail diverges at {d} (mirror ends at {log_end})",
+                self.regions[r].name, self.regions[peer].name
+            ));
+            self.regions[r].streams[peer][part].phase = Phase::Truncating;
+            self.send(
+                r,
+                peer,
+                Msg::Truncate {
+                    session,
+                    part,
+                    offset: d,
+                },
+            );
+            let rto = self.rto();
+            let inc = self.regions[r].incarnation;
+            self.after(
+                rto * 4,
+                Ev::StreamTimer {
+                    region: r,
+                    inc,
+                    peer,
+                    part,
+                    session,
+                    attempt: 0,
+                },
+            );
+        }
+    }
+
+    /// Once a mirror is reconciled with its source (the stream open found no divergence), every
+    /// offset both hold must hold the same record.
+    fn check_prefix(&mut self, r: usize, peer: usize, part: usize, upto: i64) {
+        let a = &self.regions[r].parts[part].log;
+        let b = &self.regions[peer].parts[part].log;
+        let n = (upto as usize).min(a.len()).min(b.len());
+        if let Some(o) = (0..n).find(|i| a[*i] != b[*i]) {
+            let m = format!(
+                "partition {part} offset {o}: {} holds {:?} but its mirror {} holds {:?} after they reconciled",
+                self.regions[r].name, a[o], self.regions[peer].name, b[o]
+            );
+            self.fail("no-divergence", m);
+        }
+    }
+
+    fn on_ack(&mut self, r: usize, peer: usize, part: usize, session: u64, log_end: i64) {
+        let s = self.regions[r].streams[peer][part].clone();
+        if s.session != session || s.phase != Phase::Streaming {
+            return;
+        }
+        let Some((first, n, _)) = s.inflight else {
+            return;
+        };
+        if log_end < first + n as i64 {
+            return; // an answer to an older copy of the batch
+        }
+        assert!(log_end >= s.next, "the mirror's end never goes back");
+        let st = &mut self.regions[r].streams[peer][part];
+        st.next = log_end;
+        st.inflight = None;
+        self.regions[r].mirror_acked[peer][part] = log_end;
+        self.resolve_acks(r);
+        self.pump(r, peer, part);
+    }
+
+    // ---- gateway: mirror streams (sink side) ------------------------------------------
+
+    fn on_open(&mut self, m: usize, src: usize, part: usize, session: u64, epoch: i32) {
+        let p = self.placement(m);
+        let ok = p.epoch == epoch
+            && p.primary == self.regions[src].name
+            && p.mirrors.contains(&self.regions[m].name);
+        if !ok {
+            self.send(m, src, Msg::Refused { session, part });
+            return;
+        }
+        self.regions[m].sink_sessions.insert((src, part), session);
+        let pp = &self.regions[m].parts[part];
+        let msg = Msg::Position {
+            session,
+            part,
+            log_end: pp.end(),
+            epochs: pp.epochs.clone(),
+        };
+        self.send(m, src, msg);
+    }
+
+    fn sink_session_ok(&self, m: usize, src: usize, part: usize, session: u64) -> bool {
+        self.regions[m].sink_sessions.get(&(src, part)) == Some(&session)
+    }
+
+    fn on_truncate(&mut self, m: usize, src: usize, part: usize, session: u64, offset: i64) {
+        if !self.sink_session_ok(m, src, part, session) {
+            // Not a stream this process opened (it restarted): the stream is gone.
+            self.send(m, src, Msg::Error { session, part });
+            return;
+        }
+        // The broker cuts back only a mirror: a partition that takes client writes here (this
+        // region is the unfenced primary) refuses (`quarantine_and_truncate`).
+        let pl = self.placement(m);
+        if pl.primary == self.regions[m].name && !pl.fenced {
+            self.send(m, src, Msg::Error { session, part });
+            return;
+        }
+        let pp = &mut self.regions[m].parts[part];
+        if offset < pp.end() {
+            let n = pp.end() - offset;
+            pp.log.truncate(offset as usize);
+            pp.durable = pp.durable.min(offset as usize);
+            pp.epochs.retain(|e| e.start_offset < offset);
+            self.regions[m].quarantined += n as u64;
+            if self.clamp_offsets_on_truncate {
+                for v in self.regions[m].groups.values_mut() {
+                    if let Some(c) = v.get_mut(part) {
+                        *c = (*c).min(offset);
+                    }
+                }
+            }
+            self.stats.quarantined += n as u64;
+            self.log(format!(
+                "{} quarantines {n} records of p={part} from {offset}",
+                self.regions[m].name
+            ));
+        }
+        let pp = &self.regions[m].parts[part];
+        let msg = Msg::Position {
+            session,
+            part,
+            log_end: pp.end(),
+            epochs: pp.epochs.clone(),
+        };
+        self.send(m, src, msg);
+    }
+
+    fn on_batches(
+        &mut self,
+        m: usize,
+        src: usize,
+        part: usize,
+        session: u64,
+        first: i64,
+        records: Vec<Record>,
+    ) {
+        if !self.sink_session_ok(m, src, part, session) {
+            // Not a stream this process opened (it restarted): the stream is gone.
+            self.send(m, src, Msg::Error { session, part });
+            return;
+        }
+        // MirrorAppend accepts only topics whose primary is another region.
+        if self.placement(m).primary == self.regions[m].name {
+            self.send(m, src, Msg::Error { session, part });
+            return;
+        }
+        let end = self.regions[m].parts[part].end();
+        if first > end {
+            self.send(m, src, Msg::Error { session, part });
+            return;
+        }
+        // A copy of a batch we already hold (retransmission, duplicate): it must agree.
+        let skip = (end - first) as usize;
+        for rec in records.iter().take(skip) {
+            if self.regions[m].parts[part].log[rec.offset as usize] != *rec {
+                self.send(m, src, Msg::Error { session, part });
+                return;
+            }
+        }
+        if skip < records.len() {
+            if self.rng.chance(self.sc.faults.append_failure) {
+                self.log(format!(
+                    "disk: mirror append failed in {}",
+                    self.regions[m].name
+                ));
+                self.send(m, src, Msg::Error { session, part });
+                return;
+            }
+            for rec in &records[skip..] {
+                let pp = &mut self.regions[m].parts[part];
+                if observe(&mut pp.epochs, rec.epoch, rec.offset).is_err() {
+                    self.send(m, src, Msg::Error { session, part });
+                    return;
+                }
+                pp.log.push(*rec);
+                let at = pp.end() - 1;
+                if rec.offset != at {
+                    let msg = format!(
+                        "{} p={part}: mirrored offset {} stored at {at}",
+                        self.regions[m].name, rec.offset
+                    );
+                    self.fail("offsets-increase", msg);
+                }
+                self.check_increasing(m, part);
+            }
+            // MirrorAppend fsyncs before it answers.
+            let pp = &mut self.regions[m].parts[part];
+            pp.durable = pp.log.len();
+        }
+        let log_end = self.regions[m].parts[part].end();
+        self.send(
+            m,
+            src,
+            Msg::Ack {
+                session,
+                part,
+                log_end,
+            },
+        );
+    }
+
+    // ---- gateway: group offset sync ------------------------------------------------------
+
+    fn offset_sync(&mut self, r: usize) {
+        for peer in self.peers(r) {
+            if self.ships(r, peer).is_none() {
+                continue;
+            }
+            let groups: Vec<(u32, Vec<i64>)> = self.regions[r]
+                .groups
+                .iter()
+                .map(|(g, v)| (*g, v.clone()))
+                .collect();
+            for (group, entries) in groups {
+                self.send(r, peer, Msg::Offsets { group, entries });
+            }
+        }
+        let d = self.local_delay(r, OFFSET_SYNC_INTERVAL.as_millis() as u64);
+        let inc = self.regions[r].incarnation;
+        self.after(d, Ev::OffsetSync(r, inc));
+    }
+
+    fn on_offsets(&mut self, m: usize, src: usize, group: u32, entries: Vec<i64>) {
+        let p = self.placement(m);
+        if p.primary != self.regions[src].name || !p.mirrors.contains(&self.regions[m].name) {
+            return;
+        }
+        let ends: Vec<i64> = self.regions[m].parts.iter().map(|x| x.end()).collect();
+        let installed: Vec<i64> = entries
+            .iter()
+            .enumerate()
+            .map(|(i, o)| install_offset(*o, ends.get(i).copied().unwrap_or(0)))
+            .collect();
+        self.regions[m].groups.insert(group, installed);
+    }
+
+    // ---- clients ------------------------------------------------------------------------
+
+    /// The region clients are sent to: the newest primary, if it is up.
+    fn client_target(&self) -> Option<usize> {
+        let r = self.idx(&self.latest.primary);
+        self.regions[r].up.then_some(r)
+    }
+
+    fn producer_tick(&mut self, p: usize) {
+        if self.now >= self.sc.duration {
+            return;
+        }
+        let pr = &mut self.producers[p];
+        let seq = pr.next_seq;
+        pr.next_seq += 1;
+        let payload = ((p as u64 + 1) << 40) | seq;
+        let part = (seq % self.nparts as u64) as usize;
+        pr.queue.push_back((part, payload));
+        self.producer_send(p);
+        let gap = (1000 / self.sc.workload.rate as u64).max(1);
+        self.after(gap, Ev::ProducerTick(p));
+    }
+
+    fn producer_send(&mut self, p: usize) {
+        if self.now < self.producers[p].backoff_until {
+            return;
+        }
+        let Some(target) = self.client_target() else {
+            return;
+        };
+        while self.producers[p].inflight.len() < MAX_IN_FLIGHT {
+            let pr = &mut self.producers[p];
+            let Some((part, payload)) = pr.queue.pop_front() else {
+                break;
+            };
+            let req = pr.next_req;
+            pr.next_req += 1;
+            pr.inflight.insert(req, (part, payload));
+            let inc = self.regions[target].incarnation;
+            self.after(
+                LOCAL_MS,
+                Ev::ProduceArrive {
+                    region: target,
+                    inc,
+                    producer: p,
+                    req,
+                    part,
+                    payload,
+                },
+            );
+            self.after(REQUEST_TIMEOUT_MS, Ev::ProducerTimeout(p, req));
+        }
+    }
+
+    fn produce_reply(&mut self, p: usize, req: u64, result: Result<(usize, i64, i32), String>) {
+        let Some((part, payload)) = self.producers[p].inflight.remove(&req) else {
+            return; // timed out already: the client never saw this answer
+        };
+        match result {
+            Ok((region, offset, epoch)) => {
+                self.stats.acknowledged += 1;
+                self.acked.push(Acked {
+                    region,
+                    part,
+                    offset,
+                    epoch,
+                    payload,
+                    at: self.now,
+                });
+                self.producer_send(p);
+            }
+            Err(_) => {
+                self.producers[p].queue.push_front((part, payload));
+                self.producers[p].backoff_until = self.now + PRODUCE_BACKOFF_MS;
+                self.after(PRODUCE_BACKOFF_MS, Ev::ProducerSend(p));
+            }
+        }
+    }
+
+    fn producer_timeout(&mut self, p: usize, req: u64) {
+        if let Some(x) = self.producers[p].inflight.remove(&req) {
+            self.producers[p].queue.push_front(x);
+            self.producer_send(p);
+        }
+    }
+
+    fn consumer_poll(&mut self, c: usize) {
+        let poll = self.sc.workload.poll_interval;
+        self.after(poll, Ev::ConsumerPoll(c));
+        let Some(target) = self.client_target() else {
+            return;
+        };
+        if self.consumers[c].region != Some(target) {
+            // The group moves to the new primary and resumes at its committed offsets there.
+            let g = self.consumers[c].group;
+            let committed = self.regions[target]
+                .groups
+                .get(&g)
+                .cloned()
+                .unwrap_or_else(|| vec![0; self.nparts]);
+            self.log(format!(
+                "group {g} moves to {} at {committed:?}",
+                self.regions[target].name
+            ));
+            self.consumers[c].region = Some(target);
+            self.consumers[c].pos = committed;
+            for p in 0..self.nparts {
+                let upto = (self.consumers[c].pos[p].max(0) as usize)
+                    .min(self.regions[target].parts[p].durable);
+                for o in 0..upto {
+                    self.check_delivered(c, target, p, o, "resumes past");
+                }
+            }
+        }
+        for p in 0..self.nparts {
+            let durable = self.regions[target].parts[p].durable as i64;
+            let mut n = 0;
+            while self.consumers[c].pos[p] < durable && n < POLL_RECORDS {
+                let o = self.consumers[c].pos[p] as usize;
+                if o > 0 {
+                    self.check_delivered(c, target, p, o - 1, "reads past");
+                }
+                let payload = self.regions[target].parts[p].log[o].payload;
+                let d = &mut self.consumers[c].delivered[p];
+                if d.len() <= o {
+                    d.resize(o + 1, Vec::new());
+                }
+                if !d[o].contains(&payload) {
+                    d[o].push(payload);
+                }
+                self.consumers[c].pos[p] += 1;
+                n += 1;
+            }
+        }
+    }
+
+    fn check_delivered(&mut self, c: usize, r: usize, p: usize, o: usize, what: &str) {
+        let rec = self.regions[r].parts[p].log[o];
+        let ok = self.consumers[c].delivered[p]
+            .get(o)
+            .is_some_and(|v| v.contains(&rec.payload));
+        if !ok {
+            let m = format!(
+                "group {} {what} partition {p} offset {o} in {} ({:x}, epoch {}) without having seen it",
+                self.consumers[c].group, self.regions[r].name, rec.payload, rec.epoch
+            );
+            self.fail("consumer-no-skip", m);
+        }
+    }
+
+    fn consumer_commit(&mut self, c: usize) {
+        let every = self.sc.workload.commit_interval;
+        self.after(every, Ev::ConsumerCommit(c));
+        if let Some(r) = self.consumers[c].region {
+            if self.regions[r].up {
+                let g = self.consumers[c].group;
+                let pos = self.consumers[c].pos.clone();
+                self.regions[r].groups.insert(g, pos);
+            }
+        }
+    }
+
+    // ---- faults and the operator ------------------------------------------------------
+
+    fn faults_on(&self) -> bool {
+        !self.settled && self.now < self.sc.duration
+    }
+
+    fn rearm(&mut self, every: Option<u64>, ev: Ev) {
+        if let Some(m) = every {
+            let d = self.rng.exp(m);
+            self.after(d, ev);
+        }
+    }
+
+    fn cut(&mut self, a: usize, b: usize, on: bool) {
+        let e = self.cuts.entry((a.min(b), a.max(b))).or_insert(0);
+        if on {
+            *e += 1;
+        } else {
+            *e = e.saturating_sub(1);
+        }
+        let n = *e;
+        self.log(format!(
+            "link {}-{} {}",
+            self.regions[a].name,
+            self.regions[b].name,
+            if n > 0 { "cut" } else { "healed" }
+        ));
+    }
+
+    fn random_region(&mut self) -> usize {
+        self.rng.below(self.regions.len() as u64) as usize
+    }
+
+    fn fault(&mut self, ev: &Ev) {
+        if !self.faults_on() {
+            return;
+        }
+        let f = self.sc.faults.clone();
+        let n = self.regions.len();
+        match ev {
+            Ev::FaultCut => {
+                let a = self.random_region();
+                let b = (a + 1 + self.rng.below(n as u64 - 1) as usize) % n;
+                self.cut(a, b, true);
+                let d = f.cut_for / 2 + self.rng.upto(f.cut_for);
+                self.after(d, Ev::Heal(a, b));
+                self.rearm(f.cut_every, Ev::FaultCut);
+            }
+            Ev::FaultIsolate => {
+                let a = self.random_region();
+                let d = f.isolate_for / 2 + self.rng.upto(f.isolate_for);
+                for b in (0..n).filter(|b| *b != a) {
+                    self.cut(a, b, true);
+                    self.after(d, Ev::Heal(a, b));
+                }
+                self.rearm(f.isolate_every, Ev::FaultIsolate);
+            }
+            Ev::FaultCrash => {
+                let a = self.random_region();
+                self.crash(a);
+                let d = f.down_for / 2 + self.rng.upto(f.down_for);
+                self.after(d, Ev::Restart(a));
+                self.rearm(f.crash_every, Ev::FaultCrash);
+            }
+            Ev::FaultSwitchover => {
+                let to = self.pick_target();
+                self.after(
+                    0,
+                    Ev::OpStart {
+                        kind: OpKind::Switchover,
+                        to,
+                    },
+                );
+                self.rearm(f.switchover_every, Ev::FaultSwitchover);
+            }
+            Ev::FaultForced => {
+                let to = self.pick_target();
+                self.after(
+                    0,
+                    Ev::OpStart {
+                        kind: OpKind::Forced,
+                        to,
+                    },
+                );
+                self.rearm(f.forced_failover_every, Ev::FaultForced);
+            }
+            Ev::FaultRegionLoss => {
+                // The primary's region is lost: cut off from every peer, and (half of the time)
+                // its process dies too. An operator forces a failover a little later; the region
+                // comes back (rejoins) after `region_loss_for`.
+                let a = self.idx(&self.latest.primary.clone());
+                let d = f.region_loss_for / 2 + self.rng.upto(f.region_loss_for);
+                for b in (0..n).filter(|b| *b != a) {
+                    self.cut(a, b, true);
+                    self.after(d, Ev::Heal(a, b));
+                }
+                if self.rng.chance(0.5) {
+                    self.crash(a);
+                    self.after(d, Ev::Restart(a));
+                }
+                let to = self.pick_target();
+                let wait = self.rng.upto(3_000);
+                self.after(
+                    wait,
+                    Ev::OpStart {
+                        kind: OpKind::Forced,
+                        to,
+                    },
+                );
+                self.rearm(f.region_loss_every, Ev::FaultRegionLoss);
+            }
+            _ => {}
+        }
+    }
+
+    fn pick_target(&mut self) -> Option<usize> {
+        let others: Vec<usize> = self
+            .rule_regions
+            .iter()
+            .filter(|r| **r != self.latest.primary)
+            .map(|r| self.idx(r))
+            .collect();
+        if others.is_empty() {
+            return None;
+        }
+        let i = self.rng.below(others.len() as u64) as usize;
+        Some(others[i])
+    }
+
+    /// `ferry failover`: the newest state any reachable region knows names the old primary.
+    fn op_start(&mut self, kind: OpKind, to: Option<usize>) {
+        let Some(to) = to else { return };
+        if self.op_busy || !self.regions[to].up {
+            self.log(format!(
+                "operator: {kind:?} to {} skipped",
+                self.regions[to].name
+            ));
+            return;
+        }
+        let newest = (0..self.regions.len())
+            .filter(|r| self.regions[*r].up)
+            .map(|r| self.rule_state(r))
+            .max_by_key(|s| s.epoch)
+            .expect("the target is up");
+        let from = self.idx(&newest.primary);
+        if from == to {
+            return;
+        }
+        let epoch = newest.epoch + 1;
+        self.log(format!(
+            "operator: {kind:?} {} -> {} epoch={epoch}",
+            self.regions[from].name, self.regions[to].name
+        ));
+        let mut wait_for = Vec::new();
+        if let OpKind::Switchover = kind {
+            // Fence the old primary; its log ends are final.
+            if !self.regions[from].up {
+                self.log("operator: the old primary does not answer; switchover abandoned".into());
+                return;
+            }
+            let st = self.rule_state(from);
+            if st.primary != self.regions[from].name {
+                return;
+            }
+            self.apply(from, RuleState { fenced: true, ..st });
+            wait_for = self.regions[from].parts.iter().map(|p| p.end()).collect();
+        }
+        self.op_busy = true;
+        self.after(
+            0,
+            Ev::OpPoll {
+                kind,
+                from,
+                to,
+                epoch,
+                wait_for,
+                deadline: self.now + OP_TIMEOUT_MS,
+            },
+        );
+    }
+
+    fn op_poll(
+        &mut self,
+        kind: OpKind,
+        from: usize,
+        to: usize,
+        epoch: i32,
+        wait_for: Vec<i64>,
+        deadline: u64,
+    ) {
+        let give_up = |w: &mut World, why: &str| {
+            w.op_busy = false;
+            w.log(format!("operator: {kind:?} abandoned: {why}"));
+            if let OpKind::Switchover = kind {
+                if w.regions[from].up {
+                    let st = w.rule_state(from);
+                    if st.primary == w.regions[from].name {
+                        w.apply(
+                            from,
+                            RuleState {
+                                fenced: false,
+                                ..st
+                            },
+                        );
+                    }
+                }
+            }
+        };
+        if !self.regions[to].up {
+            give_up(self, "the target is down");
+            return;
+        }
+        if self.rule_state(to).epoch >= epoch {
+            give_up(self, "the epoch moved on");
+            return;
+        }
+        let ready = match kind {
+            OpKind::Switchover => wait_for
+                .iter()
+                .enumerate()
+                .all(|(p, w)| self.regions[to].parts[p].end() >= *w),
+            OpKind::Forced => {
+                self.fencing == Fencing::None || {
+                    let now = self.local(to);
+                    let name = self.regions[from].name.clone();
+                    self.regions[to].lease.may_take_over(&name, now)
+                }
+            }
+        };
+        if !ready {
+            if self.now > deadline {
+                give_up(self, "timed out");
+            } else {
+                self.after(
+                    OP_POLL_MS,
+                    Ev::OpPoll {
+                        kind,
+                        from,
+                        to,
+                        epoch,
+                        wait_for,
+                        deadline,
+                    },
+                );
+            }
+            return;
+        }
+        let forced = matches!(kind, OpKind::Forced);
+        if self.take_over(to, from, epoch, forced) {
+            if !forced {
+                self.stats.switchovers += 1;
+            }
+            // Every other reachable region adopts the new epoch.
+            let new = self.rule_state(to);
+            for r in 0..self.regions.len() {
+                if r != to && self.regions[r].up && self.rule_state(r).epoch < new.epoch {
+                    self.apply(r, new.clone());
+                }
+            }
+        }
+        self.op_busy = false;
+    }
+
+    fn settle(&mut self) {
+        self.settled = true;
+        self.log("settle: faults stop, links heal, regions restart".into());
+        let keys: Vec<(usize, usize)> = self.cuts.keys().copied().collect();
+        for k in keys {
+            self.cuts.insert(k, 0);
+        }
+        for r in 0..self.regions.len() {
+            self.restart(r);
+        }
+    }
+
+    // ---- the loop -----------------------------------------------------------------------
+
+    fn dispatch(&mut self, ev: Ev) {
+        match ev {
+            Ev::ProducerTick(p) => self.producer_tick(p),
+            Ev::ProducerSend(p) => self.producer_send(p),
+            Ev::ProducerTimeout(p, req) => self.producer_timeout(p, req),
+            Ev::ProduceArrive {
+                region,
+                inc,
+                producer,
+                req,
+                part,
+                payload,
+            } => {
+                if self.regions[region].up && self.regions[region].incarnation == inc {
+                    self.produce(region, producer, req, part, payload);
+                }
+            }
+            Ev::ProduceReply {
+                producer,
+                req,
+                result,
+            } => self.produce_reply(producer, req, result),
+            Ev::Fsync(r, inc) => {
+                if self.regions[r].up && self.regions[r].incarnation == inc {
+                    self.fsync(r);
+                }
+            }
+            Ev::Deliver {
+                from,
+                to,
+                from_inc,
+                to_inc,
+                msg,
+            } => {
+                let alive = |w: &World, r: usize, inc: u64| {
+                    w.regions[r].up && w.regions[r].incarnation == inc
+                };
+                if !alive(self, from, from_inc)
+                    || !alive(self, to, to_inc)
+                    || self.link_cut(from, to)
+                {
+                    return;
+                }
+                self.deliver(from, to, msg);
+            }
+            Ev::Heartbeat(r, inc) => {
+                if self.regions[r].up && self.regions[r].incarnation == inc {
+                    self.heartbeat(r);
+                }
+            }
+            Ev::LeaseTick(r, inc) => {
+                if self.regions[r].up && self.regions[r].incarnation == inc {
+                    self.lease_tick(r);
+                }
+            }
+            Ev::OffsetSync(r, inc) => {
+                if self.regions[r].up && self.regions[r].incarnation == inc {
+                    self.offset_sync(r);
+                }
+            }
+            Ev::StreamTimer {
+                region,
+                inc,
+                peer,
+                part,
+                session,
+                attempt,
+            } => {
+                if self.regions[region].up && self.regions[region].incarnation == inc {
+                    self.stream_timer(region, peer, part, session, attempt);
+                }
+            }
+            Ev::StreamRetry {
+                region,
+                inc,
+                peer,
+                part,
+            } => {
+                if self.regions[region].up && self.regions[region].incarnation == inc {
+                    let s = &mut self.regions[region].streams[peer][part];
+                    if s.phase == Phase::Backoff {
+                        s.phase = Phase::Idle;
+                    }
+                    self.pump(region, peer, part);
+                }
+            }
+            Ev::ConsumerPoll(c) => self.consumer_poll(c),
+            Ev::ConsumerCommit(c) => self.consumer_commit(c),
+            Ev::Heal(a, b) => {
+                if !self.settled {
+                    self.cut(a, b, false);
+                }
+            }
+            Ev::Restart(r) => self.restart(r),
+            Ev::OpStart { kind, to } => {
+                if self.faults_on() {
+                    self.op_start(kind, to)
+                }
+            }
+            Ev::OpPoll {
+                kind,
+                from,
+                to,
+                epoch,
+                wait_for,
+                deadline,
+            } => self.op_poll(kind, from, to, epoch, wait_for, deadline),
+            Ev::Settle => self.settle(),
+            e @ (Ev::FaultCut
+            | Ev::FaultIsolate
+            | Ev::FaultCrash
+            | Ev::FaultSwitchover
+            | Ev::FaultForced
+            | Ev::FaultRegionLoss) => self.fault(&e),
+        }
+    }
+
+    fn deliver(&mut self, from: usize, to: usize, msg: Msg) {
+        match msg {
+            Msg::Heartbeat {
+                sent_at,
+                sent_sim,
+                state,
+                report,
+                ends,
+            } => self.on_heartbeat(to, from, sent_at, sent_sim, state, report, ends),
+            Msg::HeartbeatAck { credit } => {
+                if credit == 0 && self.ignore_zero_credit {
+                    return;
+                }
+                let name = self.regions[from].name.clone();
+                self.regions[to].lease.on_ack(&name, credit);
+            }
+            Msg::Open {
+                session,
+                part,
+                epoch,
+            } => self.on_open(to, from, part, session, epoch),
+            Msg::Position {
+                session,
+                part,
+                log_end,
+                epochs,
+            } => self.on_position(to, from, part, session, log_end, epochs),
+            Msg::Refused { session, part } | Msg::Error { session, part } => {
+                if self.regions[to].streams[from][part].session == session {
+                    self.reset_stream(to, from, part);
+                }
+            }
+            Msg::Truncate {
+                session,
+                part,
+                offset,
+            } => self.on_truncate(to, from, part, session, offset),
+            Msg::Batches {
+                session,
+                part,
+                first,
+                records,
+            } => self.on_batches(to, from, part, session, first, records),
+            Msg::Ack {
+                session,
+                part,
+                log_end,
+            } => self.on_ack(to, from, part, session, log_end),
+            Msg::Offsets { group, entries } => self.on_offsets(to, from, group, entries),
+        }
+    }
+
+    /// Keep every trace line (for `--verbose`).
+    pub fn keep_trace(&mut self) {
+        self.trace.keep_all = true;
+    }
+
+    /// Run, and return every trace line kept (none unless [`World::keep_trace`]).
+    pub fn run_keep(mut self) -> (Outcome, Vec<String>) {
+        let lines = std::mem::take(&mut self.trace.all);
+        let mut w = self;
+        w.trace.all = lines;
+        w.run_inner()
+    }
+
+    /// Run to the end (or the first broken invariant).
+    pub fn run(self) -> Outcome {
+        self.run_inner().0
+    }
+
+    fn run_inner(mut self) -> (Outcome, Vec<String>) {
+        let end = self.sc.duration + self.sc.settle;
+        while let Some(s) = self.queue.pop() {
+            if s.at > end || self.failure.is_some() {
+                break;
+            }
+            self.now = s.at;
+            let line = s.ev.line();
+            self.log(line);
+            self.dispatch(s.ev);
+        }
+        self.now = end;
+        if self.failure.is_none() {
+            self.final_checks();
+        }
+        self.stats.sim_ms = end;
+        self.stats.events = self.trace.events();
+        self.stats.trace_hash = self.trace.hash();
+        self.stats.mean_lag = if self.lag_samples > 0 {
+            self.lag_sum / self.lag_samples as f64
+        } else {
+            0.0
+        };
+        self.stats.failure = self.failure.take();
+        let lines = std::mem::take(&mut self.trace.all);
+        (self.stats, lines)
+    }
+
+    fn final_checks(&mut self) {
+        let primary = self.idx(&self.latest.primary.clone());
+        // Every region agrees on the rule and holds the primary's log (lag zero).
+        for r in 0..self.regions.len() {
+            let st = self.rule_state(r);
+            if st.epoch != self.latest.epoch || st.primary != self.latest.primary || st.fenced {
+                let m = format!(
+                    "after settling, {} is at epoch {} ({}{}) but the newest is {} ({})",
+                    self.regions[r].name,
+                    st.epoch,
+                    st.primary,
+                    if st.fenced { ", fenced" } else { "" },
+                    self.latest.epoch,
+                    self.latest.primary
+                );
+                self.fail("lag-zero", m);
+            }
+        }
+        for r in 0..self.regions.len() {
+            if r == primary {
+                continue;
+            }
+            for p in 0..self.nparts {
+                let a = &self.regions[primary].parts[p].log;
+                let b = &self.regions[r].parts[p].log;
+                let n = a.len().min(b.len());
+                let diverged = (0..n).find(|i| a[*i] != b[*i]).map(|o| {
+                    format!(
+                        "partition {p} offset {o}: {} holds {:?}, {} holds {:?}",
+                        self.regions[primary].name, a[o], self.regions[r].name, b[o]
+                    )
+                });
+                let lagging = (a.len() != b.len()).then(|| {
+                    format!(
+                        "after settling, {} ends partition {p} at {} but the primary {} at {}",
+                        self.regions[r].name,
+                        b.len(),
+                        self.regions[primary].name,
+                        a.len()
+                    )
+                });
+                if let Some(m) = diverged {
+                    self.fail("no-divergence", m);
+                }
+                if let Some(m) = lagging {
+                    self.fail("lag-zero", m);
+                }
+            }
+        }
+        for c in 0..self.consumers.len() {
+            for p in 0..self.nparts {
+                let end = self.regions[primary].parts[p].end();
+                let pos = self.consumers[c].pos[p];
+                if self.consumers[c].region != Some(primary) || pos < end {
+                    let m = format!(
+                        "after settling, group {} is at {pos} of partition {p} ({:?}), the log ends at {end} in {}",
+                        self.consumers[c].group,
+                        self.consumers[c].region.map(|r| self.regions[r].name.clone()),
+                        self.regions[primary].name
+                    );
+                    self.fail("lag-zero", m);
+                }
+            }
+        }
+        // Every acknowledged record is where it was acknowledged, unless a forced failover
+        // reported it as possibly lost.
+        let acked = std::mem::take(&mut self.acked);
+        let mut lost = 0u64;
+        for a in &acked {
+            let log = &self.regions[primary].parts[a.part].log;
+            let there = log
+                .get(a.offset as usize)
+                .is_some_and(|r| r.payload == a.payload);
+            if there {
+                continue;
+            }
+            let reported = self.reports.iter().any(|rep| {
+                a.epoch <= rep.old_epoch
+                    && (rep.ranges[a.part].0 <= a.offset && a.offset < rep.ranges[a.part].1
+                        || a.at >= rep.window_start)
+            });
+            if reported {
+                lost += 1;
+            } else {
+                let m = format!(
+                    "record {:x} acknowledged by {} at {} ms (partition {}, offset {}, epoch {}) is missing and no failover reported it",
+                    a.payload, self.regions[a.region].name, a.at, a.part, a.offset, a.epoch
+                );
+                self.fail("acked-not-lost", m);
+            }
+        }
+        self.stats.rpo_records = lost;
+        self.acked = acked;
+    }
+}
+
+/// Install a synced committed offset on a mirror that ends at `mirror_end`.
+#[cfg(not(feature = "sim-bug-skip-offset-clamp"))]
+fn install_offset(committed: i64, mirror_end: i64) -> i64 {
+    clamp_offset(committed, mirror_end)
+}
+
+/// The test-only fault: the clamp is skipped.
+#[cfg(feature = "sim-bug-skip-offset-clamp")]
+fn install_offset(committed: i64, _mirror_end: i64) -> i64 {
+    committed
+}
+
+/// Run one seed of a scenario.
+pub fn run(sc: &Scenario, seed: u64, ov: &Overrides) -> Result<Outcome, super::SimError> {
+    Ok(World::new(sc, seed, ov)?.run())
+}
