@@ -174,15 +174,32 @@ impl Broker {
             }
         }
         // The quarantine is on disk: cut the log.
-        let mut st = p.state.lock().expect("partition lock");
-        st.log.truncate_to(offset).map_err(|e| e.to_string())?;
-        let mut producers = ProducerStates::default();
-        st.log
-            .for_each_batch(st.log.active_base(), |h| producers.record(h, h.base_offset))
-            .map_err(|e| e.to_string())?;
-        st.producers = producers;
-        let end = st.log.next_offset();
-        drop(st);
+        let end = {
+            let mut st = p.state.lock().expect("partition lock");
+            st.log.truncate_to(offset).map_err(|e| e.to_string())?;
+            let mut producers = ProducerStates::default();
+            st.log
+                .for_each_batch(st.log.active_base(), |h| producers.record(h, h.base_offset))
+                .map_err(|e| e.to_string())?;
+            st.producers = producers;
+            st.log.next_offset()
+        };
+        // Commits past the cut would make a group skip the records mirrored into that range
+        // next: bring them back to the cut.
+        let past = self
+            .groups()
+            .with(|c| c.commits_past(topic, partition, offset));
+        for (group, c) in past {
+            let moved = crate::group::Committed { offset, ..c };
+            let code = self
+                .groups()
+                .write(&group, vec![(topic.to_string(), partition, Some(moved))])
+                .await;
+            if code != 0 {
+                return Err(format!("moving group {group}'s commit on {topic}-{partition} back to {offset}: error {code}"));
+            }
+            tracing::warn!(%group, %topic, partition, offset, "rejoin: moved a committed offset back to the cut");
+        }
         tracing::warn!(
             %topic,
             partition,

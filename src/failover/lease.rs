@@ -55,6 +55,13 @@ pub struct Lease {
     heard: BTreeMap<String, Millis>,
     /// peer → (when its report arrived, its "ms since I heard X" for every X).
     reports: BTreeMap<String, (Millis, BTreeMap<String, u64>)>,
+    /// peer → until when its heartbeats earn no lease credit: a peer we had not heard from for
+    /// a whole lease may have been replaced meanwhile; the news of a newer epoch reaches us
+    /// within this window if so.
+    /// (until, our epoch mark when the window opened).
+    no_credit_until: BTreeMap<String, (Millis, i64)>,
+    /// Grows whenever this region learns a newer epoch of any rule (the sum of its epochs).
+    epoch_mark: i64,
 }
 
 impl Lease {
@@ -80,6 +87,8 @@ impl Lease {
             acked: BTreeMap::new(),
             heard: BTreeMap::new(),
             reports: BTreeMap::new(),
+            no_credit_until: BTreeMap::new(),
+            epoch_mark: 0,
         }
     }
 
@@ -100,8 +109,34 @@ impl Lease {
     /// A heartbeat from `peer` arrived at `now`, with its report of how long ago it heard
     /// from each region.
     pub fn on_heartbeat(&mut self, peer: &str, now: Millis, report: BTreeMap<String, u64>) {
+        if self.heard.contains_key(peer) && self.expired_here(peer, now) {
+            // Back after its lease surely ran out: another region may have taken over.
+            self.no_credit_until.insert(
+                peer.to_string(),
+                (
+                    now + self.cfg.lease_ms + 2 * self.cfg.heartbeat_ms,
+                    self.epoch_mark,
+                ),
+            );
+        }
         self.heard.insert(peer.to_string(), now);
         self.reports.insert(peer.to_string(), (now, report));
+    }
+
+    /// Whether our answers to `peer`'s heartbeats may renew its lease now (see
+    /// `no_credit_until`). The gateway also refuses credit to a peer behind on an epoch.
+    /// The window also closes once this region has learnt a newer epoch since it opened (any
+    /// takeover it was waiting to hear of is known then, and a peer behind it is refused as
+    /// stale).
+    pub fn grants_credit(&self, peer: &str, now: Millis) -> bool {
+        self.no_credit_until
+            .get(peer)
+            .is_none_or(|(u, mark)| now >= *u || self.epoch_mark > *mark)
+    }
+
+    /// Tell the machine the sum of this region's rule epochs (it only grows).
+    pub fn note_epoch_mark(&mut self, mark: i64) {
+        self.epoch_mark = self.epoch_mark.max(mark);
     }
 
     /// What our heartbeats carry: ms since we heard from each other region.
@@ -307,6 +342,26 @@ mod tests {
             west.write_lease_until_with(&["east".to_string()], 12_000),
             Some(22_000)
         );
+    }
+
+    #[test]
+    fn a_peer_back_from_a_long_silence_earns_no_credit_for_a_while() {
+        let r = regions(&["east", "west", "south"]);
+        let mut south = Lease::new("south", r, None, cfg(), 0);
+        south.on_heartbeat("east", 1_000, BTreeMap::new());
+        assert!(south.grants_credit("east", 1_000));
+        south.on_heartbeat("east", 3_000, BTreeMap::new());
+        assert!(south.grants_credit("east", 3_000));
+        // silent for longer than lease x 1.1, then back
+        south.on_heartbeat("east", 20_000, BTreeMap::new());
+        assert!(!south.grants_credit("east", 20_000));
+        assert!(!south.grants_credit("east", 33_999));
+        assert!(south.grants_credit("east", 34_000));
+        // learning a newer epoch closes the window early
+        south.on_heartbeat("east", 60_000, BTreeMap::new());
+        assert!(!south.grants_credit("east", 60_000));
+        south.note_epoch_mark(1);
+        assert!(south.grants_credit("east", 60_001));
     }
 
     #[test]

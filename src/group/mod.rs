@@ -651,6 +651,26 @@ impl Coordinator {
         }
     }
 
+    /// Every group's commit on `topic`-`partition` past `offset` (a log cut back there by a
+    /// rejoin must not leave commits pointing beyond its end).
+    pub fn commits_past(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> Vec<(String, Committed)> {
+        let key = (topic.to_string(), partition);
+        self.groups
+            .iter()
+            .filter_map(|(g, grp)| {
+                grp.offsets
+                    .get(&key)
+                    .filter(|c| c.offset > offset)
+                    .map(|c| (g.clone(), c.clone()))
+            })
+            .collect()
+    }
+
     pub fn committed(&self, group_id: &str, topic: &str, partition: i32) -> Option<&Committed> {
         self.groups
             .get(group_id)?

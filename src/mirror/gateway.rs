@@ -677,11 +677,23 @@ impl Gateway {
                     .map_or(0, |s| s.epoch);
                 theirs < mine
             });
-            let credit = if stale || hb.region != peer {
-                0
-            } else {
-                sent_at
+            let now = self.now();
+            let mark: i64 = self
+                .topology
+                .topics
+                .iter()
+                .map(|r| {
+                    ours.rule(&self.topology, &r.pattern)
+                        .map_or(0, |s| s.epoch as i64)
+                })
+                .sum();
+            let fresh = hb.region == peer && {
+                let mut l = self.lease.lock().expect("lease lock");
+                l.note_epoch_mark(mark);
+                l.on_heartbeat(peer, now, hb.report.clone());
+                l.grants_credit(peer, now)
             };
+            let credit = if stale || !fresh { 0 } else { sent_at };
             frame::write(&mut tx, &Frame::StateAck { sent_at: credit })
                 .await
                 .map_err(|x| x.to_string())?;
@@ -692,11 +704,6 @@ impl Gateway {
                 tracing::warn!(%peer, claimed = %hb.region, "heartbeat names another region");
                 continue;
             }
-            let now = self.now();
-            self.lease
-                .lock()
-                .expect("lease lock")
-                .on_heartbeat(peer, now, hb.report.clone());
             for (pattern, theirs) in &hb.state.rules {
                 let ours = self.state().rule(&self.topology, pattern);
                 let Some(ours) = ours else { continue };
