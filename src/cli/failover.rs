@@ -50,7 +50,8 @@ pub struct PartitionLoss {
     pub partition: usize,
     /// The old primary's last reported log end.
     pub reported_end: i64,
-    /// What the new primary held when it took over.
+    /// Where the old primary's log leaves the new primary's history (what the new primary held
+    /// of it when it took over).
     pub mirrored_end: i64,
     pub records: i64,
 }
@@ -236,7 +237,19 @@ pub async fn move_rule(
         let reported: BTreeMap<String, Vec<i64>> =
             serde_json::from_value(last["ends"].clone()).unwrap_or_default();
         outcome.unknown_window_ms = last["heard_ms_ago"].as_u64();
-        for (topic, ends) in reported {
+        if let Some(l) = v["loss"].as_array() {
+            // The gateway compared epoch histories: use its figures.
+            for x in l {
+                outcome.loss.push(PartitionLoss {
+                    topic: x["topic"].as_str().unwrap_or_default().to_string(),
+                    partition: x["partition"].as_u64().unwrap_or(0) as usize,
+                    reported_end: x["reported_end"].as_i64().unwrap_or(0),
+                    mirrored_end: x["mirrored_end"].as_i64().unwrap_or(0),
+                    records: x["records"].as_i64().unwrap_or(0),
+                });
+            }
+        }
+        for (topic, ends) in reported.into_iter().filter(|_| v["loss"].is_null()) {
             let have = ours.get(&topic).cloned().unwrap_or_default();
             for (p, end) in ends.iter().enumerate() {
                 let m = have.get(p).copied().unwrap_or(0);

@@ -334,6 +334,48 @@ async fn promote(gw: &Gateway, p: PromoteRequest) -> Result<Value, (StatusCode, 
     let ours = ends_of(gw, &p.pattern)
         .await
         .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e))?;
+    // What may be lost, per partition: the old primary's last reported log past the point
+    // where it leaves our history (not simply past our end: our log need not be a prefix of
+    // its log, e.g. after earlier failovers among three regions).
+    let mut loss = Vec::new();
+    if p.force {
+        let our_offsets = gw
+            .offsets(Vec::new())
+            .await
+            .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e))?;
+        let last = gw
+            .reports
+            .lock()
+            .expect("reports lock")
+            .get(&p.from)
+            .map(|r| r.heartbeat.clone());
+        if let Some(hb) = last {
+            for (topic, ends) in &hb.ends {
+                let Some(mine) = our_offsets.topics.get(topic) else {
+                    continue;
+                };
+                for (i, their_end) in ends.iter().enumerate() {
+                    let Some(m) = mine.iter().find(|x| x.partition == i as i32) else {
+                        continue;
+                    };
+                    let theirs = hb
+                        .epochs
+                        .get(topic)
+                        .and_then(|v| v.get(i))
+                        .cloned()
+                        .unwrap_or_default();
+                    let d =
+                        crate::log::epochs::divergence(&m.epochs, m.log_end, &theirs, *their_end);
+                    if *their_end > d {
+                        loss.push(json!({
+                            "topic": topic, "partition": i, "reported_end": their_end,
+                            "mirrored_end": d, "records": their_end - d,
+                        }));
+                    }
+                }
+            }
+        }
+    }
     gw.apply(
         &p.pattern,
         RuleState {
@@ -368,6 +410,7 @@ async fn promote(gw: &Gateway, p: PromoteRequest) -> Result<Value, (StatusCode, 
         "waited_ms": started.elapsed().as_millis() as u64,
         "ends": ours,
         "from_last_report": last,
+        "loss": loss,
     }))
 }
 

@@ -54,6 +54,10 @@ pub struct Heartbeat {
     pub report: BTreeMap<String, u64>,
     /// Log end offsets of the topics the sender is primary for, per partition.
     pub ends: BTreeMap<String, Vec<i64>>,
+    /// Their epoch histories, per partition: a forced failover's loss report compares them
+    /// with the new primary's, which need not be a prefix of the old primary's log.
+    #[serde(default)]
+    pub epochs: BTreeMap<String, Vec<Vec<crate::log::EpochEntry>>>,
     /// Sender's wall clock (for reports only; leases use monotonic time).
     pub unix_ms: i64,
 }
@@ -573,10 +577,12 @@ impl Gateway {
     async fn heartbeat(&self) -> Heartbeat {
         let state = self.state();
         let mut ends = BTreeMap::new();
+        let mut epochs = BTreeMap::new();
         if let Ok(o) = self.offsets(Vec::new()).await {
             for (t, ps) in o.topics {
                 if self.placement(&t).is_some_and(|p| p.primary == self.region) {
-                    ends.insert(t, ps.iter().map(|p| p.log_end).collect());
+                    ends.insert(t.clone(), ps.iter().map(|p| p.log_end).collect());
+                    epochs.insert(t, ps.iter().map(|p| p.epochs.clone()).collect());
                 }
             }
         }
@@ -586,6 +592,7 @@ impl Gateway {
             state,
             report,
             ends,
+            epochs,
             unix_ms: crate::log::now_ms(),
         }
     }
