@@ -35,9 +35,9 @@ pub struct SimulateArgs {
     /// Model the proposed fix of the stale-credit lease bug (see docs/simulations.md).
     #[arg(long)]
     pub fix_zero_credit: bool,
-    /// Model the proposed fix of the stale-commit finding (see docs/simulations.md).
+    /// Model the proposed fix of the unheard-peer credit finding (see docs/simulations.md).
     #[arg(long)]
-    pub fix_truncate_offsets: bool,
+    pub fix_unheard_credit: bool,
     /// Print every trace line of a single-seed run on stderr.
     #[arg(long)]
     pub verbose: bool,
@@ -70,7 +70,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
         let t0 = Instant::now();
         let ov = Overrides {
             ignore_zero_credit: args.fix_zero_credit,
-            clamp_offsets_on_truncate: args.fix_truncate_offsets,
+            withhold_unheard_credit: args.fix_unheard_credit,
             ..Overrides::default()
         };
         let points = sim::sweep::sweep(&sc, seeds, &ov)?;
@@ -107,7 +107,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
     for seed in seeds {
         let ov = Overrides {
             ignore_zero_credit: args.fix_zero_credit,
-            clamp_offsets_on_truncate: args.fix_truncate_offsets,
+            withhold_unheard_credit: args.fix_unheard_credit,
             ..Overrides::default()
         };
         let mut w = sim::world::World::new(&sc, seed, &ov)?;

@@ -109,8 +109,9 @@ impl Lease {
     /// A heartbeat from `peer` arrived at `now`, with its report of how long ago it heard
     /// from each region.
     pub fn on_heartbeat(&mut self, peer: &str, now: Millis, report: BTreeMap<String, u64>) {
-        if self.heard.contains_key(peer) && self.expired_here(peer, now) {
-            // Back after its lease surely ran out: another region may have taken over.
+        if self.expired_here(peer, now) {
+            // Back after its lease surely ran out (or first heard that late after our own
+            // start): another region may have taken over meanwhile.
             self.no_credit_until.insert(
                 peer.to_string(),
                 (

@@ -351,6 +351,9 @@ async fn promote(gw: &Gateway, p: PromoteRequest) -> Result<Value, (StatusCode, 
             .map(|r| r.heartbeat.clone());
         if let Some(hb) = last {
             for (topic, ends) in &hb.ends {
+                if gw.placement(topic).is_none_or(|x| x.pattern != p.pattern) {
+                    continue;
+                }
                 let Some(mine) = our_offsets.topics.get(topic) else {
                     continue;
                 };

@@ -52,7 +52,7 @@ pub struct Heartbeat {
     pub state: RegionState,
     /// ms since the sender last heard from each region.
     pub report: BTreeMap<String, u64>,
-    /// Log end offsets of the topics the sender is primary for, per partition.
+    /// Log end offsets of every rule-covered topic the sender holds, per partition.
     pub ends: BTreeMap<String, Vec<i64>>,
     /// Their epoch histories, per partition: a forced failover's loss report compares them
     /// with the new primary's, which need not be a prefix of the old primary's log.
@@ -579,11 +579,11 @@ impl Gateway {
         let mut ends = BTreeMap::new();
         let mut epochs = BTreeMap::new();
         if let Ok(o) = self.offsets(Vec::new()).await {
+            // Every rule-covered topic, mirrors included: a region promoted later may be judged
+            // by what it held before (the loss report of a forced failover needs it).
             for (t, ps) in o.topics {
-                if self.placement(&t).is_some_and(|p| p.primary == self.region) {
-                    ends.insert(t.clone(), ps.iter().map(|p| p.log_end).collect());
-                    epochs.insert(t, ps.iter().map(|p| p.epochs.clone()).collect());
-                }
+                ends.insert(t.clone(), ps.iter().map(|p| p.log_end).collect());
+                epochs.insert(t, ps.iter().map(|p| p.epochs.clone()).collect());
             }
         }
         let report = self.lease.lock().expect("lease lock").report(self.now());
@@ -624,12 +624,15 @@ impl Gateway {
                         .await
                         .map_err(|x| x.to_string())?;
                     match tokio::time::timeout(every * 2, frame::read(&mut rx)).await {
-                        Ok(Ok(Some(Frame::StateAck { sent_at }))) => {
+                        // 0: the peer withholds credit (we are behind on an epoch, or
+                        // back from a long silence).
+                        Ok(Ok(Some(Frame::StateAck { sent_at }))) if sent_at > 0 => {
                             self.lease
                                 .lock()
                                 .expect("lease lock")
                                 .on_ack(&peer, sent_at);
                         }
+                        Ok(Ok(Some(Frame::StateAck { .. }))) => {}
                         Ok(Ok(other)) => return Err(format!("expected STATE_ACK, got {other:?}")),
                         Ok(Err(x)) => return Err(x.to_string()),
                         Err(_) => return Err("no STATE_ACK in two heartbeats".into()),

@@ -93,6 +93,8 @@ fn observe(epochs: &mut Vec<EpochEntry>, epoch: i32, offset: i64) -> Result<(), 
 struct PeerReport {
     sent_sim: u64,
     ends: Option<Vec<i64>>,
+    /// Epoch histories per partition, alongside `ends` (empty when `ends` is `None`).
+    epochs: Vec<Vec<EpochEntry>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,6 +166,8 @@ enum Msg {
         state: RegionState,
         report: BTreeMap<String, u64>,
         ends: Option<Vec<i64>>,
+        /// The sender's epoch histories per partition, sent with `ends` (as primary only).
+        epochs: Vec<Vec<EpochEntry>>,
     },
     HeartbeatAck {
         credit: Millis,
@@ -261,6 +265,18 @@ impl Msg {
 enum OpKind {
     Switchover,
     Forced,
+}
+
+/// How a region becomes primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Takeover {
+    /// Planned switchover: nothing lost, nothing reported.
+    Planned,
+    /// Operator-forced (`ferry failover --force`): a loss report, and the old primary joins the
+    /// new primary's replaced set.
+    Forced,
+    /// Automatic promotion: a loss report, no replaced set.
+    Automatic,
 }
 
 #[derive(Debug, Clone)]
@@ -452,9 +468,11 @@ pub struct Overrides {
     /// an acknowledgement that grants no credit (`sent_at = 0`) is not fed to `Lease::on_ack`.
     /// Off (the production behaviour) by default.
     pub ignore_zero_credit: bool,
-    /// Model the proposed fix for the stale-commit finding: when a rejoining region quarantines
-    /// its tail from offset `d`, its committed group offsets past `d` are cut back to `d`.
-    pub clamp_offsets_on_truncate: bool,
+    /// Model the proposed fix for the unheard-peer finding: the no-credit window of
+    /// `Lease::on_heartbeat` also opens for a peer not heard since this process started, once
+    /// `lease × 1.1` has passed since the start (what `Lease::report` already tells the other
+    /// regions about that peer).
+    pub withhold_unheard_credit: bool,
 }
 
 pub struct World {
@@ -476,7 +494,7 @@ pub struct World {
     link_rtt: u64,
     link_loss: f64,
     ignore_zero_credit: bool,
-    clamp_offsets_on_truncate: bool,
+    withhold_unheard_credit: bool,
     producers: Vec<Producer>,
     consumers: Vec<Consumer>,
     acked: Vec<Acked>,
@@ -584,8 +602,10 @@ impl World {
             cuts: BTreeMap::new(),
             link_rtt: ov.rtt.unwrap_or(sc.links.rtt),
             link_loss: ov.loss.unwrap_or(sc.links.loss),
-            ignore_zero_credit: ov.ignore_zero_credit,
-            clamp_offsets_on_truncate: ov.clamp_offsets_on_truncate,
+            // Both are the production behaviour since the gateway fixes of findings 1 and 5;
+            // the overrides remain for old command lines and change nothing.
+            ignore_zero_credit: true,
+            withhold_unheard_credit: true,
             producers,
             consumers,
             acked: Vec::new(),
@@ -1029,8 +1049,17 @@ impl World {
         let now = self.local(r);
         let state = self.regions[r].state.clone();
         let report = self.regions[r].lease.report(now);
-        let ends = (self.placement(r).primary == self.regions[r].name)
-            .then(|| self.regions[r].parts.iter().map(|p| p.end()).collect());
+        let primary = self.placement(r).primary == self.regions[r].name;
+        let ends = primary.then(|| self.regions[r].parts.iter().map(|p| p.end()).collect());
+        let epochs: Vec<Vec<EpochEntry>> = if primary {
+            self.regions[r]
+                .parts
+                .iter()
+                .map(|p| p.epochs.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
         for peer in self.peers(r) {
             self.send(
                 r,
@@ -1041,6 +1070,7 @@ impl World {
                     state: state.clone(),
                     report: report.clone(),
                     ends: ends.clone(),
+                    epochs: epochs.clone(),
                 },
             );
         }
@@ -1080,20 +1110,41 @@ impl World {
         state: RegionState,
         report: BTreeMap<String, u64>,
         ends: Option<Vec<i64>>,
+        epochs: Vec<Vec<EpochEntry>>,
     ) {
         let mine = self.rule_state(r).epoch;
         let theirs = state
             .rule(&self.topo, &self.rule_pattern)
             .map_or(0, |s| s.epoch);
         let stale = theirs < mine;
-        let credit = if stale { 0 } else { sent_at };
-        self.send(r, peer, Msg::HeartbeatAck { credit });
         let pname = self.regions[peer].name.clone();
+        // `sink_heartbeats`: tell the lease our epoch mark (one rule: its epoch), note the
+        // heartbeat, and grant credit only to a peer neither stale nor inside its no-credit
+        // window (back from a silence longer than its lease).
+        let now = self.local(r);
+        let unheard = !self.regions[r].reports.contains_key(&pname);
+        let fresh = {
+            let l = &mut self.regions[r].lease;
+            l.note_epoch_mark(i64::from(mine));
+            if unheard && self.withhold_unheard_credit {
+                // As if heard at the process start (the lease's own start, 0): `on_heartbeat`
+                // then opens the window when that start is longer than `lease × 1.1` ago.
+                l.on_heartbeat(&pname, 0, BTreeMap::new());
+            }
+            l.on_heartbeat(&pname, now, report);
+            l.grants_credit(&pname, now)
+        };
+        let credit = if stale || !fresh { 0 } else { sent_at };
+        if !stale && !fresh {
+            self.log(format!(
+                "{} withholds credit from {pname} (back from a long silence)",
+                self.regions[r].name
+            ));
+        }
+        self.send(r, peer, Msg::HeartbeatAck { credit });
         if !stale {
             self.regions[r].replaced.remove(&pname);
         }
-        let now = self.local(r);
-        self.regions[r].lease.on_heartbeat(&pname, now, report);
         for (pattern, th) in &state.rules {
             if *pattern != self.rule_pattern {
                 continue;
@@ -1114,23 +1165,29 @@ impl World {
                 );
             }
         }
-        self.regions[r]
-            .reports
-            .insert(pname, PeerReport { sent_sim, ends });
+        self.regions[r].reports.insert(
+            pname,
+            PeerReport {
+                sent_sim,
+                ends,
+                epochs,
+            },
+        );
     }
 
     fn lease_tick(&mut self, r: usize) {
         let now = self.local(r);
         if self.fencing == Fencing::Lease {
+            // `lease_loop`: regions replaced by a forced promotion count as answering now.
             let reg = &mut self.regions[r];
-            for x in reg.replaced.clone() {
-                reg.lease.on_ack(&x, now);
-            }
-            if reg.lease.may_write(now) {
-                if let Some(u) = reg.lease.write_lease_until() {
-                    reg.broker_lease_until = Some(u);
-                    reg.armed = true;
-                }
+            let fenced: Vec<String> = reg.replaced.iter().cloned().collect();
+            if let Some(u) = reg
+                .lease
+                .write_lease_until_with(&fenced, now)
+                .filter(|u| now < *u)
+            {
+                reg.broker_lease_until = Some(u);
+                reg.armed = true;
             }
             if self.promotion == Promotion::Automatic {
                 self.auto_promote(r, now);
@@ -1150,7 +1207,9 @@ impl World {
         }
         let go = {
             let l = &self.regions[r].lease;
-            l.may_take_over(&cur.primary, now)
+            // A real quorum (acknowledgements only, not replaced regions' credit).
+            l.has_quorum(now)
+                && l.may_take_over(&cur.primary, now)
                 && l.preferred_successor(&cur.primary, &self.rule_regions, now) == Some(&me)
         };
         if go {
@@ -1159,12 +1218,14 @@ impl World {
                 "{me}: automatic promotion (the lease of {} ran out)",
                 cur.primary
             ));
-            self.take_over(r, from, cur.epoch + 1, true);
+            self.take_over(r, from, cur.epoch + 1, Takeover::Automatic);
         }
     }
 
-    /// Region `to` becomes primary at `epoch`, replacing `from`. Forced: record the loss report.
-    fn take_over(&mut self, to: usize, from: usize, epoch: i32, forced: bool) -> bool {
+    /// Region `to` becomes primary at `epoch`, replacing `from`. Forced or automatic: record the
+    /// loss report (what an automatic promotion may lose is bounded the same way); only an
+    /// operator-forced one adds `from` to the replaced set.
+    fn take_over(&mut self, to: usize, from: usize, epoch: i32, how: Takeover) -> bool {
         let old_epoch = self.rule_state(to).epoch.max(self.latest.epoch);
         let new = RuleState {
             epoch,
@@ -1174,20 +1235,34 @@ impl World {
         if !self.apply(to, new.clone()) {
             return false;
         }
-        if forced {
+        if how != Takeover::Planned {
             self.stats.forced_failovers += 1;
             let fname = self.regions[from].name.clone();
-            self.regions[to].replaced.insert(fname.clone());
+            if how == Takeover::Forced {
+                self.regions[to].replaced.insert(fname.clone());
+            }
             let last = self.regions[to].reports.get(&fname).cloned();
             let ours: Vec<i64> = self.regions[to].parts.iter().map(|p| p.end()).collect();
             let (ranges, window_start): (Vec<(i64, i64)>, u64) = match last {
+                // `/v1/promote` (forced): per partition, the old primary's last reported end
+                // past the point where its history leaves ours (our log need not be a prefix
+                // of its log).
                 Some(PeerReport {
                     sent_sim,
                     ends: Some(ends),
+                    epochs,
                 }) => (
                     ours.iter()
                         .enumerate()
-                        .map(|(p, m)| (*m, ends.get(p).copied().unwrap_or(*m).max(*m)))
+                        .map(|(p, m)| {
+                            let Some(end) = ends.get(p).copied() else {
+                                return (*m, *m);
+                            };
+                            let theirs = epochs.get(p).cloned().unwrap_or_default();
+                            let part = &self.regions[to].parts[p];
+                            let d = divergence(&part.epochs, *m, &theirs, end);
+                            (d, end.max(d))
+                        })
                         .collect(),
                     sent_sim,
                 ),
@@ -1554,11 +1629,10 @@ impl World {
             pp.durable = pp.durable.min(offset as usize);
             pp.epochs.retain(|e| e.start_offset < offset);
             self.regions[m].quarantined += n as u64;
-            if self.clamp_offsets_on_truncate {
-                for v in self.regions[m].groups.values_mut() {
-                    if let Some(c) = v.get_mut(part) {
-                        *c = (*c).min(offset);
-                    }
+            // `quarantine_and_truncate`: every group's commit past the cut moves back to it.
+            for v in self.regions[m].groups.values_mut() {
+                if let Some(c) = v.get_mut(part) {
+                    *c = (*c).min(offset);
                 }
             }
             self.stats.quarantined += n as u64;
@@ -2096,7 +2170,12 @@ impl World {
             return;
         }
         let forced = matches!(kind, OpKind::Forced);
-        if self.take_over(to, from, epoch, forced) {
+        let how = if forced {
+            Takeover::Forced
+        } else {
+            Takeover::Planned
+        };
+        if self.take_over(to, from, epoch, how) {
             if !forced {
                 self.stats.switchovers += 1;
             }
@@ -2250,7 +2329,8 @@ impl World {
                 state,
                 report,
                 ends,
-            } => self.on_heartbeat(to, from, sent_at, sent_sim, state, report, ends),
+                epochs,
+            } => self.on_heartbeat(to, from, sent_at, sent_sim, state, report, ends, epochs),
             Msg::HeartbeatAck { credit } => {
                 if credit == 0 && self.ignore_zero_credit {
                     return;
