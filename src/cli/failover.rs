@@ -167,7 +167,7 @@ pub async fn move_rule(
             note: format!("`{to}` is already the primary"),
         });
     }
-    let epoch = newest.epoch + 1;
+    let epoch = crate::failover::next_epoch(newest.epoch, crate::failover::region_index(t, to));
     let to_addr = admin_addr(t, to)?;
     let mut outcome = RuleOutcome {
         pattern: pattern.into(),

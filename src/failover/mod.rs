@@ -64,6 +64,28 @@ pub enum StateError {
     },
 }
 
+/// The epoch a region takes when it becomes primary after `current`: the next multiple of 256,
+/// plus the region's position in the topology. Two regions promoted from the same state (say an
+/// automatic promotion not yet heard of, and an operator's switchover elsewhere) therefore never
+/// take the same epoch, so each epoch is written by exactly one region, which is what
+/// [`crate::log::epochs::divergence`] relies on, and every region converges on the greater one
+/// (found by the simulator, docs/simulations.md, finding 6).
+pub fn next_epoch(current: i32, region_index: usize) -> i32 {
+    assert!(region_index < 256, "at most 256 regions");
+    let next = (((current >> 8) + 1) << 8) | region_index as i32;
+    assert!(next > current, "epochs only grow");
+    next
+}
+
+/// The position of `region` in the topology (file order).
+pub fn region_index(topology: &Topology, region: &str) -> usize {
+    topology
+        .regions
+        .iter()
+        .position(|r| r.name == region)
+        .unwrap_or(0)
+}
+
 /// The regions of a rule: its first primary, then its mirrors, in file order.
 pub fn rule_regions(rule: &TopicRule) -> Vec<String> {
     std::iter::once(rule.primary.clone())
@@ -236,6 +258,15 @@ mod tests {
             s.apply(&t, "*", nowhere),
             Err(StateError::NotInRule { .. })
         ));
+    }
+
+    #[test]
+    fn promotions_from_the_same_state_never_share_an_epoch() {
+        assert_eq!(next_epoch(0, 1), 257);
+        assert_eq!(next_epoch(257, 0), 512);
+        assert_eq!(next_epoch(257, 2), 514);
+        assert_ne!(next_epoch(300, 1), next_epoch(300, 2));
+        assert!(next_epoch(511, 0) > 511);
     }
 
     #[test]

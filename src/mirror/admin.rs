@@ -271,10 +271,14 @@ async fn promote(gw: &Gateway, p: PromoteRequest) -> Result<Value, (StatusCode, 
     if cur.primary == gw.region && cur.epoch >= p.epoch {
         return Ok(json!({ "epoch": cur.epoch, "already": true }));
     }
-    if p.epoch <= cur.epoch {
+    // Any promotion since the caller read the state took an epoch in `p.epoch`'s block of 256
+    // or a later one (`failover::next_epoch`): the rule moved on, and this promotion (a
+    // switchover waiting for catch-up, say) must not override it.
+    let moved_on = |e: i32| (e >> 8) >= (p.epoch >> 8);
+    if moved_on(cur.epoch) {
         return Err(conflict(format!(
-            "epoch {} is not above the current {}",
-            p.epoch, cur.epoch
+            "the rule is at epoch {} (primary {}) since this promotion to epoch {} began",
+            cur.epoch, cur.primary, p.epoch
         )));
     }
     let started = std::time::Instant::now();
@@ -330,6 +334,16 @@ async fn promote(gw: &Gateway, p: PromoteRequest) -> Result<Value, (StatusCode, 
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+    let now_state = gw
+        .state()
+        .rule(&gw.topology, &p.pattern)
+        .ok_or((StatusCode::NOT_FOUND, format!("no rule '{}'", p.pattern)))?;
+    if moved_on(now_state.epoch) {
+        return Err(conflict(format!(
+            "the rule moved to epoch {} (primary {}) while this promotion waited",
+            now_state.epoch, now_state.primary
+        )));
     }
     let ours = ends_of(gw, &p.pattern)
         .await

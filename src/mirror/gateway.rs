@@ -342,14 +342,17 @@ impl Gateway {
                 continue;
             }
             let new = RuleState {
-                epoch: cur.epoch + 1,
+                epoch: failover::next_epoch(
+                    cur.epoch,
+                    failover::region_index(&self.topology, &self.region),
+                ),
                 primary: self.region.clone(),
                 fenced: false,
             };
             match self.apply(&rule.pattern, new).await {
                 Ok(_) => {
                     metrics::counter!("ferry_automatic_promotions_total").increment(1);
-                    tracing::warn!(pattern = %rule.pattern, epoch = cur.epoch + 1, from = %cur.primary,
+                    tracing::warn!(pattern = %rule.pattern, from = %cur.primary,
                         "automatic promotion: the primary's lease ran out");
                 }
                 Err(e) => {

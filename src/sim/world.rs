@@ -1218,7 +1218,11 @@ impl World {
                 "{me}: automatic promotion (the lease of {} ran out)",
                 cur.primary
             ));
-            self.take_over(r, from, cur.epoch + 1, Takeover::Automatic);
+            let epoch = crate::failover::next_epoch(
+                cur.epoch,
+                crate::failover::region_index(&self.topo, &me),
+            );
+            self.take_over(r, from, epoch, Takeover::Automatic);
         }
     }
 
@@ -2070,7 +2074,10 @@ impl World {
         if from == to {
             return;
         }
-        let epoch = newest.epoch + 1;
+        let epoch = crate::failover::next_epoch(
+            newest.epoch,
+            crate::failover::region_index(&self.topo, &self.regions[to].name),
+        );
         self.log(format!(
             "operator: {kind:?} {} -> {} epoch={epoch}",
             self.regions[from].name, self.regions[to].name
@@ -2134,7 +2141,9 @@ impl World {
             give_up(self, "the target is down");
             return;
         }
-        if self.rule_state(to).epoch >= epoch {
+        // Any promotion since the operation began has an epoch in the same block of 256 or a
+        // later one (`failover::next_epoch`), as `/v1/promote` checks.
+        if (self.rule_state(to).epoch >> 8) >= (epoch >> 8) {
             give_up(self, "the epoch moved on");
             return;
         }

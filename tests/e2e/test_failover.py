@@ -87,11 +87,12 @@ def test_planned_switchover_loses_nothing_reverses_the_mirror_and_fails_back(reg
     topic = "switch"
     acked = produce(r.bootstrap("east"), topic, 3_000)
     out = failover(r, "west")["rules"][0]
-    assert (out["from"], out["to"], out["epoch"], out["forced"]) == ("east", "west", 1, False), out
+    # Epochs: the next multiple of 256 plus the region's position (east 0, west 1).
+    assert (out["from"], out["to"], out["epoch"], out["forced"]) == ("east", "west", 257, False), out
     assert out["write_unavailable_ms"] >= 0
     # Lag 0 at the switch: west holds everything east acknowledged, at the same offsets.
     assert local(r.bootstrap("west"), topic) == local(r.bootstrap("east"), topic) == text(acked)
-    wait_state(r, "east", 1, "west")
+    wait_state(r, "east", 257, "west")
     # A producer still bootstrapped in east learns from Metadata that west leads now (east
     # itself answers NOT_LEADER_OR_FOLLOWER to writes); west takes them and ships them to east.
     acked.update(produce(r.bootstrap("east"), topic, 1_000, start=3_000))
@@ -105,7 +106,7 @@ def test_planned_switchover_loses_nothing_reverses_the_mirror_and_fails_back(reg
         (p["source"], p["mirror"], p["lag_records"]) == ("west", "east", 0) for p in rows), rows
     # Failback is a planned switchover back.
     back = failover(r, "east")["rules"][0]
-    assert (back["from"], back["to"], back["epoch"]) == ("west", "east", 2), back
+    assert (back["from"], back["to"], back["epoch"]) == ("west", "east", 512), back
     acked.update(produce(r.bootstrap("east"), topic, 1_000, start=5_000))
     assert wait_same(r, ["east", "west"], topic) == text(acked)
     want = end_offsets(r.bootstrap("east"), topic)
@@ -131,16 +132,16 @@ def test_forced_failover_then_rejoin_quarantines_exactly_the_divergent_tail(regi
     admin(r, "west", "POST", "/v1/cut", {"peer": "east"})
     divergent = produce(r.bootstrap("east"), topic, 500, start=2_000)
     out = failover(r, "west", "--force")["rules"][0]
-    assert (out["from"], out["to"], out["epoch"], out["forced"]) == ("east", "west", 1, True), out
+    assert (out["from"], out["to"], out["epoch"], out["forced"]) == ("east", "west", 257, True), out
     assert end_offsets(r.bootstrap("west"), topic) == shipped
     acked_west = produce(r.bootstrap("west"), topic, 300, start=10_000)
     # east, still cut off, has the divergent tail only.
     assert len(local(r.bootstrap("east"), topic)) == 2_500
-    # Heal: east learns epoch 1 from west's heartbeats, moves its divergent tail to the
+    # Heal: east learns epoch 257 from west's heartbeats, moves its divergent tail to the
     # quarantine, and becomes a mirror of west.
     admin(r, "east", "POST", "/v1/cut", {"peer": "west", "cut": False})
     admin(r, "west", "POST", "/v1/cut", {"peer": "east", "cut": False})
-    wait_state(r, "east", 1, "west")
+    wait_state(r, "east", 257, "west")
     live = wait_same(r, ["west", "east"], topic)
     assert live == text({**acked, **acked_west}), "every acknowledged record but the divergent tail"
     want = end_offsets(r.bootstrap("west"), topic)
