@@ -124,6 +124,34 @@ impl Client {
 }
 
 impl Client {
+    /// Send one of Ferry's own request frames (length prefix included) and read the response
+    /// body, bounded in size and time.
+    async fn ferry_round_trip(
+        &mut self,
+        frame: &[u8],
+        api: ApiKey,
+        what: &str,
+    ) -> Result<Bytes, ClientError> {
+        let io = |source| ClientError::Io { api, source };
+        let timeout = self.timeout;
+        let fut = async {
+            self.stream.write_all(frame).await.map_err(io)?;
+            let n = self.stream.read_i32().await.map_err(io)?;
+            if n < 4 || n as usize > RESPONSE_BYTES_MAX {
+                return Err(ClientError::Codec {
+                    api,
+                    message: format!("{what} response of {n} bytes"),
+                });
+            }
+            let mut body = vec![0u8; n as usize];
+            self.stream.read_exact(&mut body).await.map_err(io)?;
+            Ok(Bytes::from(body))
+        };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| ClientError::Timeout { api, timeout })?
+    }
+
     /// MirrorAppend (Ferry's own request, see [`crate::kafka::mirror_append`]):
     /// (error code, log end offset, message).
     pub async fn mirror_append(
@@ -135,24 +163,7 @@ impl Client {
         self.correlation += 1;
         let cid = self.correlation;
         let frame = ma::encode_request(cid, req);
-        let io = |source| ClientError::Io { api, source };
-        let timeout = self.timeout;
-        let fut = async {
-            self.stream.write_all(&frame).await.map_err(io)?;
-            let n = self.stream.read_i32().await.map_err(io)?;
-            if n < 4 || n as usize > RESPONSE_BYTES_MAX {
-                return Err(ClientError::Codec {
-                    api,
-                    message: format!("MirrorAppend response of {n} bytes"),
-                });
-            }
-            let mut body = vec![0u8; n as usize];
-            self.stream.read_exact(&mut body).await.map_err(io)?;
-            Ok(Bytes::from(body))
-        };
-        let body = tokio::time::timeout(timeout, fut)
-            .await
-            .map_err(|_| ClientError::Timeout { api, timeout })??;
+        let body = self.ferry_round_trip(&frame, api, "MirrorAppend").await?;
         let (rcid, err, end, msg) = ma::decode_response(body).ok_or(ClientError::Codec {
             api,
             message: "malformed MirrorAppend response".into(),
@@ -439,24 +450,7 @@ impl Client {
         self.correlation += 1;
         let cid = self.correlation;
         let frame = c::encode_request(cid, req);
-        let io = |source| ClientError::Io { api, source };
-        let timeout = self.timeout;
-        let fut = async {
-            self.stream.write_all(&frame).await.map_err(io)?;
-            let n = self.stream.read_i32().await.map_err(io)?;
-            if n < 4 || n as usize > RESPONSE_BYTES_MAX {
-                return Err(ClientError::Codec {
-                    api,
-                    message: format!("FerryControl response of {n} bytes"),
-                });
-            }
-            let mut body = vec![0u8; n as usize];
-            self.stream.read_exact(&mut body).await.map_err(io)?;
-            Ok(Bytes::from(body))
-        };
-        let body = tokio::time::timeout(timeout, fut)
-            .await
-            .map_err(|_| ClientError::Timeout { api, timeout })??;
+        let body = self.ferry_round_trip(&frame, api, "FerryControl").await?;
         let (rcid, answer) = c::decode_response(body).ok_or(ClientError::Codec {
             api,
             message: "malformed FerryControl response".into(),

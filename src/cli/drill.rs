@@ -612,54 +612,20 @@ async fn consumer(
 }
 
 /// The quarantined records of a region: (partition, original offset, seq).
-async fn read_quarantine(
-    addr: &str,
-    qtopic: &str,
-    partitions: i32,
-) -> anyhow::Result<Vec<(i32, i64, u64)>> {
-    let mut out = Vec::new();
+async fn read_quarantine(addr: &str, topic: &str) -> anyhow::Result<Vec<(i32, i64, u64)>> {
     let mut c = Client::connect(addr).await?;
-    let mut req = FetchRequest::default();
-    req.replica_id = BrokerId(-1);
-    req.max_bytes = 16 << 20;
-    let mut ft = FetchTopic::default();
-    ft.topic = TopicName(sb(qtopic));
-    for p in 0..partitions {
-        let mut fp = FetchPartition::default();
-        fp.partition = p;
-        fp.partition_max_bytes = 8 << 20;
-        ft.partitions.push(fp);
-    }
-    req.topics.push(ft);
-    let resp = c.send(&req, 11).await?;
-    for tr in resp.responses {
-        for pr in tr.partitions {
-            // UNKNOWN_TOPIC_OR_PARTITION: nothing was quarantined.
-            let Some(b) = pr.records.filter(|_| pr.error_code == 0) else {
-                continue;
-            };
-            for r in decode_records(&b)? {
-                let h = |k: &str| {
-                    r.headers
-                        .iter()
-                        .find(|(x, _)| x == k)
-                        .and_then(|(_, v)| v.clone())
-                        .and_then(|v| String::from_utf8(v).ok())
-                };
-                let orig: i64 = h("ferry.original.offset")
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(-1);
-                let seq: u64 = r
-                    .value
-                    .as_deref()
-                    .and_then(|v| std::str::from_utf8(v).ok())
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(u64::MAX);
-                out.push((pr.partition_index, orig, seq));
-            }
-        }
-    }
-    Ok(out)
+    Ok(super::quarantine::read(&mut c, topic)
+        .await?
+        .into_iter()
+        .map(|q| {
+            let seq = q
+                .value
+                .as_deref()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(u64::MAX);
+            (q.partition, q.original_offset.unwrap_or(-1), seq)
+        })
+        .collect())
 }
 
 async fn committed(
@@ -1026,9 +992,8 @@ async fn drill(
         .collect();
     // The quarantines of every region (a mirror may have held a tail the new primary lacked).
     let mut quarantined: Vec<(i32, i64, u64)> = Vec::new();
-    let qtopic = crate::broker::quarantine::topic_for(&topic);
     for r in &regions {
-        quarantined.extend(read_quarantine(&bootstrap(&t, r)?, &qtopic, args.partitions).await?);
+        quarantined.extend(read_quarantine(&bootstrap(&t, r)?, &topic).await?);
     }
     for (p, o, s) in &quarantined {
         if at.get(&(*p, *o)) == Some(s) {
