@@ -300,6 +300,9 @@ pub struct Report {
     pub duplicates: u64,
     pub skipped: u64,
     pub quarantined_records: usize,
+    /// Quarantined records the producer never got an acknowledgement for: written by the lost
+    /// primary, but its answer was cut off with it. They were not promised, so they are not RPO.
+    pub quarantined_unacknowledged: usize,
     /// Lease fencing: the old primary's last acknowledgement came before the new one's first.
     pub write_windows_overlap: Option<bool>,
     pub violations: Vec<String>,
@@ -1003,6 +1006,11 @@ async fn drill(
         }
     }
     let qseqs: BTreeSet<u64> = quarantined.iter().map(|(_, _, s)| *s).collect();
+    let lost_seqs: BTreeSet<u64> = lost.iter().map(|a| a.seq).collect();
+    let quarantined_unacknowledged = quarantined
+        .iter()
+        .filter(|(_, _, s)| !lost_seqs.contains(s))
+        .count();
     for a in &lost {
         if !qseqs.contains(&a.seq) {
             violations.push(format!(
@@ -1101,6 +1109,7 @@ async fn drill(
         duplicates,
         skipped,
         quarantined_records: quarantined.len(),
+        quarantined_unacknowledged,
         write_windows_overlap: overlap,
         violations,
         timeline,
@@ -1146,7 +1155,10 @@ fn markdown(r: &Report) -> String {
         "| records skipped by the consumer group | {} |\n",
         r.skipped
     );
-    s += &format!("| records quarantined | {} |\n", r.quarantined_records);
+    s += &format!(
+        "| records quarantined | {} ({} of them never acknowledged) |\n",
+        r.quarantined_records, r.quarantined_unacknowledged
+    );
     if let Some(o) = r.write_windows_overlap {
         s += &format!("| write windows of old and new primary overlap | {o} |\n");
     }
