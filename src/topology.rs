@@ -108,6 +108,19 @@ pub struct TopicRule {
     pub mode: ReplicationMode,
     /// Time retention for the topic in every region (`None`: the broker default).
     pub retention: Option<Duration>,
+    /// How batches travel between gateways.
+    pub wire_compression: WireCompression,
+}
+
+/// Compression of record batches between gateways, on top of what the client chose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WireCompression {
+    /// Batches travel as they are stored.
+    #[default]
+    None,
+    /// Batches the client sent uncompressed travel Snappy-compressed (decompressed by the
+    /// receiving gateway, so the mirror stores the source's bytes); compressed ones as they are.
+    Snappy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -801,6 +814,7 @@ const TOPIC_KEYS: &[&str] = &[
     "mirrors",
     "mode",
     "retention",
+    "wire_compression",
 ];
 const FAILOVER_KEYS: &[&str] = &["fencing", "lease", "heartbeat", "promotion", "witness"];
 const TLS_KEYS: &[&str] = &["ca", "regions"];
@@ -1329,6 +1343,13 @@ fn read_rule(
         d
     });
 
+    let wire_compression = match o.get("wire_compression") {
+        None => Some(WireCompression::None),
+        Some(v) => cx
+            .choice(v, &o.field("wire_compression"), &["none", "snappy"])
+            .map(|i| [WireCompression::None, WireCompression::Snappy][i]),
+    };
+
     let rule = TopicRule {
         pattern: pattern?,
         partitions: partitions.flatten(),
@@ -1336,6 +1357,7 @@ fn read_rule(
         mirrors,
         mode: mode?,
         retention: retention.flatten(),
+        wire_compression: wire_compression?,
     };
     let at = RuleAt {
         at: o.at,

@@ -91,11 +91,17 @@ impl Partition {
 pub struct Topic {
     pub name: String,
     pub id: Uuid,
-    pub configs: BTreeMap<String, String>,
+    /// Its config overrides (AlterConfigs changes them; a mirror's follow its primary's).
+    pub configs: RwLock<BTreeMap<String, String>>,
     pub partitions: RwLock<Vec<Arc<Partition>>>,
 }
 
 impl Topic {
+    /// Its config overrides now.
+    pub fn configs(&self) -> BTreeMap<String, String> {
+        self.configs.read().expect("topic configs lock").clone()
+    }
+
     pub fn partition(&self, index: i32) -> Option<Arc<Partition>> {
         if index < 0 {
             return None;
@@ -140,6 +146,8 @@ pub enum TopicError {
     InvalidReplicationFactor(i16),
     #[error("invalid config {0}: {1}")]
     InvalidConfig(String, String),
+    #[error("topic '{0}' is a mirror of its primary region {1}: change its configuration there")]
+    Mirror(String, String),
     #[error(transparent)]
     Log(#[from] LogError),
     #[error("I/O error on {path}: {source}")]
@@ -159,6 +167,7 @@ impl TopicError {
             TopicError::InvalidPartitions(_) => 37,
             TopicError::InvalidReplicationFactor(_) => 38,
             TopicError::InvalidConfig(..) => 40,
+            TopicError::Mirror(..) => 44,
             TopicError::Log(_) | TopicError::Io { .. } => 56,
         }
     }
@@ -470,7 +479,7 @@ impl Broker {
         Ok(Arc::new(Topic {
             name: name.to_string(),
             id,
-            configs,
+            configs: RwLock::new(configs),
             partitions: RwLock::new(parts),
         }))
     }
@@ -479,7 +488,7 @@ impl Broker {
         let meta = TopicMeta {
             id: t.id.to_string(),
             partitions: t.partition_count(),
-            configs: t.configs.clone(),
+            configs: t.configs(),
         };
         let path = self
             .meta_dir
@@ -545,7 +554,7 @@ impl Broker {
             return Ok(Arc::new(Topic {
                 name: name.to_string(),
                 id: Uuid::nil(),
-                configs,
+                configs: RwLock::new(configs),
                 partitions: RwLock::new(Vec::new()),
             }));
         }
@@ -788,7 +797,7 @@ impl Broker {
         if validate_only {
             return Ok(());
         }
-        let cfg = self.topic_log_config(&topic.configs)?;
+        let cfg = self.topic_log_config(&topic.configs())?;
         let tname: Arc<str> = Arc::from(name);
         let mut new = Vec::new();
         for i in have..count {
@@ -800,10 +809,52 @@ impl Broker {
         Ok(())
     }
 
+    /// Replace a topic's config overrides with `configs` (validated first; nothing changes if
+    /// one is bad), apply them to every partition's log and store them. Returns whether they
+    /// changed. A mirror topic's configs follow its primary's: only the gateway changes them
+    /// (`from_primary`); a client asking gets [`TopicError::Mirror`].
+    pub fn alter_topic_configs(
+        &self,
+        name: &str,
+        configs: BTreeMap<String, String>,
+        validate_only: bool,
+        from_primary: bool,
+    ) -> Result<bool, TopicError> {
+        let topic = self
+            .topic(name)
+            .ok_or_else(|| TopicError::Unknown(name.to_string()))?;
+        if !from_primary {
+            if let (Some(p), Some(region)) = (self.placement(name), self.config.region.as_deref()) {
+                if p.primary != region {
+                    return Err(TopicError::Mirror(name.to_string(), p.primary));
+                }
+            }
+        }
+        let cfg = self.topic_log_config(&configs)?;
+        if validate_only {
+            return Ok(false);
+        }
+        let _admin = self.admin.lock().expect("admin lock");
+        if topic.configs() == configs {
+            return Ok(false);
+        }
+        *topic.configs.write().expect("topic configs lock") = configs;
+        for p in topic.partitions.read().expect("topic lock").iter() {
+            p.state
+                .lock()
+                .expect("partition lock")
+                .log
+                .set_config(cfg.clone());
+        }
+        self.write_meta(&topic)?;
+        tracing::info!(topic = name, ?cfg, "topic configs changed");
+        Ok(true)
+    }
+
     /// Effective configs of a topic: its overrides, then broker defaults.
     pub fn effective_topic_configs(&self, topic: &Topic) -> Vec<(String, String, bool)> {
         let c = self
-            .topic_log_config(&topic.configs)
+            .topic_log_config(&topic.configs())
             .unwrap_or_else(|_| self.config.log.clone());
         let ms = |d: Option<Duration>| {
             d.map(|d| d.as_millis().to_string())
@@ -832,7 +883,8 @@ impl Broker {
                 "CreateTime".to_string(),
             ),
         ];
-        for (k, v) in &topic.configs {
+        let overrides = topic.configs();
+        for (k, v) in &overrides {
             if k == "segment.ms" || k == "segment.bytes" {
                 continue; // already resolved above (may be written with units)
             }
@@ -842,7 +894,7 @@ impl Broker {
         }
         out.into_iter()
             .map(|(k, v)| {
-                let overridden = topic.configs.contains_key(&k);
+                let overridden = overrides.contains_key(&k);
                 (k, v, overridden)
             })
             .collect()

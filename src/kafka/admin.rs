@@ -1,5 +1,5 @@
-//! Topic administration: CreateTopics, DeleteTopics, CreatePartitions, DescribeConfigs and
-//! DescribeCluster.
+//! Topic administration: CreateTopics, DeleteTopics, CreatePartitions, DescribeConfigs,
+//! AlterConfigs, IncrementalAlterConfigs and DescribeCluster.
 
 use std::collections::BTreeMap;
 
@@ -22,7 +22,10 @@ use kafka_protocol::messages::describe_configs_request::DescribeConfigsRequest;
 use kafka_protocol::messages::describe_configs_response::{
     DescribeConfigsResourceResult, DescribeConfigsResponse, DescribeConfigsResult,
 };
-use kafka_protocol::messages::{BrokerId, TopicName};
+use kafka_protocol::messages::{
+    AlterConfigsRequest, AlterConfigsResponse, BrokerId, IncrementalAlterConfigsRequest,
+    IncrementalAlterConfigsResponse, TopicName,
+};
 
 use super::{code, sb};
 use crate::broker::{Broker, TopicError};
@@ -283,5 +286,140 @@ pub fn describe_cluster(broker: &Broker) -> DescribeClusterResponse {
     b.host = sb(&host);
     b.port = port as i32;
     resp.brokers = vec![b];
+    resp
+}
+
+/// What to do with one config of an IncrementalAlterConfigs resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ConfigOp {
+    Set(String),
+    Delete,
+}
+
+/// Apply one topic's config changes: `replace` starts from no overrides (AlterConfigs), else
+/// from the topic's current ones (IncrementalAlterConfigs). Returns (error code, message).
+fn alter_topic(
+    broker: &Broker,
+    topic: &str,
+    ops: Vec<(String, ConfigOp)>,
+    replace: bool,
+    validate_only: bool,
+) -> (i16, Option<String>) {
+    let Some(t) = broker.topic(topic) else {
+        return (
+            code::UNKNOWN_TOPIC_OR_PARTITION,
+            Some("unknown topic".into()),
+        );
+    };
+    let mut configs = if replace {
+        BTreeMap::new()
+    } else {
+        t.configs()
+    };
+    for (k, op) in ops {
+        match op {
+            ConfigOp::Set(v) => {
+                configs.insert(k, v);
+            }
+            ConfigOp::Delete => {
+                configs.remove(&k);
+            }
+        }
+    }
+    match broker.alter_topic_configs(topic, configs, validate_only, false) {
+        Ok(_) => (0, None),
+        Err(e) => (e.kafka_code(), Some(e.to_string())),
+    }
+}
+
+/// IncrementalAlterConfigs (KIP-339) on topics: SET and DELETE; APPEND and SUBTRACT are for
+/// list-valued configs, which no topic config this broker knows is.
+pub fn incremental_alter_configs(
+    broker: &Broker,
+    req: IncrementalAlterConfigsRequest,
+) -> IncrementalAlterConfigsResponse {
+    use kafka_protocol::messages::incremental_alter_configs_response::AlterConfigsResourceResponse;
+    let mut resp = IncrementalAlterConfigsResponse::default();
+    for res in req.resources {
+        let mut r = AlterConfigsResourceResponse::default();
+        r.resource_type = res.resource_type;
+        r.resource_name = res.resource_name.clone();
+        let (code, msg) = if res.resource_type != RESOURCE_TOPIC {
+            (
+                code::INVALID_REQUEST,
+                Some(format!(
+                    "resource type {} cannot be altered: broker settings come from its config file",
+                    res.resource_type
+                )),
+            )
+        } else {
+            let mut ops = Vec::new();
+            let mut bad = None;
+            for c in res.configs {
+                let k = c.name.to_string();
+                match (c.config_operation, c.value) {
+                    (0, Some(v)) => ops.push((k, ConfigOp::Set(v.to_string()))),
+                    (0, None) => bad = Some(format!("SET of {k} without a value")),
+                    (1, _) => ops.push((k, ConfigOp::Delete)),
+                    (2 | 3, _) => {
+                        bad = Some(format!(
+                            "{k} is not a list: APPEND and SUBTRACT do not apply"
+                        ))
+                    }
+                    (o, _) => bad = Some(format!("unknown config operation {o}")),
+                }
+            }
+            match bad {
+                Some(m) => (code::INVALID_CONFIG, Some(m)),
+                None => alter_topic(
+                    broker,
+                    res.resource_name.as_str(),
+                    ops,
+                    false,
+                    req.validate_only,
+                ),
+            }
+        };
+        r.error_code = code;
+        r.error_message = msg.map(|m| sb(&m));
+        resp.responses.push(r);
+    }
+    resp
+}
+
+/// AlterConfigs (the older API): the given configs replace all of a topic's overrides.
+pub fn alter_configs(broker: &Broker, req: AlterConfigsRequest) -> AlterConfigsResponse {
+    use kafka_protocol::messages::alter_configs_response::AlterConfigsResourceResponse;
+    let mut resp = AlterConfigsResponse::default();
+    for res in req.resources {
+        let mut r = AlterConfigsResourceResponse::default();
+        r.resource_type = res.resource_type;
+        r.resource_name = res.resource_name.clone();
+        let (code, msg) = if res.resource_type != RESOURCE_TOPIC {
+            (
+                code::INVALID_REQUEST,
+                Some(format!(
+                    "resource type {} cannot be altered: broker settings come from its config file",
+                    res.resource_type
+                )),
+            )
+        } else {
+            let ops = res
+                .configs
+                .into_iter()
+                .filter_map(|c| Some((c.name.to_string(), ConfigOp::Set(c.value?.to_string()))))
+                .collect();
+            alter_topic(
+                broker,
+                res.resource_name.as_str(),
+                ops,
+                true,
+                req.validate_only,
+            )
+        };
+        r.error_code = code;
+        r.error_message = msg.map(|m| sb(&m));
+        resp.responses.push(r);
+    }
     resp
 }

@@ -44,6 +44,11 @@ pub enum Control {
         offset: i64,
         region: String,
     },
+    /// Give a mirror topic its primary's config overrides (the gateway, from heartbeats).
+    SetConfigs {
+        topic: String,
+        configs: BTreeMap<String, String>,
+    },
 }
 
 /// One partition in an [`Control::Offsets`] answer.
@@ -66,6 +71,9 @@ pub struct StateAnswer {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OffsetsAnswer {
     pub topics: BTreeMap<String, Vec<PartitionOffsets>>,
+    /// The config overrides of those topics.
+    #[serde(default)]
+    pub configs: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -193,10 +201,12 @@ pub async fn handle(broker: Arc<Broker>, req: Control) -> Result<serde_json::Val
                 topics
             };
             let mut out = BTreeMap::new();
+            let mut configs = BTreeMap::new();
             for name in names {
                 let Some(t) = broker.topic(&name) else {
                     continue;
                 };
+                configs.insert(name.clone(), t.configs());
                 let parts = t
                     .partitions
                     .read()
@@ -214,7 +224,10 @@ pub async fn handle(broker: Arc<Broker>, req: Control) -> Result<serde_json::Val
                     .collect();
                 out.insert(name, parts);
             }
-            Ok(json(&OffsetsAnswer { topics: out }))
+            Ok(json(&OffsetsAnswer {
+                topics: out,
+                configs,
+            }))
         }
         Control::Truncate {
             topic,
@@ -229,6 +242,12 @@ pub async fn handle(broker: Arc<Broker>, req: Control) -> Result<serde_json::Val
                 quarantined,
                 log_end,
             }))
+        }
+        Control::SetConfigs { topic, configs } => {
+            let changed = broker
+                .alter_topic_configs(&topic, configs, false, true)
+                .map_err(|e| e.to_string())?;
+            Ok(serde_json::json!({ "changed": changed }))
         }
     }
 }

@@ -9,7 +9,7 @@
 //!
 //! Files: [`server`] (connections), [`api_versions`], [`metadata`], [`produce`], [`fetch`],
 //! [`list_offsets`], [`admin`] (CreateTopics, DeleteTopics, CreatePartitions, DescribeConfigs,
-//! DescribeCluster), [`producer_id`] (InitProducerId), [`coordinator`] (the consumer group APIs).
+//! AlterConfigs, IncrementalAlterConfigs, DescribeCluster), [`producer_id`] (InitProducerId), [`coordinator`] (the consumer group APIs).
 
 pub mod admin;
 pub mod api_versions;
@@ -70,6 +70,8 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::DeleteTopics, 1, 6),
     (ApiKey::InitProducerId, 0, 5),
     (ApiKey::DescribeConfigs, 1, 4),
+    (ApiKey::AlterConfigs, 0, 2),
+    (ApiKey::IncrementalAlterConfigs, 0, 1),
     (ApiKey::CreatePartitions, 0, 3),
     (ApiKey::DescribeCluster, 0, 1),
     (ApiKey::DeleteGroups, 0, 2),

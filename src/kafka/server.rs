@@ -296,6 +296,14 @@ async fn request(
             version,
             &admin::describe_configs(&b, r, version),
         )),
+        RequestKind::IncrementalAlterConfigs(r) => ready(encode_response(
+            cid,
+            version,
+            &admin::incremental_alter_configs(&b, r),
+        )),
+        RequestKind::AlterConfigs(r) => {
+            ready(encode_response(cid, version, &admin::alter_configs(&b, r)))
+        }
         RequestKind::DescribeCluster(_) => {
             ready(encode_response(cid, version, &admin::describe_cluster(&b)))
         }

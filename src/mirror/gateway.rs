@@ -9,7 +9,8 @@
 //! heartbeat carries a newer epoch for a rule is believed (the peer is authenticated by mTLS),
 //! which is how a rejoining region learns it was replaced.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,7 +28,7 @@ use crate::failover::{self, Placement, RegionState, RuleState};
 use crate::kafka::control::{Control, OffsetsAnswer, StateAnswer};
 use crate::kafka::mirror_append::MirrorAppend;
 use crate::log::epochs::divergence;
-use crate::topology::{Fencing, Promotion, Topology};
+use crate::topology::{Fencing, Promotion, Topology, WireCompression};
 use crate::transport::link;
 
 /// How often the gateway reads its broker's failover state.
@@ -35,6 +36,11 @@ pub const STATE_POLL: Duration = Duration::from_millis(250);
 
 /// Bytes read per fetch and sent per BATCHES frame at most.
 const CHUNK_BYTES: i32 = 1 << 20;
+/// Bytes a partition's stream may have sent and not had acknowledged: the pipeline's depth
+/// (enough for 100 MiB/s over a 100 ms round trip at 16 MiB, the stream's QUIC window).
+const WINDOW_BYTES: usize = 16 << 20;
+/// Contiguous BATCHES frames the mirror has received are appended together, up to this much.
+const COALESCE_BYTES: usize = 4 << 20;
 const RETRY: Duration = Duration::from_secs(1);
 /// How often committed group offsets are shipped to the mirrors. After a failover, a consumer
 /// group resumes at most this much (plus its own commit interval) behind where it was.
@@ -58,6 +64,9 @@ pub struct Heartbeat {
     /// with the new primary's, which need not be a prefix of the old primary's log.
     #[serde(default)]
     pub epochs: BTreeMap<String, Vec<Vec<crate::log::EpochEntry>>>,
+    /// Config overrides of the topics the sender is primary for: its mirrors follow them.
+    #[serde(default)]
+    pub configs: BTreeMap<String, BTreeMap<String, String>>,
     /// Sender's wall clock (for reports only; leases use monotonic time).
     pub unix_ms: i64,
 }
@@ -88,6 +97,8 @@ pub struct Gateway {
     /// lease has run out and they cannot renew it (a stale primary's heartbeats get no lease
     /// credit), so they count towards this region's majority until they come back.
     pub(crate) replaced: Mutex<BTreeSet<String>>,
+    /// Config overrides last given to each mirror topic (from its primary's heartbeats).
+    configs_applied: Mutex<BTreeMap<String, BTreeMap<String, String>>>,
 }
 
 impl Gateway {
@@ -117,6 +128,7 @@ impl Gateway {
             conns: Mutex::new(BTreeMap::new()),
             reports: Mutex::new(BTreeMap::new()),
             replaced: Mutex::new(BTreeSet::new()),
+            configs_applied: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -494,85 +506,191 @@ impl Gateway {
             .await
             .map_err(e)?;
         tracing::info!(%peer, %topic, partition, log_end = end, epoch, "mirroring partition");
-        loop {
-            let Some(f) = frame::read(&mut rx).await.map_err(e)? else {
-                return Ok(());
-            };
-            let (first_offset, batches) = match f {
-                Frame::Batches {
-                    first_offset,
-                    batches,
-                } => (first_offset, batches),
-                Frame::Truncate { offset } if offset < end => {
-                    // Our tail past `offset` is not in the primary's history: set it aside.
-                    let answer: crate::kafka::control::TruncateAnswer = client
-                        .control_as(&Control::Truncate {
-                            topic: topic.clone(),
-                            partition,
-                            offset,
-                            region: self.region.clone(),
-                        })
-                        .await
-                        .map_err(|x| x.to_string())?;
-                    metrics::counter!("ferry_quarantined_records_total", "topic" => topic.clone())
-                        .increment(answer.quarantined as u64);
-                    end = answer.log_end;
-                    frame::write(&mut tx, &position(end).await?)
-                        .await
-                        .map_err(e)?;
-                    continue;
+        // The reader takes frames off the stream while the appender writes earlier ones, and
+        // contiguous frames that arrived meanwhile are appended (and fsynced) together.
+        let (ftx, mut frx) = tokio::sync::mpsc::channel::<Frame>(64);
+        let reader = async move {
+            while let Some(f) = frame::read(&mut rx).await.map_err(e)? {
+                if ftx.send(f).await.is_err() {
+                    break;
                 }
-                Frame::Truncate { .. } => {
-                    frame::write(&mut tx, &position(end).await?)
-                        .await
-                        .map_err(e)?;
-                    continue;
-                }
-                _ => return Err("expected BATCHES or TRUNCATE".into()),
-            };
-            // Check every batch before writing any: CRC and continuity.
-            let reply = match batch::split(&batches) {
-                Err(x) => Frame::Error {
-                    code: 2,
-                    log_end: end,
-                    message: format!("corrupt batch: {x}"),
-                },
-                Ok(parts) if parts.first().map(|(_, h)| h.base_offset) != Some(first_offset) => {
-                    Frame::Error {
-                        code: 2,
-                        log_end: end,
-                        message: "frame offset disagrees with its first batch".into(),
+            }
+            Ok::<(), String>(())
+        };
+        let appender = async {
+            let mut pending: Option<Frame> = None;
+            loop {
+                let f = match pending.take() {
+                    Some(f) => f,
+                    None => match frx.recv().await {
+                        Some(f) => f,
+                        None => return Ok::<(), String>(()),
+                    },
+                };
+                let (first_offset, batches) = match f {
+                    Frame::Batches {
+                        first_offset,
+                        batches,
                     }
-                }
-                Ok(_) if first_offset > end => Frame::Error {
-                    code: 1,
+                    | Frame::SnappyBatches {
+                        first_offset,
+                        batches,
+                    } => (first_offset, batches),
+                    Frame::Truncate { offset } if offset < end => {
+                        // Our tail past `offset` is not in the primary's history: set it aside.
+                        let answer: crate::kafka::control::TruncateAnswer = client
+                            .control_as(&Control::Truncate {
+                                topic: topic.clone(),
+                                partition,
+                                offset,
+                                region: self.region.clone(),
+                            })
+                            .await
+                            .map_err(|x| x.to_string())?;
+                        metrics::counter!("ferry_quarantined_records_total", "topic" => topic.clone())
+                            .increment(answer.quarantined as u64);
+                        end = answer.log_end;
+                        frame::write(&mut tx, &position(end).await?)
+                            .await
+                            .map_err(e)?;
+                        continue;
+                    }
+                    Frame::Truncate { .. } => {
+                        frame::write(&mut tx, &position(end).await?)
+                            .await
+                            .map_err(e)?;
+                        continue;
+                    }
+                    _ => return Err("expected BATCHES or TRUNCATE".into()),
+                };
+                // Check every batch before writing any: CRC and continuity.
+                let refuse = |code: i16, end: i64, message: String| Frame::Error {
+                    code,
                     log_end: end,
-                    message: format!(
-                        "gap: batches start at {first_offset}, the mirror ends at {end}"
-                    ),
-                },
-                Ok(_) => {
-                    req.records = batches;
-                    let (err, new_end, msg) = client
-                        .mirror_append(&req)
-                        .await
-                        .map_err(|x| x.to_string())?;
-                    if err == 0 {
-                        end = new_end;
-                        metrics::counter!("ferry_mirror_bytes_in_total", "topic" => topic.clone())
-                            .increment(req.records.len() as u64);
-                        metrics::gauge!("ferry_mirror_log_end_offset", "topic" => topic.clone(), "partition" => partition.to_string()).set(end as f64);
-                        Frame::Ack { log_end: end }
-                    } else {
-                        Frame::Error {
-                            code: err,
-                            log_end: new_end.max(end),
-                            message: msg,
+                    message,
+                };
+                let mut after = match check_frame(first_offset, &batches) {
+                    Err(m) => {
+                        let _ = frame::write(&mut tx, &refuse(2, end, m.clone())).await;
+                        return Err(m);
+                    }
+                    Ok(_) if first_offset > end => {
+                        let m = format!(
+                            "gap: batches start at {first_offset}, the mirror ends at {end}"
+                        );
+                        let _ = frame::write(&mut tx, &refuse(1, end, m.clone())).await;
+                        return Err(m);
+                    }
+                    Ok(after) => after,
+                };
+                // Frames that follow on without a gap and are already here join this append.
+                let mut parts = vec![batches];
+                let mut total = parts[0].len();
+                let mut bad = None;
+                while total < COALESCE_BYTES {
+                    match frx.try_recv() {
+                        Ok(
+                            Frame::Batches {
+                                first_offset: f,
+                                batches,
+                            }
+                            | Frame::SnappyBatches {
+                                first_offset: f,
+                                batches,
+                            },
+                        ) if f == after => match check_frame(f, &batches) {
+                            Ok(a) => {
+                                after = a;
+                                total += batches.len();
+                                parts.push(batches);
+                            }
+                            Err(m) => {
+                                bad = Some(m);
+                                break;
+                            }
+                        },
+                        Ok(other) => {
+                            pending = Some(other);
+                            break;
                         }
+                        Err(_) => break,
                     }
                 }
+                req.records = if parts.len() == 1 {
+                    parts.pop().expect("one part")
+                } else {
+                    let mut b = bytes::BytesMut::with_capacity(total);
+                    for p in &parts {
+                        b.extend_from_slice(p);
+                    }
+                    b.freeze()
+                };
+                let (err, new_end, msg) = client
+                    .mirror_append(&req)
+                    .await
+                    .map_err(|x| x.to_string())?;
+                if err != 0 {
+                    let _ =
+                        frame::write(&mut tx, &refuse(err, new_end.max(end), msg.clone())).await;
+                    return Err(format!("{topic}-{partition}: append refused: {msg}"));
+                }
+                end = new_end;
+                metrics::counter!("ferry_mirror_bytes_in_total", "topic" => topic.clone())
+                    .increment(total as u64);
+                metrics::gauge!("ferry_mirror_log_end_offset", "topic" => topic.clone(), "partition" => partition.to_string()).set(end as f64);
+                frame::write(&mut tx, &Frame::Ack { log_end: end })
+                    .await
+                    .map_err(e)?;
+                if let Some(m) = bad {
+                    let _ = frame::write(&mut tx, &refuse(2, end, m.clone())).await;
+                    return Err(m);
+                }
+            }
+        };
+        tokio::try_join!(reader, appender).map(|_| ())
+    }
+
+    /// Give the topics this region mirrors from `peer` the config overrides `peer` has for
+    /// them, when they changed since last applied (a topic not created here yet is tried again
+    /// at the next heartbeat).
+    async fn follow_configs(
+        &self,
+        peer: &str,
+        configs: &BTreeMap<String, BTreeMap<String, String>>,
+    ) {
+        for (topic, c) in configs {
+            let ours = self.placement(topic);
+            if !ours.is_some_and(|p| p.primary == peer && p.mirrors.contains(&self.region)) {
+                continue;
+            }
+            if self
+                .configs_applied
+                .lock()
+                .expect("configs lock")
+                .get(topic)
+                == Some(c)
+            {
+                continue;
+            }
+            let Ok(mut client) = self.broker_client().await else {
+                return;
             };
-            frame::write(&mut tx, &reply).await.map_err(e)?;
+            let req = Control::SetConfigs {
+                topic: topic.clone(),
+                configs: c.clone(),
+            };
+            match client.control(&req).await {
+                Ok(v) => {
+                    if v.get("changed").and_then(|c| c.as_bool()) == Some(true) {
+                        tracing::info!(%peer, %topic, configs = ?c, "mirror topic follows its primary's configs");
+                    }
+                    self.configs_applied
+                        .lock()
+                        .expect("configs lock")
+                        .insert(topic.clone(), c.clone());
+                }
+                Err(e) => tracing::debug!(%topic, error = %e, "configs not applied yet"),
+            }
         }
     }
 
@@ -581,7 +699,13 @@ impl Gateway {
         let state = self.state();
         let mut ends = BTreeMap::new();
         let mut epochs = BTreeMap::new();
+        let mut configs = BTreeMap::new();
         if let Ok(o) = self.offsets(Vec::new()).await {
+            for (t, c) in o.configs {
+                if self.placement(&t).is_some_and(|p| p.primary == self.region) {
+                    configs.insert(t, c);
+                }
+            }
             // Every rule-covered topic, mirrors included: a region promoted later may be judged
             // by what it held before (the loss report of a forced failover needs it).
             for (t, ps) in o.topics {
@@ -596,6 +720,7 @@ impl Gateway {
             report,
             ends,
             epochs,
+            configs,
             unix_ms: crate::log::now_ms(),
         }
     }
@@ -733,6 +858,7 @@ impl Gateway {
                     }
                 }
             }
+            self.follow_configs(peer, &hb.configs).await;
             self.reports.lock().expect("reports lock").insert(
                 peer.to_string(),
                 PeerReport {
@@ -1057,7 +1183,7 @@ impl Gateway {
         .map_err(e)?;
         // Where the mirror ends, and whether its tail is in our history (a rejoining region's
         // may not be): if not, have it quarantined and cut first.
-        let mut next = loop {
+        let next = loop {
             let (log_end, theirs) = match frame::read(&mut rx).await.map_err(e)? {
                 Some(Frame::Position { log_end, epochs }) => (log_end, epochs),
                 Some(Frame::Error { message, .. }) => {
@@ -1082,104 +1208,206 @@ impl Gateway {
                 .await
                 .map_err(e)?;
         };
-        let mut client = Client::connect(&self.broker)
+        // Pipelined from here on: the sender fetches and sends while earlier frames are still
+        // being appended in the mirror, up to WINDOW_BYTES unacknowledged; the ack reader turns
+        // the mirror's durable ends into sync-mode acknowledgements on the local broker.
+        let mut fetch_client = Client::connect(&self.broker)
             .await
             .map_err(|x| x.to_string())?;
-        let _ = client.mirror_ack(topic, partition, peer, next).await;
-        loop {
-            if self.placement(topic).map(|p| p.epoch) != Some(epoch) || !self.ships(topic, peer) {
-                return Err("the topic's failover state changed".into());
-            }
-            let (err, bytes, source_end) = fetch_raw(&mut client, topic, partition, next).await?;
-            if err != 0 {
-                return Err(format!("fetch {topic}-{partition} at {next}: error {err}"));
-            }
-            let labels = [
-                ("peer", peer.to_string()),
-                ("topic", topic.to_string()),
-                ("partition", partition.to_string()),
-            ];
-            metrics::gauge!("ferry_mirror_source_end_offset", &labels).set(source_end as f64);
-            metrics::gauge!("ferry_mirror_acked_offset", &labels).set(next as f64);
-            metrics::gauge!("ferry_mirror_lag_records", &labels)
-                .set((source_end - next).max(0) as f64);
-            // Whole batches from `next` on; a partial batch at the end waits for the next fetch.
-            let mut end_at = 0usize;
-            let mut first = None;
-            let mut at = 0usize;
-            while at + batch::HEADER_BYTES <= bytes.len() {
-                let Ok(h) = batch::BatchHeader::parse(&bytes[at..]) else {
-                    break;
-                };
-                let n = h.total_bytes();
-                if at + n > bytes.len() {
-                    break;
+        let mut ack_client = Client::connect(&self.broker)
+            .await
+            .map_err(|x| x.to_string())?;
+        let _ = ack_client.mirror_ack(topic, partition, peer, next).await;
+        let labels = [
+            ("peer", peer.to_string()),
+            ("topic", topic.to_string()),
+            ("partition", partition.to_string()),
+        ];
+        let snappy = self
+            .topology
+            .rule_for_topic(topic)
+            .is_some_and(|r| r.wire_compression == WireCompression::Snappy);
+        let (acked_tx, mut acked_rx) = watch::channel(next);
+        let sent_end = AtomicI64::new(next);
+        let source_end = AtomicI64::new(next);
+        let sender = async {
+            let mut sent = next;
+            // (offset after the frame, its bytes, its first batch's timestamp), oldest first.
+            let mut inflight: VecDeque<(i64, usize, i64)> = VecDeque::new();
+            let mut inflight_bytes = 0usize;
+            loop {
+                let acked = *acked_rx.borrow_and_update();
+                while let Some(&(end, n, _)) = inflight.front() {
+                    if end > acked {
+                        break;
+                    }
+                    inflight.pop_front();
+                    inflight_bytes -= n;
                 }
-                if h.next_offset() <= next {
-                    at += n;
-                    end_at = at;
+                if inflight_bytes >= WINDOW_BYTES {
+                    acked_rx
+                        .changed()
+                        .await
+                        .map_err(|_| "the ack reader ended".to_string())?;
                     continue;
                 }
-                if first.is_none() {
-                    first = Some((at, h.base_offset));
+                if self.placement(topic).map(|p| p.epoch) != Some(epoch) || !self.ships(topic, peer)
+                {
+                    return Err::<(), String>("the topic's failover state changed".into());
                 }
-                at += n;
-                end_at = at;
-            }
-            let Some((start_at, first_offset)) = first else {
-                metrics::gauge!("ferry_mirror_lag_seconds", &labels).set(0.0);
-                metrics::gauge!("ferry_mirror_lag_bytes", &labels).set(0.0);
-                continue;
-            };
-            // Bytes the mirror lacks: exact when the fetch reached the source's end (it was
-            // under CHUNK_BYTES), a lower bound otherwise.
-            metrics::gauge!("ferry_mirror_lag_bytes", &labels).set((bytes.len() - start_at) as f64);
-            // Age of the oldest record the mirror does not have yet.
-            if let Ok(h) = batch::BatchHeader::parse(&bytes[start_at..]) {
-                let age = (crate::log::now_ms() - h.base_timestamp).max(0) as f64 / 1000.0;
-                metrics::gauge!("ferry_mirror_lag_seconds", &labels).set(age);
-            }
-            let chunk = bytes.slice(start_at..end_at);
-            let sent = chunk.len();
-            frame::write(
-                &mut tx,
-                &Frame::Batches {
-                    first_offset,
-                    batches: chunk,
-                },
-            )
-            .await
-            .map_err(e)?;
-            match frame::read(&mut rx).await.map_err(e)? {
-                Some(Frame::Ack { log_end }) => {
-                    assert!(log_end >= next, "the mirror's end never goes back");
-                    next = log_end;
-                    // The local broker answers acks=all produces of synchronously mirrored
-                    // topics once every such mirror holds them.
-                    let err = client
-                        .mirror_ack(topic, partition, peer, next)
-                        .await
-                        .map_err(|x| x.to_string())?;
-                    if err != 0 {
-                        tracing::debug!(%topic, partition, err, "broker did not take the mirror acknowledgement");
+                let (err, bytes, end) =
+                    fetch_raw(&mut fetch_client, topic, partition, sent).await?;
+                if err != 0 {
+                    return Err(format!("fetch {topic}-{partition} at {sent}: error {err}"));
+                }
+                source_end.store(end, Ordering::Relaxed);
+                metrics::gauge!("ferry_mirror_source_end_offset", &labels).set(end as f64);
+                let acked = *acked_rx.borrow();
+                metrics::gauge!("ferry_mirror_lag_records", &labels)
+                    .set((end - acked).max(0) as f64);
+                let Some(span) = whole_batches_from(&bytes, sent) else {
+                    if inflight.is_empty() {
+                        metrics::gauge!("ferry_mirror_lag_seconds", &labels).set(0.0);
+                        metrics::gauge!("ferry_mirror_lag_bytes", &labels).set(0.0);
                     }
-                    metrics::gauge!("ferry_mirror_acked_offset", &labels).set(next as f64);
-                    metrics::gauge!("ferry_mirror_lag_records", &labels)
-                        .set((source_end - next).max(0) as f64);
-                    metrics::counter!("ferry_mirror_bytes_out_total", "topic" => topic.to_string())
-                        .increment(sent as u64);
-                }
-                Some(Frame::Error {
-                    code,
-                    log_end,
-                    message,
-                }) => {
-                    return Err(format!("mirror refused batches at {first_offset} (error {code}, mirror ends at {log_end}): {message}"));
-                }
-                other => return Err(format!("expected ACK, got {other:?}")),
+                    continue;
+                };
+                // Bytes the mirror lacks: exact when the fetch reached the source's end (it was
+                // under CHUNK_BYTES), a lower bound otherwise.
+                metrics::gauge!("ferry_mirror_lag_bytes", &labels)
+                    .set((inflight_bytes + bytes.len() - span.start) as f64);
+                // Age of the oldest record the mirror does not hold yet.
+                let oldest = inflight
+                    .front()
+                    .map(|f| f.2)
+                    .unwrap_or(span.first_timestamp);
+                let age = (crate::log::now_ms() - oldest).max(0) as f64 / 1000.0;
+                metrics::gauge!("ferry_mirror_lag_seconds", &labels).set(age);
+                let batches = bytes.slice(span.start..span.end);
+                let n = batches.len();
+                let first_offset = span.first_offset;
+                let f = if snappy && span.uncompressed {
+                    Frame::SnappyBatches {
+                        first_offset,
+                        batches,
+                    }
+                } else {
+                    Frame::Batches {
+                        first_offset,
+                        batches,
+                    }
+                };
+                let wire = f.encode();
+                tx.write_all(&wire).await.map_err(|x| x.to_string())?;
+                metrics::counter!("ferry_mirror_bytes_out_total", "topic" => topic.to_string())
+                    .increment(n as u64);
+                metrics::counter!("ferry_mirror_wire_bytes_out_total", "topic" => topic.to_string())
+                    .increment(wire.len() as u64);
+                sent = span.next;
+                sent_end.store(sent, Ordering::Relaxed);
+                inflight.push_back((sent, n, span.first_timestamp));
+                inflight_bytes += n;
+                metrics::gauge!("ferry_mirror_sent_offset", &labels).set(sent as f64);
             }
-        }
+        };
+        let acker = async {
+            let mut acked = next;
+            loop {
+                match frame::read(&mut rx).await.map_err(e)? {
+                    Some(Frame::Ack { log_end }) => {
+                        assert!(log_end >= acked, "the mirror's end never goes back");
+                        acked = log_end;
+                        let _ = acked_tx.send(acked);
+                        // The local broker answers acks=all produces of synchronously mirrored
+                        // topics once every such mirror holds them.
+                        let err = ack_client
+                            .mirror_ack(topic, partition, peer, acked)
+                            .await
+                            .map_err(|x| x.to_string())?;
+                        if err != 0 {
+                            tracing::debug!(%topic, partition, err, "broker did not take the mirror acknowledgement");
+                        }
+                        metrics::gauge!("ferry_mirror_acked_offset", &labels).set(acked as f64);
+                        let end = source_end.load(Ordering::Relaxed);
+                        metrics::gauge!("ferry_mirror_lag_records", &labels)
+                            .set((end - acked).max(0) as f64);
+                        if acked >= sent_end.load(Ordering::Relaxed) {
+                            metrics::gauge!("ferry_mirror_lag_bytes", &labels).set(0.0);
+                            if acked >= end {
+                                metrics::gauge!("ferry_mirror_lag_seconds", &labels).set(0.0);
+                            }
+                        }
+                    }
+                    Some(Frame::Error {
+                        code,
+                        log_end,
+                        message,
+                    }) => {
+                        return Err::<(), String>(format!("mirror refused batches after {acked} (error {code}, mirror ends at {log_end}): {message}"));
+                    }
+                    None => return Err("the mirror closed the stream".into()),
+                    other => return Err(format!("expected ACK, got {other:?}")),
+                }
+            }
+        };
+        tokio::try_join!(sender, acker).map(|_| ())
     }
+}
+
+/// A BATCHES frame's batches, checked (CRC, whole, the first at `first_offset`): the offset
+/// after the last.
+fn check_frame(first_offset: i64, batches: &[u8]) -> Result<i64, String> {
+    let parts = batch::split(batches).map_err(|x| format!("corrupt batch: {x}"))?;
+    match (parts.first(), parts.last()) {
+        (Some((_, a)), Some((_, b))) if a.base_offset == first_offset => Ok(b.next_offset()),
+        _ => Err("frame offset disagrees with its first batch".into()),
+    }
+}
+
+/// In a fetch answer, the whole batches that hold offsets at or past `from` (a partial batch at
+/// the end waits for the next fetch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span {
+    /// Their byte range in the answer.
+    start: usize,
+    end: usize,
+    /// The first one's base offset and timestamp.
+    first_offset: i64,
+    first_timestamp: i64,
+    /// The offset after the last.
+    next: i64,
+    /// Whether the client sent every one of them uncompressed.
+    uncompressed: bool,
+}
+
+fn whole_batches_from(bytes: &[u8], from: i64) -> Option<Span> {
+    let mut span: Option<Span> = None;
+    let mut at = 0usize;
+    while at + batch::HEADER_BYTES <= bytes.len() {
+        let Ok(h) = batch::BatchHeader::parse(&bytes[at..]) else {
+            break;
+        };
+        let n = h.total_bytes();
+        if at + n > bytes.len() {
+            break;
+        }
+        if h.next_offset() > from {
+            let plain = matches!(h.compression(), Ok(batch::Compression::None));
+            let s = span.get_or_insert(Span {
+                start: at,
+                end: at,
+                first_offset: h.base_offset,
+                first_timestamp: h.base_timestamp,
+                next: from,
+                uncompressed: true,
+            });
+            s.end = at + n;
+            s.next = h.next_offset();
+            s.uncompressed &= plain;
+        }
+        at += n;
+    }
+    span
 }
 
 /// Fetch raw record batches from the local broker (long poll, 500 ms).
@@ -1219,6 +1447,45 @@ async fn fetch_raw(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fetch_answer_is_cut_to_whole_batches_from_the_resume_offset() {
+        use crate::batch::build::{batch, Record};
+        let rec = |v: &str| Record {
+            value: Some(v.as_bytes().to_vec()),
+            ..Default::default()
+        };
+        let mut bytes = batch(10, 1000, None, &[rec("a"), rec("b")]); // 10, 11
+        let second_at = bytes.len();
+        bytes.extend(batch(12, 2000, None, &[rec("c")])); // 12
+        let third_at = bytes.len();
+        bytes.extend(batch(13, 3000, None, &[rec("d"), rec("e")])); // 13, 14
+        let all = bytes.len();
+        let span = whole_batches_from(&bytes, 10).unwrap();
+        assert_eq!(
+            span,
+            Span {
+                start: 0,
+                end: all,
+                first_offset: 10,
+                first_timestamp: 1000,
+                next: 15,
+                uncompressed: true
+            }
+        );
+        // Resuming at 12 skips the first batch.
+        let span = whole_batches_from(&bytes, 12).unwrap();
+        assert_eq!(
+            (span.start, span.first_offset, span.first_timestamp),
+            (second_at, 12, 2000)
+        );
+        // A partial batch at the end waits for the next fetch.
+        let span = whole_batches_from(&bytes[..all - 3], 10).unwrap();
+        assert_eq!((span.end, span.next), (third_at, 13));
+        assert_eq!(whole_batches_from(&bytes[..all - 3], 13), None);
+        assert_eq!(whole_batches_from(&bytes, 15), None);
+        assert_eq!(whole_batches_from(&[], 0), None);
+    }
 
     #[test]
     fn installed_offsets_never_pass_the_mirror_end() {

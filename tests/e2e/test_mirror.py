@@ -56,11 +56,13 @@ class Proc:
 
 
 class Regions:
-    def __init__(self, tmp: Path, names: list[str], mode: str = "async", failover: str = 'fencing = "none"'):
+    def __init__(self, tmp: Path, names: list[str], mode: str = "async", failover: str = 'fencing = "none"',
+                 wire: str = "none"):
         self.tmp, self.names = tmp, names
         self.kafka = {n: free_port() for n in names}
         quic = {n: free_port() for n in names}
         admin = {n: free_port() for n in names}
+        self.gateway_metrics = {n: free_port() for n in names}
         mirrors = ", ".join(f'"{n}"' for n in names[1:])
         text = ""
         for n in names:
@@ -72,6 +74,7 @@ listen = "127.0.0.1:{self.kafka[n]}"
 [regions.{n}.gateway]
 quic = "127.0.0.1:{quic[n]}"
 admin = "127.0.0.1:{admin[n]}"
+metrics = "127.0.0.1:{self.gateway_metrics[n]}"
 """
         text += f"""
 [[topics]]
@@ -80,6 +83,7 @@ partitions = {PARTITIONS}
 primary = "{names[0]}"
 mirrors = [{mirrors}]
 mode = "{mode}"
+wire_compression = "{wire}"
 
 # These tests stop gateways on purpose; lease fencing (which would stop east's writes once it
 # cannot reach west) has tests of its own.
@@ -109,6 +113,19 @@ mode = "{mode}"
         for n in self.names:
             self.gateways[n].start()
         return self
+
+    def metric(self, n: str, name: str, **labels) -> float:
+        """Sum of a gateway's Prometheus samples of `name` whose labels include `labels`."""
+        import urllib.request
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.gateway_metrics[n]}/metrics", timeout=10).read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            if not line.startswith(name + "{") and not line.startswith(name + " "):
+                continue
+            head, value = line.rsplit(" ", 1)
+            if all(f'{k}="{v}"' in head for k, v in labels.items()):
+                total += float(value)
+        return total
 
     def bootstrap(self, n: str) -> str:
         return f"127.0.0.1:{self.kafka[n]}"
@@ -402,3 +419,91 @@ def test_sync_mode_answers_acks_all_only_once_the_mirror_has_it(regions_factory)
     done = []
     p.produce(topic, value=b"after", partition=0, on_delivery=lambda err, msg: done.append(err))
     assert p.flush(60) == 0 and done == [None], done
+
+
+def test_snappy_on_the_wire_sends_fewer_bytes_and_stores_the_same(regions_factory):
+    """`wire_compression = "snappy"`: uncompressed client batches travel Snappy-compressed and
+    the mirror stores the source's bytes; batches the client compressed travel as they are."""
+    r = regions_factory(["east", "west"], wire="snappy")
+    acked = produce(r.bootstrap("east"), "zipped", 5_000)
+    wait_mirrored(r, "west", "zipped", end_offsets(r.bootstrap("east"), "zipped"))
+    check_identical(r, "west", "zipped", acked)
+    plain = r.metric("east", "ferry_mirror_bytes_out_total", topic="zipped")
+    wire = r.metric("east", "ferry_mirror_wire_bytes_out_total", topic="zipped")
+    assert plain > 0 and wire < 0.7 * plain, (plain, wire)
+
+    # Batches compressed by the client (lz4 here) are shipped as they are: no second compression.
+    p = ck_producer(r.bootstrap("east"), compression_type="lz4", linger_ms=5)
+    for i in range(2_000):
+        p.produce("packed", key=f"k{i}".encode(), value=f"value-{i}".encode() * 3)
+        p.poll(0)
+    assert p.flush(60) == 0
+    wait_mirrored(r, "west", "packed", end_offsets(r.bootstrap("east"), "packed"))
+    for part in range(PARTITIONS):
+        a = sorted(r.segment_dir("east", "packed", part).glob("*.log"))
+        b = sorted(r.segment_dir("west", "packed", part).glob("*.log"))
+        assert [x.read_bytes() for x in a] == [y.read_bytes() for y in b]
+    plain = r.metric("east", "ferry_mirror_bytes_out_total", topic="packed")
+    wire = r.metric("east", "ferry_mirror_wire_bytes_out_total", topic="packed")
+    # Frame headers only: 13 bytes per frame plus the length prefix.
+    assert plain > 0 and plain <= wire < plain * 1.1, (plain, wire)
+
+
+def topic_configs(bootstrap: str, topic: str) -> dict:
+    from confluent_kafka.admin import AdminClient, ConfigResource
+    a = AdminClient({"bootstrap.servers": bootstrap})
+    res = ConfigResource(ConfigResource.Type.TOPIC, topic)
+    entries = a.describe_configs([res])[res].result(timeout=10)
+    return {k: e.value for k, e in entries.items()}
+
+
+def test_mirror_topics_follow_their_primarys_configs(regions_factory):
+    """A topic created in east with configs is created in west with them; a change made in east
+    with IncrementalAlterConfigs reaches west; west refuses changes to its mirror."""
+    from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic
+    r = regions_factory(["east", "west"])
+    east = AdminClient({"bootstrap.servers": r.bootstrap("east")})
+    east.create_topics([NewTopic("conf", PARTITIONS, 1, config={"retention.ms": "7200000"})])["conf"].result(20)
+    produce(r.bootstrap("east"), "conf", 100)
+    wait_mirrored(r, "west", "conf", end_offsets(r.bootstrap("east"), "conf"))
+
+    def wait_west(key, want):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            got = topic_configs(r.bootstrap("west"), "conf").get(key)
+            if got == want:
+                return
+            time.sleep(0.3)
+        raise AssertionError(f"west's {key} is {got}, not {want}\n{r.logs()}")
+
+    wait_west("retention.ms", "7200000")
+    res = ConfigResource(ConfigResource.Type.TOPIC, "conf", incremental_configs=[
+        ConfigEntry("retention.ms", "3600000", incremental_operation=AlterConfigOpType.SET),
+        ConfigEntry("segment.bytes", "2097152", incremental_operation=AlterConfigOpType.SET)])
+    east.incremental_alter_configs([res])[res].result(20)
+    assert topic_configs(r.bootstrap("east"), "conf")["segment.bytes"] == "2097152"
+    wait_west("retention.ms", "3600000")
+    wait_west("segment.bytes", "2097152")
+    # A deleted override falls back to the default in both regions.
+    res = ConfigResource(ConfigResource.Type.TOPIC, "conf", incremental_configs=[
+        ConfigEntry("segment.bytes", None, incremental_operation=AlterConfigOpType.DELETE)])
+    east.incremental_alter_configs([res])[res].result(20)
+    default = topic_configs(r.bootstrap("east"), "conf")["segment.bytes"]
+    assert default != "2097152"
+    wait_west("segment.bytes", default)
+
+    # The mirror is read-only, its configs included.
+    west = AdminClient({"bootstrap.servers": r.bootstrap("west")})
+    res = ConfigResource(ConfigResource.Type.TOPIC, "conf", incremental_configs=[
+        ConfigEntry("retention.ms", "1000", incremental_operation=AlterConfigOpType.SET)])
+    with pytest.raises(Exception) as e:
+        west.incremental_alter_configs([res])[res].result(20)
+    assert "mirror of its primary region east" in str(e.value), e.value
+    assert topic_configs(r.bootstrap("west"), "conf")["retention.ms"] == "3600000"
+    # A bad value is refused with its reason, and nothing changes.
+    res = ConfigResource(ConfigResource.Type.TOPIC, "conf", incremental_configs=[
+        ConfigEntry("retention.ms", "soon", incremental_operation=AlterConfigOpType.SET)])
+    with pytest.raises(Exception) as e:
+        east.incremental_alter_configs([res])[res].result(20)
+    assert "retention.ms" in str(e.value), e.value
+    assert topic_configs(r.bootstrap("east"), "conf")["retention.ms"] == "3600000"
