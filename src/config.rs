@@ -45,6 +45,9 @@ pub struct BrokerConfig {
     pub batch_bytes_max: usize,
     /// How often retention runs.
     pub retention_check_interval: Duration,
+    /// How long the coordinator waits after the first member joins an empty group for others
+    /// before the first rebalance (Kafka: `group.initial.rebalance.delay.ms`, default 3 s).
+    pub group_initial_rebalance_delay: Duration,
     /// Queued requests per connection before the broker stops reading from it.
     pub inflight_requests_max: usize,
     /// Open connections at most.
@@ -72,6 +75,7 @@ impl Default for BrokerConfig {
             frame_bytes_max: 100 << 20,
             batch_bytes_max: 8 << 20,
             retention_check_interval: Duration::from_secs(60),
+            group_initial_rebalance_delay: Duration::from_secs(1),
             inflight_requests_max: 64,
             connections_max: 10_000,
             metrics: None,
@@ -117,6 +121,7 @@ pub struct BrokerFile {
     pub frame_bytes_max: Option<SizeOrNum>,
     pub batch_bytes_max: Option<SizeOrNum>,
     pub retention_check_interval: Option<DurOrNum>,
+    pub group_initial_rebalance_delay: Option<DurOrNum>,
     pub metrics: Option<String>,
 }
 
@@ -269,6 +274,12 @@ impl BrokerFile {
                 "retention_check_interval",
             )?;
         }
+        if let Some(v) = &self.group_initial_rebalance_delay {
+            // 0 is allowed (no wait), so not `required`.
+            c.group_initial_rebalance_delay = v
+                .get("group_initial_rebalance_delay")?
+                .unwrap_or(Duration::ZERO);
+        }
         Ok(())
     }
 }
@@ -286,11 +297,14 @@ mod tests {
             retention_time = "off"
             retention_bytes = 1000
             auto_create_topics = false
+            group_initial_rebalance_delay = "0s"
             "#,
         )
         .unwrap();
         let mut c = BrokerConfig::default();
+        assert_eq!(c.group_initial_rebalance_delay, Duration::from_secs(1));
         f.apply(&mut c).unwrap();
+        assert_eq!(c.group_initial_rebalance_delay, Duration::ZERO);
         assert_eq!(c.listen.port(), 1234);
         assert_eq!(c.log.segment_bytes, 64 << 20);
         assert_eq!(c.log.retention_time, None);

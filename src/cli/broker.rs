@@ -55,6 +55,10 @@ pub struct BrokerArgs {
     /// Serve Prometheus metrics on this address (`/metrics`).
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics: Option<String>,
+    /// Wait this long after the first member joins an empty consumer group for others before
+    /// its first rebalance (e.g. 0s, 3s; Kafka's group.initial.rebalance.delay.ms).
+    #[arg(long, value_name = "DURATION")]
+    pub group_initial_rebalance_delay: Option<String>,
     /// Create topics when clients ask for unknown ones.
     #[arg(long, value_name = "true|false", action = clap::ArgAction::Set)]
     pub auto_create: Option<bool>,
@@ -92,6 +96,10 @@ impl BrokerArgs {
                 .clone()
                 .map(crate::config::SizeOrNum::Text),
             metrics: self.metrics.clone(),
+            group_initial_rebalance_delay: self
+                .group_initial_rebalance_delay
+                .clone()
+                .map(crate::config::DurOrNum::Text),
             ..Default::default()
         };
         f.apply(&mut c).context("invalid flag")?;
