@@ -62,6 +62,8 @@ pub struct Lease {
     no_credit_until: BTreeMap<String, (Millis, i64)>,
     /// Grows whenever this region learns a newer epoch of any rule (the sum of its epochs).
     epoch_mark: i64,
+    /// Answers to heartbeats sent before this time earn nothing (see [`Lease::restart_acks`]).
+    ack_floor: Millis,
 }
 
 impl Lease {
@@ -89,7 +91,17 @@ impl Lease {
             reports: BTreeMap::new(),
             no_credit_until: BTreeMap::new(),
             epoch_mark: 0,
+            ack_floor: 0,
         }
+    }
+
+    /// Forget every answer to heartbeats sent before `at`: a region that has just promoted
+    /// itself holds a write lease only once a majority has answered a heartbeat that carried
+    /// its new epoch, so that no write it acknowledges can be overruled by a region that never
+    /// heard of that epoch (simulator finding 6).
+    pub fn restart_acks(&mut self, at: Millis) {
+        self.acked.clear();
+        self.ack_floor = self.ack_floor.max(at);
     }
 
     pub fn config(&self) -> &LeaseConfig {
@@ -102,6 +114,9 @@ impl Lease {
 
     /// A peer answered the heartbeat we sent at `sent_at`.
     pub fn on_ack(&mut self, peer: &str, sent_at: Millis) {
+        if sent_at < self.ack_floor {
+            return;
+        }
         let e = self.acked.entry(peer.to_string()).or_insert(sent_at);
         *e = (*e).max(sent_at);
     }
@@ -289,6 +304,24 @@ mod tests {
         assert!(!west.may_take_over("east", 11_000));
         assert!(!west.may_take_over("east", 12_009));
         assert!(west.may_take_over("east", 1010 + 11_000));
+    }
+
+    #[test]
+    fn after_a_restart_of_acks_only_answers_to_later_heartbeats_count() {
+        let r = regions(&["east", "west", "south"]);
+        let mut west = Lease::new("west", r, None, cfg(), 0);
+        west.on_ack("south", 20_000);
+        assert!(west.may_write(21_000));
+        // west promotes itself at 21,000: earlier answers no longer count.
+        west.restart_acks(21_000);
+        assert!(!west.may_write(21_001));
+        // A late answer to a heartbeat sent before the promotion earns nothing ...
+        west.on_ack("south", 20_500);
+        assert!(!west.may_write(21_100));
+        // ... an answer to one sent after it (carrying the new epoch) does.
+        west.on_ack("south", 21_050);
+        assert!(west.may_write(21_100));
+        assert_eq!(west.write_lease_until(), Some(21_050 + 10_000));
     }
 
     #[test]

@@ -97,6 +97,8 @@ pub struct Gateway {
     /// lease has run out and they cannot renew it (a stale primary's heartbeats get no lease
     /// credit), so they count towards this region's majority until they come back.
     pub(crate) replaced: Mutex<BTreeSet<String>>,
+    /// Bumped after a promotion: every heartbeat loop sends its next heartbeat at once.
+    heartbeat_now: watch::Sender<u64>,
     /// Config overrides last given to each mirror topic (from its primary's heartbeats).
     configs_applied: Mutex<BTreeMap<String, BTreeMap<String, String>>>,
 }
@@ -129,6 +131,7 @@ impl Gateway {
             reports: Mutex::new(BTreeMap::new()),
             replaced: Mutex::new(BTreeSet::new()),
             configs_applied: Mutex::new(BTreeMap::new()),
+            heartbeat_now: watch::channel(0).0,
         })
     }
 
@@ -298,6 +301,11 @@ impl Gateway {
         loop {
             tokio::time::sleep(step).await;
             let now = self.now();
+            // First: a promotion restarts the lease, and must not be renewed from before it.
+            if self.topology.failover.promotion == Promotion::Automatic {
+                self.auto_promote(now).await;
+            }
+            let now = self.now();
             let until = {
                 let l = self.lease.lock().expect("lease lock");
                 let fenced: Vec<String> = self
@@ -309,9 +317,6 @@ impl Gateway {
                     .collect();
                 l.write_lease_until_with(&fenced, now).filter(|u| now < *u)
             };
-            if self.topology.failover.promotion == Promotion::Automatic {
-                self.auto_promote(now).await;
-            }
             let Some(until) = until else { continue };
             let ms = until.saturating_sub(now);
             if client.is_none() {
@@ -361,8 +366,28 @@ impl Gateway {
                 primary: self.region.clone(),
                 fenced: false,
             };
+            // The broker stops taking writes until a majority has answered a heartbeat that
+            // carries the new epoch (finding 6 of the simulator): its lease ends now, the
+            // promotion is applied, answers to earlier heartbeats stop counting, and a
+            // heartbeat goes out at once. Our own writes before a majority knows the epoch
+            // could otherwise be overruled by an operator who never heard of it.
+            let expired = match self.broker_client().await {
+                Ok(mut c) => c
+                    .control(&Control::RenewLease { ms: 0 })
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = expired {
+                tracing::warn!(pattern = %rule.pattern, error = %e, "automatic promotion postponed: the broker's lease could not be ended");
+                continue;
+            }
             match self.apply(&rule.pattern, new).await {
                 Ok(_) => {
+                    let at = self.now();
+                    self.lease.lock().expect("lease lock").restart_acks(at);
+                    self.heartbeat_now.send_modify(|n| *n += 1);
                     metrics::counter!("ferry_automatic_promotions_total").increment(1);
                     tracing::warn!(pattern = %rule.pattern, from = %cur.primary,
                         "automatic promotion: the primary's lease ran out");
@@ -733,6 +758,7 @@ impl Gateway {
         mut conn_rx: watch::Receiver<Option<quinn::Connection>>,
     ) {
         let every = self.topology.failover.heartbeat;
+        let mut now_rx = self.heartbeat_now.subscribe();
         loop {
             let conn = loop {
                 if let Some(c) = conn_rx.borrow_and_update().clone() {
@@ -745,8 +771,10 @@ impl Gateway {
             let r: Result<(), String> = async {
                 let (mut tx, mut rx) = conn.open_bi().await.map_err(|x| x.to_string())?;
                 loop {
-                    let hb = self.heartbeat().await;
+                    // The send time is taken before the state is read: an answer to a
+                    // heartbeat sent after a promotion always acknowledges the new epoch.
                     let sent_at = self.now();
+                    let hb = self.heartbeat().await;
                     let json = serde_json::to_string(&hb).expect("serialisable");
                     frame::write(&mut tx, &Frame::State { sent_at, json })
                         .await
@@ -765,7 +793,10 @@ impl Gateway {
                         Ok(Err(x)) => return Err(x.to_string()),
                         Err(_) => return Err("no STATE_ACK in two heartbeats".into()),
                     }
-                    tokio::time::sleep(every).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => {}
+                        _ = now_rx.changed() => {}
+                    }
                 }
             }
             .await;
