@@ -362,7 +362,11 @@ impl Broker {
         let service = groups::GroupService::open(
             p,
             broker.writer.clone(),
-            crate::group::GroupConfig::default(),
+            crate::group::GroupConfig {
+                initial_rebalance_delay_ms: broker.config.group_initial_rebalance_delay.as_millis()
+                    as i64,
+                ..Default::default()
+            },
         );
         let _ = broker.groups.set(Arc::new(service));
         Ok(Arc::new(broker))
