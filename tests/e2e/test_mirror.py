@@ -507,3 +507,8 @@ def test_mirror_topics_follow_their_primarys_configs(regions_factory):
         east.incremental_alter_configs([res])[res].result(20)
     assert "retention.ms" in str(e.value), e.value
     assert topic_configs(r.bootstrap("east"), "conf")["retention.ms"] == "3600000"
+    # Changed configs are stored with the topic: they survive a SIGKILL of either broker.
+    for region in ("east", "west"):
+        r.brokers[region].kill()
+        r.brokers[region].start()
+        assert topic_configs(r.bootstrap(region), "conf")["retention.ms"] == "3600000", region
