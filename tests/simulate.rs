@@ -168,6 +168,11 @@ fn region_loss_reports_its_rpo() {
 /// a peer back from a long silence; group commits move back to a quarantine cut) under the
 /// production model, 3 (f2a02d3: the loss report compares epoch histories) with the proposed fix
 /// of finding 1 modelled (without it, that seed hits finding 1 first).
+///
+/// Every seed but 3b's was found before the model's mirror streams were pipelined; a change of
+/// the model changes every random draw after it, so those seeds now run other histories and are
+/// kept as plain regression seeds (`three-region-rolling-failure` seed 60 was dropped: it now
+/// hits finding 7, and is in the ignored test below).
 #[cfg(not(feature = "sim-bug-skip-offset-clamp"))]
 #[test]
 fn fixed_findings_stay_fixed() {
@@ -175,12 +180,15 @@ fn fixed_findings_stay_fixed() {
     let cases: &[(&str, u64, &Overrides)] = &[
         // 1 (zero credit) and 5 (unheard peer credited at once)
         ("region-loss", 6, &production),
-        ("three-region-rolling-failure", 60, &production),
         ("three-region-rolling-failure", 34, &production),
         // 2: a region that had not learnt the new epoch renewed the deposed primary's lease
         ("three-region-rolling-failure", 11, &production),
         // 3: the loss report assumed the new primary's log is a prefix of the old one's
         ("three-region-rolling-failure", 15, &production),
+        // 3b: the loss report was empty when the old primary's last heartbeat predated its
+        // promotion (every heartbeat now carries the sender's ends and epoch histories; seed 41
+        // fails on it with the pipelined model when only a primary's heartbeat carries them)
+        ("split-brain-attempt", 41, &production),
         // 4: group commits survived the quarantine cut
         ("region-loss", 48, &production),
         ("split-brain-attempt", 121, &production),
@@ -205,12 +213,19 @@ fn fixed_findings_stay_fixed() {
 fn found_seeds_pass_once_the_findings_are_fixed() {
     let production = Overrides::default();
     let cases: &[(&str, u64, &Overrides)] = &[
-        // 3b: the loss report is empty when the old primary's last heartbeat predates its
-        // promotion (production heartbeats carry every topic's ends since the fix; the model
-        // still sends only a primary's)
-        ("split-brain-attempt", 202, &production),
-        // 6: two promotions take the same epoch number
-        ("three-region-rolling-failure", 65, &production),
+        // 6: an automatic promotion acknowledges writes before a majority knows its epoch, and
+        // an operator's switchover that began earlier, to a region that never heard of that
+        // epoch, overrides it (the gateway's fix, a475907, is not modelled yet)
+        ("three-region-rolling-failure", 25, &production),
+        // 7: a primary whose write lease was never armed takes writes without one
+        ("three-region-rolling-failure", 39, &production),
+        ("three-region-rolling-failure", 60, &production),
+        ("three-region-rolling-failure", 216, &production),
+        ("region-loss", 195, &production),
+        // 8: committed offsets installed on a mirror whose divergent tail was not cut yet
+        ("three-region-rolling-failure", 175, &production),
+        // 9: a planned switchover's catch-up compares log ends, not histories
+        ("three-region-rolling-failure", 18, &production),
     ];
     let mut failures = Vec::new();
     for (name, seed, ov) in cases {

@@ -5,11 +5,11 @@
 //! everything that in production is I/O (logs in memory with a durable prefix, links that delay,
 //! lose, duplicate and reorder messages, process crashes, per-process clocks that drift), the
 //! re-modelled event handling of the gateway (`crate::mirror::gateway` is async I/O code: its
-//! heartbeat, lease, stream-open/divergence/truncate, batch/ack and offset-sync handling are
-//! re-implemented here step by step), and the invariant checks. Does not own: the failover rules,
-//! the lease machine, the divergence function or the offset clamp — those are the production
-//! functions, called as they are ([`RegionState::apply`], [`placement`], [`Lease`],
-//! [`divergence`], [`clamp_offset`]).
+//! heartbeat, lease, stream-open/divergence/truncate, pipelined batch/ack and offset-sync
+//! handling are re-implemented here step by step), and the invariant checks. Does not own: the
+//! failover rules, the lease machine, the divergence function or the offset clamp — those are
+//! the production functions, called as they are ([`RegionState::apply`], [`placement`],
+//! [`Lease`], [`divergence`], [`clamp_offset`]).
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
@@ -29,10 +29,19 @@ use crate::topology::{Fencing, Promotion, ReplicationMode, Topology};
 const LOCAL_MS: u64 = 1;
 /// Group commit: an fsync this long after the first unsynced append, ms.
 const FSYNC_MS: u64 = 2;
-/// Most records in one BATCHES message.
+/// Most records in one BATCHES frame (the model's stand-in for one fetch's worth).
 const BATCH_RECORDS: usize = 64;
-/// Most bytes in one BATCHES message (the gateway's CHUNK_BYTES).
+/// Most bytes in one BATCHES frame (the gateway's CHUNK_BYTES).
 const BATCH_BYTES: u64 = 1 << 20;
+/// The pipeline's depth: record bytes a partition stream may have sent and not had
+/// acknowledged, the gateway's WINDOW_BYTES (16 MiB). The source sends while what is in flight
+/// is under it, as `source_stream` does (so it may overshoot by one frame).
+const WINDOW_BYTES: u64 = 16 << 20;
+/// The same window in frames: WINDOW_BYTES / CHUNK_BYTES, the 16 full-size frames the gateway's
+/// window holds. The model's frames carry at most BATCH_RECORDS records, so with small records
+/// its window (16 × 64 records) is shallower than the gateway's; it binds only while a mirror
+/// catches up.
+const WINDOW_FRAMES: usize = (WINDOW_BYTES / BATCH_BYTES) as usize;
 /// A stream that failed is reopened after this long (the gateway's RETRY), ms.
 const RETRY_MS: u64 = 1_000;
 /// A producer's request timeout and error backoff, ms.
@@ -107,15 +116,72 @@ enum Phase {
     Backoff,
 }
 
-/// The source side of one partition's mirror stream to one peer.
+/// A BATCHES frame sent and not yet covered by an ACK. Like QUIC's send buffer, the source keeps
+/// it until then, and a retransmission sends the very same frame.
+#[derive(Debug, Clone)]
+struct Frame {
+    /// Its place in the stream: 0 for the first frame after POSITION, then 1, 2, …
+    seq: u64,
+    first: i64,
+    records: Vec<Record>,
+    /// When it was last sent (simulated ms): it is sent again at `sent_at + rto` unless an ACK
+    /// covers it by then.
+    sent_at: u64,
+}
+
+impl Frame {
+    fn end(&self) -> i64 {
+        self.first + self.records.len() as i64
+    }
+}
+
+/// The source side of one partition's mirror stream to one peer: pipelined, as
+/// `source_stream` — frames go out while the window has room, an ACK carries the mirror's log
+/// end and retires every frame that ends at or below it.
 #[derive(Debug, Clone)]
 struct Stream {
     session: u64,
     epoch: i32,
     phase: Phase,
-    next: i64,
-    /// (first offset, records) of the BATCHES message waiting for its ACK, and its attempt.
-    inflight: Option<(i64, usize, u32)>,
+    /// The mirror's end as last acknowledged (cumulative).
+    acked: i64,
+    /// The offset after the last frame sent.
+    sent: i64,
+    /// The `seq` of the next new frame.
+    next_seq: u64,
+    /// Frames sent and not yet acknowledged, oldest first.
+    inflight: VecDeque<Frame>,
+    /// When the stream's one retransmission timer fires, if it is armed.
+    timer_at: Option<u64>,
+}
+
+impl Stream {
+    fn new() -> Stream {
+        Stream {
+            session: 0,
+            epoch: -1,
+            phase: Phase::Idle,
+            acked: 0,
+            sent: 0,
+            next_seq: 0,
+            inflight: VecDeque::new(),
+            timer_at: None,
+        }
+    }
+}
+
+/// The sink side of one partition's mirror stream from one source: the session it accepted and
+/// the ordered, reliable QUIC stream's reassembly. Frames reach the appender in `seq` order; one
+/// that arrives ahead of a missing one is held until the missing one arrives (QUIC's
+/// head-of-line blocking), and then they are appended together, as the gateway's appender
+/// coalesces the contiguous frames that are already there.
+#[derive(Debug, Clone)]
+struct Sink {
+    session: u64,
+    /// The `seq` of the next frame for the appender.
+    expected: u64,
+    /// Frames that arrived ahead of `expected`, by `seq`: (first offset, records).
+    held: BTreeMap<u64, (i64, Vec<Record>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -148,8 +214,8 @@ struct Region {
     streams: Vec<Vec<Stream>>,
     /// [peer][partition] mirror ends acknowledged by peers (sync mode).
     mirror_acked: Vec<Vec<i64>>,
-    /// (peer, partition) → the sink session accepted from that source.
-    sink_sessions: BTreeMap<(usize, usize), u64>,
+    /// (peer, partition) → the sink stream accepted from that source.
+    sinks: BTreeMap<(usize, usize), Sink>,
     pending: Vec<PendingAck>,
     fsync_scheduled: bool,
     /// Committed offsets per consumer group (durable: written with acks=all in production).
@@ -166,7 +232,7 @@ enum Msg {
         state: RegionState,
         report: BTreeMap<String, u64>,
         ends: Option<Vec<i64>>,
-        /// The sender's epoch histories per partition, sent with `ends` (as primary only).
+        /// The sender's epoch histories per partition, sent with `ends` (every heartbeat).
         epochs: Vec<Vec<EpochEntry>>,
     },
     HeartbeatAck {
@@ -195,6 +261,8 @@ enum Msg {
     Batches {
         session: u64,
         part: usize,
+        /// The frame's place in the stream (the model of the QUIC stream's byte order).
+        seq: u64,
         first: i64,
         records: Vec<Record>,
     },
@@ -244,10 +312,11 @@ impl Msg {
             Msg::Batches {
                 session,
                 part,
+                seq,
                 first,
                 records,
             } => format!(
-                "BATCHES s={session} p={part} first={first} n={}",
+                "BATCHES s={session} p={part} seq={seq} first={first} n={}",
                 records.len()
             ),
             Msg::Ack {
@@ -315,6 +384,15 @@ enum Ev {
         part: usize,
         session: u64,
         attempt: u32,
+    },
+    /// A streaming partition's retransmission timer (one per stream, as QUIC has one
+    /// loss-detection timer per connection rather than one per packet).
+    FrameTimer {
+        region: usize,
+        inc: u64,
+        peer: usize,
+        part: usize,
+        session: u64,
     },
     StreamRetry {
         region: usize,
@@ -545,21 +623,9 @@ impl World {
                     armed: false,
                     replaced: BTreeSet::new(),
                     reports: BTreeMap::new(),
-                    streams: vec![
-                        vec![
-                            Stream {
-                                session: 0,
-                                epoch: -1,
-                                phase: Phase::Idle,
-                                next: 0,
-                                inflight: None,
-                            };
-                            nparts
-                        ];
-                        n
-                    ],
+                    streams: vec![vec![Stream::new(); nparts]; n],
                     mirror_acked: vec![vec![0; nparts]; n],
-                    sink_sessions: BTreeMap::new(),
+                    sinks: BTreeMap::new(),
                     pending: Vec::new(),
                     fsync_scheduled: false,
                     groups: BTreeMap::new(),
@@ -1000,7 +1066,7 @@ impl World {
         }
         reg.pending.clear();
         reg.fsync_scheduled = false;
-        reg.sink_sessions.clear();
+        reg.sinks.clear();
         reg.replaced.clear();
         reg.reports.clear();
         reg.broker_lease_until = None;
@@ -1020,9 +1086,7 @@ impl World {
         reg.lease = Lease::new(&reg.name, all, None, cfg, 0);
         for peer in &mut reg.streams {
             for s in peer.iter_mut() {
-                s.phase = Phase::Idle;
-                s.inflight = None;
-                s.epoch = -1;
+                *s = Stream::new();
             }
         }
         for m in &mut reg.mirror_acked {
@@ -1049,17 +1113,14 @@ impl World {
         let now = self.local(r);
         let state = self.regions[r].state.clone();
         let report = self.regions[r].lease.report(now);
-        let primary = self.placement(r).primary == self.regions[r].name;
-        let ends = primary.then(|| self.regions[r].parts.iter().map(|p| p.end()).collect());
-        let epochs: Vec<Vec<EpochEntry>> = if primary {
-            self.regions[r]
-                .parts
-                .iter()
-                .map(|p| p.epochs.clone())
-                .collect()
-        } else {
-            Vec::new()
-        };
+        // Every heartbeat carries the sender's log ends and epoch histories, mirror or primary
+        // (`Gateway::heartbeat`): a region promoted later is judged by what it held before.
+        let ends = Some(self.regions[r].parts.iter().map(|p| p.end()).collect());
+        let epochs: Vec<Vec<EpochEntry>> = self.regions[r]
+            .parts
+            .iter()
+            .map(|p| p.epochs.clone())
+            .collect();
         for peer in self.peers(r) {
             self.send(
                 r,
@@ -1317,22 +1378,27 @@ impl World {
         let Some(epoch) = self.ships(r, peer) else {
             let s = &mut self.regions[r].streams[peer][part];
             s.phase = Phase::Idle;
-            s.inflight = None;
+            s.inflight.clear();
+            s.timer_at = None;
             return;
         };
         let inc = self.regions[r].incarnation;
-        let s = self.regions[r].streams[peer][part].clone();
-        if s.phase == Phase::Backoff {
+        let (phase, s_epoch) = {
+            let s = &self.regions[r].streams[peer][part];
+            (s.phase, s.epoch)
+        };
+        if phase == Phase::Backoff {
             return;
         }
-        if s.epoch != epoch || s.phase == Phase::Idle {
+        if s_epoch != epoch || phase == Phase::Idle {
             self.seq += 1;
             let session = self.seq;
             let st = &mut self.regions[r].streams[peer][part];
             st.session = session;
             st.epoch = epoch;
             st.phase = Phase::Opening;
-            st.inflight = None;
+            st.inflight.clear();
+            st.timer_at = None;
             self.send(
                 r,
                 peer,
@@ -1356,70 +1422,95 @@ impl World {
             );
             return;
         }
-        if s.phase != Phase::Streaming || s.inflight.is_some() {
+        if phase != Phase::Streaming {
             return;
         }
-        let log = &self.regions[r].parts[part].log;
-        let end = log.len() as i64;
-        if s.next >= end {
-            return;
-        }
+        // Pipelined: new frames go out while the window has room, without waiting for the
+        // ACKs of the frames before them.
         let per = self.sc.workload.record_bytes.max(1) as u64;
         let max = BATCH_RECORDS.min((BATCH_BYTES / per).max(1) as usize);
-        let from = s.next as usize;
-        let to = (from + max).min(log.len());
-        let records = log[from..to].to_vec();
-        let n = records.len();
-        self.regions[r].streams[peer][part].inflight = Some((s.next, n, 0));
-        self.send_batch(r, peer, part, s.session, s.next, records, 0);
+        loop {
+            let s = &self.regions[r].streams[peer][part];
+            let log = &self.regions[r].parts[part].log;
+            let in_flight: usize = s.inflight.iter().map(|f| f.records.len()).sum();
+            if s.sent >= log.len() as i64
+                || s.inflight.len() >= WINDOW_FRAMES
+                || in_flight as u64 * per >= WINDOW_BYTES
+            {
+                return;
+            }
+            let from = s.sent as usize;
+            let to = (from + max).min(log.len());
+            let records = log[from..to].to_vec();
+            let session = s.session;
+            let now = self.now;
+            let st = &mut self.regions[r].streams[peer][part];
+            let frame = Frame {
+                seq: st.next_seq,
+                first: from as i64,
+                records,
+                sent_at: now,
+            };
+            st.next_seq += 1;
+            st.sent = to as i64;
+            st.inflight.push_back(frame.clone());
+            self.send_frame(r, peer, part, session, frame);
+        }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn send_batch(
-        &mut self,
-        r: usize,
-        peer: usize,
-        part: usize,
-        session: u64,
-        first: i64,
-        records: Vec<Record>,
-        attempt: u32,
-    ) {
+    /// Send (or send again) one BATCHES frame, and arm the stream's retransmission timer if it
+    /// is not armed (it is then due for this frame, the last one sent).
+    fn send_frame(&mut self, r: usize, peer: usize, part: usize, session: u64, f: Frame) {
+        self.transmit(r, peer, part, session, f);
+        if self.regions[r].streams[peer][part].timer_at.is_none() {
+            let due = self.now + self.rto();
+            self.arm_frame_timer(r, peer, part, session, due);
+        }
+    }
+
+    fn transmit(&mut self, r: usize, peer: usize, part: usize, session: u64, f: Frame) {
         self.send(
             r,
             peer,
             Msg::Batches {
                 session,
                 part,
-                first,
-                records,
+                seq: f.seq,
+                first: f.first,
+                records: f.records,
             },
         );
-        let rto = self.rto();
+    }
+
+    fn arm_frame_timer(&mut self, r: usize, peer: usize, part: usize, session: u64, due: u64) {
+        self.regions[r].streams[peer][part].timer_at = Some(due);
         let inc = self.regions[r].incarnation;
-        self.after(
-            rto,
-            Ev::StreamTimer {
+        self.at(
+            due,
+            Ev::FrameTimer {
                 region: r,
                 inc,
                 peer,
                 part,
                 session,
-                attempt,
             },
         );
     }
 
+    /// Opening and truncating: the OPEN, the TRUNCATE or their answer was lost.
     fn stream_timer(&mut self, r: usize, peer: usize, part: usize, session: u64, attempt: u32) {
-        let s = self.regions[r].streams[peer][part].clone();
-        if s.session != session {
+        let (s_session, phase, s_epoch) = {
+            let s = &self.regions[r].streams[peer][part];
+            (s.session, s.phase, s.epoch)
+        };
+        if s_session != session {
             return;
         }
         let inc = self.regions[r].incarnation;
         let rto = self.rto();
-        match s.phase {
+        match phase {
             Phase::Opening => {
-                if self.ships(r, peer) != Some(s.epoch) {
+                if self.ships(r, peer) != Some(s_epoch) {
                     self.pump(r, peer, part);
                     return;
                 }
@@ -1429,7 +1520,7 @@ impl World {
                     Msg::Open {
                         session,
                         part,
-                        epoch: s.epoch,
+                        epoch: s_epoch,
                     },
                 );
                 self.after(
@@ -1444,28 +1535,6 @@ impl World {
                     },
                 );
             }
-            Phase::Streaming => {
-                let Some((first, n, a)) = s.inflight else {
-                    return;
-                };
-                if a != attempt {
-                    return;
-                }
-                if self.ships(r, peer) != Some(s.epoch) {
-                    self.pump(r, peer, part);
-                    return;
-                }
-                let log = &self.regions[r].parts[part].log;
-                let to = (first as usize + n).min(log.len());
-                if first as usize >= to {
-                    // Our own log lost this tail (crash): start over.
-                    self.reset_stream(r, peer, part);
-                    return;
-                }
-                let records = log[first as usize..to].to_vec();
-                self.regions[r].streams[peer][part].inflight = Some((first, records.len(), a + 1));
-                self.send_batch(r, peer, part, session, first, records, a + 1);
-            }
             Phase::Truncating => {
                 // The TRUNCATE or its POSITION was lost: open again.
                 self.reset_stream(r, peer, part);
@@ -1474,11 +1543,53 @@ impl World {
         }
     }
 
+    /// The retransmission timer: every frame sent `rto` ago or earlier and not acknowledged
+    /// is sent again, each by itself (QUIC retransmits what was lost, not what followed it; the
+    /// sink holds what followed until the missing frame arrives). The timer is then due for the
+    /// oldest send still unacknowledged.
+    fn frame_timer(&mut self, r: usize, peer: usize, part: usize, session: u64) {
+        let s = &self.regions[r].streams[peer][part];
+        if s.session != session || s.phase != Phase::Streaming || s.timer_at != Some(self.now) {
+            return;
+        }
+        let epoch = s.epoch;
+        self.regions[r].streams[peer][part].timer_at = None;
+        if self.ships(r, peer) != Some(epoch) {
+            self.pump(r, peer, part);
+            return;
+        }
+        let rto = self.rto();
+        let now = self.now;
+        let due: Vec<Frame> = {
+            let st = &mut self.regions[r].streams[peer][part];
+            st.inflight
+                .iter_mut()
+                .filter(|f| f.sent_at + rto <= now)
+                .map(|f| {
+                    f.sent_at = now;
+                    f.clone()
+                })
+                .collect()
+        };
+        for f in due {
+            self.transmit(r, peer, part, session, f);
+        }
+        let oldest = self.regions[r].streams[peer][part]
+            .inflight
+            .iter()
+            .map(|f| f.sent_at)
+            .min();
+        if let Some(oldest) = oldest {
+            self.arm_frame_timer(r, peer, part, session, oldest + rto);
+        }
+    }
+
     /// The stream failed: reopen it after RETRY.
     fn reset_stream(&mut self, r: usize, peer: usize, part: usize) {
         let s = &mut self.regions[r].streams[peer][part];
         s.phase = Phase::Backoff;
-        s.inflight = None;
+        s.inflight.clear();
+        s.timer_at = None;
         s.session = 0;
         let inc = self.regions[r].incarnation;
         self.after(
@@ -1501,11 +1612,14 @@ impl World {
         log_end: i64,
         theirs: Vec<EpochEntry>,
     ) {
-        let s = self.regions[r].streams[peer][part].clone();
-        if s.session != session || !(s.phase == Phase::Opening || s.phase == Phase::Truncating) {
+        let (s_session, phase, s_epoch) = {
+            let s = &self.regions[r].streams[peer][part];
+            (s.session, s.phase, s.epoch)
+        };
+        if s_session != session || !(phase == Phase::Opening || phase == Phase::Truncating) {
             return;
         }
-        if self.ships(r, peer) != Some(s.epoch) {
+        if self.ships(r, peer) != Some(s_epoch) {
             self.pump(r, peer, part);
             return;
         }
@@ -1516,8 +1630,11 @@ impl World {
             self.check_prefix(r, peer, part, log_end);
             let st = &mut self.regions[r].streams[peer][part];
             st.phase = Phase::Streaming;
-            st.next = log_end;
-            st.inflight = None;
+            st.acked = log_end;
+            st.sent = log_end;
+            st.next_seq = 0;
+            st.inflight.clear();
+            st.timer_at = None;
             self.regions[r].mirror_acked[peer][part] = log_end;
             self.resolve_acks(r);
             self.pump(r, peer, part);
@@ -1567,21 +1684,24 @@ impl World {
         }
     }
 
+    /// A cumulative ACK: the mirror holds, durably, everything below `log_end`; every frame
+    /// that ends at or below it is retired and the window opens.
     fn on_ack(&mut self, r: usize, peer: usize, part: usize, session: u64, log_end: i64) {
-        let s = self.regions[r].streams[peer][part].clone();
+        let s = &self.regions[r].streams[peer][part];
         if s.session != session || s.phase != Phase::Streaming {
             return;
         }
-        let Some((first, n, _)) = s.inflight else {
+        if log_end <= s.acked {
+            // Overtaken by a later ACK on the link (a QUIC stream would not reorder them), or
+            // an answer to a copy of a frame already acknowledged.
             return;
-        };
-        if log_end < first + n as i64 {
-            return; // an answer to an older copy of the batch
         }
-        assert!(log_end >= s.next, "the mirror's end never goes back");
         let st = &mut self.regions[r].streams[peer][part];
-        st.next = log_end;
-        st.inflight = None;
+        st.acked = log_end;
+        st.sent = st.sent.max(log_end);
+        while st.inflight.front().is_some_and(|f| f.end() <= log_end) {
+            st.inflight.pop_front();
+        }
         self.regions[r].mirror_acked[peer][part] = log_end;
         self.resolve_acks(r);
         self.pump(r, peer, part);
@@ -1598,7 +1718,15 @@ impl World {
             self.send(m, src, Msg::Refused { session, part });
             return;
         }
-        self.regions[m].sink_sessions.insert((src, part), session);
+        // A second copy of the same OPEN keeps the stream as it is.
+        if !self.sink_session_ok(m, src, part, session) {
+            let sink = Sink {
+                session,
+                expected: 0,
+                held: BTreeMap::new(),
+            };
+            self.regions[m].sinks.insert((src, part), sink);
+        }
         let pp = &self.regions[m].parts[part];
         let msg = Msg::Position {
             session,
@@ -1610,7 +1738,19 @@ impl World {
     }
 
     fn sink_session_ok(&self, m: usize, src: usize, part: usize, session: u64) -> bool {
-        self.regions[m].sink_sessions.get(&(src, part)) == Some(&session)
+        self.regions[m]
+            .sinks
+            .get(&(src, part))
+            .is_some_and(|s| s.session == session)
+    }
+
+    /// The sink answers ERROR and the stream closes (`sink_stream` returns): later frames of
+    /// the session find no stream and are answered with ERROR again.
+    fn sink_error(&mut self, m: usize, src: usize, part: usize, session: u64) {
+        if self.sink_session_ok(m, src, part, session) {
+            self.regions[m].sinks.remove(&(src, part));
+        }
+        self.send(m, src, Msg::Error { session, part });
     }
 
     fn on_truncate(&mut self, m: usize, src: usize, part: usize, session: u64, offset: i64) {
@@ -1623,7 +1763,7 @@ impl World {
         // region is the unfenced primary) refuses (`quarantine_and_truncate`).
         let pl = self.placement(m);
         if pl.primary == self.regions[m].name && !pl.fenced {
-            self.send(m, src, Msg::Error { session, part });
+            self.sink_error(m, src, part, session);
             return;
         }
         let pp = &mut self.regions[m].parts[part];
@@ -1655,51 +1795,113 @@ impl World {
         self.send(m, src, msg);
     }
 
+    /// A BATCHES frame off the link, through the model of the QUIC stream: in `seq` order to
+    /// the appender, a frame ahead of a missing one held until it arrives, a copy of one
+    /// already passed on dropped.
+    #[allow(clippy::too_many_arguments)]
     fn on_batches(
         &mut self,
         m: usize,
         src: usize,
         part: usize,
         session: u64,
+        seq: u64,
         first: i64,
         records: Vec<Record>,
     ) {
         if !self.sink_session_ok(m, src, part, session) {
-            // Not a stream this process opened (it restarted): the stream is gone.
+            // Not a stream this process opened (it restarted, or it closed the stream with an
+            // ERROR): the stream is gone.
             self.send(m, src, Msg::Error { session, part });
             return;
         }
+        let sink = self.regions[m]
+            .sinks
+            .get_mut(&(src, part))
+            .expect("the session was checked");
+        if seq < sink.expected {
+            // A copy of a frame already appended (the link duplicated it, or the source sent
+            // it again because the ACK was lost or late). QUIC drops it; the model answers with
+            // the mirror's end once more, which stands in for QUIC resending a lost ACK.
+            let log_end = self.regions[m].parts[part].end();
+            let ack = Msg::Ack {
+                session,
+                part,
+                log_end,
+            };
+            self.send(m, src, ack);
+            return;
+        }
+        if seq > sink.expected {
+            sink.held.entry(seq).or_insert((first, records));
+            return;
+        }
+        // This frame and the ones held right behind it reach the appender together.
+        let mut frames = vec![(first, records)];
+        sink.expected += 1;
+        while let Some(f) = sink.held.remove(&sink.expected) {
+            frames.push(f);
+            sink.expected += 1;
+        }
+        self.append_frames(m, src, part, session, frames);
+    }
+
+    /// The gateway's appender: contiguous frames go into one MirrorAppend (fsynced before it
+    /// answers) and one ACK; a frame that does not start at the mirror's end ends the append,
+    /// and if it leaves a gap the stream fails with an ERROR (after the ACK of what went in).
+    fn append_frames(
+        &mut self,
+        m: usize,
+        src: usize,
+        part: usize,
+        session: u64,
+        frames: Vec<(i64, Vec<Record>)>,
+    ) {
         // MirrorAppend accepts only topics whose primary is another region.
         if self.placement(m).primary == self.regions[m].name {
-            self.send(m, src, Msg::Error { session, part });
+            self.sink_error(m, src, part, session);
             return;
         }
         let end = self.regions[m].parts[part].end();
-        if first > end {
-            self.send(m, src, Msg::Error { session, part });
-            return;
-        }
-        // A copy of a batch we already hold (retransmission, duplicate): it must agree.
-        let skip = (end - first) as usize;
-        for rec in records.iter().take(skip) {
-            if self.regions[m].parts[part].log[rec.offset as usize] != *rec {
-                self.send(m, src, Msg::Error { session, part });
-                return;
+        let mut new: Vec<Record> = Vec::new();
+        let mut broken = false;
+        for (first, records) in frames {
+            let at = end + new.len() as i64;
+            if first > at {
+                broken = true; // a gap
+                break;
             }
+            // Records the mirror already holds (the frame overlaps its end): they must agree.
+            let skip = ((at - first) as usize).min(records.len());
+            let log = &self.regions[m].parts[part].log;
+            let agrees = records[..skip].iter().all(|rec| {
+                let o = rec.offset;
+                let held = if o < end {
+                    log.get(o as usize)
+                } else {
+                    new.get((o - end) as usize)
+                };
+                held == Some(rec)
+            });
+            if !agrees {
+                broken = true;
+                break;
+            }
+            new.extend_from_slice(&records[skip..]);
         }
-        if skip < records.len() {
+        if !new.is_empty() {
             if self.rng.chance(self.sc.faults.append_failure) {
                 self.log(format!(
                     "disk: mirror append failed in {}",
                     self.regions[m].name
                 ));
-                self.send(m, src, Msg::Error { session, part });
+                self.sink_error(m, src, part, session);
                 return;
             }
-            for rec in &records[skip..] {
+            for rec in &new {
                 let pp = &mut self.regions[m].parts[part];
                 if observe(&mut pp.epochs, rec.epoch, rec.offset).is_err() {
-                    self.send(m, src, Msg::Error { session, part });
+                    self.sink_error(m, src, part, session);
                     return;
                 }
                 pp.log.push(*rec);
@@ -1727,6 +1929,9 @@ impl World {
                 log_end,
             },
         );
+        if broken {
+            self.sink_error(m, src, part, session);
+        }
     }
 
     // ---- gateway: group offset sync ------------------------------------------------------
@@ -2285,6 +2490,17 @@ impl World {
                     self.stream_timer(region, peer, part, session, attempt);
                 }
             }
+            Ev::FrameTimer {
+                region,
+                inc,
+                peer,
+                part,
+                session,
+            } => {
+                if self.regions[region].up && self.regions[region].incarnation == inc {
+                    self.frame_timer(region, peer, part, session);
+                }
+            }
             Ev::StreamRetry {
                 region,
                 inc,
@@ -2371,9 +2587,10 @@ impl World {
             Msg::Batches {
                 session,
                 part,
+                seq,
                 first,
                 records,
-            } => self.on_batches(to, from, part, session, first, records),
+            } => self.on_batches(to, from, part, session, seq, first, records),
             Msg::Ack {
                 session,
                 part,
