@@ -173,6 +173,19 @@ impl TopicError {
     }
 }
 
+/// Whether this broker's region is under lease fencing: a topology of several regions with
+/// `fencing = "lease"`, and a gateway in its region to renew the lease.
+fn lease_fenced(config: &BrokerConfig) -> bool {
+    let (Some(t), Some(region)) = (config.topology.as_ref(), config.region.as_deref()) else {
+        return false;
+    };
+    t.failover.fencing == crate::topology::Fencing::Lease
+        && t.regions.len() > 1
+        && t.regions
+            .iter()
+            .any(|r| r.name == region && r.gateway.is_some())
+}
+
 /// Topic configs the broker understands, with how they map onto the log.
 pub const TOPIC_CONFIGS: &[&str] = &[
     "cleanup.policy",
@@ -310,7 +323,11 @@ impl Broker {
                 .map_err(io_err(&meta_dir))?;
         let failover =
             RegionState::load(&meta_dir.join("failover.json")).map_err(io_err(&meta_dir))?;
-        let lease_armed = meta_dir.join("lease-armed").exists();
+        // Under lease fencing a region's broker takes writes only while its gateway holds a
+        // lease, from its very first start: otherwise a primary that crashed (or was cut off)
+        // before its gateway's first renewal would take writes without one after its restart,
+        // next to a region that replaced it (simulator finding 7).
+        let lease_armed = meta_dir.join("lease-armed").exists() || lease_fenced(&config);
         let broker = Broker {
             failover: RwLock::new(failover),
             lease: Mutex::new((lease_armed, None)),
@@ -704,7 +721,7 @@ impl Broker {
         if !self.lease_current() {
             return Err((
                 NOT_LEADER,
-                format!("region '{region}' lost its write lease (cut off from its peers)"),
+                format!("region '{region}' holds no write lease: its gateway has not heard from a majority of regions lately (cut off, or not started)"),
             ));
         }
         Ok(p.epoch)

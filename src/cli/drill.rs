@@ -301,7 +301,8 @@ pub struct Report {
     pub skipped: u64,
     pub quarantined_records: usize,
     /// Quarantined records the producer never got an acknowledgement for: written by the lost
-    /// primary, but its answer was cut off with it. They were not promised, so they are not RPO.
+    /// primary, but its answer was cut off with it (the producer may have sent the record again
+    /// and had that copy acknowledged). They were not promised, so they are not RPO.
     pub quarantined_unacknowledged: usize,
     /// Lease fencing: the old primary's last acknowledgement came before the new one's first.
     pub write_windows_overlap: Option<bool>,
@@ -1006,11 +1007,21 @@ async fn drill(
         }
     }
     let qseqs: BTreeSet<u64> = quarantined.iter().map(|(_, _, s)| *s).collect();
-    let lost_seqs: BTreeSet<u64> = lost.iter().map(|a| a.seq).collect();
-    let quarantined_unacknowledged = quarantined
+    // Quarantined copies beyond one per lost acknowledgement: records whose answer never reached
+    // the producer (cut off with the region), including the first copy of a record the
+    // producer sent again after such a failure and got acknowledged on the second try.
+    let mut lost_per_seq: BTreeMap<u64, usize> = BTreeMap::new();
+    for a in &lost {
+        *lost_per_seq.entry(a.seq).or_default() += 1;
+    }
+    let mut quarantined_per_seq: BTreeMap<u64, usize> = BTreeMap::new();
+    for (_, _, s) in &quarantined {
+        *quarantined_per_seq.entry(*s).or_default() += 1;
+    }
+    let quarantined_unacknowledged: usize = quarantined_per_seq
         .iter()
-        .filter(|(_, _, s)| !lost_seqs.contains(s))
-        .count();
+        .map(|(s, n)| n.saturating_sub(lost_per_seq.get(s).copied().unwrap_or(0)))
+        .sum();
     for a in &lost {
         if !qseqs.contains(&a.seq) {
             violations.push(format!(

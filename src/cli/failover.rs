@@ -194,12 +194,17 @@ pub async fn move_rule(
         .await
         .map_err(|e| anyhow::anyhow!("fencing `{from}`: {e} (if `{from}` is gone, use --force)"))?;
         let ends = fenced["ends"][pattern].clone();
+        let epochs = match &fenced["epochs"][pattern] {
+            Value::Null => json!({}),
+            v => v.clone(),
+        };
         let promoted = admin::call(
             to_addr,
             Method::POST,
             "/v1/promote",
             Some(json!({
                 "pattern": pattern, "epoch": epoch, "from": from, "wait_for": ends,
+                "wait_epochs": epochs,
                 "force": false, "timeout_ms": timeout.as_millis() as u64,
             })),
             timeout + CALL,

@@ -27,6 +27,9 @@ use serde_json::{json, Value};
 
 use super::gateway::Gateway;
 use crate::failover::RuleState;
+use crate::kafka::control::PartitionOffsets;
+use crate::log::epochs::divergence;
+use crate::log::EpochEntry;
 use crate::topology::Fencing;
 
 /// Request bodies.
@@ -50,6 +53,10 @@ pub struct PromoteRequest {
     /// Planned: the log ends to reach first (topic → per partition).
     #[serde(default)]
     pub wait_for: BTreeMap<String, Vec<i64>>,
+    /// Planned: the fenced primary's epoch histories at those ends (topic → per partition):
+    /// the new primary's log must be a prefix of its, not merely as long (simulator finding 9).
+    #[serde(default)]
+    pub wait_epochs: BTreeMap<String, Vec<Vec<EpochEntry>>>,
     #[serde(default)]
     pub force: bool,
     #[serde(default = "default_timeout")]
@@ -216,18 +223,59 @@ fn state(gw: &Gateway) -> Value {
     })
 }
 
-/// Log ends of the topics a rule covers.
-async fn ends_of(gw: &Gateway, pattern: &str) -> Result<BTreeMap<String, Vec<i64>>, String> {
+/// Log ends and epoch histories of the partitions of the topics a rule covers.
+async fn offsets_of(
+    gw: &Gateway,
+    pattern: &str,
+) -> Result<BTreeMap<String, Vec<PartitionOffsets>>, String> {
     let o = gw.offsets(Vec::new()).await?;
     Ok(o.topics
         .into_iter()
         .filter(|(t, _)| gw.placement(t).is_some_and(|p| p.pattern == pattern))
+        .collect())
+}
+
+/// Log ends of the topics a rule covers.
+async fn ends_of(gw: &Gateway, pattern: &str) -> Result<BTreeMap<String, Vec<i64>>, String> {
+    Ok(offsets_of(gw, pattern)
+        .await?
+        .into_iter()
         .map(|(t, ps)| (t, ps.iter().map(|p| p.log_end).collect()))
         .collect())
 }
 
+/// The partitions of `wait_for` where `ours` does not yet hold the fenced primary's log: shorter,
+/// or (when its history is known) leaving that history before its end. Described for errors.
+fn not_caught_up(
+    ours: &BTreeMap<String, Vec<PartitionOffsets>>,
+    wait_for: &BTreeMap<String, Vec<i64>>,
+    wait_epochs: &BTreeMap<String, Vec<Vec<EpochEntry>>>,
+) -> Vec<String> {
+    let mut behind = Vec::new();
+    for (t, want) in wait_for {
+        for (i, w) in want.iter().enumerate() {
+            let have = ours.get(t).and_then(|ps| ps.get(i));
+            let end = have.map_or(0, |p| p.log_end);
+            if end < *w {
+                behind.push(format!("{t}-{i} (at {end}, want {w})"));
+                continue;
+            }
+            if let (Some(h), Some(theirs)) = (have, wait_epochs.get(t).and_then(|e| e.get(i))) {
+                let d = divergence(theirs, *w, &h.epochs, h.log_end);
+                if d < *w {
+                    behind.push(format!(
+                        "{t}-{i} (leaves the fenced primary's history at {d}, want {w})"
+                    ));
+                }
+            }
+        }
+    }
+    behind
+}
+
 async fn fence(gw: &Gateway, f: FenceRequest) -> Result<Value, (StatusCode, String)> {
     let mut ends = BTreeMap::new();
+    let mut epochs = BTreeMap::new();
     for pattern in &f.patterns {
         let st = gw
             .state()
@@ -252,14 +300,23 @@ async fn fence(gw: &Gateway, f: FenceRequest) -> Result<Value, (StatusCode, Stri
         .await
         .map_err(|e| (StatusCode::CONFLICT, e))?;
         // The gates are shut under each partition's lock: these ends are final.
+        let o = offsets_of(gw, pattern)
+            .await
+            .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e))?;
         ends.insert(
             pattern.clone(),
-            ends_of(gw, pattern)
-                .await
-                .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e))?,
+            o.iter()
+                .map(|(t, ps)| (t.clone(), ps.iter().map(|p| p.log_end).collect::<Vec<_>>()))
+                .collect::<BTreeMap<_, _>>(),
+        );
+        epochs.insert(
+            pattern.clone(),
+            o.into_iter()
+                .map(|(t, ps)| (t, ps.into_iter().map(|p| p.epochs).collect::<Vec<_>>()))
+                .collect::<BTreeMap<_, _>>(),
         );
     }
-    Ok(json!({ "fenced": f.fenced, "ends": ends }))
+    Ok(json!({ "fenced": f.fenced, "ends": ends, "epochs": epochs }))
 }
 
 async fn promote(gw: &Gateway, p: PromoteRequest) -> Result<Value, (StatusCode, String)> {
@@ -284,23 +341,13 @@ async fn promote(gw: &Gateway, p: PromoteRequest) -> Result<Value, (StatusCode, 
     let started = std::time::Instant::now();
     let deadline = started + Duration::from_millis(p.timeout_ms);
     if !p.force {
-        // Planned: catch up to the fenced primary's final log ends (lag 0).
+        // Planned: catch up to the fenced primary's final log ends (lag 0), holding its
+        // records, not someone else's at the same offsets.
         loop {
-            let ours = ends_of(gw, &p.pattern)
+            let ours = offsets_of(gw, &p.pattern)
                 .await
                 .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e))?;
-            let behind: Vec<String> = p
-                .wait_for
-                .iter()
-                .flat_map(|(t, want)| {
-                    let have = ours.get(t).cloned().unwrap_or_default();
-                    want.iter()
-                        .enumerate()
-                        .filter(move |(i, w)| have.get(*i).copied().unwrap_or(0) < **w)
-                        .map(move |(i, w)| format!("{t}-{i} (want {w})"))
-                        .collect::<Vec<_>>()
-                })
-                .collect();
+            let behind = not_caught_up(&ours, &p.wait_for, &p.wait_epochs);
             if behind.is_empty() {
                 break;
             }
@@ -484,4 +531,58 @@ pub async fn call(
     tokio::time::timeout(timeout, fut)
         .await
         .map_err(|_| format!("gateway admin {addr}: no answer within {timeout:?}"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(entries: &[(i32, i64)]) -> Vec<EpochEntry> {
+        entries
+            .iter()
+            .map(|&(epoch, start_offset)| EpochEntry {
+                epoch,
+                start_offset,
+            })
+            .collect()
+    }
+
+    fn ours(end: i64, epochs: Vec<EpochEntry>) -> BTreeMap<String, Vec<PartitionOffsets>> {
+        let p = PartitionOffsets {
+            partition: 0,
+            log_start: 0,
+            log_end: end,
+            epochs,
+        };
+        BTreeMap::from([("t".to_string(), vec![p])])
+    }
+
+    #[test]
+    fn a_switchover_target_must_hold_the_fenced_primarys_records_not_just_as_many() {
+        let want = BTreeMap::from([("t".to_string(), vec![150])]);
+        // The fenced primary (west): epoch 0 up to 100, its own epoch 769 from 100 to 150.
+        let primary = BTreeMap::from([("t".to_string(), vec![h(&[(0, 0), (769, 100)])])]);
+        // Shorter: behind.
+        assert_eq!(
+            not_caught_up(&ours(120, h(&[(0, 0), (769, 100)])), &want, &primary).len(),
+            1
+        );
+        // Caught up with the same history.
+        assert!(not_caught_up(&ours(150, h(&[(0, 0), (769, 100)])), &want, &primary).is_empty());
+        // Longer, but with another region's epoch-512 records where west has its 769 ones
+        // (finding 9): not caught up.
+        let b = not_caught_up(&ours(200, h(&[(0, 0), (512, 100)])), &want, &primary);
+        assert_eq!(b.len(), 1, "{b:?}");
+        assert!(
+            b[0].contains("leaves the fenced primary's history at 100"),
+            "{b:?}"
+        );
+        // Without histories (an older caller) only the ends count, as before.
+        assert!(not_caught_up(
+            &ours(200, h(&[(0, 0), (512, 100)])),
+            &want,
+            &BTreeMap::new()
+        )
+        .is_empty());
+    }
 }

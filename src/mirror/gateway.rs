@@ -965,16 +965,30 @@ impl Gateway {
         }
         let mut commit: BTreeMap<String, Vec<(i32, i64)>> = BTreeMap::new();
         let mut n = 0;
+        // What the primary last told us it holds (its heartbeat): the mirror's log counts only
+        // as far as it agrees with that history. A mirror that has not cut a divergent tail yet
+        // (a rejoining old primary) must not take a commit past its own unshipped records, or
+        // a group moving here would skip them (simulator finding 8).
+        let theirs = self
+            .reports
+            .lock()
+            .expect("reports lock")
+            .get(peer)
+            .map(|r| (r.heartbeat.ends.clone(), r.heartbeat.epochs.clone()));
+        let Some((their_ends, their_epochs)) = theirs else {
+            return Ok(0);
+        };
+        let mine = self.offsets(by_topic.keys().cloned().collect()).await?;
         for (t, parts) in by_topic {
-            // The mirror's log ends: offsets past them are clamped.
-            let ps: Vec<i32> = parts.iter().map(|(p, _)| *p).collect();
-            let ends = client
-                .list_offsets(&t, &ps, -1)
-                .await
-                .map_err(|x| x.to_string())?;
             let clamped: Vec<(i32, i64)> = parts
                 .into_iter()
-                .filter_map(|(p, o)| ends.get(&p).map(|end| (p, clamp_offset(o, *end))))
+                .filter_map(|(p, o)| {
+                    let m = mine.topics.get(&t)?.iter().find(|x| x.partition == p)?;
+                    let their_end = *their_ends.get(&t)?.get(p as usize)?;
+                    let their_hist = their_epochs.get(&t)?.get(p as usize)?;
+                    let agreed = divergence(their_hist, their_end, &m.epochs, m.log_end);
+                    Some((p, clamp_offset(o, agreed.min(m.log_end))))
+                })
                 .collect();
             n += clamped.len();
             if !clamped.is_empty() {

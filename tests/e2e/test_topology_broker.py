@@ -18,7 +18,7 @@ def topic_name(prefix: str) -> str:
 pytestmark = pytest.mark.skipif(bool(EXTERNAL), reason="ferry-only: topology flags")
 
 
-def write_topology(path, east_port, west_port):
+def write_topology(path, east_port, west_port, fencing="none"):
     path.write_text(f'''
 [regions.east]
 [[regions.east.brokers]]
@@ -46,6 +46,11 @@ mirrors = ["west"]
 pattern = "west.*"
 primary = "west"
 mirrors = ["east"]
+
+# These brokers run without their gateways: under lease fencing they would take no writes
+# (see test_without_its_gateway_a_lease_fenced_primary_takes_no_writes).
+[failover]
+fencing = "{fencing}"
 ''')
 
 
@@ -103,3 +108,28 @@ def test_mirror_refusal_message_names_the_primary(regions, tmp_path):
     assert r.returncode != 0
     err = r.stderr.decode()
     assert "read-only mirror" in err and "'east'" in err, err
+
+
+def test_without_its_gateway_a_lease_fenced_primary_takes_no_writes(start_broker, tmp_path):
+    """Under lease fencing the broker's write lease is armed from its first start: a primary
+    whose gateway never renewed it (crashed, cut off, or not started) refuses writes, with a
+    retriable NOT_LEADER_OR_FOLLOWER, rather than take them beside a region that replaced it."""
+    from confluent_kafka import Producer
+    east_port, west_port = free_port(), free_port()
+    topo = tmp_path / "leased.toml"
+    write_topology(topo, east_port, west_port, fencing="lease")
+    east = start_broker("--topology", topo, "--region", "east", "--broker", "1", port=east_port)
+    errors = []
+    p = Producer({"bootstrap.servers": east.bootstrap, "message.timeout.ms": 3000})
+    p.produce(topic_name("orders."), b"v", callback=lambda err, msg: errors.append(err))
+    p.flush(20)
+    assert len(errors) == 1 and errors[0] is not None, errors
+    # The client retried NOT_LEADER_OR_FOLLOWER until its timeout.
+    assert errors[0].code() in (KafkaError._MSG_TIMED_OUT, KafkaError.NOT_LEADER_FOR_PARTITION), errors[0]
+    # The broker's message says why (the built-in producer prints it).
+    import subprocess
+    from conftest import FERRY_BIN
+    r = subprocess.run([str(FERRY_BIN), "produce", "-b", east.bootstrap, topic_name("orders.")], input=b"x\n",
+                       capture_output=True, timeout=120)
+    assert r.returncode != 0
+    assert "holds no write lease" in r.stderr.decode(), r.stderr.decode()
