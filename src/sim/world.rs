@@ -205,7 +205,8 @@ struct Region {
     parts: Vec<Part>,
     state: RegionState,
     lease: Lease,
-    /// The broker's write lease (its own clock), renewed by the lease tick; `armed` persists.
+    /// The broker's write lease (its own clock), renewed by the lease tick; `armed` persists,
+    /// and is set from the first start under lease fencing (`broker::lease_fenced`).
     broker_lease_until: Option<Millis>,
     armed: bool,
     replaced: BTreeSet<String>,
@@ -420,6 +421,8 @@ enum Ev {
         to: usize,
         epoch: i32,
         wait_for: Vec<i64>,
+        /// The fenced primary's epoch histories at `wait_for` (the fence answer's `epochs`).
+        wait_epochs: Vec<Vec<EpochEntry>>,
         deadline: u64,
     },
     Settle,
@@ -605,6 +608,11 @@ impl World {
         let all: Vec<String> = topo.regions.iter().map(|r| r.name.clone()).collect();
         let nparts = sc.topology.partitions as usize;
         let n = all.len();
+        // `broker::lease_fenced`: under lease fencing (several regions, each with a gateway)
+        // the broker's write lease is armed from its first start (finding 7).
+        let lease_fenced = topo.failover.fencing == Fencing::Lease
+            && n > 1
+            && topo.regions.iter().all(|r| r.gateway.is_some());
         let regions = all
             .iter()
             .map(|name| {
@@ -620,7 +628,7 @@ impl World {
                     state: RegionState::default(),
                     lease: Lease::new(name, all.clone(), None, cfg.clone(), 0),
                     broker_lease_until: None,
-                    armed: false,
+                    armed: lease_fenced && std::env::var("SIM_OPEN7").is_err(),
                     replaced: BTreeSet::new(),
                     reports: BTreeMap::new(),
                     streams: vec![vec![Stream::new(); nparts]; n],
@@ -1110,6 +1118,17 @@ impl World {
     }
 
     fn heartbeat(&mut self, r: usize) {
+        self.send_heartbeats(r);
+        let every = self.topo.failover.heartbeat.as_millis() as u64;
+        let d = self.local_delay(r, every);
+        let inc = self.regions[r].incarnation;
+        self.after(d, Ev::Heartbeat(r, inc));
+        self.sample_lag(r);
+    }
+
+    /// One heartbeat to every peer of the rule. The send time is taken before the state is
+    /// read (a475907); in the model both are the same instant.
+    fn send_heartbeats(&mut self, r: usize) {
         let now = self.local(r);
         let state = self.regions[r].state.clone();
         let report = self.regions[r].lease.report(now);
@@ -1135,11 +1154,6 @@ impl World {
                 },
             );
         }
-        let every = self.topo.failover.heartbeat.as_millis() as u64;
-        let d = self.local_delay(r, every);
-        let inc = self.regions[r].incarnation;
-        self.after(d, Ev::Heartbeat(r, inc));
-        self.sample_lag(r);
     }
 
     fn sample_lag(&mut self, r: usize) {
@@ -1239,7 +1253,12 @@ impl World {
     fn lease_tick(&mut self, r: usize) {
         let now = self.local(r);
         if self.fencing == Fencing::Lease {
-            // `lease_loop`: regions replaced by a forced promotion count as answering now.
+            // `lease_loop`: first an automatic promotion (which restarts the lease, and must not
+            // be renewed from before it), then the renewal; regions replaced by a forced
+            // promotion count as answering now.
+            if self.promotion == Promotion::Automatic && std::env::var("SIM_OPEN6").is_err() {
+                self.auto_promote(r, now);
+            }
             let reg = &mut self.regions[r];
             let fenced: Vec<String> = reg.replaced.iter().cloned().collect();
             if let Some(u) = reg
@@ -1250,7 +1269,7 @@ impl World {
                 reg.broker_lease_until = Some(u);
                 reg.armed = true;
             }
-            if self.promotion == Promotion::Automatic {
+            if self.promotion == Promotion::Automatic && std::env::var("SIM_OPEN6").is_ok() {
                 self.auto_promote(r, now);
             }
         }
@@ -1283,7 +1302,20 @@ impl World {
                 cur.epoch,
                 crate::failover::region_index(&self.topo, &me),
             );
-            self.take_over(r, from, epoch, Takeover::Automatic);
+            // Finding 6 (a475907): the broker's lease ends first (`RenewLease { ms: 0 }`), the
+            // promotion is applied, answers to heartbeats sent before it stop counting
+            // (`Lease::restart_acks`), and a heartbeat carrying the new epoch goes out at once.
+            if std::env::var("SIM_OPEN6").is_ok() {
+                self.take_over(r, from, epoch, Takeover::Automatic);
+                return;
+            }
+            let reg = &mut self.regions[r];
+            reg.broker_lease_until = Some(now);
+            reg.armed = true;
+            if self.take_over(r, from, epoch, Takeover::Automatic) {
+                self.regions[r].lease.restart_acks(now);
+                self.send_heartbeats(r);
+            }
         }
     }
 
@@ -1960,11 +1992,30 @@ impl World {
         if p.primary != self.regions[src].name || !p.mirrors.contains(&self.regions[m].name) {
             return;
         }
-        let ends: Vec<i64> = self.regions[m].parts.iter().map(|x| x.end()).collect();
+        // `install_offsets` (74b85c9, finding 8): the mirror's log counts only as far as it
+        // agrees with the history the primary last reported in a heartbeat; without one from
+        // that primary nothing is installed.
+        let src_name = self.regions[src].name.clone();
+        let (their_ends, their_epochs) = match self.regions[m].reports.get(&src_name).cloned() {
+            Some(PeerReport { ends: Some(e), epochs, .. }) => (e, epochs),
+            _ if std::env::var("SIM_OPEN8").is_ok() => (Vec::new(), Vec::new()),
+            _ => return,
+        };
         let installed: Vec<i64> = entries
             .iter()
             .enumerate()
-            .map(|(i, o)| install_offset(*o, ends.get(i).copied().unwrap_or(0)))
+            .map(|(i, o)| {
+                let part = &self.regions[m].parts[i];
+                let mine = part.end();
+                let agreed = match (their_ends.get(i), their_epochs.get(i)) {
+                    (Some(end), Some(hist)) => divergence(hist, *end, &part.epochs, mine),
+                    _ => 0,
+                };
+                if std::env::var("SIM_OPEN8").is_ok() {
+                    return install_offset(*o, mine);
+                }
+                install_offset(*o, agreed.min(mine))
+            })
             .collect();
         self.regions[m].groups.insert(group, installed);
     }
@@ -2288,6 +2339,7 @@ impl World {
             self.regions[from].name, self.regions[to].name
         ));
         let mut wait_for = Vec::new();
+        let mut wait_epochs = Vec::new();
         if let OpKind::Switchover = kind {
             // Fence the old primary; its log ends are final.
             if !self.regions[from].up {
@@ -2300,6 +2352,11 @@ impl World {
             }
             self.apply(from, RuleState { fenced: true, ..st });
             wait_for = self.regions[from].parts.iter().map(|p| p.end()).collect();
+            wait_epochs = self.regions[from]
+                .parts
+                .iter()
+                .map(|p| p.epochs.clone())
+                .collect();
         }
         self.op_busy = true;
         self.after(
@@ -2310,11 +2367,13 @@ impl World {
                 to,
                 epoch,
                 wait_for,
+                wait_epochs,
                 deadline: self.now + OP_TIMEOUT_MS,
             },
         );
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn op_poll(
         &mut self,
         kind: OpKind,
@@ -2322,6 +2381,7 @@ impl World {
         to: usize,
         epoch: i32,
         wait_for: Vec<i64>,
+        wait_epochs: Vec<Vec<EpochEntry>>,
         deadline: u64,
     ) {
         let give_up = |w: &mut World, why: &str| {
@@ -2353,10 +2413,16 @@ impl World {
             return;
         }
         let ready = match kind {
-            OpKind::Switchover => wait_for
-                .iter()
-                .enumerate()
-                .all(|(p, w)| self.regions[to].parts[p].end() >= *w),
+            // `not_caught_up` (74b85c9, finding 9): per partition, the target's log reaches the
+            // fenced primary's final end and holds its history up to there.
+            OpKind::Switchover => wait_for.iter().enumerate().all(|(p, w)| {
+                let part = &self.regions[to].parts[p];
+                let end = part.end();
+                end >= *w
+                    && (std::env::var("SIM_OPEN9").is_ok() || wait_epochs
+                        .get(p)
+                        .is_none_or(|h| divergence(h, *w, &part.epochs, end) >= *w))
+            }),
             OpKind::Forced => {
                 self.fencing == Fencing::None || {
                     let now = self.local(to);
@@ -2377,6 +2443,7 @@ impl World {
                         to,
                         epoch,
                         wait_for,
+                        wait_epochs,
                         deadline,
                     },
                 );
@@ -2534,8 +2601,9 @@ impl World {
                 to,
                 epoch,
                 wait_for,
+                wait_epochs,
                 deadline,
-            } => self.op_poll(kind, from, to, epoch, wait_for, deadline),
+            } => self.op_poll(kind, from, to, epoch, wait_for, wait_epochs, deadline),
             Ev::Settle => self.settle(),
             e @ (Ev::FaultCut
             | Ev::FaultIsolate
