@@ -628,7 +628,7 @@ impl World {
                     state: RegionState::default(),
                     lease: Lease::new(name, all.clone(), None, cfg.clone(), 0),
                     broker_lease_until: None,
-                    armed: lease_fenced && std::env::var("SIM_OPEN7").is_err(),
+                    armed: lease_fenced,
                     replaced: BTreeSet::new(),
                     reports: BTreeMap::new(),
                     streams: vec![vec![Stream::new(); nparts]; n],
@@ -1256,7 +1256,7 @@ impl World {
             // `lease_loop`: first an automatic promotion (which restarts the lease, and must not
             // be renewed from before it), then the renewal; regions replaced by a forced
             // promotion count as answering now.
-            if self.promotion == Promotion::Automatic && std::env::var("SIM_OPEN6").is_err() {
+            if self.promotion == Promotion::Automatic {
                 self.auto_promote(r, now);
             }
             let reg = &mut self.regions[r];
@@ -1268,9 +1268,6 @@ impl World {
             {
                 reg.broker_lease_until = Some(u);
                 reg.armed = true;
-            }
-            if self.promotion == Promotion::Automatic && std::env::var("SIM_OPEN6").is_ok() {
-                self.auto_promote(r, now);
             }
         }
         let step = (self.topo.failover.heartbeat.as_millis() as u64 / 4).max(1);
@@ -1305,10 +1302,6 @@ impl World {
             // Finding 6 (a475907): the broker's lease ends first (`RenewLease { ms: 0 }`), the
             // promotion is applied, answers to heartbeats sent before it stop counting
             // (`Lease::restart_acks`), and a heartbeat carrying the new epoch goes out at once.
-            if std::env::var("SIM_OPEN6").is_ok() {
-                self.take_over(r, from, epoch, Takeover::Automatic);
-                return;
-            }
             let reg = &mut self.regions[r];
             reg.broker_lease_until = Some(now);
             reg.armed = true;
@@ -1996,10 +1989,13 @@ impl World {
         // agrees with the history the primary last reported in a heartbeat; without one from
         // that primary nothing is installed.
         let src_name = self.regions[src].name.clone();
-        let (their_ends, their_epochs) = match self.regions[m].reports.get(&src_name).cloned() {
-            Some(PeerReport { ends: Some(e), epochs, .. }) => (e, epochs),
-            _ if std::env::var("SIM_OPEN8").is_ok() => (Vec::new(), Vec::new()),
-            _ => return,
+        let Some(PeerReport {
+            ends: Some(their_ends),
+            epochs: their_epochs,
+            ..
+        }) = self.regions[m].reports.get(&src_name).cloned()
+        else {
+            return;
         };
         let installed: Vec<i64> = entries
             .iter()
@@ -2011,9 +2007,6 @@ impl World {
                     (Some(end), Some(hist)) => divergence(hist, *end, &part.epochs, mine),
                     _ => 0,
                 };
-                if std::env::var("SIM_OPEN8").is_ok() {
-                    return install_offset(*o, mine);
-                }
                 install_offset(*o, agreed.min(mine))
             })
             .collect();
@@ -2419,9 +2412,9 @@ impl World {
                 let part = &self.regions[to].parts[p];
                 let end = part.end();
                 end >= *w
-                    && (std::env::var("SIM_OPEN9").is_ok() || wait_epochs
+                    && wait_epochs
                         .get(p)
-                        .is_none_or(|h| divergence(h, *w, &part.epochs, end) >= *w))
+                        .is_none_or(|h| divergence(h, *w, &part.epochs, end) >= *w)
             }),
             OpKind::Forced => {
                 self.fencing == Fencing::None || {
