@@ -154,6 +154,32 @@ pub async fn move_rule(
         .cloned()
         .expect("at least the target");
     let from = newest.primary.clone();
+    if from == to && target.fenced {
+        // A switchover that could not finish left `to` fenced (its unfence failed: simulator
+        // finding 10): moving the rule to it again lifts the fence.
+        admin::call(
+            admin_addr(t, to)?,
+            Method::POST,
+            "/v1/fence",
+            Some(json!({ "patterns": [pattern], "fenced": false })),
+            CALL,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("unfencing `{to}`: {e}"))?;
+        return Ok(RuleOutcome {
+            pattern: pattern.into(),
+            from: from.clone(),
+            to: to.into(),
+            epoch: newest.epoch,
+            forced: force,
+            write_unavailable_ms: 0,
+            loss: Vec::new(),
+            unknown_window_ms: None,
+            note: format!(
+                "`{to}` was the primary but fenced (a switchover that did not finish): unfenced, it takes writes again"
+            ),
+        });
+    }
     if from == to {
         return Ok(RuleOutcome {
             pattern: pattern.into(),
@@ -211,16 +237,34 @@ pub async fn move_rule(
         )
         .await;
         if let Err(e) = promoted {
-            // Give the old primary its writes back: nothing moved.
-            let _ = admin::call(
-                from_addr,
-                Method::POST,
-                "/v1/fence",
-                Some(json!({ "patterns": [pattern], "fenced": false })),
-                CALL,
-            )
-            .await;
-            bail!("promoting `{to}`: {e}; `{from}` was unfenced and stays primary");
+            // Give the old primary its writes back: nothing moved. It may be unreachable by
+            // now; say so rather than claim it was unfenced (simulator finding 10).
+            let mut unfence = Err(String::new());
+            for attempt in 0..3 {
+                if attempt > 0 {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                unfence = admin::call(
+                    from_addr,
+                    Method::POST,
+                    "/v1/fence",
+                    Some(json!({ "patterns": [pattern], "fenced": false })),
+                    CALL,
+                )
+                .await
+                .map(|_| ());
+                if unfence.is_ok() {
+                    break;
+                }
+            }
+            match unfence {
+                Ok(()) => bail!("promoting `{to}`: {e}; `{from}` was unfenced and stays primary"),
+                Err(u) => bail!(
+                    "promoting `{to}`: {e}; unfencing `{from}` failed too ({u}): it stays primary \
+                     but fenced, taking no writes for `{pattern}`; once it answers, run \
+                     `ferry failover --to {from}` to unfence it (or move the rule elsewhere)"
+                ),
+            }
         }
         outcome.write_unavailable_ms = t0.elapsed().as_millis() as u64;
     } else {

@@ -179,3 +179,23 @@ def test_forced_failover_then_rejoin_quarantines_exactly_the_divergent_tail(regi
     after = wait_same(r, ["west", "east"], topic)
     added = sorted(v for k, v in after.items() if k not in before)
     assert added == sorted((k.decode(), v.decode()) for (k, v, _h, _ts) in divergent.values())
+
+
+def test_moving_a_rule_to_its_fenced_primary_lifts_the_fence(regions_factory):
+    """A switchover that could not finish (the target never caught up, then the old primary's
+    unfence failed) leaves the old primary fenced: `ferry failover --to` that primary lifts it."""
+    r = regions_factory(["east", "west"])
+    topic = "stuck"
+    acked = produce(r.bootstrap("east"), topic, 100)
+    fenced = admin(r, "east", "POST", "/v1/fence", {"patterns": ["*"], "fenced": True})
+    assert fenced["fenced"] is True and sum(fenced["ends"]["*"][topic]) == 100, fenced
+    assert fenced["epochs"]["*"][topic], fenced
+    p = subprocess.run([str(FERRY_BIN), "produce", "-b", r.bootstrap("east"), topic], input=b"x\n",
+                       capture_output=True, timeout=60)
+    assert p.returncode != 0 and "fenced" in p.stderr.decode(), p.stderr.decode()
+    out = failover(r, "east")["rules"][0]
+    assert (out["from"], out["to"], out["epoch"]) == ("east", "east", 0), out
+    assert "unfenced" in out["note"], out
+    assert admin(r, "east", "GET", "/v1/state")["rules"]["*"]["fenced"] is False
+    acked.update(produce(r.bootstrap("east"), topic, 100, start=100))
+    assert len(acked) == 200
