@@ -154,33 +154,23 @@ pub async fn move_rule(
         .cloned()
         .expect("at least the target");
     let from = newest.primary.clone();
-    if from == to && target.fenced {
-        // A switchover that could not finish left `to` fenced (its unfence failed: simulator
-        // finding 10): moving the rule to it again lifts the fence.
-        admin::call(
-            admin_addr(t, to)?,
-            Method::POST,
-            "/v1/fence",
-            Some(json!({ "patterns": [pattern], "fenced": false })),
-            CALL,
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("unfencing `{to}`: {e}"))?;
-        return Ok(RuleOutcome {
-            pattern: pattern.into(),
-            from: from.clone(),
-            to: to.into(),
-            epoch: newest.epoch,
-            forced: force,
-            write_unavailable_ms: 0,
-            loss: Vec::new(),
-            unknown_window_ms: None,
-            note: format!(
-                "`{to}` was the primary but fenced (a switchover that did not finish): unfenced, it takes writes again"
-            ),
-        });
-    }
     if from == to {
+        let note = if target.fenced {
+            // A switchover that could not finish left `to` fenced (its unfence failed:
+            // simulator finding 10): moving the rule to it again lifts the fence.
+            admin::call(
+                admin_addr(t, to)?,
+                Method::POST,
+                "/v1/fence",
+                Some(json!({ "patterns": [pattern], "fenced": false })),
+                CALL,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("unfencing `{to}`: {e}"))?;
+            format!("`{to}` was the primary but fenced (a switchover that did not finish): unfenced, it takes writes again")
+        } else {
+            format!("`{to}` is already the primary")
+        };
         return Ok(RuleOutcome {
             pattern: pattern.into(),
             from: from.clone(),
@@ -190,7 +180,7 @@ pub async fn move_rule(
             write_unavailable_ms: 0,
             loss: Vec::new(),
             unknown_window_ms: None,
-            note: format!("`{to}` is already the primary"),
+            note,
         });
     }
     let epoch = crate::failover::next_epoch(newest.epoch, crate::failover::region_index(t, to));

@@ -332,6 +332,16 @@ fn alter_topic(
     }
 }
 
+/// The answer to altering a resource that is not a topic.
+fn not_alterable(resource_type: i8) -> (i16, Option<String>) {
+    (
+        code::INVALID_REQUEST,
+        Some(format!(
+            "resource type {resource_type} cannot be altered: broker settings come from its config file"
+        )),
+    )
+}
+
 /// IncrementalAlterConfigs (KIP-339) on topics: SET and DELETE; APPEND and SUBTRACT are for
 /// list-valued configs, which no topic config this broker knows is.
 pub fn incremental_alter_configs(
@@ -345,13 +355,7 @@ pub fn incremental_alter_configs(
         r.resource_type = res.resource_type;
         r.resource_name = res.resource_name.clone();
         let (code, msg) = if res.resource_type != RESOURCE_TOPIC {
-            (
-                code::INVALID_REQUEST,
-                Some(format!(
-                    "resource type {} cannot be altered: broker settings come from its config file",
-                    res.resource_type
-                )),
-            )
+            not_alterable(res.resource_type)
         } else {
             let mut ops = Vec::new();
             let mut bad = None;
@@ -396,13 +400,7 @@ pub fn alter_configs(broker: &Broker, req: AlterConfigsRequest) -> AlterConfigsR
         r.resource_type = res.resource_type;
         r.resource_name = res.resource_name.clone();
         let (code, msg) = if res.resource_type != RESOURCE_TOPIC {
-            (
-                code::INVALID_REQUEST,
-                Some(format!(
-                    "resource type {} cannot be altered: broker settings come from its config file",
-                    res.resource_type
-                )),
-            )
+            not_alterable(res.resource_type)
         } else {
             let ops = res
                 .configs
