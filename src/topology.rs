@@ -110,6 +110,11 @@ pub struct TopicRule {
     pub retention: Option<Duration>,
     /// How batches travel between gateways.
     pub wire_compression: WireCompression,
+    /// How many copies of every frame the primary's gateway sends to each mirror, each over a
+    /// QUIC connection of its own (1 or 2). With 2 the mirror appends whichever copy arrives
+    /// first, so a record is late only when both copies meet a loss: lower tail latency on a
+    /// lossy link, for twice the bytes on it.
+    pub wire_copies: u8,
 }
 
 /// Compression of record batches between gateways, on top of what the client chose.
@@ -815,6 +820,7 @@ const TOPIC_KEYS: &[&str] = &[
     "mode",
     "retention",
     "wire_compression",
+    "wire_copies",
 ];
 const FAILOVER_KEYS: &[&str] = &["fencing", "lease", "heartbeat", "promotion", "witness"];
 const TLS_KEYS: &[&str] = &["ca", "regions"];
@@ -1350,6 +1356,11 @@ fn read_rule(
             .map(|i| [WireCompression::None, WireCompression::Snappy][i]),
     };
 
+    let wire_copies = match o.get("wire_copies") {
+        None => Some(1),
+        Some(v) => cx.int(v, &o.field("wire_copies"), 1, 2).map(|n| n as u8),
+    };
+
     let rule = TopicRule {
         pattern: pattern?,
         partitions: partitions.flatten(),
@@ -1358,6 +1369,7 @@ fn read_rule(
         mode: mode?,
         retention: retention.flatten(),
         wire_compression: wire_compression?,
+        wire_copies: wire_copies?,
     };
     let at = RuleAt {
         at: o.at,

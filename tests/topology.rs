@@ -481,3 +481,17 @@ fn show_renders_regions_processes_and_flows() {
         assert!(out.contains(needle), "`{needle}` missing from:\n{out}");
     }
 }
+
+#[test]
+fn wire_copies_defaults_to_one_and_takes_one_or_two() {
+    let rule = "\n[[topics]]\npattern = \"orders\"\nprimary = \"east\"\nmirrors = [\"west\"]\n";
+    let t = check(&format!("{BASE}{rule}")).unwrap();
+    assert_eq!(t.rule_for_topic("orders").unwrap().wire_copies, 1);
+    let t = check(&format!("{BASE}{rule}wire_copies = 2\n")).unwrap();
+    assert_eq!(t.rule_for_topic("orders").unwrap().wire_copies, 2);
+    let text = format!("{BASE}{rule}wire_copies = 3\n");
+    let errs = errors(&text);
+    let e = error_for(&errs, "topics[0].wire_copies");
+    assert_eq!(e.line, line_of(&text, "wire_copies", 0));
+    assert!(e.message.contains("out of range (1 to 2)"), "{e}");
+}

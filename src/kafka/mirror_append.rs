@@ -7,7 +7,8 @@
 //! batches`. The mirror topic is created (or grown) to `partition_count` partitions first. Each
 //! batch must be whole and CRC-valid; one wholly below the log end is a resend and skipped; the
 //! first new one must start exactly at the log end. The answer comes once the batches are on
-//! disk (fdatasync).
+//! disk (fdatasync), and gives the offset after the request's last batch, or for a request
+//! without records the log end; either way durable.
 //!
 //! Response (header v0): `error_code: i16`, `log_end_offset: i64`, `message: i16 length + UTF-8`.
 //! Records: empty to only ensure the topic and learn the log end.
@@ -191,6 +192,21 @@ pub async fn handle(broker: Arc<Broker>, req: MirrorAppend) -> (i16, i64, String
         Ok(b) => b,
         Err(e) => return (code::CORRUPT_MESSAGE, partition.offsets().1, e.to_string()),
     };
+    // The answer is where this request's batches end (all durable by then), not the log end:
+    // a second copy of the stream may have appended further batches that are not synced yet.
+    let Some(last_end) = batches.last().map(|(_, h)| h.next_offset()) else {
+        // No records: the log end, made durable first (it may hold batches another copy of
+        // the stream appended and that are still waiting for their fsync).
+        let (end, file) = {
+            let st = partition.state.lock().expect("partition lock");
+            (st.log.next_offset(), st.log.active_file())
+        };
+        return match tokio::task::spawn_blocking(move || file.sync_data()).await {
+            Ok(Ok(())) => (code::NONE, end, String::new()),
+            Ok(Err(e)) => (56, -1, format!("fdatasync: {e}")),
+            Err(_) => (56, -1, "sync task failed".into()),
+        };
+    };
     let mut waits = Vec::with_capacity(batches.len());
     for (range, header) in batches {
         let (tx, rx) = oneshot::channel();
@@ -215,7 +231,7 @@ pub async fn handle(broker: Arc<Broker>, req: MirrorAppend) -> (i16, i64, String
             Err(_) => return (56, -1, "writer stopped".into()),
         }
     }
-    (code::NONE, partition.offsets().1, String::new())
+    (code::NONE, last_end, String::new())
 }
 
 /// MirrorAck: Ferry's own request (API key [`ACK_KEY`]) with which a region's gateway tells its

@@ -594,7 +594,20 @@ impl Gateway {
                     log_end: end,
                     message,
                 };
-                let mut after = match check_frame(first_offset, &batches) {
+                let checked = check_frame(first_offset, &batches);
+                if checked.is_ok() && first_offset > end {
+                    // The other copy of this stream (`wire_copies = 2`) may have appended past
+                    // our last answer: the broker's log end decides.
+                    req.records = Bytes::new();
+                    let (err, now, _) = client
+                        .mirror_append(&req)
+                        .await
+                        .map_err(|x| x.to_string())?;
+                    if err == 0 {
+                        end = end.max(now);
+                    }
+                }
+                let mut after = match checked {
                     Err(m) => {
                         let _ = frame::write(&mut tx, &refuse(2, end, m.clone())).await;
                         return Err(m);
@@ -659,11 +672,13 @@ impl Gateway {
                         frame::write(&mut tx, &refuse(err, new_end.max(end), msg.clone())).await;
                     return Err(format!("{topic}-{partition}: append refused: {msg}"));
                 }
-                end = new_end;
+                // `new_end` is where these batches end, durable; another copy of the stream
+                // may have appended further (not acknowledged here until it is durable).
+                end = end.max(new_end);
                 metrics::counter!("ferry_mirror_bytes_in_total", "topic" => topic.clone())
                     .increment(total as u64);
                 metrics::gauge!("ferry_mirror_log_end_offset", "topic" => topic.clone(), "partition" => partition.to_string()).set(end as f64);
-                frame::write(&mut tx, &Frame::Ack { log_end: end })
+                frame::write(&mut tx, &Frame::Ack { log_end: new_end })
                     .await
                     .map_err(e)?;
                 if let Some(m) = bad {
@@ -1087,36 +1102,18 @@ impl Gateway {
         }
     }
 
-    /// Keep a connection to `peer` and a stream per partition of every topic it mirrors.
+    /// Keep a connection to `peer` and a stream per partition of every topic it mirrors (plus
+    /// a second connection for the second copy of topics with `wire_copies = 2`).
     async fn source_link(self: Arc<Self>, peer: String) {
         let (conn_tx, conn_rx) = watch::channel::<Option<quinn::Connection>>(None);
-        let me = self.clone();
-        let p2 = peer.clone();
-        tokio::spawn(async move {
-            let mut backoff = RETRY;
-            loop {
-                if me.is_cut(&p2) {
-                    tokio::time::sleep(RETRY).await;
-                    continue;
-                }
-                match link::connect(&me.endpoint, &me.topology, &p2).await {
-                    Ok(conn) => {
-                        me.track(&p2, &conn);
-                        tracing::info!(peer = %p2, "connected to peer gateway");
-                        backoff = RETRY;
-                        let _ = conn_tx.send(Some(conn.clone()));
-                        let reason = conn.closed().await;
-                        tracing::warn!(peer = %p2, %reason, "peer connection lost: reconnecting");
-                        let _ = conn_tx.send(None);
-                    }
-                    Err(e) => {
-                        tracing::debug!(peer = %p2, error = %e, "could not reach peer gateway")
-                    }
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-            }
-        });
+        tokio::spawn(self.clone().keep_connected(peer.clone(), conn_tx, "peer"));
+        let copies_rx = if self.sends_copies_to(&peer) {
+            let (tx, rx) = watch::channel::<Option<quinn::Connection>>(None);
+            tokio::spawn(self.clone().keep_connected(peer.clone(), tx, "second-copy"));
+            Some(rx)
+        } else {
+            None
+        };
         {
             let me = self.clone();
             let rx = conn_rx.clone();
@@ -1147,10 +1144,12 @@ impl Gateway {
                             {
                                 let me = self.clone();
                                 let rx = conn_rx.clone();
+                                let copies = copies_rx.clone();
                                 let (t, pr) = (topic.clone(), peer.clone());
                                 let started = started.clone();
                                 tokio::spawn(async move {
-                                    me.source_partition(pr, t.clone(), p, count, rx).await;
+                                    me.source_partition(pr, t.clone(), p, count, rx, copies)
+                                        .await;
                                     started.lock().expect("started lock").remove(&(t, p));
                                 });
                             }
@@ -1161,6 +1160,48 @@ impl Gateway {
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+    }
+
+    /// Dial `peer` and keep the connection up (reconnecting with backoff), publishing it on
+    /// `conn_tx` (`None` while down). `what` names the connection in the log.
+    async fn keep_connected(
+        self: Arc<Self>,
+        peer: String,
+        conn_tx: watch::Sender<Option<quinn::Connection>>,
+        what: &'static str,
+    ) {
+        let mut backoff = RETRY;
+        loop {
+            if self.is_cut(&peer) {
+                tokio::time::sleep(RETRY).await;
+                continue;
+            }
+            match link::connect(&self.endpoint, &self.topology, &peer).await {
+                Ok(conn) => {
+                    self.track(&peer, &conn);
+                    tracing::info!(%peer, connection = what, "connected to peer gateway");
+                    backoff = RETRY;
+                    let _ = conn_tx.send(Some(conn.clone()));
+                    let reason = conn.closed().await;
+                    tracing::warn!(%peer, connection = what, %reason, "peer connection lost: reconnecting");
+                    let _ = conn_tx.send(None);
+                }
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "could not reach peer gateway")
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    /// Whether some rule this region may ship to `peer` (as primary now or after a failover)
+    /// asks for two copies on the wire.
+    fn sends_copies_to(&self, peer: &str) -> bool {
+        self.topology.topics.iter().any(|r| {
+            let regions = failover::rule_regions(r);
+            r.wire_copies > 1 && regions.contains(&self.region) && regions.iter().any(|x| x == peer)
+        })
     }
 
     async fn local_topics(&self) -> Result<BTreeMap<String, i32>, String> {
@@ -1177,6 +1218,7 @@ impl Gateway {
         partition: i32,
         count: i32,
         mut conn_rx: watch::Receiver<Option<quinn::Connection>>,
+        copies_rx: Option<watch::Receiver<Option<quinn::Connection>>>,
     ) {
         loop {
             if !self.ships(&topic, &peer) {
@@ -1192,7 +1234,7 @@ impl Gateway {
                 }
             };
             if let Err(e) = self
-                .source_stream(&conn, &peer, &topic, partition, count)
+                .source_stream(&conn, copies_rx.clone(), &peer, &topic, partition, count)
                 .await
             {
                 tracing::info!(%peer, %topic, partition, error = %e, "mirror stream interrupted: resuming");
@@ -1204,6 +1246,7 @@ impl Gateway {
     async fn source_stream(
         &self,
         conn: &quinn::Connection,
+        copies_rx: Option<watch::Receiver<Option<quinn::Connection>>>,
         peer: &str,
         topic: &str,
         partition: i32,
@@ -1272,22 +1315,29 @@ impl Gateway {
             .topology
             .rule_for_topic(topic)
             .is_some_and(|r| r.wire_compression == WireCompression::Snappy);
+        let copies = copies_rx.filter(|_| {
+            self.topology
+                .rule_for_topic(topic)
+                .is_some_and(|r| r.wire_copies > 1)
+        });
         let (acked_tx, mut acked_rx) = watch::channel(next);
-        let sent_end = AtomicI64::new(next);
+        let (sent_tx, sent_rx) = watch::channel(next);
         let source_end = AtomicI64::new(next);
+        // Frames sent and not acknowledged yet, oldest first: the window, and what a second
+        // copy of the stream sends from.
+        let inflight: Mutex<VecDeque<InFlight>> = Mutex::new(VecDeque::new());
+        // Acknowledged ends, from this stream and from the second copy's.
+        let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<i64>();
         let sender = async {
             let mut sent = next;
-            // (offset after the frame, its bytes, its first batch's timestamp), oldest first.
-            let mut inflight: VecDeque<(i64, usize, i64)> = VecDeque::new();
             let mut inflight_bytes = 0usize;
             loop {
                 let acked = *acked_rx.borrow_and_update();
-                while let Some(&(end, n, _)) = inflight.front() {
-                    if end > acked {
-                        break;
+                {
+                    let mut q = inflight.lock().expect("inflight lock");
+                    while q.front().is_some_and(|f| f.end <= acked) {
+                        inflight_bytes -= q.pop_front().expect("front").bytes;
                     }
-                    inflight.pop_front();
-                    inflight_bytes -= n;
                 }
                 if inflight_bytes >= WINDOW_BYTES {
                     acked_rx
@@ -1311,7 +1361,7 @@ impl Gateway {
                 metrics::gauge!("ferry_mirror_lag_records", &labels)
                     .set((end - acked).max(0) as f64);
                 let Some(span) = whole_batches_from(&bytes, sent) else {
-                    if inflight.is_empty() {
+                    if inflight_bytes == 0 {
                         metrics::gauge!("ferry_mirror_lag_seconds", &labels).set(0.0);
                         metrics::gauge!("ferry_mirror_lag_bytes", &labels).set(0.0);
                     }
@@ -1323,9 +1373,10 @@ impl Gateway {
                     .set((inflight_bytes + bytes.len() - span.start) as f64);
                 // Age of the oldest record the mirror does not hold yet.
                 let oldest = inflight
+                    .lock()
+                    .expect("inflight lock")
                     .front()
-                    .map(|f| f.2)
-                    .unwrap_or(span.first_timestamp);
+                    .map_or(span.first_timestamp, |f| f.first_timestamp);
                 let age = (crate::log::now_ms() - oldest).max(0) as f64 / 1000.0;
                 metrics::gauge!("ferry_mirror_lag_seconds", &labels).set(age);
                 let batches = bytes.slice(span.start..span.end);
@@ -1343,51 +1394,39 @@ impl Gateway {
                     }
                 };
                 let wire = f.encode();
+                // Queued before it is written, so that the second copy can send it meanwhile.
+                inflight.lock().expect("inflight lock").push_back(InFlight {
+                    end: span.next,
+                    bytes: n,
+                    first_timestamp: span.first_timestamp,
+                    wire: wire.clone(),
+                });
+                inflight_bytes += n;
+                sent = span.next;
+                let _ = sent_tx.send(sent);
                 tx.write_all(&wire).await.map_err(|x| x.to_string())?;
                 metrics::counter!("ferry_mirror_bytes_out_total", "topic" => topic.to_string())
                     .increment(n as u64);
                 metrics::counter!("ferry_mirror_wire_bytes_out_total", "topic" => topic.to_string())
                     .increment(wire.len() as u64);
-                sent = span.next;
-                sent_end.store(sent, Ordering::Relaxed);
-                inflight.push_back((sent, n, span.first_timestamp));
-                inflight_bytes += n;
                 metrics::gauge!("ferry_mirror_sent_offset", &labels).set(sent as f64);
             }
         };
-        let acker = async {
-            let mut acked = next;
+        let answers = async {
+            let mut last = next;
             loop {
                 match frame::read(&mut rx).await.map_err(e)? {
                     Some(Frame::Ack { log_end }) => {
-                        assert!(log_end >= acked, "the mirror's end never goes back");
-                        acked = log_end;
-                        let _ = acked_tx.send(acked);
-                        // The local broker answers acks=all produces of synchronously mirrored
-                        // topics once every such mirror holds them.
-                        let err = ack_client
-                            .mirror_ack(topic, partition, peer, acked)
-                            .await
-                            .map_err(|x| x.to_string())?;
-                        if err != 0 {
-                            tracing::debug!(%topic, partition, err, "broker did not take the mirror acknowledgement");
-                        }
-                        metrics::gauge!("ferry_mirror_acked_offset", &labels).set(acked as f64);
-                        let end = source_end.load(Ordering::Relaxed);
-                        metrics::gauge!("ferry_mirror_lag_records", &labels)
-                            .set((end - acked).max(0) as f64);
-                        if acked >= sent_end.load(Ordering::Relaxed) {
-                            metrics::gauge!("ferry_mirror_lag_bytes", &labels).set(0.0);
-                            if acked >= end {
-                                metrics::gauge!("ferry_mirror_lag_seconds", &labels).set(0.0);
-                            }
-                        }
+                        assert!(log_end >= last, "the mirror's end never goes back");
+                        last = log_end;
+                        let _ = ack_tx.send(log_end);
                     }
                     Some(Frame::Error {
                         code,
                         log_end,
                         message,
                     }) => {
+                        let acked = *acked_tx.borrow();
                         return Err::<(), String>(format!("mirror refused batches after {acked} (error {code}, mirror ends at {log_end}): {message}"));
                     }
                     None => return Err("the mirror closed the stream".into()),
@@ -1395,7 +1434,171 @@ impl Gateway {
                 }
             }
         };
-        tokio::try_join!(sender, acker).map(|_| ())
+        let acker = async {
+            let mut acked = next;
+            while let Some(log_end) = ack_rx.recv().await {
+                // Either copy's acknowledgement is a durable end; the later one is old news.
+                if log_end <= acked {
+                    continue;
+                }
+                assert!(
+                    log_end <= *sent_tx.borrow(),
+                    "the mirror acknowledged offsets never sent"
+                );
+                acked = log_end;
+                let _ = acked_tx.send(acked);
+                // The local broker answers acks=all produces of synchronously mirrored topics
+                // once every such mirror holds them.
+                let err = ack_client
+                    .mirror_ack(topic, partition, peer, acked)
+                    .await
+                    .map_err(|x| x.to_string())?;
+                if err != 0 {
+                    tracing::debug!(%topic, partition, err, "broker did not take the mirror acknowledgement");
+                }
+                metrics::gauge!("ferry_mirror_acked_offset", &labels).set(acked as f64);
+                let end = source_end.load(Ordering::Relaxed);
+                metrics::gauge!("ferry_mirror_lag_records", &labels)
+                    .set((end - acked).max(0) as f64);
+                if acked >= *sent_tx.borrow() {
+                    metrics::gauge!("ferry_mirror_lag_bytes", &labels).set(0.0);
+                    if acked >= end {
+                        metrics::gauge!("ferry_mirror_lag_seconds", &labels).set(0.0);
+                    }
+                }
+            }
+            Ok::<(), String>(())
+        };
+        // The second copy (`wire_copies = 2`): best effort, on a connection of its own; its
+        // failures only cost the redundancy until it reconnects.
+        let copier = async {
+            let Some(mut conn_rx) = copies else {
+                return Ok::<(), String>(());
+            };
+            loop {
+                let current = conn_rx.borrow_and_update().clone();
+                let Some(conn) = current else {
+                    if conn_rx.changed().await.is_err() {
+                        return Ok(());
+                    }
+                    continue;
+                };
+                let copy = SecondCopy {
+                    topic,
+                    partition,
+                    count,
+                    epoch,
+                    inflight: &inflight,
+                    sent_rx: sent_rx.clone(),
+                    acked_rx: acked_tx.subscribe(),
+                    ack_tx: ack_tx.clone(),
+                };
+                if let Err(m) = copy.run(&conn).await {
+                    tracing::info!(%peer, %topic, partition, error = %m, "second copy of the stream ended: retrying");
+                }
+                tokio::time::sleep(RETRY).await;
+            }
+        };
+        tokio::try_join!(sender, answers, acker, copier).map(|_| ())
+    }
+}
+
+/// A frame sent on a partition's stream and not acknowledged yet.
+struct InFlight {
+    /// The offset after its last batch.
+    end: i64,
+    /// Its batches' size (uncompressed on the wire or not).
+    bytes: usize,
+    first_timestamp: i64,
+    /// The frame as sent.
+    wire: Bytes,
+}
+
+/// The second copy of a partition's stream (`wire_copies = 2`), on its own connection: it
+/// sends the frames of the first copy that the mirror has not acknowledged, skipping what it
+/// has, so it can start, fall behind or restart at any time without a gap.
+struct SecondCopy<'a> {
+    topic: &'a str,
+    partition: i32,
+    count: i32,
+    epoch: i32,
+    inflight: &'a Mutex<VecDeque<InFlight>>,
+    sent_rx: watch::Receiver<i64>,
+    acked_rx: watch::Receiver<i64>,
+    ack_tx: tokio::sync::mpsc::UnboundedSender<i64>,
+}
+
+impl SecondCopy<'_> {
+    async fn run(mut self, conn: &quinn::Connection) -> Result<(), String> {
+        let e = |x: std::io::Error| x.to_string();
+        let (mut tx, mut rx) = conn.open_bi().await.map_err(|x| x.to_string())?;
+        frame::write(
+            &mut tx,
+            &Frame::Open {
+                topic: self.topic.to_string(),
+                partition: self.partition,
+                partition_count: self.count,
+                epoch: self.epoch,
+            },
+        )
+        .await
+        .map_err(e)?;
+        let mut cursor = match frame::read(&mut rx).await.map_err(e)? {
+            Some(Frame::Position { log_end, .. }) => log_end,
+            Some(Frame::Error { message, .. }) => {
+                return Err(format!("refused by the mirror: {message}"))
+            }
+            other => return Err(format!("expected POSITION, got {other:?}")),
+        };
+        let ack_tx = self.ack_tx.clone();
+        let answers = async {
+            loop {
+                match frame::read(&mut rx).await.map_err(e)? {
+                    Some(Frame::Ack { log_end }) => {
+                        let _ = ack_tx.send(log_end);
+                    }
+                    Some(Frame::Error { message, .. }) => {
+                        return Err::<(), String>(format!("refused by the mirror: {message}"))
+                    }
+                    None => return Err("the mirror closed the stream".into()),
+                    other => return Err(format!("expected ACK, got {other:?}")),
+                }
+            }
+        };
+        let writer = async {
+            loop {
+                self.sent_rx.borrow_and_update();
+                // The first frame holding anything past both this copy's position and what
+                // the mirror acknowledged: it starts at or before one of them, so the mirror
+                // has everything before it.
+                let from = cursor.max(*self.acked_rx.borrow());
+                let next = self
+                    .inflight
+                    .lock()
+                    .expect("inflight lock")
+                    .iter()
+                    .find(|f| f.end > from)
+                    .map(|f| (f.end, f.wire.clone()));
+                match next {
+                    Some((end, wire)) => {
+                        if let Err(x) = tx.write_all(&wire).await {
+                            return Err::<(), String>(x.to_string());
+                        }
+                        metrics::counter!("ferry_mirror_wire_bytes_out_total", "topic" => self.topic.to_string())
+                            .increment(wire.len() as u64);
+                        metrics::counter!("ferry_mirror_second_copy_wire_bytes_out_total", "topic" => self.topic.to_string())
+                            .increment(wire.len() as u64);
+                        cursor = end;
+                    }
+                    None => self
+                        .sent_rx
+                        .changed()
+                        .await
+                        .map_err(|_| "the stream ended".to_string())?,
+                }
+            }
+        };
+        tokio::try_join!(answers, writer).map(|_| ())
     }
 }
 

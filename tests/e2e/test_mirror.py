@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXTERNAL, FERRY_BIN, free_port, port_open
+from conftest import ANSI, EXTERNAL, FERRY_BIN, free_port, port_open
 from helpers import ck_producer, kcat_consume
 
 pytestmark = pytest.mark.skipif(bool(EXTERNAL), reason="ferry-only: gateways")
@@ -57,7 +57,7 @@ class Proc:
 
 class Regions:
     def __init__(self, tmp: Path, names: list[str], mode: str = "async", failover: str = 'fencing = "none"',
-                 wire: str = "none"):
+                 wire: str = "none", copies: int = 1):
         self.tmp, self.names = tmp, names
         self.kafka = {n: free_port() for n in names}
         quic = {n: free_port() for n in names}
@@ -84,6 +84,7 @@ primary = "{names[0]}"
 mirrors = [{mirrors}]
 mode = "{mode}"
 wire_compression = "{wire}"
+wire_copies = {copies}
 
 # These tests stop gateways on purpose; lease fencing (which would stop east's writes once it
 # cannot reach west) has tests of its own.
@@ -447,6 +448,36 @@ def test_snappy_on_the_wire_sends_fewer_bytes_and_stores_the_same(regions_factor
     wire = r.metric("east", "ferry_mirror_wire_bytes_out_total", topic="packed")
     # Frame headers only: 13 bytes per frame plus the length prefix.
     assert plain > 0 and plain <= wire < plain * 1.1, (plain, wire)
+
+
+def test_two_wire_copies_race_into_one_identical_mirror(regions_factory):
+    """`wire_copies = 2`: every frame also travels on a second connection and the mirror
+    appends whichever copy comes first. The two streams of each partition race into the same
+    log, through a restart of the receiving gateway, and the mirror is still offset- and
+    byte-identical, with no gap or duplicate."""
+    r = regions_factory(["east", "west"], copies=2)
+    topic = "twice"
+    acked = produce(r.bootstrap("east"), topic, 10_000)
+    r.gateways["west"].kill()
+    acked.update(produce(r.bootstrap("east"), topic, 10_000, start=10_000))
+    r.gateways["west"].start()
+    acked.update(produce(r.bootstrap("east"), topic, 10_000, start=20_000))
+    want = end_offsets(r.bootstrap("east"), topic)
+    assert sum(want) == 30_000
+    wait_mirrored(r, "west", topic, want)
+    check_identical(r, "west", topic, acked)
+    # The second copy did travel: on its own connection, with bytes of its own.
+    east_log = ANSI.sub("", r.gateways["east"].text())
+    assert 'connected to peer gateway peer=west connection="second-copy"' in east_log, east_log[-3000:]
+    second = r.metric("east", "ferry_mirror_second_copy_wire_bytes_out_total", topic=topic)
+    plain = r.metric("east", "ferry_mirror_bytes_out_total", topic=topic)
+    assert 0 < second, (second, plain)
+    # Every partition of west was fed by two streams after the restart.
+    west_log = ANSI.sub("", r.gateways["west"].text())
+    for part in range(PARTITIONS):
+        streams = [line for line in west_log.splitlines() if "mirroring partition" in line
+                   and f" topic={topic} partition={part} " in line]
+        assert len(streams) >= 2, (part, streams)
 
 
 def topic_configs(bootstrap: str, topic: str) -> dict:
