@@ -206,6 +206,28 @@ pub fn set_partition_leader_epoch(buf: &mut [u8], epoch: i32) {
     buf[12..16].copy_from_slice(&epoch.to_be_bytes());
 }
 
+/// The whole batches at the start of `buf` (a Fetch answer's records, which may end in a
+/// partial batch): each one's byte range and header, up to the first partial or unparsable
+/// one. Nothing is CRC-checked here ([`split`] and [`validate`] do that).
+pub fn whole_batches(
+    buf: &[u8],
+) -> impl Iterator<Item = (std::ops::Range<usize>, BatchHeader)> + '_ {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        if at + HEADER_BYTES > buf.len() {
+            return None;
+        }
+        let h = BatchHeader::parse(&buf[at..]).ok()?;
+        let n = h.total_bytes();
+        if n == 0 || at + n > buf.len() {
+            return None;
+        }
+        let range = at..at + n;
+        at += n;
+        Some((range, h))
+    })
+}
+
 /// Split a records blob (as sent in a Produce request) into whole, valid batches.
 /// Returns the byte ranges and headers, or the first error.
 pub fn split(buf: &[u8]) -> Result<Vec<(std::ops::Range<usize>, BatchHeader)>, BatchError> {
@@ -486,6 +508,20 @@ mod tests {
         assert_eq!(parts[1].0, a.len()..all.len());
         all.truncate(all.len() - 3);
         assert!(matches!(split(&all), Err(BatchError::Truncated { .. })));
+    }
+
+    #[test]
+    fn whole_batches_stops_at_a_partial_batch() {
+        let a = build::values(1, &[b"x"]);
+        let b = build::values(2, &[b"y", b"z"]);
+        let mut all = a.clone();
+        all.extend_from_slice(&b);
+        let ranges: Vec<_> = whole_batches(&all).map(|(r, _)| r).collect();
+        assert_eq!(ranges, vec![0..a.len(), a.len()..all.len()]);
+        // A Fetch answer cut inside the second batch, then inside its header.
+        assert_eq!(whole_batches(&all[..all.len() - 1]).count(), 1);
+        assert_eq!(whole_batches(&all[..a.len() + 10]).count(), 1);
+        assert_eq!(whole_batches(&[]).count(), 0);
     }
 
     #[test]

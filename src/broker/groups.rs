@@ -306,17 +306,9 @@ fn for_each_offset_record(p: &Partition, mut f: impl FnMut(OffsetRecord)) {
             _ => break,
         };
         let Ok(bytes) = slice.read() else { break };
-        let mut at = 0;
         let mut progressed = false;
-        while at + batch::HEADER_BYTES <= bytes.len() {
-            let Ok(h) = batch::BatchHeader::parse(&bytes[at..]) else {
-                break;
-            };
-            let n = h.total_bytes();
-            if at + n > bytes.len() {
-                break;
-            }
-            match batch::records(&bytes[at..at + n]) {
+        for (range, h) in batch::whole_batches(&bytes) {
+            match batch::records(&bytes[range]) {
                 Ok(rs) => {
                     for r in rs.iter().filter(|r| r.offset >= offset) {
                         if let Some(rec) = offsets::parse(r) {
@@ -330,7 +322,6 @@ fn for_each_offset_record(p: &Partition, mut f: impl FnMut(OffsetRecord)) {
             }
             offset = h.next_offset();
             progressed = true;
-            at += n;
         }
         if !progressed {
             break;

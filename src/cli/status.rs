@@ -96,28 +96,19 @@ async fn unmirrored(
         .next()
         .ok_or_else(|| anyhow::anyhow!("empty fetch"))?;
     let bytes = part.records.unwrap_or_default();
-    let mut at = 0;
     let mut total = 0u64;
     let mut first_ts = None;
     let mut last_next = from;
-    while at + batch::HEADER_BYTES <= bytes.len() {
-        let Ok(h) = batch::BatchHeader::parse(&bytes[at..]) else {
-            break;
-        };
-        let n = h.total_bytes();
-        if at + n > bytes.len() {
-            break;
-        }
+    for (range, h) in batch::whole_batches(&bytes) {
         if h.next_offset() > from {
-            total += n as u64;
+            total += range.len() as u64;
             if first_ts.is_none() {
-                first_ts = batch::first_record_at_or_after(&bytes[at..at + n], i64::MIN)
+                first_ts = batch::first_record_at_or_after(&bytes[range], i64::MIN)
                     .map(|(_, ts)| ts)
                     .or(Some(h.base_timestamp));
             }
         }
         last_next = h.next_offset();
-        at += n;
     }
     Ok((
         total,

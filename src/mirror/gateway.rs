@@ -1630,30 +1630,22 @@ struct Span {
 
 fn whole_batches_from(bytes: &[u8], from: i64) -> Option<Span> {
     let mut span: Option<Span> = None;
-    let mut at = 0usize;
-    while at + batch::HEADER_BYTES <= bytes.len() {
-        let Ok(h) = batch::BatchHeader::parse(&bytes[at..]) else {
-            break;
-        };
-        let n = h.total_bytes();
-        if at + n > bytes.len() {
-            break;
+    for (range, h) in batch::whole_batches(bytes) {
+        if h.next_offset() <= from {
+            continue;
         }
-        if h.next_offset() > from {
-            let plain = matches!(h.compression(), Ok(batch::Compression::None));
-            let s = span.get_or_insert(Span {
-                start: at,
-                end: at,
-                first_offset: h.base_offset,
-                first_timestamp: h.base_timestamp,
-                next: from,
-                uncompressed: true,
-            });
-            s.end = at + n;
-            s.next = h.next_offset();
-            s.uncompressed &= plain;
-        }
-        at += n;
+        let plain = matches!(h.compression(), Ok(batch::Compression::None));
+        let s = span.get_or_insert(Span {
+            start: range.start,
+            end: range.start,
+            first_offset: h.base_offset,
+            first_timestamp: h.base_timestamp,
+            next: from,
+            uncompressed: true,
+        });
+        s.end = range.end;
+        s.next = h.next_offset();
+        s.uncompressed &= plain;
     }
     span
 }
