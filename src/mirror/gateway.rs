@@ -1396,6 +1396,7 @@ impl Gateway {
                 let wire = f.encode();
                 // Queued before it is written, so that the second copy can send it meanwhile.
                 inflight.lock().expect("inflight lock").push_back(InFlight {
+                    first: first_offset,
                     end: span.next,
                     bytes: n,
                     first_timestamp: span.first_timestamp,
@@ -1505,6 +1506,8 @@ impl Gateway {
 
 /// A frame sent on a partition's stream and not acknowledged yet.
 struct InFlight {
+    /// Its first batch's base offset.
+    first: i64,
     /// The offset after its last batch.
     end: i64,
     /// Its batches' size (uncompressed on the wire or not).
@@ -1568,17 +1571,13 @@ impl SecondCopy<'_> {
         let writer = async {
             loop {
                 self.sent_rx.borrow_and_update();
-                // The first frame holding anything past both this copy's position and what
-                // the mirror acknowledged: it starts at or before one of them, so the mirror
-                // has everything before it.
-                let from = cursor.max(*self.acked_rx.borrow());
-                let next = self
-                    .inflight
-                    .lock()
-                    .expect("inflight lock")
-                    .iter()
-                    .find(|f| f.end > from)
-                    .map(|f| (f.end, f.wire.clone()));
+                let next = {
+                    let q = self.inflight.lock().expect("inflight lock");
+                    // Read under the lock: the sender drops acknowledged frames under it, after
+                    // reading the acknowledged end, so this end covers every frame dropped.
+                    let acked = *self.acked_rx.borrow();
+                    next_copy(&q, cursor, acked).map(|f| (f.end, f.wire.clone()))
+                };
                 match next {
                     Some((end, wire)) => {
                         if let Err(x) = tx.write_all(&wire).await {
@@ -1600,6 +1599,22 @@ impl SecondCopy<'_> {
         };
         tokio::try_join!(answers, writer).map(|_| ())
     }
+}
+
+/// The frame the second copy sends next, given where it is (`cursor`: the end of the last frame
+/// it sent, or the mirror's end when it opened) and what the mirror acknowledged: the first
+/// frame holding anything past both. It starts at or before one of them, so the mirror's log
+/// already holds, or this copy's stream already carries, everything before it: no gap.
+fn next_copy(inflight: &VecDeque<InFlight>, cursor: i64, acked: i64) -> Option<&InFlight> {
+    let from = cursor.max(acked);
+    let f = inflight.iter().find(|f| f.end > from)?;
+    assert!(
+        f.first <= from,
+        "in-flight frames are contiguous from the acknowledged end: frame {}..{} after {from}",
+        f.first,
+        f.end
+    );
+    Some(f)
 }
 
 /// A BATCHES frame's batches, checked (CRC, whole, the first at `first_offset`): the offset
@@ -1725,6 +1740,35 @@ mod tests {
         assert_eq!(whole_batches_from(&bytes[..all - 3], 13), None);
         assert_eq!(whole_batches_from(&bytes, 15), None);
         assert_eq!(whole_batches_from(&[], 0), None);
+    }
+
+    fn frames(ends: &[(i64, i64)]) -> VecDeque<InFlight> {
+        ends.iter()
+            .map(|&(first, end)| InFlight {
+                first,
+                end,
+                bytes: 0,
+                first_timestamp: 0,
+                wire: Bytes::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_second_copy_skips_what_the_mirror_has_and_never_leaves_a_gap() {
+        let q = frames(&[(10, 20), (20, 30), (30, 40)]);
+        let at = |cursor, acked| next_copy(&q, cursor, acked).map(|f| (f.first, f.end));
+        // Just opened at the mirror's end (10): everything in flight, in order.
+        assert_eq!(at(10, 10), Some((10, 20)));
+        assert_eq!(at(20, 10), Some((20, 30)));
+        // Behind: the first copy's ACK says the mirror has up to 30, so skip to there.
+        assert_eq!(at(10, 30), Some((30, 40)));
+        // Opened while the mirror was mid-frame (an ACK of a coalesced append): the frame
+        // holding offset 25 goes again; the mirror skips its batches below 25.
+        assert_eq!(at(25, 10), Some((20, 30)));
+        // Caught up with the sender: wait.
+        assert_eq!(at(40, 20), None);
+        assert_eq!(at(10, 40), None);
     }
 
     #[test]
