@@ -103,9 +103,9 @@ fn replaying_a_seed_reproduces_its_trace_hash() {
 }
 
 /// The scenarios (and seeds) CI runs under the production model: every invariant must hold.
-/// `region-loss` runs below (with its RPO checks). `three-region-rolling-failure` passes every
-/// seed of 0..300 but 131 (finding 10, open: see `docs/simulations.md`, "What it found") since
-/// findings 6-9 were fixed (a475907, 74b85c9); its seeds are the slowest, so it gets 40.
+/// `region-loss` runs below (with its RPO checks). Every scenario passes every seed of 0..300
+/// since finding 10 was fixed (a fence lapses); `three-region-rolling-failure`'s seeds are the
+/// slowest, so it gets 40.
 #[cfg(not(feature = "sim-bug-skip-offset-clamp"))]
 const CI_BUDGET: &[(&str, u64)] = &[
     ("wan-jitter", 60),
@@ -172,7 +172,8 @@ fn region_loss_reports_its_rpo() {
 /// an automatic promotion takes writes only once a majority answered a heartbeat carrying its
 /// epoch), 7, 8 and 9 (74b85c9: the broker's lease armed from its first start; group offsets
 /// clamped to where the mirror agrees with the primary's history; a switchover waits for the
-/// fenced primary's history, not just its ends).
+/// fenced primary's history, not just its ends), 10 (under lease fencing a switchover's fence
+/// lapses if the switchover neither moved the rule nor lifted it in time).
 ///
 /// The seeds of 1-6 were found before the model's mirror streams were pipelined, those of 3b and
 /// 6-9 with the pipelined model before the fixes of 6-9 were modelled; a change of the model
@@ -215,28 +216,8 @@ fn fixed_findings_stay_fixed() {
         ("three-region-rolling-failure", 175, &production),
         // 9: a planned switchover's catch-up compared log ends, not histories
         ("three-region-rolling-failure", 18, &production),
-    ];
-    let mut failures = Vec::new();
-    for (name, seed, ov) in cases {
-        let o = run(&load(name), *seed, ov).unwrap();
-        if o.failure.is_some() {
-            failures.push(describe(name, &o));
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
-}
-
-/// Regressions for the open production findings (docs/simulations.md): each seed fails today on
-/// its finding, with the proposed fixes of the findings it would hit first modelled. Run with
-/// `--ignored`; un-ignore a case once its gateway fix lands and the model follows.
-#[cfg(not(feature = "sim-bug-skip-offset-clamp"))]
-#[test]
-#[ignore = "open production findings: see docs/simulations.md, What it found"]
-fn found_seeds_pass_once_the_findings_are_fixed() {
-    let production = Overrides::default();
-    let cases: &[(&str, u64, &Overrides)] = &[
-        // 10: a switchover abandoned while the fenced old primary is down leaves it fenced
-        // (`ferry failover` ignores the failed unfence), and the rule takes no writes again
+        // 10: a switchover abandoned while the fenced old primary was down left it fenced for
+        // good, and the rule took no writes again
         ("three-region-rolling-failure", 131, &production),
     ];
     let mut failures = Vec::new();

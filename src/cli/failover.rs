@@ -200,11 +200,18 @@ pub async fn move_rule(
     if !force {
         let from_addr = admin_addr(t, &from)?;
         let t0 = Instant::now();
+        // Under lease fencing the fence lifts by itself if this switchover neither moves the
+        // rule nor unfences it (this process dies, the target is lost): after twice the
+        // longest this command waits, while the target may promote only in the first half.
+        let window = timeout + CALL;
         let fenced = admin::call(
             from_addr,
             Method::POST,
             "/v1/fence",
-            Some(json!({ "patterns": [pattern], "fenced": true })),
+            Some(json!({
+                "patterns": [pattern], "fenced": true,
+                "lapse_ms": 2 * window.as_millis() as u64,
+            })),
             CALL,
         )
         .await
@@ -214,13 +221,16 @@ pub async fn move_rule(
             Value::Null => json!({}),
             v => v.clone(),
         };
+        let not_after = fenced["fence_until_ms"]
+            .as_u64()
+            .map(|t| t - window.as_millis() as u64);
         let promoted = admin::call(
             to_addr,
             Method::POST,
             "/v1/promote",
             Some(json!({
                 "pattern": pattern, "epoch": epoch, "from": from, "wait_for": ends,
-                "wait_epochs": epochs,
+                "wait_epochs": epochs, "not_after_ms": not_after,
                 "force": false, "timeout_ms": timeout.as_millis() as u64,
             })),
             timeout + CALL,
@@ -309,11 +319,7 @@ pub async fn move_rule(
         }
     }
     // Every other region adopts the new epoch (the heartbeats would carry it too).
-    let new = RuleState {
-        epoch,
-        primary: to.to_string(),
-        fenced: false,
-    };
+    let new = RuleState::open(epoch, to);
     for r in regions.iter().filter(|r| **r != to) {
         if let Ok(addr) = admin_addr(t, r) {
             if let Err(e) = admin::call(

@@ -34,6 +34,28 @@ pub struct RuleState {
     /// The primary takes no writes (a switchover is moving the rule away from it).
     #[serde(default)]
     pub fenced: bool,
+    /// While fenced: when the fence lapses by itself (Unix ms, on the fenced primary's clock)
+    /// if the switchover that set it has not moved the rule by then. Lease fencing only (the
+    /// primary still writes only under a majority's lease after it lapses); `None`: no lapse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence_until_ms: Option<u64>,
+}
+
+impl RuleState {
+    /// A rule at `epoch` whose primary takes writes.
+    pub fn open(epoch: i32, primary: impl Into<String>) -> RuleState {
+        RuleState {
+            epoch,
+            primary: primary.into(),
+            fenced: false,
+            fence_until_ms: None,
+        }
+    }
+
+    /// Whether the fence has lapsed at `now_ms` (Unix ms).
+    pub fn fence_lapsed(&self, now_ms: u64) -> bool {
+        self.fenced && self.fence_until_ms.is_some_and(|t| now_ms >= t)
+    }
 }
 
 /// What a region knows of every rule. Rules it has no entry for are as the topology says.
@@ -117,11 +139,12 @@ impl RegionState {
     /// The current state of the rule with `pattern`.
     pub fn rule(&self, topology: &Topology, pattern: &str) -> Option<RuleState> {
         let rule = topology.topics.iter().find(|r| r.pattern == pattern)?;
-        Some(self.rules.get(pattern).cloned().unwrap_or(RuleState {
-            epoch: 0,
-            primary: rule.primary.clone(),
-            fenced: false,
-        }))
+        Some(
+            self.rules
+                .get(pattern)
+                .cloned()
+                .unwrap_or_else(|| RuleState::open(0, rule.primary.clone())),
+        )
     }
 
     /// Move a rule to `new`. The epoch never goes back; one epoch has one primary; the
@@ -218,11 +241,7 @@ mod tests {
             (0, "east", vec!["west".to_string()])
         );
         assert!(placement(&t, &s, "__consumer_offsets").is_none());
-        let west1 = RuleState {
-            epoch: 1,
-            primary: "west".into(),
-            fenced: false,
-        };
+        let west1 = RuleState::open(1, "west");
         assert_eq!(s.apply(&t, "*", west1.clone()), Ok(true));
         assert_eq!(s.apply(&t, "*", west1.clone()), Ok(false));
         let p = placement(&t, &s, "orders").unwrap();
@@ -231,29 +250,17 @@ mod tests {
             (1, "west", vec!["east".to_string()])
         );
         assert_eq!(p.home, "east");
-        let back = RuleState {
-            epoch: 0,
-            primary: "east".into(),
-            fenced: false,
-        };
+        let back = RuleState::open(0, "east");
         assert!(matches!(
             s.apply(&t, "*", back),
             Err(StateError::EpochBack { .. })
         ));
-        let taken = RuleState {
-            epoch: 1,
-            primary: "east".into(),
-            fenced: false,
-        };
+        let taken = RuleState::open(1, "east");
         assert!(matches!(
             s.apply(&t, "*", taken),
             Err(StateError::EpochTaken { .. })
         ));
-        let nowhere = RuleState {
-            epoch: 2,
-            primary: "south".into(),
-            fenced: false,
-        };
+        let nowhere = RuleState::open(2, "south");
         assert!(matches!(
             s.apply(&t, "*", nowhere),
             Err(StateError::NotInRule { .. })
@@ -283,10 +290,29 @@ mod tests {
                 epoch: 3,
                 primary: "west".into(),
                 fenced: true,
+                fence_until_ms: Some(1_800_000_000_000),
             },
         )
         .unwrap();
         s.store(&path).unwrap();
         assert_eq!(RegionState::load(&path).unwrap(), s);
+        // A state file written before fences could lapse: no deadline, never lapses.
+        std::fs::write(
+            &path,
+            r#"{"rules": {"*": {"epoch": 3, "primary": "west", "fenced": true}}}"#,
+        )
+        .unwrap();
+        let old = RegionState::load(&path).unwrap().rule(&t, "*").unwrap();
+        assert!(old.fenced && old.fence_until_ms.is_none() && !old.fence_lapsed(u64::MAX));
+    }
+
+    #[test]
+    fn a_fence_lapses_only_at_its_deadline_and_only_while_fenced() {
+        let mut st = RuleState::open(3, "west");
+        st.fence_until_ms = Some(1_000);
+        assert!(!st.fence_lapsed(2_000), "not fenced: nothing to lapse");
+        st.fenced = true;
+        assert!(!st.fence_lapsed(999));
+        assert!(st.fence_lapsed(1_000) && st.fence_lapsed(5_000));
     }
 }

@@ -6,8 +6,8 @@
 //! |----------------------|---------------------------------------------------|------|
 //! | `GET /v1/state`      |                                                   | rules (epoch, primary, fenced), lease, peers' last heartbeats, cut links |
 //! | `GET /v1/offsets`    |                                                   | log end and epoch history of every partition a rule covers |
-//! | `POST /v1/fence`     | `{"patterns": [..], "fenced": true}`              | stop (or resume) client writes for rules this region is primary of; answers the final log ends |
-//! | `POST /v1/promote`   | `{"pattern", "epoch", "from", "wait_for", "force", "timeout_ms"}` | become primary at `epoch`: after catching up to `wait_for` (planned), or once `from`'s lease ran out (forced) |
+//! | `POST /v1/fence`     | `{"patterns": [..], "fenced": true, "lapse_ms"}`  | stop (or resume) client writes for rules this region is primary of; answers the final log ends (and, under lease fencing with `lapse_ms`, `fence_until_ms`: when the fence lifts by itself unless the rule moved) |
+//! | `POST /v1/promote`   | `{"pattern", "epoch", "from", "wait_for", "force", "timeout_ms", "not_after_ms"}` | become primary at `epoch`: after catching up to `wait_for` (planned, and not after `not_after_ms`), or once `from`'s lease ran out (forced) |
 //! | `POST /v1/adopt`     | `{"pattern", "state": {"epoch", "primary"}}`      | take a newer rule state (a demoted or third region) |
 //! | `POST /v1/cut`       | `{"peer", "cut": true}`                           | cut (or heal) the link to a peer (drills) |
 //!
@@ -38,6 +38,10 @@ pub struct FenceRequest {
     pub patterns: Vec<String>,
     #[serde(default = "yes")]
     pub fenced: bool,
+    /// When fencing under lease fencing: lift the fence by itself after this many ms unless
+    /// the rule moved (a switchover that did not finish). Ignored otherwise.
+    #[serde(default)]
+    pub lapse_ms: Option<u64>,
 }
 
 fn yes() -> bool {
@@ -61,6 +65,10 @@ pub struct PromoteRequest {
     pub force: bool,
     #[serde(default = "default_timeout")]
     pub timeout_ms: u64,
+    /// Planned: do not promote after this time (Unix ms), well before the fenced primary's
+    /// fence lapses (`FenceRequest::lapse_ms`).
+    #[serde(default)]
+    pub not_after_ms: Option<u64>,
 }
 
 fn default_timeout() -> u64 {
@@ -276,6 +284,14 @@ fn not_caught_up(
 async fn fence(gw: &Gateway, f: FenceRequest) -> Result<Value, (StatusCode, String)> {
     let mut ends = BTreeMap::new();
     let mut epochs = BTreeMap::new();
+    // Only under lease fencing may a fence lapse: the primary then still needs a majority's
+    // lease to write, which no region gives it once it knows a newer epoch.
+    let fence_until_ms = match f.lapse_ms {
+        Some(ms) if f.fenced && gw.topology.failover.fencing == Fencing::Lease => {
+            Some(crate::log::now_ms().max(0) as u64 + ms)
+        }
+        _ => None,
+    };
     for pattern in &f.patterns {
         let st = gw
             .state()
@@ -294,6 +310,7 @@ async fn fence(gw: &Gateway, f: FenceRequest) -> Result<Value, (StatusCode, Stri
             pattern,
             RuleState {
                 fenced: f.fenced,
+                fence_until_ms,
                 ..st
             },
         )
@@ -316,7 +333,9 @@ async fn fence(gw: &Gateway, f: FenceRequest) -> Result<Value, (StatusCode, Stri
                 .collect::<BTreeMap<_, _>>(),
         );
     }
-    Ok(json!({ "fenced": f.fenced, "ends": ends, "epochs": epochs }))
+    Ok(
+        json!({ "fenced": f.fenced, "fence_until_ms": fence_until_ms, "ends": ends, "epochs": epochs }),
+    )
 }
 
 async fn promote(gw: &Gateway, p: PromoteRequest) -> Result<Value, (StatusCode, String)> {
@@ -440,16 +459,22 @@ async fn promote(gw: &Gateway, p: PromoteRequest) -> Result<Value, (StatusCode, 
             }
         }
     }
-    gw.apply(
-        &p.pattern,
-        RuleState {
-            epoch: p.epoch,
-            primary: gw.region.clone(),
-            fenced: false,
-        },
-    )
-    .await
-    .map_err(conflict)?;
+    if let Some(t) = p.not_after_ms {
+        let now = crate::log::now_ms().max(0) as u64;
+        if now > t {
+            return Err((
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "too late to promote: the switchover's window closed {} ms ago (the fence on '{}' is about to lapse)",
+                    now - t,
+                    p.from
+                ),
+            ));
+        }
+    }
+    gw.apply(&p.pattern, RuleState::open(p.epoch, gw.region.clone()))
+        .await
+        .map_err(conflict)?;
     if p.force {
         gw.replaced
             .lock()

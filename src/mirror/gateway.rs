@@ -305,6 +305,7 @@ impl Gateway {
             if self.topology.failover.promotion == Promotion::Automatic {
                 self.auto_promote(now).await;
             }
+            self.lapse_fences().await;
             let now = self.now();
             let until = {
                 let l = self.lease.lock().expect("lease lock");
@@ -326,6 +327,40 @@ impl Gateway {
                 if let Err(e) = c.control(&Control::RenewLease { ms }).await {
                     tracing::debug!(error = %e, "renewing the broker's write lease");
                     client = None;
+                }
+            }
+        }
+    }
+
+    /// Lift the fences whose deadline passed (simulator finding 10): a switchover that fenced
+    /// this region and then neither moved the rule nor unfenced it (its operator or its target
+    /// went away) would otherwise leave the rule without writes for good. The deadline is set
+    /// well past the last moment the switchover's target may promote (`/v1/promote` refuses
+    /// after `not_after_ms`), and this region still writes only under a majority's lease, which
+    /// no region gives a primary at an older epoch than one it knows.
+    async fn lapse_fences(&self) {
+        let now = crate::log::now_ms().max(0) as u64;
+        let st = self.state();
+        for rule in &self.topology.topics {
+            let Some(cur) = st.rule(&self.topology, &rule.pattern) else {
+                continue;
+            };
+            if cur.primary != self.region || !cur.fence_lapsed(now) {
+                continue;
+            }
+            tracing::warn!(pattern = %rule.pattern, epoch = cur.epoch,
+                fence_until_ms = cur.fence_until_ms,
+                "the fence lapsed: the switchover that set it did not move the rule in time; taking writes again");
+            match self
+                .apply(
+                    &rule.pattern,
+                    RuleState::open(cur.epoch, cur.primary.clone()),
+                )
+                .await
+            {
+                Ok(_) => metrics::counter!("ferry_fence_lapses_total").increment(1),
+                Err(e) => {
+                    tracing::warn!(pattern = %rule.pattern, error = %e, "lifting a lapsed fence")
                 }
             }
         }
@@ -358,14 +393,13 @@ impl Gateway {
             if !go {
                 continue;
             }
-            let new = RuleState {
-                epoch: failover::next_epoch(
+            let new = RuleState::open(
+                failover::next_epoch(
                     cur.epoch,
                     failover::region_index(&self.topology, &self.region),
                 ),
-                primary: self.region.clone(),
-                fenced: false,
-            };
+                self.region.clone(),
+            );
             // The broker stops taking writes until a majority has answered a heartbeat that
             // carries the new epoch (finding 6 of the simulator): its lease ends now, the
             // promotion is applied, answers to earlier heartbeats stop counting, and a
@@ -894,11 +928,7 @@ impl Gateway {
                 if theirs.epoch > ours.epoch && theirs.primary != self.region {
                     tracing::warn!(%peer, %pattern, epoch = theirs.epoch, primary = %theirs.primary,
                         "a peer knows a newer epoch: adopting it");
-                    let new = RuleState {
-                        epoch: theirs.epoch,
-                        primary: theirs.primary.clone(),
-                        fenced: false,
-                    };
+                    let new = RuleState::open(theirs.epoch, theirs.primary.clone());
                     if let Err(e) = self.apply(pattern, new).await {
                         tracing::warn!(%pattern, error = %e, "could not adopt the newer epoch");
                     }

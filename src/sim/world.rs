@@ -424,6 +424,9 @@ enum Ev {
         /// The fenced primary's epoch histories at `wait_for` (the fence answer's `epochs`).
         wait_epochs: Vec<Vec<EpochEntry>>,
         deadline: u64,
+        /// `PromoteRequest::not_after_ms`: the last moment (on the target's wall clock) the
+        /// target may promote, well before the fence lapses.
+        not_after: Option<u64>,
     },
     Settle,
 }
@@ -787,6 +790,12 @@ impl World {
     /// Simulated ms for `local_ms` on region `r`'s clock.
     fn local_delay(&self, r: usize, local_ms: u64) -> u64 {
         ((local_ms as f64) / self.regions[r].rate).ceil() as u64
+    }
+
+    /// Region `r`'s wall clock now (it drifts like the process clock but survives restarts):
+    /// what a fence's deadline is measured on.
+    fn wall(&self, r: usize) -> u64 {
+        (self.now as f64 * self.regions[r].rate) as u64
     }
 
     /// Region `r`'s process clock now.
@@ -1230,14 +1239,7 @@ impl World {
                     "{} adopts epoch {} ({}) from {pname}'s heartbeat",
                     self.regions[r].name, th.epoch, th.primary
                 ));
-                self.apply(
-                    r,
-                    RuleState {
-                        epoch: th.epoch,
-                        primary: th.primary.clone(),
-                        fenced: false,
-                    },
-                );
+                self.apply(r, RuleState::open(th.epoch, th.primary.clone()));
             }
         }
         self.regions[r].reports.insert(
@@ -1258,6 +1260,15 @@ impl World {
             // promotion count as answering now.
             if self.promotion == Promotion::Automatic {
                 self.auto_promote(r, now);
+            }
+            // `lapse_fences`: a fence whose deadline passed lifts (finding 10).
+            let st = self.rule_state(r);
+            if st.primary == self.regions[r].name && st.fence_lapsed(self.wall(r)) {
+                self.log(format!(
+                    "{}: the fence lapsed (epoch {})",
+                    self.regions[r].name, st.epoch
+                ));
+                self.apply(r, RuleState::open(st.epoch, st.primary.clone()));
             }
             let reg = &mut self.regions[r];
             let fenced: Vec<String> = reg.replaced.iter().cloned().collect();
@@ -1317,11 +1328,7 @@ impl World {
     /// operator-forced one adds `from` to the replaced set.
     fn take_over(&mut self, to: usize, from: usize, epoch: i32, how: Takeover) -> bool {
         let old_epoch = self.rule_state(to).epoch.max(self.latest.epoch);
-        let new = RuleState {
-            epoch,
-            primary: self.regions[to].name.clone(),
-            fenced: false,
-        };
+        let new = RuleState::open(epoch, self.regions[to].name.clone());
         if !self.apply(to, new.clone()) {
             return false;
         }
@@ -2333,6 +2340,7 @@ impl World {
         ));
         let mut wait_for = Vec::new();
         let mut wait_epochs = Vec::new();
+        let mut not_after = None;
         if let OpKind::Switchover = kind {
             // Fence the old primary; its log ends are final.
             if !self.regions[from].up {
@@ -2343,7 +2351,19 @@ impl World {
             if st.primary != self.regions[from].name {
                 return;
             }
-            self.apply(from, RuleState { fenced: true, ..st });
+            // `ferry failover`: under lease fencing the fence lapses after twice the operation's
+            // timeout, and the target may promote only in the first half (`not_after_ms`).
+            let fence_until_ms =
+                (self.fencing == Fencing::Lease).then(|| self.wall(from) + 2 * OP_TIMEOUT_MS);
+            not_after = fence_until_ms.map(|t| t - OP_TIMEOUT_MS);
+            self.apply(
+                from,
+                RuleState {
+                    fenced: true,
+                    fence_until_ms,
+                    ..st
+                },
+            );
             wait_for = self.regions[from].parts.iter().map(|p| p.end()).collect();
             wait_epochs = self.regions[from]
                 .parts
@@ -2362,6 +2382,7 @@ impl World {
                 wait_for,
                 wait_epochs,
                 deadline: self.now + OP_TIMEOUT_MS,
+                not_after,
             },
         );
     }
@@ -2376,6 +2397,7 @@ impl World {
         wait_for: Vec<i64>,
         wait_epochs: Vec<Vec<EpochEntry>>,
         deadline: u64,
+        not_after: Option<u64>,
     ) {
         let give_up = |w: &mut World, why: &str| {
             w.op_busy = false;
@@ -2388,6 +2410,7 @@ impl World {
                             from,
                             RuleState {
                                 fenced: false,
+                                fence_until_ms: None,
                                 ..st
                             },
                         );
@@ -2438,9 +2461,15 @@ impl World {
                         wait_for,
                         wait_epochs,
                         deadline,
+                        not_after,
                     },
                 );
             }
+            return;
+        }
+        // `/v1/promote` refuses after `not_after_ms` (on the target's clock).
+        if not_after.is_some_and(|t| self.wall(to) > t) {
+            give_up(self, "too late to promote: the fence is about to lapse");
             return;
         }
         let forced = matches!(kind, OpKind::Forced);
@@ -2596,7 +2625,17 @@ impl World {
                 wait_for,
                 wait_epochs,
                 deadline,
-            } => self.op_poll(kind, from, to, epoch, wait_for, wait_epochs, deadline),
+                not_after,
+            } => self.op_poll(
+                kind,
+                from,
+                to,
+                epoch,
+                wait_for,
+                wait_epochs,
+                deadline,
+                not_after,
+            ),
             Ev::Settle => self.settle(),
             e @ (Ev::FaultCut
             | Ev::FaultIsolate

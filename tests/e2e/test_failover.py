@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from conftest import EXTERNAL, FERRY_BIN
+from conftest import ANSI, EXTERNAL, FERRY_BIN
 from test_mirror import PARTITIONS, end_offsets, produce, read_all, regions_factory, wait_mirrored  # noqa: F401
 
 pytestmark = pytest.mark.skipif(bool(EXTERNAL), reason="ferry-only: gateways")
@@ -187,9 +187,12 @@ def test_moving_a_rule_to_its_fenced_primary_lifts_the_fence(regions_factory):
     r = regions_factory(["east", "west"])
     topic = "stuck"
     acked = produce(r.bootstrap("east"), topic, 100)
-    fenced = admin(r, "east", "POST", "/v1/fence", {"patterns": ["*"], "fenced": True})
+    # Without lease fencing a fence never lapses: `lapse_ms` is ignored.
+    fenced = admin(r, "east", "POST", "/v1/fence", {"patterns": ["*"], "fenced": True, "lapse_ms": 500})
     assert fenced["fenced"] is True and sum(fenced["ends"]["*"][topic]) == 100, fenced
     assert fenced["epochs"]["*"][topic], fenced
+    assert fenced["fence_until_ms"] is None, fenced
+    time.sleep(1.5)
     p = subprocess.run([str(FERRY_BIN), "produce", "-b", r.bootstrap("east"), topic], input=b"x\n",
                        capture_output=True, timeout=60)
     assert p.returncode != 0 and "fenced" in p.stderr.decode(), p.stderr.decode()
@@ -199,3 +202,39 @@ def test_moving_a_rule_to_its_fenced_primary_lifts_the_fence(regions_factory):
     assert admin(r, "east", "GET", "/v1/state")["rules"]["*"]["fenced"] is False
     acked.update(produce(r.bootstrap("east"), topic, 100, start=100))
     assert len(acked) == 200
+
+
+def test_under_lease_fencing_an_abandoned_switchovers_fence_lapses(regions_factory):
+    """Simulator finding 10: a switchover that fenced the primary and then went away (its
+    operator or its target lost) must not leave the rule without writes for good. Under lease
+    fencing the fence carries a deadline (`lapse_ms`), kept in the durable failover state; past
+    it, and with the rule still at the same epoch, the primary's gateway lifts it."""
+    r = regions_factory(["east", "west"], failover='fencing = "lease"\nlease = "2s"\nheartbeat = "500ms"')
+    topic = "lapse"
+    acked = produce(r.bootstrap("east"), topic, 100)
+    fenced = admin(r, "east", "POST", "/v1/fence", {"patterns": ["*"], "fenced": True, "lapse_ms": 4000})
+    until = fenced["fence_until_ms"]
+    assert fenced["fenced"] is True and until > time.time() * 1000, fenced
+    state = admin(r, "east", "GET", "/v1/state")["rules"]["*"]
+    assert state["fenced"] is True and state["fence_until_ms"] == until, state
+    p = subprocess.run([str(FERRY_BIN), "produce", "-b", r.bootstrap("east"), topic], input=b"x\n",
+                       capture_output=True, timeout=60)
+    assert p.returncode != 0 and "fenced" in p.stderr.decode(), p.stderr.decode()
+    # The fence is durable: a SIGKILLed broker comes back fenced, deadline and all.
+    r.brokers["east"].kill()
+    r.brokers["east"].start()
+    state = admin(r, "east", "GET", "/v1/state")["rules"]["*"]
+    assert state["fenced"] is True and state["fence_until_ms"] == until, state
+    deadline = time.monotonic() + 30
+    while admin(r, "east", "GET", "/v1/state")["rules"]["*"]["fenced"]:
+        assert time.monotonic() < deadline, r.logs()
+        time.sleep(0.2)
+    assert time.time() * 1000 >= until, "lifted before its deadline"
+    state = admin(r, "east", "GET", "/v1/state")["rules"]["*"]
+    assert state["epoch"] == 0 and state["primary"] == "east" and "fence_until_ms" not in state, state
+    assert "the fence lapsed" in ANSI.sub("", r.gateways["east"].text())
+    acked.update(produce(r.bootstrap("east"), topic, 100, start=100))
+    assert len(acked) == 200
+    want = end_offsets(r.bootstrap("east"), topic)
+    assert sum(want) == 200
+    wait_mirrored(r, "west", topic, want)
