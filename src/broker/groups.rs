@@ -214,7 +214,7 @@ impl GroupService {
         let (tx, rx) = oneshot::channel();
         let req = AppendRequest {
             partition: self.log.clone(),
-            bytes,
+            bytes: bytes.into(),
             header,
             acks: -1,
             epoch: None,
@@ -278,8 +278,8 @@ impl GroupService {
             st.log.roll()?;
             let start = st.log.next_offset();
             for chunk in live.chunks(1000) {
-                let mut b = build::batch(0, now_ms(), None, chunk);
-                st.log.append(&mut b, None)?;
+                let b = build::batch(0, now_ms(), None, chunk);
+                st.log.append(&b, None)?;
             }
             st.log.sync()?;
             st.log.delete_segments_before(start)

@@ -156,7 +156,7 @@ impl Broker {
                 self.writer()
                     .submit(AppendRequest {
                         partition: qp.clone(),
-                        bytes: b,
+                        bytes: b.into(),
                         header,
                         acks: -1,
                         epoch: None,

@@ -26,8 +26,9 @@ pub const QUEUE_BATCHES_MAX: usize = 8192;
 /// A batch to append.
 pub struct AppendRequest {
     pub partition: Arc<Partition>,
-    /// The batch as the client sent it; its base offset is rewritten here.
-    pub bytes: Vec<u8>,
+    /// The batch as the client sent it (a slice of the request: never copied in user space);
+    /// the log writes it with its base offset and leader epoch set.
+    pub bytes: bytes::Bytes,
     pub header: BatchHeader,
     /// 0, 1 or -1 (all).
     pub acks: i16,
@@ -153,7 +154,7 @@ fn appender(
         for req in group.drain(..) {
             let AppendRequest {
                 partition,
-                mut bytes,
+                bytes,
                 header,
                 acks,
                 epoch,
@@ -163,7 +164,7 @@ fn appender(
             let (result, file) = if exact {
                 append_exact(&partition, &bytes, &header)
             } else {
-                append_one(&partition, &mut bytes, &header, epoch)
+                append_one(&partition, &bytes, &header, epoch)
             };
             match (result, reply) {
                 (Ok(ok), Some(reply)) if acks == -1 && !ok.duplicate => {
@@ -205,7 +206,7 @@ fn appender(
 
 fn append_one(
     partition: &Partition,
-    bytes: &mut [u8],
+    bytes: &[u8],
     header: &BatchHeader,
     epoch: Option<i32>,
 ) -> (AppendResult, Option<Arc<File>>) {

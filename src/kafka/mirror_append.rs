@@ -212,7 +212,7 @@ pub async fn handle(broker: Arc<Broker>, req: MirrorAppend) -> (i16, i64, String
         let (tx, rx) = oneshot::channel();
         let a = AppendRequest {
             partition: partition.clone(),
-            bytes: req.records[range].to_vec(),
+            bytes: req.records.slice(range),
             header,
             acks: -1,
             epoch: None,

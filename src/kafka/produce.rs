@@ -114,7 +114,7 @@ pub async fn start(broker: &Arc<Broker>, req: ProduceRequest, version: i16) -> W
                                     let (tx, rx) = oneshot::channel();
                                     let req = AppendRequest {
                                         partition: partition.clone(),
-                                        bytes: records[range].to_vec(),
+                                        bytes: records.slice(range),
                                         header,
                                         acks,
                                         epoch: Some(*write.as_ref().unwrap_or(&0)),

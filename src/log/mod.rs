@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use thiserror::Error;
 
-use crate::batch::{self, BatchHeader};
+use crate::batch::{self, BatchHeader, HEADER_BYTES};
 use epochs::EpochCache;
 pub use epochs::EpochEntry;
 use segment::Segment;
@@ -250,17 +250,27 @@ impl PartitionLog {
 
     /// Append a validated batch, assigning it offsets from the log end. `bytes` is rewritten in
     /// place (base offset, and the epoch when given) and written as is. Returns the base offset.
-    pub fn append(&mut self, bytes: &mut [u8], epoch: Option<i32>) -> Result<i64, LogError> {
+    pub fn append(&mut self, bytes: &[u8], epoch: Option<i32>) -> Result<i64, LogError> {
         let base = self.next_offset();
-        batch::set_base_offset(bytes, base);
+        // The offsets and the leader epoch lie outside the CRC: patch a copy of the header and
+        // write it before the rest, which goes to the file as the client sent it.
+        let mut head = [0u8; HEADER_BYTES];
+        head.copy_from_slice(&bytes[..HEADER_BYTES]);
+        batch::set_base_offset(&mut head, base);
         if let Some(e) = epoch {
-            batch::set_partition_leader_epoch(bytes, e);
+            batch::set_partition_leader_epoch(&mut head, e);
         }
-        let h = BatchHeader::parse(bytes).expect("validated before append");
+        let h = BatchHeader::parse(&head).expect("validated before append");
         self.epochs
             .observe(h.partition_leader_epoch, base)
             .map_err(io_err(&self.dir))?;
-        self.append_at(bytes, &h)?;
+        self.maybe_roll(bytes.len() as u64)?;
+        let dir = self.dir.clone();
+        self.segments
+            .last_mut()
+            .expect("a log always has a segment")
+            .append_parts(&head, &bytes[HEADER_BYTES..], &h)
+            .map_err(io_err(&dir))?;
         Ok(base)
     }
 
@@ -543,8 +553,8 @@ mod tests {
     }
 
     fn append_values(log: &mut PartitionLog, ts: i64, vals: &[&[u8]]) -> i64 {
-        let mut b = build::values(ts, vals);
-        log.append(&mut b, None).unwrap()
+        let b = build::values(ts, vals);
+        log.append(&b, None).unwrap()
     }
 
     #[test]
@@ -571,6 +581,24 @@ mod tests {
         // By timestamp: the first batch at or after.
         assert_eq!(log.offset_for_timestamp(1005).unwrap().unwrap().0, 10);
         assert!(log.offset_for_timestamp(5000).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_batch_is_stored_as_sent_but_for_its_offset_and_leader_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = PartitionLog::open(dir.path(), LogConfig::default()).unwrap();
+        append_values(&mut log, 1, &[b"first"]);
+        let sent = build::values(2, &[b"x", b"y", b"z"]);
+        assert_eq!(log.append(&sent, Some(7)).unwrap(), 1);
+        let stored = log.read(1, 1 << 20).unwrap().unwrap().read().unwrap();
+        let mut want = sent.clone();
+        batch::set_base_offset(&mut want, 1);
+        batch::set_partition_leader_epoch(&mut want, 7);
+        assert_eq!(stored, want);
+        let h = batch::validate(&stored).unwrap();
+        assert_eq!((h.base_offset, h.partition_leader_epoch), (1, 7));
+        // What was sent is untouched (the request buffer is shared, never patched).
+        assert_eq!(BatchHeader::parse(&sent).unwrap().base_offset, 0);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! shared file handle, outside any lock.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, IoSlice, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,6 +15,21 @@ use std::time::SystemTime;
 
 use super::index::{OffsetIndex, TimeIndex};
 use crate::batch::{self, BatchHeader, HEADER_BYTES};
+
+/// Write `head` then `rest` at the file's end (it is opened for appending), all of them.
+fn write_all_parts(mut f: &File, head: &[u8], rest: &[u8]) -> io::Result<()> {
+    let mut parts = [IoSlice::new(head), IoSlice::new(rest)];
+    let mut bufs = &mut parts[..];
+    while !bufs.is_empty() {
+        match f.write_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
 
 /// File name stem for a base offset: 20 zero-padded digits, as Kafka does.
 pub fn file_stem(base_offset: i64) -> String {
@@ -260,28 +275,30 @@ impl Segment {
     /// Append one batch whose base offset is already set. Writes to the page cache; durability
     /// comes from [`Segment::sync`].
     pub fn append(&mut self, bytes: &[u8], h: &BatchHeader) -> io::Result<()> {
+        self.append_parts(bytes, &[], h)
+    }
+
+    /// Append one batch given as two parts written back to back (one `writev`): a header the
+    /// partition patched (base offset, leader epoch) and the rest as the client sent it, so the
+    /// client's bytes are never copied in user space.
+    pub fn append_parts(&mut self, head: &[u8], rest: &[u8], h: &BatchHeader) -> io::Result<()> {
         assert!(
             h.base_offset >= self.next_offset,
             "offsets must strictly increase: batch at {} but segment next is {}",
             h.base_offset,
             self.next_offset
         );
-        assert_eq!(
-            bytes.len(),
-            h.total_bytes(),
-            "batch header agrees with its length"
-        );
+        let len = head.len() + rest.len();
+        assert_eq!(len, h.total_bytes(), "batch header agrees with its length");
         let pos = self.size;
-        let written = (&*self.log)
-            .write_all(bytes)
-            .and_then(|_| self.index_batch(h, pos));
+        let written = write_all_parts(&self.log, head, rest).and_then(|_| self.index_batch(h, pos));
         if let Err(e) = written {
             // A full disk or an I/O error: cut whatever part of the batch reached the file, so
             // the log holds only whole batches and nothing already accepted is disturbed.
             let _ = self.log.set_len(pos);
             return Err(e);
         }
-        self.size += bytes.len() as u64;
+        self.size += len as u64;
         self.next_offset = h.next_offset();
         self.max_timestamp = self.max_timestamp.max(h.max_timestamp);
         Ok(())
