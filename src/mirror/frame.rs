@@ -1,4 +1,11 @@
-//! Frames on a gateway stream (one QUIC bidirectional stream per mirrored partition).
+//! Frames on a gateway's QUIC streams.
+//!
+//! A mirrored partition has one bidirectional stream per copy (OPEN, ROUTE, POSITION, ACK,
+//! ERROR, TRUNCATE), and each BATCHES frame travels on a unidirectional stream of its own that
+//! starts with the ROUTE naming the partition's sink. A lost packet then holds up only the
+//! frame it carried: on one shared stream, QUIC would hold every later frame until the lost
+//! packet was resent (head-of-line blocking), and on a lossy link that delay would reach most
+//! records. The sink puts the frames back in offset order ([`super::reorder`]).
 //!
 //! ```text
 //! frame   = length u32 (of kind..crc) | kind u8 | payload | crc u32 (CRC-32, IEEE, of kind+payload)
@@ -21,6 +28,10 @@
 //!                              Snappy (raw format); sent instead of BATCHES for rules with
 //!                              `wire_compression = "snappy"` when the client sent the batches
 //!                              uncompressed. The sink decompresses and sees the same bytes.
+//! ROUTE    (11, sink → source, then source → sink)  id u64: sent by the sink on the partition's
+//!                              stream right after it accepts OPEN, before POSITION; the source
+//!                              starts every unidirectional BATCHES stream with it, so the sink
+//!                              that gave it out (on that same connection) takes the frame
 //! ```
 //!
 //! The CRC catches corruption between the two gateways' processes; each batch also carries its
@@ -77,6 +88,10 @@ pub enum Frame {
     },
     StateAck {
         sent_at: u64,
+    },
+    /// Names a partition's sink: the first frame of every BATCHES stream.
+    Route {
+        id: u64,
     },
 }
 
@@ -151,6 +166,10 @@ impl Frame {
             Frame::StateAck { sent_at } => {
                 b.put_u8(9);
                 b.put_u64(*sent_at);
+            }
+            Frame::Route { id } => {
+                b.put_u8(11);
+                b.put_u64(*id);
             }
             Frame::Batches {
                 first_offset,
@@ -267,6 +286,10 @@ impl Frame {
                 Frame::StateAck {
                     sent_at: body.get_u64(),
                 }
+            }
+            11 => {
+                need(&body, 8, "ROUTE")?;
+                Frame::Route { id: body.get_u64() }
             }
             3 => {
                 need(&body, 8, "BATCHES")?;
@@ -390,6 +413,7 @@ mod tests {
                 json: "{}".into(),
             },
             Frame::StateAck { sent_at: 123 },
+            Frame::Route { id: u64::MAX - 3 },
             Frame::Batches {
                 first_offset: 77,
                 batches: Bytes::from_static(b"some batches"),

@@ -9,7 +9,7 @@
 //! heartbeat carries a newer epoch for a rule is believed (the peer is authenticated by mTLS),
 //! which is how a rejoining region learns it was replaced.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,6 +21,7 @@ use kafka_protocol::protocol::StrBytes;
 use tokio::sync::watch;
 
 use super::frame::{self, Frame};
+use super::reorder::Reorder;
 use crate::batch;
 use crate::client::Client;
 use crate::failover::lease::{Lease, LeaseConfig, Millis, DEFAULT_DRIFT};
@@ -39,8 +40,15 @@ const CHUNK_BYTES: i32 = 1 << 20;
 /// Bytes a partition's stream may have sent and not had acknowledged: the pipeline's depth
 /// (enough for 100 MiB/s over a 100 ms round trip at 16 MiB, the stream's QUIC window).
 const WINDOW_BYTES: usize = 16 << 20;
+/// Frames a partition's stream may have sent and not had acknowledged: each travels on a QUIC
+/// stream of its own, and the connection allows `max_streams` of them open at once.
+const WINDOW_FRAMES: usize = 256;
 /// Contiguous BATCHES frames the mirror has received are appended together, up to this much.
 const COALESCE_BYTES: usize = 4 << 20;
+/// Bytes of frames a sink holds while one before them is still on its way; past it, the
+/// stream is refused and starts again from the mirror's end. The source sends at most
+/// `WINDOW_BYTES` ahead of the mirror's acknowledged end, so this is never reached normally.
+const HOLD_BYTES: usize = 3 * WINDOW_BYTES;
 const RETRY: Duration = Duration::from_secs(1);
 /// How often committed group offsets are shipped to the mirrors. After a failover, a consumer
 /// group resumes at most this much (plus its own commit interval) behind where it was.
@@ -101,6 +109,28 @@ pub struct Gateway {
     heartbeat_now: watch::Sender<u64>,
     /// Config overrides last given to each mirror topic (from its primary's heartbeats).
     configs_applied: Mutex<BTreeMap<String, BTreeMap<String, String>>>,
+    /// The sinks of mirrored partitions, by the id their ROUTE frame gave out: the connection
+    /// it was given on (a BATCHES stream must come on the same one) and where frames go.
+    routes: Mutex<HashMap<u64, (usize, tokio::sync::mpsc::Sender<Frame>)>>,
+    /// Durable log ends of the partitions mirrored here, shared by the sinks of a stream's two
+    /// copies (`wire_copies = 2`): each learns at once what the other appended.
+    mirror_ends: Mutex<HashMap<(String, i32), watch::Sender<i64>>>,
+}
+
+/// Removes a sink's route when the sink ends.
+struct RouteGuard<'a> {
+    gateway: &'a Gateway,
+    id: u64,
+}
+
+impl Drop for RouteGuard<'_> {
+    fn drop(&mut self) {
+        self.gateway
+            .routes
+            .lock()
+            .expect("routes lock")
+            .remove(&self.id);
+    }
 }
 
 impl Gateway {
@@ -132,6 +162,8 @@ impl Gateway {
             replaced: Mutex::new(BTreeSet::new()),
             configs_applied: Mutex::new(BTreeMap::new()),
             heartbeat_now: watch::channel(0).0,
+            routes: Mutex::new(HashMap::new()),
+            mirror_ends: Mutex::new(HashMap::new()),
         })
     }
 
@@ -445,6 +477,25 @@ impl Gateway {
                     }
                     self.track(&peer, &conn);
                     let me = self.clone();
+                    let conn_id = conn.stable_id();
+                    {
+                        // Every BATCHES frame comes on a unidirectional stream of its own.
+                        let me = me.clone();
+                        let conn = conn.clone();
+                        let peer = peer.clone();
+                        tokio::spawn(async move {
+                            while let Ok(rx) = conn.accept_uni().await {
+                                let me = me.clone();
+                                let conn = conn.clone();
+                                let peer = peer.clone();
+                                tokio::spawn(async move {
+                                    if let Err(e) = me.sink_frame(&conn, rx).await {
+                                        tracing::warn!(%peer, error = %e, "BATCHES stream refused");
+                                    }
+                                });
+                            }
+                        });
+                    }
                     tokio::spawn(async move {
                         loop {
                             match conn.accept_bi().await {
@@ -452,7 +503,8 @@ impl Gateway {
                                     let me = me.clone();
                                     let peer = peer.clone();
                                     tokio::spawn(async move {
-                                        if let Err(e) = me.sink_stream(&peer, tx, rx).await {
+                                        if let Err(e) = me.sink_stream(&peer, conn_id, tx, rx).await
+                                        {
                                             tracing::warn!(%peer, error = %e, "mirror stream ended");
                                         }
                                     });
@@ -472,9 +524,98 @@ impl Gateway {
         }
     }
 
+    /// One BATCHES frame on a unidirectional stream of its own: ROUTE, the frame, the end.
+    /// It goes to the sink the route names, which must have given the route out on this
+    /// connection. A stream that cannot be read ends its sink's stream too (the source then
+    /// resumes from the mirror's end), or the whole connection when it is not known whose it was.
+    async fn sink_frame(
+        &self,
+        conn: &quinn::Connection,
+        mut rx: quinn::RecvStream,
+    ) -> Result<(), String> {
+        let id = match frame::read(&mut rx).await {
+            Ok(Some(Frame::Route { id })) => id,
+            other => {
+                let m = format!("a BATCHES stream must start with ROUTE, got {other:?}");
+                conn.close(3u32.into(), b"bad BATCHES stream");
+                return Err(m);
+            }
+        };
+        let route = self.routes.lock().expect("routes lock").get(&id).cloned();
+        let sink = match route {
+            Some((c, sink)) if c == conn.stable_id() => sink,
+            Some(_) => {
+                conn.close(3u32.into(), b"ROUTE of another connection");
+                return Err(format!("route {id} was given out on another connection"));
+            }
+            None => {
+                // Its sink ended (the source is starting over): nothing to deliver it to.
+                let _ = rx.stop(0u32.into());
+                return Ok(());
+            }
+        };
+        let frame = match frame::read(&mut rx).await {
+            Ok(Some(f @ (Frame::Batches { .. } | Frame::SnappyBatches { .. }))) => {
+                match frame::read(&mut rx).await {
+                    Ok(None) => Ok(f),
+                    other => Err(format!(
+                        "a BATCHES stream holds one frame, then more: {other:?}"
+                    )),
+                }
+            }
+            Ok(other) => Err(format!("expected BATCHES after ROUTE, got {other:?}")),
+            Err(e) => Err(format!("BATCHES stream: {e}")),
+        };
+        match frame {
+            Ok(f) => sink.send(f).await.map_err(|_| "its sink ended".to_string()),
+            Err(m) => {
+                // The sink cannot go on without this frame: have it refuse its stream.
+                let _ = sink
+                    .send(Frame::Error {
+                        code: 2,
+                        log_end: -1,
+                        message: m.clone(),
+                    })
+                    .await;
+                Err(m)
+            }
+        }
+    }
+
+    /// The durable end of a mirrored partition as the sinks of this gateway know it.
+    fn mirror_end(&self, topic: &str, partition: i32, end: i64) -> watch::Receiver<i64> {
+        let mut m = self.mirror_ends.lock().expect("mirror ends lock");
+        let s = m
+            .entry((topic.to_string(), partition))
+            .or_insert_with(|| watch::channel(end).0);
+        s.send_if_modified(|v| {
+            let moved = end > *v;
+            *v = (*v).max(end);
+            moved
+        });
+        s.subscribe()
+    }
+
+    /// A sink made `end` durable (`reset`: after a truncation, which moves it back).
+    fn publish_mirror_end(&self, topic: &str, partition: i32, end: i64, reset: bool) {
+        let m = self.mirror_ends.lock().expect("mirror ends lock");
+        if let Some(s) = m.get(&(topic.to_string(), partition)) {
+            if reset {
+                s.send_replace(end);
+            } else {
+                s.send_if_modified(|v| {
+                    let moved = end > *v;
+                    *v = (*v).max(end);
+                    moved
+                });
+            }
+        }
+    }
+
     async fn sink_stream(
         &self,
         peer: &str,
+        conn_id: usize,
         mut tx: quinn::SendStream,
         mut rx: quinn::RecvStream,
     ) -> Result<(), String> {
@@ -561,13 +702,26 @@ impl Gateway {
                 epochs,
             })
         };
+        // Frames come on streams of their own that start with this route (and, if a source
+        // sends them so, on this stream); the reader and those streams feed one queue.
+        let (ftx, mut frx) = tokio::sync::mpsc::channel::<Frame>(64);
+        let route = loop {
+            let id = uuid::Uuid::new_v4().as_u64_pair().0;
+            let mut routes = self.routes.lock().expect("routes lock");
+            if let std::collections::hash_map::Entry::Vacant(v) = routes.entry(id) {
+                v.insert((conn_id, ftx.clone()));
+                break RouteGuard { gateway: self, id };
+            }
+        };
+        frame::write(&mut tx, &Frame::Route { id: route.id })
+            .await
+            .map_err(e)?;
         frame::write(&mut tx, &position(end).await?)
             .await
             .map_err(e)?;
         tracing::info!(%peer, %topic, partition, log_end = end, epoch, "mirroring partition");
-        // The reader takes frames off the stream while the appender writes earlier ones, and
-        // contiguous frames that arrived meanwhile are appended (and fsynced) together.
-        let (ftx, mut frx) = tokio::sync::mpsc::channel::<Frame>(64);
+        // The reader takes frames off the stream while the appender writes earlier ones; the
+        // stream's end (the source stopped or reconnected) ends the sink.
         let reader = async move {
             while let Some(f) = frame::read(&mut rx).await.map_err(e)? {
                 if ftx.send(f).await.is_err() {
@@ -576,17 +730,67 @@ impl Gateway {
             }
             Ok::<(), String>(())
         };
+        let mut shared = self.mirror_end(&topic, partition, end);
         let appender = async {
-            let mut pending: Option<Frame> = None;
+            let refuse = |code: i16, end: i64, message: String| Frame::Error {
+                code,
+                log_end: end,
+                message,
+            };
+            let mut order = Reorder::new(end, HOLD_BYTES);
             loop {
-                let f = match pending.take() {
-                    Some(f) => f,
-                    None => match frx.recv().await {
+                // Append what continues the log: the frames that arrived meanwhile go together.
+                if let Some((mut parts, after)) = order.ready(COALESCE_BYTES) {
+                    let total: usize = parts.iter().map(|p| p.len()).sum();
+                    req.records = if parts.len() == 1 {
+                        parts.pop().expect("one part")
+                    } else {
+                        let mut b = bytes::BytesMut::with_capacity(total);
+                        for p in &parts {
+                            b.extend_from_slice(p);
+                        }
+                        b.freeze()
+                    };
+                    let (err, new_end, msg) = client
+                        .mirror_append(&req)
+                        .await
+                        .map_err(|x| x.to_string())?;
+                    if err != 0 {
+                        let _ = frame::write(&mut tx, &refuse(err, new_end.max(end), msg.clone()))
+                            .await;
+                        return Err(format!("{topic}-{partition}: append refused: {msg}"));
+                    }
+                    assert_eq!(new_end, after, "an append ends where its batches end");
+                    // `new_end` is where these batches end, durable; another copy of the stream
+                    // may have appended further (not acknowledged here until it is durable).
+                    end = end.max(new_end);
+                    order.advance(end);
+                    self.publish_mirror_end(&topic, partition, end, false);
+                    metrics::counter!("ferry_mirror_bytes_in_total", "topic" => topic.clone())
+                        .increment(total as u64);
+                    metrics::gauge!("ferry_mirror_log_end_offset", "topic" => topic.clone(), "partition" => partition.to_string()).set(end as f64);
+                    frame::write(&mut tx, &Frame::Ack { log_end: new_end })
+                        .await
+                        .map_err(e)?;
+                    continue;
+                }
+                // Wait for a frame, or for the other copy of the stream to move the log end
+                // past what this one holds.
+                let f = tokio::select! {
+                    f = frx.recv() => match f {
                         Some(f) => f,
                         None => return Ok::<(), String>(()),
                     },
+                    moved = shared.changed(), if order.held_bytes() > 0 => {
+                        if moved.is_ok() {
+                            let other = *shared.borrow_and_update();
+                            end = end.max(other);
+                            order.advance(end);
+                        }
+                        continue;
+                    }
                 };
-                let (first_offset, batches) = match f {
+                match f {
                     Frame::Batches {
                         first_offset,
                         batches,
@@ -594,7 +798,19 @@ impl Gateway {
                     | Frame::SnappyBatches {
                         first_offset,
                         batches,
-                    } => (first_offset, batches),
+                    } => {
+                        // Check every batch before holding any: CRC, whole, the first where the
+                        // frame says.
+                        let held = check_frame(first_offset, &batches).and_then(|after| {
+                            order
+                                .offer(first_offset, after, batches)
+                                .map_err(|x| x.to_string())
+                        });
+                        if let Err(m) = held {
+                            let _ = frame::write(&mut tx, &refuse(2, end, m.clone())).await;
+                            return Err(m);
+                        }
+                    }
                     Frame::Truncate { offset } if offset < end => {
                         // Our tail past `offset` is not in the primary's history: set it aside.
                         let answer: crate::kafka::control::TruncateAnswer = client
@@ -609,119 +825,32 @@ impl Gateway {
                         metrics::counter!("ferry_quarantined_records_total", "topic" => topic.clone())
                             .increment(answer.quarantined as u64);
                         end = answer.log_end;
+                        order = Reorder::new(end, HOLD_BYTES);
+                        self.publish_mirror_end(&topic, partition, end, true);
                         frame::write(&mut tx, &position(end).await?)
                             .await
                             .map_err(e)?;
-                        continue;
                     }
                     Frame::Truncate { .. } => {
                         frame::write(&mut tx, &position(end).await?)
                             .await
                             .map_err(e)?;
-                        continue;
+                    }
+                    // A BATCHES stream of this sink could not be read (see `sink_frame`).
+                    Frame::Error { message, .. } => {
+                        let _ = frame::write(&mut tx, &refuse(2, end, message.clone())).await;
+                        return Err(message);
                     }
                     _ => return Err("expected BATCHES or TRUNCATE".into()),
-                };
-                // Check every batch before writing any: CRC and continuity.
-                let refuse = |code: i16, end: i64, message: String| Frame::Error {
-                    code,
-                    log_end: end,
-                    message,
-                };
-                let checked = check_frame(first_offset, &batches);
-                if checked.is_ok() && first_offset > end {
-                    // The other copy of this stream (`wire_copies = 2`) may have appended past
-                    // our last answer: the broker's log end decides.
-                    req.records = Bytes::new();
-                    let (err, now, _) = client
-                        .mirror_append(&req)
-                        .await
-                        .map_err(|x| x.to_string())?;
-                    if err == 0 {
-                        end = end.max(now);
-                    }
-                }
-                let mut after = match checked {
-                    Err(m) => {
-                        let _ = frame::write(&mut tx, &refuse(2, end, m.clone())).await;
-                        return Err(m);
-                    }
-                    Ok(_) if first_offset > end => {
-                        let m = format!(
-                            "gap: batches start at {first_offset}, the mirror ends at {end}"
-                        );
-                        let _ = frame::write(&mut tx, &refuse(1, end, m.clone())).await;
-                        return Err(m);
-                    }
-                    Ok(after) => after,
-                };
-                // Frames that follow on without a gap and are already here join this append.
-                let mut parts = vec![batches];
-                let mut total = parts[0].len();
-                let mut bad = None;
-                while total < COALESCE_BYTES {
-                    match frx.try_recv() {
-                        Ok(
-                            Frame::Batches {
-                                first_offset: f,
-                                batches,
-                            }
-                            | Frame::SnappyBatches {
-                                first_offset: f,
-                                batches,
-                            },
-                        ) if f == after => match check_frame(f, &batches) {
-                            Ok(a) => {
-                                after = a;
-                                total += batches.len();
-                                parts.push(batches);
-                            }
-                            Err(m) => {
-                                bad = Some(m);
-                                break;
-                            }
-                        },
-                        Ok(other) => {
-                            pending = Some(other);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
-                req.records = if parts.len() == 1 {
-                    parts.pop().expect("one part")
-                } else {
-                    let mut b = bytes::BytesMut::with_capacity(total);
-                    for p in &parts {
-                        b.extend_from_slice(p);
-                    }
-                    b.freeze()
-                };
-                let (err, new_end, msg) = client
-                    .mirror_append(&req)
-                    .await
-                    .map_err(|x| x.to_string())?;
-                if err != 0 {
-                    let _ =
-                        frame::write(&mut tx, &refuse(err, new_end.max(end), msg.clone())).await;
-                    return Err(format!("{topic}-{partition}: append refused: {msg}"));
-                }
-                // `new_end` is where these batches end, durable; another copy of the stream
-                // may have appended further (not acknowledged here until it is durable).
-                end = end.max(new_end);
-                metrics::counter!("ferry_mirror_bytes_in_total", "topic" => topic.clone())
-                    .increment(total as u64);
-                metrics::gauge!("ferry_mirror_log_end_offset", "topic" => topic.clone(), "partition" => partition.to_string()).set(end as f64);
-                frame::write(&mut tx, &Frame::Ack { log_end: new_end })
-                    .await
-                    .map_err(e)?;
-                if let Some(m) = bad {
-                    let _ = frame::write(&mut tx, &refuse(2, end, m.clone())).await;
-                    return Err(m);
                 }
             }
         };
-        tokio::try_join!(reader, appender).map(|_| ())
+        let result = tokio::select! {
+            r = reader => r,
+            r = appender => r,
+        };
+        drop(route);
+        result
     }
 
     /// Give the topics this region mirrors from `peer` the config overrides `peer` has for
@@ -1299,6 +1428,7 @@ impl Gateway {
         )
         .await
         .map_err(e)?;
+        let route = read_route(&mut rx).await?;
         // Where the mirror ends, and whether its tail is in our history (a rejoining region's
         // may not be): if not, have it quarantined and cut first.
         let next = loop {
@@ -1363,13 +1493,14 @@ impl Gateway {
             let mut inflight_bytes = 0usize;
             loop {
                 let acked = *acked_rx.borrow_and_update();
-                {
+                let inflight_frames = {
                     let mut q = inflight.lock().expect("inflight lock");
                     while q.front().is_some_and(|f| f.end <= acked) {
                         inflight_bytes -= q.pop_front().expect("front").bytes;
                     }
-                }
-                if inflight_bytes >= WINDOW_BYTES {
+                    q.len()
+                };
+                if inflight_bytes >= WINDOW_BYTES || inflight_frames >= WINDOW_FRAMES {
                     acked_rx
                         .changed()
                         .await
@@ -1435,7 +1566,7 @@ impl Gateway {
                 inflight_bytes += n;
                 sent = span.next;
                 let _ = sent_tx.send(sent);
-                tx.write_all(&wire).await.map_err(|x| x.to_string())?;
+                send_frame(conn, &route, &wire).await?;
                 metrics::counter!("ferry_mirror_bytes_out_total", "topic" => topic.to_string())
                     .increment(n as u64);
                 metrics::counter!("ferry_mirror_wire_bytes_out_total", "topic" => topic.to_string())
@@ -1576,6 +1707,7 @@ impl SecondCopy<'_> {
         )
         .await
         .map_err(e)?;
+        let route = read_route(&mut rx).await?;
         let mut cursor = match frame::read(&mut rx).await.map_err(e)? {
             Some(Frame::Position { log_end, .. }) => log_end,
             Some(Frame::Error { message, .. }) => {
@@ -1610,8 +1742,10 @@ impl SecondCopy<'_> {
                 };
                 match next {
                     Some((end, wire)) => {
-                        if let Err(x) = tx.write_all(&wire).await {
-                            return Err::<(), String>(x.to_string());
+                        // (Not `?`: this `return` gives the async block its type.)
+                        #[allow(clippy::question_mark)]
+                        if let Err(x) = send_frame(conn, &route, &wire).await {
+                            return Err::<(), String>(x);
                         }
                         metrics::counter!("ferry_mirror_wire_bytes_out_total", "topic" => self.topic.to_string())
                             .increment(wire.len() as u64);
@@ -1629,6 +1763,26 @@ impl SecondCopy<'_> {
         };
         tokio::try_join!(answers, writer).map(|_| ())
     }
+}
+
+/// The sink's answer to OPEN: the ROUTE that BATCHES streams start with (encoded), or its
+/// refusal.
+async fn read_route(rx: &mut quinn::RecvStream) -> Result<Bytes, String> {
+    match frame::read(rx).await.map_err(|x| x.to_string())? {
+        Some(f @ Frame::Route { .. }) => Ok(f.encode()),
+        Some(Frame::Error { message, .. }) => Err(format!("refused by the mirror: {message}")),
+        other => Err(format!("expected ROUTE, got {other:?}")),
+    }
+}
+
+/// Send one encoded BATCHES frame on a unidirectional stream of its own, after the sink's
+/// `route`. Returns once QUIC has the bytes (it resends them until they arrive or the
+/// connection ends); the sink's ACK on the partition's stream says when they are durable.
+async fn send_frame(conn: &quinn::Connection, route: &Bytes, wire: &Bytes) -> Result<(), String> {
+    let mut s = conn.open_uni().await.map_err(|x| x.to_string())?;
+    s.write_all(route).await.map_err(|x| x.to_string())?;
+    s.write_all(wire).await.map_err(|x| x.to_string())?;
+    s.finish().map_err(|x| x.to_string())
 }
 
 /// The frame the second copy sends next, given where it is (`cursor`: the end of the last frame

@@ -18,3 +18,4 @@
 pub mod admin;
 pub mod frame;
 pub mod gateway;
+pub mod reorder;
