@@ -31,6 +31,32 @@ fn write_all_parts(mut f: &File, head: &[u8], rest: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Bytes appended to a segment between two requests to the kernel to start writing them back
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`: asynchronous, not a durability point). Without
+/// it, data nobody fsyncs (`acks=1` topics) piles up in the page cache until the kernel flushes
+/// gigabytes at once, and every fsync of an `acks=all` topic issued meanwhile waits behind that
+/// flush (`scripts/bench-broker`, 2026-12-05: acks=all records at 20,000/s took up to 230 ms
+/// after a few `acks=1` runs). Writing back as it goes keeps the dirty data small and fsyncs
+/// short, as RocksDB's `bytes_per_sync` does (measured: the slowest acks=all record after two
+/// 1 GB `acks=1` runs 8.6-10.3 ms in four runs, against 7.3-68 ms without; throughput the same
+/// within the noise).
+pub const WRITEBACK_BYTES: u64 = 1 << 20;
+
+/// Ask the kernel to start writing `[from, to)` of `file` to disk, without waiting for it. An
+/// error is ignored: this only moves I/O earlier; durability comes from fsync.
+fn start_writeback(file: &File, from: u64, to: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid open file descriptor; the call reads no memory of ours.
+    let _ = unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            from as libc::off64_t,
+            (to - from) as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+}
+
 /// File name stem for a base offset: 20 zero-padded digits, as Kafka does.
 pub fn file_stem(base_offset: i64) -> String {
     format!("{base_offset:020}")
@@ -61,6 +87,8 @@ pub struct Segment {
     time_index: TimeIndex,
     bytes_since_index: u64,
     index_interval_bytes: u64,
+    /// Bytes of the log file the kernel was asked to write back (see [`WRITEBACK_BYTES`]).
+    writeback_requested: u64,
 }
 
 /// A batch header read back from a segment, with its file position.
@@ -102,6 +130,7 @@ impl Segment {
             time_index: TimeIndex::create(&tp)?,
             bytes_since_index: 0,
             index_interval_bytes,
+            writeback_requested: 0,
         })
     }
 
@@ -133,6 +162,7 @@ impl Segment {
             time_index: TimeIndex::create(&dir.join(".scratch.timeindex"))?,
             bytes_since_index: 0,
             index_interval_bytes,
+            writeback_requested: file_size,
         };
         let _ = std::fs::remove_file(dir.join(".scratch.index"));
         let _ = std::fs::remove_file(dir.join(".scratch.timeindex"));
@@ -300,6 +330,14 @@ impl Segment {
         }
         self.size += len as u64;
         self.next_offset = h.next_offset();
+        if self.size.saturating_sub(self.writeback_requested) >= WRITEBACK_BYTES {
+            start_writeback(
+                &self.log,
+                self.writeback_requested.min(self.size),
+                self.size,
+            );
+            self.writeback_requested = self.size;
+        }
         self.max_timestamp = self.max_timestamp.max(h.max_timestamp);
         Ok(())
     }
