@@ -374,6 +374,36 @@ pub async fn read(rx: &mut quinn::RecvStream) -> Result<Option<Frame>, std::io::
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
+/// What [`read_or_end`] found on a stream that may stop anywhere.
+#[derive(Debug)]
+pub enum Read {
+    Frame(Frame),
+    /// The stream ended cleanly before a frame began.
+    End,
+    /// The stream stopped inside a frame, was reset, or its connection was lost.
+    CutShort,
+}
+
+/// Read one frame, telling a stream that was cut short (its sender stopped mid-way, or the
+/// connection went) from one that carried a bad frame (the `Err`).
+pub async fn read_or_end(rx: &mut quinn::RecvStream) -> Result<Read, FrameError> {
+    let mut len = [0u8; 4];
+    match rx.read_exact(&mut len).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(Read::End),
+        Err(_) => return Ok(Read::CutShort),
+    }
+    let n = u32::from_be_bytes(len) as usize;
+    if !(5..=FRAME_BYTES_MAX).contains(&n) {
+        return Err(FrameError::Length(n));
+    }
+    let mut body = vec![0u8; n];
+    if rx.read_exact(&mut body).await.is_err() {
+        return Ok(Read::CutShort);
+    }
+    Frame::decode(Bytes::from(body)).map(Read::Frame)
+}
+
 /// Write one frame to a QUIC send stream.
 pub async fn write(tx: &mut quinn::SendStream, f: &Frame) -> Result<(), std::io::Error> {
     tx.write_all(&f.encode())

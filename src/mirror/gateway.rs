@@ -526,15 +526,18 @@ impl Gateway {
 
     /// One BATCHES frame on a unidirectional stream of its own: ROUTE, the frame, the end.
     /// It goes to the sink the route names, which must have given the route out on this
-    /// connection. A stream that cannot be read ends its sink's stream too (the source then
-    /// resumes from the mirror's end), or the whole connection when it is not known whose it was.
+    /// connection. A stream cut short before its ROUTE is dropped (its sender stopped: its
+    /// session is ending); one cut short after it, or carrying a bad frame, makes its sink
+    /// refuse the partition stream (the source then resumes from the mirror's end); a bad ROUTE,
+    /// or a ROUTE of another connection, closes the connection.
     async fn sink_frame(
         &self,
         conn: &quinn::Connection,
         mut rx: quinn::RecvStream,
     ) -> Result<(), String> {
-        let id = match frame::read(&mut rx).await {
-            Ok(Some(Frame::Route { id })) => id,
+        let id = match frame::read_or_end(&mut rx).await {
+            Ok(frame::Read::Frame(Frame::Route { id })) => id,
+            Ok(frame::Read::End | frame::Read::CutShort) => return Ok(()),
             other => {
                 let m = format!("a BATCHES stream must start with ROUTE, got {other:?}");
                 conn.close(3u32.into(), b"bad BATCHES stream");
@@ -554,16 +557,21 @@ impl Gateway {
                 return Ok(());
             }
         };
-        let frame = match frame::read(&mut rx).await {
-            Ok(Some(f @ (Frame::Batches { .. } | Frame::SnappyBatches { .. }))) => {
-                match frame::read(&mut rx).await {
-                    Ok(None) => Ok(f),
+        let frame = match frame::read_or_end(&mut rx).await {
+            Ok(frame::Read::Frame(f @ (Frame::Batches { .. } | Frame::SnappyBatches { .. }))) => {
+                match frame::read_or_end(&mut rx).await {
+                    Ok(frame::Read::End) => Ok(f),
                     other => Err(format!(
-                        "a BATCHES stream holds one frame, then more: {other:?}"
+                        "a BATCHES stream holds one frame and ends, found after it: {other:?}"
                     )),
                 }
             }
-            Ok(other) => Err(format!("expected BATCHES after ROUTE, got {other:?}")),
+            Ok(frame::Read::Frame(other)) => {
+                Err(format!("expected BATCHES after ROUTE, got {other:?}"))
+            }
+            Ok(frame::Read::End | frame::Read::CutShort) => {
+                Err("BATCHES stream cut short".to_string())
+            }
             Err(e) => Err(format!("BATCHES stream: {e}")),
         };
         match frame {
