@@ -553,3 +553,67 @@ fn every_valid_region_name_makes_a_usable_certificate() {
         tls::client_config(&m, &TransportSettings::default()).unwrap();
     }
 }
+
+/// Each BATCHES frame comes on a unidirectional stream of its own (`mirror::frame`), and the
+/// sink must tell a stream whose sender stopped mid-way (dropped, not an error) from one that
+/// carries a bad frame (refused): `frame::read_or_end` over real QUIC streams.
+#[tokio::test]
+async fn a_frame_stream_cut_short_is_told_from_a_bad_frame() {
+    use ferry::mirror::frame::{self, Frame, Read};
+    let s = setup();
+    let west = s.west.clone();
+    let topology = s.topology.clone();
+    let server = tokio::spawn(async move {
+        let (_, conn) = timeout(STEP, link::accept(&west, &topology))
+            .await
+            .unwrap()
+            .unwrap();
+        let mut found = Vec::new();
+        for _ in 0..4 {
+            let mut rx = timeout(STEP, conn.accept_uni()).await.unwrap().unwrap();
+            let first = timeout(STEP, frame::read_or_end(&mut rx)).await.unwrap();
+            let second = match &first {
+                Ok(Read::Frame(_)) => {
+                    Some(timeout(STEP, frame::read_or_end(&mut rx)).await.unwrap())
+                }
+                _ => None,
+            };
+            found.push(format!("{first:?} then {second:?}"));
+        }
+        found
+    });
+    let conn = timeout(STEP, link::connect(&s.east, &s.topology, "west"))
+        .await
+        .unwrap()
+        .unwrap();
+    let route = Frame::Route { id: 7 }.encode();
+    // 1. A whole frame, then the end of the stream.
+    let mut tx = conn.open_uni().await.unwrap();
+    tx.write_all(&route).await.unwrap();
+    tx.finish().unwrap();
+    // 2. Nothing at all: the sender stopped before writing.
+    let mut tx = conn.open_uni().await.unwrap();
+    tx.finish().unwrap();
+    // 3. Half a frame.
+    let mut tx = conn.open_uni().await.unwrap();
+    tx.write_all(&route[..route.len() - 3]).await.unwrap();
+    tx.finish().unwrap();
+    // 4. A whole frame whose checksum is wrong.
+    let mut bad = route.to_vec();
+    let last = bad.len() - 1;
+    bad[last] ^= 0xff;
+    let mut tx = conn.open_uni().await.unwrap();
+    tx.write_all(&bad).await.unwrap();
+    tx.finish().unwrap();
+    let found = timeout(STEP, server).await.unwrap().unwrap();
+    assert_eq!(
+        found,
+        vec![
+            "Ok(Frame(Route { id: 7 })) then Some(Ok(End))".to_string(),
+            "Ok(End) then None".to_string(),
+            "Ok(CutShort) then None".to_string(),
+            "Err(Crc) then None".to_string(),
+        ]
+    );
+    conn.close(0u32.into(), b"done");
+}
