@@ -115,6 +115,11 @@ pub struct TopicRule {
     /// first, so a record is late only when both copies meet a loss: lower tail latency on a
     /// lossy link, for twice the bytes on it.
     pub wire_copies: u8,
+    /// Forward error correction on the wire: besides its reliable stream, every frame of these
+    /// topics also travels as Reed-Solomon shards in QUIC datagrams, with this many percent of
+    /// recovery shards (0: off; 1-100). The mirror rebuilds a frame from any enough shards
+    /// without waiting for QUIC to resend a lost packet (see `mirror::fec`).
+    pub wire_fec: u8,
 }
 
 /// Compression of record batches between gateways, on top of what the client chose.
@@ -821,6 +826,7 @@ const TOPIC_KEYS: &[&str] = &[
     "retention",
     "wire_compression",
     "wire_copies",
+    "wire_fec",
 ];
 const FAILOVER_KEYS: &[&str] = &["fencing", "lease", "heartbeat", "promotion", "witness"];
 const TLS_KEYS: &[&str] = &["ca", "regions"];
@@ -1361,6 +1367,11 @@ fn read_rule(
         Some(v) => cx.int(v, &o.field("wire_copies"), 1, 2).map(|n| n as u8),
     };
 
+    let wire_fec = match o.get("wire_fec") {
+        None => Some(0),
+        Some(v) => cx.int(v, &o.field("wire_fec"), 0, 100).map(|n| n as u8),
+    };
+
     let rule = TopicRule {
         pattern: pattern?,
         partitions: partitions.flatten(),
@@ -1370,6 +1381,7 @@ fn read_rule(
         retention: retention.flatten(),
         wire_compression: wire_compression?,
         wire_copies: wire_copies?,
+        wire_fec: wire_fec?,
     };
     let at = RuleAt {
         at: o.at,

@@ -495,3 +495,17 @@ fn wire_copies_defaults_to_one_and_takes_one_or_two() {
     assert_eq!(e.line, line_of(&text, "wire_copies", 0));
     assert!(e.message.contains("out of range (1 to 2)"), "{e}");
 }
+
+#[test]
+fn wire_fec_defaults_to_off_and_takes_a_percentage() {
+    let rule = "\n[[topics]]\npattern = \"orders\"\nprimary = \"east\"\nmirrors = [\"west\"]\n";
+    let t = check(&format!("{BASE}{rule}")).unwrap();
+    assert_eq!(t.rule_for_topic("orders").unwrap().wire_fec, 0);
+    let t = check(&format!("{BASE}{rule}wire_fec = 25\n")).unwrap();
+    assert_eq!(t.rule_for_topic("orders").unwrap().wire_fec, 25);
+    let text = format!("{BASE}{rule}wire_fec = 101\n");
+    let errs = errors(&text);
+    let e = error_for(&errs, "topics[0].wire_fec");
+    assert_eq!(e.line, line_of(&text, "wire_fec", 0));
+    assert!(e.message.contains("out of range (0 to 100)"), "{e}");
+}

@@ -20,6 +20,7 @@ use kafka_protocol::messages::{BrokerId, TopicName};
 use kafka_protocol::protocol::StrBytes;
 use tokio::sync::watch;
 
+use super::fec;
 use super::frame::{self, Frame};
 use super::reorder::Reorder;
 use crate::batch;
@@ -49,6 +50,8 @@ const COALESCE_BYTES: usize = 4 << 20;
 /// stream is refused and starts again from the mirror's end. The source sends at most
 /// `WINDOW_BYTES` ahead of the mirror's acknowledged end, so this is never reached normally.
 const HOLD_BYTES: usize = 3 * WINDOW_BYTES;
+/// Bytes of FEC shards a connection's sink side holds for frames not rebuilt yet.
+const FEC_HOLD_BYTES: usize = 64 << 20;
 const RETRY: Duration = Duration::from_secs(1);
 /// How often committed group offsets are shipped to the mirrors. After a failover, a consumer
 /// group resumes at most this much (plus its own commit interval) behind where it was.
@@ -479,6 +482,13 @@ impl Gateway {
                     let me = self.clone();
                     let conn_id = conn.stable_id();
                     {
+                        // FEC shards of frames (`wire_fec`) come as datagrams.
+                        let me = me.clone();
+                        let conn = conn.clone();
+                        let peer = peer.clone();
+                        tokio::spawn(async move { me.sink_datagrams(&conn, &peer).await });
+                    }
+                    {
                         // Every BATCHES frame comes on a unidirectional stream of its own.
                         let me = me.clone();
                         let conn = conn.clone();
@@ -586,6 +596,51 @@ impl Gateway {
                     })
                     .await;
                 Err(m)
+            }
+        }
+    }
+
+    /// FEC shards (`wire_fec`, see [`fec`]) arriving as datagrams on `conn`: a frame rebuilt
+    /// from them goes to the sink its route names (given out on this connection), which takes it
+    /// like one from a stream and keeps whichever copy of a frame comes first. Shards of unknown
+    /// routes (their sink ended) and bad datagrams are dropped: the stream still brings the
+    /// frame.
+    async fn sink_datagrams(&self, conn: &quinn::Connection, peer: &str) {
+        let mut assembler = fec::Assembler::new(FEC_HOLD_BYTES);
+        while let Ok(d) = conn.read_datagram().await {
+            let shard = match fec::parse(d) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "datagram dropped");
+                    continue;
+                }
+            };
+            let sink = match self.routes.lock().expect("routes lock").get(&shard.route) {
+                Some((c, sink)) if *c == conn.stable_id() => sink.clone(),
+                _ => continue,
+            };
+            match assembler.offer(shard, Instant::now()) {
+                Ok(Some((_, first_offset, wire))) => {
+                    match Frame::decode(wire.slice(4.min(wire.len())..)) {
+                        Ok(
+                            f @ (Frame::Batches {
+                                first_offset: o, ..
+                            }
+                            | Frame::SnappyBatches {
+                                first_offset: o, ..
+                            }),
+                        ) if o == first_offset => {
+                            metrics::counter!("ferry_mirror_fec_frames_rebuilt_total").increment(1);
+                            // A full queue drops it: the stream brings the same frame.
+                            let _ = sink.try_send(f);
+                        }
+                        other => {
+                            tracing::debug!(%peer, first_offset, rebuilt = ?other.map(|_| ()), "rebuilt frame is not the BATCHES its shards named");
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!(%peer, error = %e, "FEC shard dropped"),
             }
         }
     }
@@ -1436,7 +1491,7 @@ impl Gateway {
         )
         .await
         .map_err(e)?;
-        let route = read_route(&mut rx).await?;
+        let (route_id, route) = read_route(&mut rx).await?;
         // Where the mirror ends, and whether its tail is in our history (a rejoining region's
         // may not be): if not, have it quarantined and cut first.
         let next = loop {
@@ -1483,6 +1538,10 @@ impl Gateway {
             .topology
             .rule_for_topic(topic)
             .is_some_and(|r| r.wire_compression == WireCompression::Snappy);
+        let fec_percent = self
+            .topology
+            .rule_for_topic(topic)
+            .map_or(0, |r| r.wire_fec);
         let copies = copies_rx.filter(|_| {
             self.topology
                 .rule_for_topic(topic)
@@ -1574,6 +1633,9 @@ impl Gateway {
                 inflight_bytes += n;
                 sent = span.next;
                 let _ = sent_tx.send(sent);
+                if fec_percent > 0 {
+                    send_shards(conn, route_id, first_offset, &wire, fec_percent, topic);
+                }
                 send_frame(conn, &route, &wire).await?;
                 metrics::counter!("ferry_mirror_bytes_out_total", "topic" => topic.to_string())
                     .increment(n as u64);
@@ -1715,7 +1777,7 @@ impl SecondCopy<'_> {
         )
         .await
         .map_err(e)?;
-        let route = read_route(&mut rx).await?;
+        let (_, route) = read_route(&mut rx).await?;
         let mut cursor = match frame::read(&mut rx).await.map_err(e)? {
             Some(Frame::Position { log_end, .. }) => log_end,
             Some(Frame::Error { message, .. }) => {
@@ -1775,9 +1837,9 @@ impl SecondCopy<'_> {
 
 /// The sink's answer to OPEN: the ROUTE that BATCHES streams start with (encoded), or its
 /// refusal.
-async fn read_route(rx: &mut quinn::RecvStream) -> Result<Bytes, String> {
+async fn read_route(rx: &mut quinn::RecvStream) -> Result<(u64, Bytes), String> {
     match frame::read(rx).await.map_err(|x| x.to_string())? {
-        Some(f @ Frame::Route { .. }) => Ok(f.encode()),
+        Some(f @ Frame::Route { id }) => Ok((id, f.encode())),
         Some(Frame::Error { message, .. }) => Err(format!("refused by the mirror: {message}")),
         other => Err(format!("expected ROUTE, got {other:?}")),
     }
@@ -1791,6 +1853,35 @@ async fn send_frame(conn: &quinn::Connection, route: &Bytes, wire: &Bytes) -> Re
     s.write_all(route).await.map_err(|x| x.to_string())?;
     s.write_all(wire).await.map_err(|x| x.to_string())?;
     s.finish().map_err(|x| x.to_string())
+}
+
+/// The frame's Reed-Solomon shards as datagrams (`wire_fec`, see [`fec`]): best effort, not
+/// awaited, never resent; the frame's stream is what makes it arrive for sure.
+fn send_shards(
+    conn: &quinn::Connection,
+    route: u64,
+    first_offset: i64,
+    wire: &Bytes,
+    percent: u8,
+    topic: &str,
+) {
+    let Some(max) = conn.max_datagram_size() else {
+        return;
+    };
+    match fec::encode(route, first_offset, wire, max, percent) {
+        Ok(datagrams) => {
+            let mut bytes = 0;
+            for d in datagrams {
+                bytes += d.len();
+                if conn.send_datagram(d).is_err() {
+                    break;
+                }
+            }
+            metrics::counter!("ferry_mirror_fec_wire_bytes_out_total", "topic" => topic.to_string())
+                .increment(bytes as u64);
+        }
+        Err(e) => tracing::debug!(%topic, error = %e, "no FEC shards for a frame"),
+    }
 }
 
 /// The frame the second copy sends next, given where it is (`cursor`: the end of the last frame

@@ -135,6 +135,9 @@ pub fn transport_config(settings: &TransportSettings) -> Result<TransportConfig,
         .max_concurrent_bidi_streams(settings.max_streams.into())
         .max_concurrent_uni_streams(settings.max_streams.into())
         .keep_alive_interval(Some(settings.keep_alive))
+        // FEC shards (`wire_fec`) travel as datagrams: room for a few frames' worth each way.
+        .datagram_receive_buffer_size(Some(16 << 20))
+        .datagram_send_buffer_size(16 << 20)
         .max_idle_timeout(Some(idle));
     match settings.congestion {
         Congestion::Cubic => {
