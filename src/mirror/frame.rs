@@ -404,6 +404,36 @@ pub async fn read_or_end(rx: &mut quinn::RecvStream) -> Result<Read, FrameError>
     Frame::decode(Bytes::from(body)).map(Read::Frame)
 }
 
+/// What [`parse_at`] found.
+#[derive(Debug)]
+pub enum Parsed {
+    /// A frame, and the byte after it.
+    Frame(Frame, usize),
+    /// The bytes end where a frame would begin.
+    End,
+    /// The bytes end inside a frame.
+    CutShort,
+}
+
+/// The frame at byte `at` of `b` (a stream read whole into memory), with the same checks as
+/// [`read_or_end`].
+pub fn parse_at(b: &Bytes, at: usize) -> Result<Parsed, FrameError> {
+    if at >= b.len() {
+        return Ok(Parsed::End);
+    }
+    if b.len() - at < 4 {
+        return Ok(Parsed::CutShort);
+    }
+    let n = u32::from_be_bytes(b[at..at + 4].try_into().expect("four bytes")) as usize;
+    if !(5..=FRAME_BYTES_MAX).contains(&n) {
+        return Err(FrameError::Length(n));
+    }
+    if b.len() - at - 4 < n {
+        return Ok(Parsed::CutShort);
+    }
+    Frame::decode(b.slice(at + 4..at + 4 + n)).map(|f| Parsed::Frame(f, at + 4 + n))
+}
+
 /// Write one frame to a QUIC send stream.
 pub async fn write(tx: &mut quinn::SendStream, f: &Frame) -> Result<(), std::io::Error> {
     tx.write_all(&f.encode())

@@ -481,12 +481,15 @@ impl Gateway {
                     self.track(&peer, &conn);
                     let me = self.clone();
                     let conn_id = conn.stable_id();
+                    // FEC recovery shards (`wire_fec`) come as datagrams, for the readers of
+                    // their frames' streams.
+                    let inbox = Arc::new(Mutex::new(fec::Inbox::new(FEC_HOLD_BYTES)));
                     {
-                        // FEC shards of frames (`wire_fec`) come as datagrams.
                         let me = me.clone();
                         let conn = conn.clone();
                         let peer = peer.clone();
-                        tokio::spawn(async move { me.sink_datagrams(&conn, &peer).await });
+                        let inbox = inbox.clone();
+                        tokio::spawn(async move { me.sink_datagrams(&conn, &peer, &inbox).await });
                     }
                     {
                         // Every BATCHES frame comes on a unidirectional stream of its own.
@@ -498,8 +501,9 @@ impl Gateway {
                                 let me = me.clone();
                                 let conn = conn.clone();
                                 let peer = peer.clone();
+                                let inbox = inbox.clone();
                                 tokio::spawn(async move {
-                                    if let Err(e) = me.sink_frame(&conn, rx).await {
+                                    if let Err(e) = me.sink_frame(&conn, rx, &inbox).await {
                                         tracing::warn!(%peer, error = %e, "BATCHES stream refused");
                                     }
                                 });
@@ -540,19 +544,121 @@ impl Gateway {
     /// session is ending); one cut short after it, or carrying a bad frame, makes its sink
     /// refuse the partition stream (the source then resumes from the mirror's end); a bad ROUTE,
     /// or a ROUTE of another connection, closes the connection.
+    ///
+    /// The stream is read out of order, so that under `wire_fec` the packets that arrived and
+    /// the recovery shards that came as datagrams (`inbox`) can rebuild the frame before QUIC
+    /// resends a lost packet ([`fec::StreamFrame`]); the rest of the stream is then stopped.
     async fn sink_frame(
         &self,
         conn: &quinn::Connection,
         mut rx: quinn::RecvStream,
+        inbox: &Mutex<fec::Inbox>,
     ) -> Result<(), String> {
-        let id = match frame::read_or_end(&mut rx).await {
-            Ok(frame::Read::Frame(Frame::Route { id })) => id,
-            Ok(frame::Read::End | frame::Read::CutShort) => return Ok(()),
-            other => {
-                let m = format!("a BATCHES stream must start with ROUTE, got {other:?}");
-                conn.close(3u32.into(), b"bad BATCHES stream");
-                return Err(m);
+        let stream = quinn::VarInt::from(rx.id()).into_inner();
+        let (stx, mut srx) = tokio::sync::mpsc::unbounded_channel();
+        let early = inbox.lock().expect("inbox lock").open(stream, stx);
+        let _close = InboxClose { inbox, stream };
+        let mut sf = fec::StreamFrame::new();
+        for s in early {
+            if let Err(e) = sf.add_shard(s) {
+                tracing::debug!(error = %e, "FEC shard dropped");
             }
+        }
+        enum Got {
+            Whole(Bytes),
+            Rebuilt(u64, Frame),
+            CutShort,
+        }
+        let mut ended = false;
+        let got = loop {
+            tokio::select! {
+                c = rx.read_chunk(usize::MAX, false), if !ended => match c {
+                    Ok(Some(c)) => sf.add_chunk(c.offset, c.bytes),
+                    Ok(None) => {
+                        sf.finish();
+                        ended = true;
+                    }
+                    Err(_) => break Got::CutShort,
+                },
+                Some(sh) = srx.recv() => {
+                    if let Err(e) = sf.add_shard(sh) {
+                        tracing::debug!(error = %e, "FEC shard dropped");
+                    }
+                }
+                else => break Got::CutShort,
+            }
+            match sf.ready() {
+                Ok(fec::Ready::No) if ended => break Got::CutShort,
+                Ok(fec::Ready::No) => {}
+                Ok(fec::Ready::Whole(b)) => break Got::Whole(b),
+                Ok(fec::Ready::Rebuilt {
+                    route,
+                    first_offset,
+                    frame,
+                }) => match Frame::decode(frame.slice(4.min(frame.len())..)) {
+                    Ok(
+                        f @ (Frame::Batches {
+                            first_offset: o, ..
+                        }
+                        | Frame::SnappyBatches {
+                            first_offset: o, ..
+                        }),
+                    ) if o == first_offset => break Got::Rebuilt(route, f),
+                    other => {
+                        tracing::debug!(first_offset, rebuilt = ?other.map(|_| ()), "rebuilt frame is not the BATCHES its shards named; waiting for the stream");
+                        sf.stop_shards();
+                    }
+                },
+                Err(e) => {
+                    tracing::debug!(error = %e, "FEC rebuild failed; waiting for the stream");
+                    sf.stop_shards();
+                }
+            }
+        };
+        let (id, frame) = match got {
+            Got::Rebuilt(id, f) => {
+                // The rest of the stream is not needed: have the source stop resending it.
+                let _ = rx.stop(0u32.into());
+                metrics::counter!("ferry_mirror_fec_frames_rebuilt_total").increment(1);
+                (id, Ok(f))
+            }
+            Got::Whole(b) => {
+                let (id, after_route) = match frame::parse_at(&b, 0) {
+                    Ok(frame::Parsed::Frame(Frame::Route { id }, next)) => (id, next),
+                    Ok(frame::Parsed::End | frame::Parsed::CutShort) => return Ok(()),
+                    other => {
+                        let m = format!("a BATCHES stream must start with ROUTE, got {other:?}");
+                        conn.close(3u32.into(), b"bad BATCHES stream");
+                        return Err(m);
+                    }
+                };
+                let frame = match frame::parse_at(&b, after_route) {
+                    Ok(frame::Parsed::Frame(
+                        f @ (Frame::Batches { .. } | Frame::SnappyBatches { .. }),
+                        next,
+                    )) => match frame::parse_at(&b, next) {
+                        Ok(frame::Parsed::End) => Ok(f),
+                        other => Err(format!(
+                            "a BATCHES stream holds one frame and ends, found after it: {other:?}"
+                        )),
+                    },
+                    Ok(frame::Parsed::Frame(other, _)) => {
+                        Err(format!("expected BATCHES after ROUTE, got {other:?}"))
+                    }
+                    Ok(frame::Parsed::End | frame::Parsed::CutShort) => {
+                        Err("BATCHES stream cut short".to_string())
+                    }
+                    Err(e) => Err(format!("BATCHES stream: {e}")),
+                };
+                (id, frame)
+            }
+            Got::CutShort => match frame::parse_at(&sf.prefix(), 0) {
+                // Cut short after its ROUTE: the sink cannot go on without this frame.
+                Ok(frame::Parsed::Frame(Frame::Route { id }, _)) => {
+                    (id, Err("BATCHES stream cut short".to_string()))
+                }
+                _ => return Ok(()),
+            },
         };
         let route = self.routes.lock().expect("routes lock").get(&id).cloned();
         let sink = match route {
@@ -566,23 +672,6 @@ impl Gateway {
                 let _ = rx.stop(0u32.into());
                 return Ok(());
             }
-        };
-        let frame = match frame::read_or_end(&mut rx).await {
-            Ok(frame::Read::Frame(f @ (Frame::Batches { .. } | Frame::SnappyBatches { .. }))) => {
-                match frame::read_or_end(&mut rx).await {
-                    Ok(frame::Read::End) => Ok(f),
-                    other => Err(format!(
-                        "a BATCHES stream holds one frame and ends, found after it: {other:?}"
-                    )),
-                }
-            }
-            Ok(frame::Read::Frame(other)) => {
-                Err(format!("expected BATCHES after ROUTE, got {other:?}"))
-            }
-            Ok(frame::Read::End | frame::Read::CutShort) => {
-                Err("BATCHES stream cut short".to_string())
-            }
-            Err(e) => Err(format!("BATCHES stream: {e}")),
         };
         match frame {
             Ok(f) => sink.send(f).await.map_err(|_| "its sink ended".to_string()),
@@ -600,13 +689,15 @@ impl Gateway {
         }
     }
 
-    /// FEC shards (`wire_fec`, see [`fec`]) arriving as datagrams on `conn`: a frame rebuilt
-    /// from them goes to the sink its route names (given out on this connection), which takes it
-    /// like one from a stream and keeps whichever copy of a frame comes first. Shards of unknown
-    /// routes (their sink ended) and bad datagrams are dropped: the stream still brings the
-    /// frame.
-    async fn sink_datagrams(&self, conn: &quinn::Connection, peer: &str) {
-        let mut assembler = fec::Assembler::new(FEC_HOLD_BYTES);
+    /// FEC recovery shards (`wire_fec`, see [`fec`]) arriving as datagrams on `conn`, handed to
+    /// the reader of their frame's stream through `inbox`. Shards whose route was not given out
+    /// on this connection, and bad datagrams, are dropped: the stream still brings the frame.
+    async fn sink_datagrams(
+        &self,
+        conn: &quinn::Connection,
+        peer: &str,
+        inbox: &Mutex<fec::Inbox>,
+    ) {
         while let Ok(d) = conn.read_datagram().await {
             let shard = match fec::parse(d) {
                 Ok(s) => s,
@@ -615,32 +706,15 @@ impl Gateway {
                     continue;
                 }
             };
-            let sink = match self.routes.lock().expect("routes lock").get(&shard.route) {
-                Some((c, sink)) if *c == conn.stable_id() => sink.clone(),
-                _ => continue,
-            };
-            match assembler.offer(shard, Instant::now()) {
-                Ok(Some((_, first_offset, wire))) => {
-                    match Frame::decode(wire.slice(4.min(wire.len())..)) {
-                        Ok(
-                            f @ (Frame::Batches {
-                                first_offset: o, ..
-                            }
-                            | Frame::SnappyBatches {
-                                first_offset: o, ..
-                            }),
-                        ) if o == first_offset => {
-                            metrics::counter!("ferry_mirror_fec_frames_rebuilt_total").increment(1);
-                            // A full queue drops it: the stream brings the same frame.
-                            let _ = sink.try_send(f);
-                        }
-                        other => {
-                            tracing::debug!(%peer, first_offset, rebuilt = ?other.map(|_| ()), "rebuilt frame is not the BATCHES its shards named");
-                        }
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => tracing::debug!(%peer, error = %e, "FEC shard dropped"),
+            let ours = matches!(
+                self.routes.lock().expect("routes lock").get(&shard.route),
+                Some((c, _)) if *c == conn.stable_id()
+            );
+            if ours {
+                inbox
+                    .lock()
+                    .expect("inbox lock")
+                    .deliver(shard, Instant::now());
             }
         }
     }
@@ -1633,10 +1707,13 @@ impl Gateway {
                 inflight_bytes += n;
                 sent = span.next;
                 let _ = sent_tx.send(sent);
-                if fec_percent > 0 {
-                    send_shards(conn, route_id, first_offset, &wire, fec_percent, topic);
-                }
-                send_frame(conn, &route, &wire).await?;
+                let fec = (fec_percent > 0).then_some(Fec {
+                    route: route_id,
+                    first_offset,
+                    percent: fec_percent,
+                    topic,
+                });
+                send_frame(conn, &route, &wire, fec).await?;
                 metrics::counter!("ferry_mirror_bytes_out_total", "topic" => topic.to_string())
                     .increment(n as u64);
                 metrics::counter!("ferry_mirror_wire_bytes_out_total", "topic" => topic.to_string())
@@ -1814,7 +1891,7 @@ impl SecondCopy<'_> {
                     Some((end, wire)) => {
                         // (Not `?`: this `return` gives the async block its type.)
                         #[allow(clippy::question_mark)]
-                        if let Err(x) = send_frame(conn, &route, &wire).await {
+                        if let Err(x) = send_frame(conn, &route, &wire, None).await {
                             return Err::<(), String>(x);
                         }
                         metrics::counter!("ferry_mirror_wire_bytes_out_total", "topic" => self.topic.to_string())
@@ -1848,27 +1925,62 @@ async fn read_route(rx: &mut quinn::RecvStream) -> Result<(u64, Bytes), String> 
 /// Send one encoded BATCHES frame on a unidirectional stream of its own, after the sink's
 /// `route`. Returns once QUIC has the bytes (it resends them until they arrive or the
 /// connection ends); the sink's ACK on the partition's stream says when they are durable.
-async fn send_frame(conn: &quinn::Connection, route: &Bytes, wire: &Bytes) -> Result<(), String> {
+async fn send_frame(
+    conn: &quinn::Connection,
+    route: &Bytes,
+    wire: &Bytes,
+    fec: Option<Fec<'_>>,
+) -> Result<(), String> {
     let mut s = conn.open_uni().await.map_err(|x| x.to_string())?;
+    if let Some(fec) = fec {
+        // Ahead of the stream's bytes, so that they reach the mirror no later than those.
+        let stream = quinn::VarInt::from(s.id()).into_inner();
+        send_shards(conn, &fec, stream, route.len(), wire);
+    }
     s.write_all(route).await.map_err(|x| x.to_string())?;
     s.write_all(wire).await.map_err(|x| x.to_string())?;
     s.finish().map_err(|x| x.to_string())
 }
 
-/// The frame's Reed-Solomon shards as datagrams (`wire_fec`, see [`fec`]): best effort, not
-/// awaited, never resent; the frame's stream is what makes it arrive for sure.
-fn send_shards(
-    conn: &quinn::Connection,
+/// Closes a stream's entry in the FEC inbox when its reader is done.
+struct InboxClose<'a> {
+    inbox: &'a Mutex<fec::Inbox>,
+    stream: u64,
+}
+
+impl Drop for InboxClose<'_> {
+    fn drop(&mut self) {
+        self.inbox.lock().expect("inbox lock").close(self.stream);
+    }
+}
+
+/// A frame's `wire_fec` recovery shards: for the sink `route`, the frame at `first_offset`.
+struct Fec<'a> {
     route: u64,
     first_offset: i64,
-    wire: &Bytes,
     percent: u8,
-    topic: &str,
-) {
+    topic: &'a str,
+}
+
+/// The frame's Reed-Solomon recovery shards as datagrams (`wire_fec`, see [`fec`]): best
+/// effort, not awaited, never resent; the frame's stream (QUIC stream `stream`, the frame at
+/// byte `wire_at` of it) is what makes it arrive for sure.
+fn send_shards(conn: &quinn::Connection, fec: &Fec<'_>, stream: u64, wire_at: usize, wire: &Bytes) {
     let Some(max) = conn.max_datagram_size() else {
         return;
     };
-    match fec::encode(route, first_offset, wire, max, percent) {
+    let Ok(wire_at) = u16::try_from(wire_at) else {
+        return;
+    };
+    match fec::encode(
+        fec.route,
+        stream,
+        wire_at,
+        fec.first_offset,
+        wire,
+        max,
+        fec.percent,
+    ) {
         Ok(datagrams) => {
             let mut bytes = 0;
             for d in datagrams {
@@ -1877,10 +1989,10 @@ fn send_shards(
                     break;
                 }
             }
-            metrics::counter!("ferry_mirror_fec_wire_bytes_out_total", "topic" => topic.to_string())
+            metrics::counter!("ferry_mirror_fec_wire_bytes_out_total", "topic" => fec.topic.to_string())
                 .increment(bytes as u64);
         }
-        Err(e) => tracing::debug!(%topic, error = %e, "no FEC shards for a frame"),
+        Err(e) => tracing::debug!(topic = %fec.topic, error = %e, "no FEC shards for a frame"),
     }
 }
 

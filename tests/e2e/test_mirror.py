@@ -482,10 +482,12 @@ def test_two_wire_copies_race_into_one_identical_mirror(regions_factory):
 
 
 def test_fec_shards_race_the_stream_into_one_identical_mirror(regions_factory):
-    """`wire_fec = 25`: every frame also travels as Reed-Solomon shards in QUIC datagrams, and
-    the mirror takes a frame rebuilt from them or the one from its stream, whichever comes
-    first. Both paths feed the same log, through a restart of the receiving gateway, and the
-    mirror is still offset- and byte-identical, with no gap or duplicate."""
+    """`wire_fec = 25`: beside every frame's stream, Reed-Solomon recovery shards travel in
+    QUIC datagrams, and the mirror, reading the stream out of order, rebuilds the frame from the
+    stream's complete shards and the recovery shards as soon as enough are in (stopping the rest
+    of the stream), or takes the whole stream. Both paths feed the same log, through a restart
+    of the receiving gateway, and the mirror is still offset- and byte-identical, with no gap or
+    duplicate."""
     r = regions_factory(["east", "west"], fec=25)
     topic = "coded"
     acked = produce(r.bootstrap("east"), topic, 10_000)
