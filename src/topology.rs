@@ -116,9 +116,10 @@ pub struct TopicRule {
     /// lossy link, for twice the bytes on it.
     pub wire_copies: u8,
     /// Forward error correction on the wire: besides its reliable stream, every frame of these
-    /// topics also travels as Reed-Solomon shards in QUIC datagrams, with this many percent of
-    /// recovery shards (0: off; 1-100). The mirror rebuilds a frame from any enough shards
-    /// without waiting for QUIC to resend a lost packet (see `mirror::fec`).
+    /// topics also sends Reed-Solomon recovery shards in QUIC datagrams, this many percent of
+    /// the frame's packet-sized shards (0: off; 1-100). The mirror rebuilds a frame from the
+    /// stream's complete shards and the recovery shards without waiting for QUIC to resend a
+    /// lost packet (see `mirror::fec`).
     pub wire_fec: u8,
 }
 
