@@ -602,6 +602,38 @@ mod tests {
     }
 
     #[test]
+    fn after_a_bad_rebuild_the_stream_alone_finishes_the_frame() {
+        let f = frame(5_000);
+        let s = stream(17, &f);
+        let mut sf = StreamFrame::new();
+        // Shards of other bytes, shaped like this frame's: they "rebuild" a wrong frame (the
+        // gateway's CRC check refuses it) until they are stopped.
+        let wrong = frame(5_000).iter().map(|b| b ^ 0x5A).collect::<Vec<u8>>();
+        for d in encode(1, 0, 17, 0, &wrong, 1200, 50).unwrap() {
+            sf.add_shard(parse(d).unwrap()).unwrap();
+        }
+        let ps = packets(&s, 1200);
+        let last = ps.len() - 1;
+        for (o, b) in ps.iter().take(last).cloned() {
+            sf.add_chunk(o, b);
+        }
+        match sf.ready().unwrap() {
+            Ready::Rebuilt { frame, .. } => assert_ne!(&frame[..], &f[..]),
+            other => panic!("expected a (wrong) rebuild, got {other:?}"),
+        }
+        sf.stop_shards();
+        assert_eq!(sf.ready().unwrap(), Ready::No, "no shards any more");
+        for d in encode(1, 0, 17, 0, &f, 1200, 50).unwrap() {
+            sf.add_shard(parse(d).unwrap()).unwrap(); // ignored
+        }
+        assert_eq!(sf.ready().unwrap(), Ready::No);
+        let (o, b) = ps[last].clone();
+        sf.add_chunk(o, b);
+        sf.finish();
+        assert_eq!(sf.ready().unwrap(), Ready::Whole(Bytes::from(s)));
+    }
+
+    #[test]
     fn bad_datagrams_are_refused() {
         let f = frame(3_000);
         let ds = encode(1, 0, 17, 0, &f, 1200, 25).unwrap();

@@ -451,13 +451,9 @@ def test_snappy_on_the_wire_sends_fewer_bytes_and_stores_the_same(regions_factor
     assert plain > 0 and plain <= wire < plain * 1.1, (plain, wire)
 
 
-def test_two_wire_copies_race_into_one_identical_mirror(regions_factory):
-    """`wire_copies = 2`: every frame also travels on a second connection and the mirror
-    appends whichever copy comes first. The two streams of each partition race into the same
-    log, through a restart of the receiving gateway, and the mirror is still offset- and
-    byte-identical, with no gap or duplicate."""
-    r = regions_factory(["east", "west"], copies=2)
-    topic = "twice"
+def mirror_across_a_west_gateway_restart(r, topic: str) -> None:
+    """30,000 records into east, the middle 10,000 while west's gateway is down; west's copy
+    ends up offset- and byte-identical, with no gap or duplicate."""
     acked = produce(r.bootstrap("east"), topic, 10_000)
     r.gateways["west"].kill()
     acked.update(produce(r.bootstrap("east"), topic, 10_000, start=10_000))
@@ -467,6 +463,16 @@ def test_two_wire_copies_race_into_one_identical_mirror(regions_factory):
     assert sum(want) == 30_000
     wait_mirrored(r, "west", topic, want)
     check_identical(r, "west", topic, acked)
+
+
+def test_two_wire_copies_race_into_one_identical_mirror(regions_factory):
+    """`wire_copies = 2`: every frame also travels on a second connection and the mirror
+    appends whichever copy comes first. The two streams of each partition race into the same
+    log, through a restart of the receiving gateway, and the mirror is still offset- and
+    byte-identical, with no gap or duplicate."""
+    r = regions_factory(["east", "west"], copies=2)
+    topic = "twice"
+    mirror_across_a_west_gateway_restart(r, topic)
     # The second copy did travel: on its own connection, with bytes of its own.
     east_log = ANSI.sub("", r.gateways["east"].text())
     assert 'connected to peer gateway peer=west connection="second-copy"' in east_log, east_log[-3000:]
@@ -490,15 +496,7 @@ def test_fec_shards_race_the_stream_into_one_identical_mirror(regions_factory):
     duplicate."""
     r = regions_factory(["east", "west"], fec=25)
     topic = "coded"
-    acked = produce(r.bootstrap("east"), topic, 10_000)
-    r.gateways["west"].kill()
-    acked.update(produce(r.bootstrap("east"), topic, 10_000, start=10_000))
-    r.gateways["west"].start()
-    acked.update(produce(r.bootstrap("east"), topic, 10_000, start=20_000))
-    want = end_offsets(r.bootstrap("east"), topic)
-    assert sum(want) == 30_000
-    wait_mirrored(r, "west", topic, want)
-    check_identical(r, "west", topic, acked)
+    mirror_across_a_west_gateway_restart(r, topic)
     # Shards did travel, and west rebuilt frames from them.
     assert r.metric("east", "ferry_mirror_fec_wire_bytes_out_total", topic=topic) > 0
     assert r.metric("west", "ferry_mirror_fec_frames_rebuilt_total") > 0
