@@ -224,6 +224,8 @@ pub struct StreamFrame {
     complete_count: usize,
     /// Set by [`StreamFrame::stop_shards`].
     no_shards: bool,
+    /// The furthest stream byte seen.
+    seen: u64,
 }
 
 impl StreamFrame {
@@ -266,6 +268,7 @@ impl StreamFrame {
             return;
         }
         let chunk_end = offset + bytes.len() as u64;
+        self.seen = self.seen.max(chunk_end);
         match self.chunks.get(&offset) {
             Some(b) if b.len() >= bytes.len() => return,
             _ => {
@@ -305,6 +308,12 @@ impl StreamFrame {
             }
         }
         Bytes::from(out)
+    }
+
+    /// How far into the stream bytes have arrived (the gateway bounds it: a frame stream is one
+    /// ROUTE and one frame of at most `frame::FRAME_BYTES_MAX`).
+    pub fn seen(&self) -> u64 {
+        self.seen
     }
 
     /// The stream ended: everything it carried has been added.

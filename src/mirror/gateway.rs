@@ -568,12 +568,20 @@ impl Gateway {
             Whole(Bytes),
             Rebuilt(u64, Frame),
             CutShort,
+            TooLong,
         }
+        // A ROUTE and one frame: anything longer is refused before it is held.
+        let longest = (frame::FRAME_BYTES_MAX + 64) as u64;
         let mut ended = false;
         let got = loop {
             tokio::select! {
                 c = rx.read_chunk(usize::MAX, false), if !ended => match c {
-                    Ok(Some(c)) => sf.add_chunk(c.offset, c.bytes),
+                    Ok(Some(c)) => {
+                        sf.add_chunk(c.offset, c.bytes);
+                        if sf.seen() > longest {
+                            break Got::TooLong;
+                        }
+                    }
                     Ok(None) => {
                         sf.finish();
                         ended = true;
@@ -659,6 +667,17 @@ impl Gateway {
                 }
                 _ => return Ok(()),
             },
+            Got::TooLong => {
+                let _ = rx.stop(0u32.into());
+                let m = format!("a BATCHES stream ran past {longest} bytes, longer than a frame");
+                match frame::parse_at(&sf.prefix(), 0) {
+                    Ok(frame::Parsed::Frame(Frame::Route { id }, _)) => (id, Err(m)),
+                    _ => {
+                        conn.close(3u32.into(), b"bad BATCHES stream");
+                        return Err(m);
+                    }
+                }
+            }
         };
         let route = self.routes.lock().expect("routes lock").get(&id).cloned();
         let sink = match route {
