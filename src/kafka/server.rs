@@ -140,7 +140,10 @@ async fn connection(
 
 /// Send a file range to the socket with `sendfile`: the bytes go from the page cache to the
 /// socket without a copy through user space.
-async fn send_file(wr: &tokio::net::tcp::OwnedWriteHalf, slice: &ReadSlice) -> Result<(), String> {
+pub async fn send_file(
+    wr: &tokio::net::tcp::OwnedWriteHalf,
+    slice: &ReadSlice,
+) -> Result<(), String> {
     use std::os::fd::AsFd;
     let sock: &TcpStream = wr.as_ref();
     let mut offset = slice.position;
