@@ -3,8 +3,9 @@
 //! It speaks just enough of the Kafka protocol for the benchmark's load tools
 //! (ProducerPerformance, ConsumerPerformance, rdkafka_performance) and does the least work a
 //! server can: a Produce is read off the socket and answered at once, nothing checked or
-//! stored; a Fetch is answered from batches built in memory before the run (a memfd, sent with
-//! `sendfile` like Ferry's own read path), so no index, log or page-cache lookup is done. Run
+//! stored; a Fetch is answered from batches written before the run to an unnamed file in the
+//! temp dir (sent with `sendfile` like Ferry's own read path), found by arithmetic: no index or
+//! log lookup is done. Run
 //! under the same load as the brokers, it measures the load tool itself: how fast the tool goes
 //! on this machine when the server costs next to nothing. A goal that asks a broker for more
 //! than this cannot be met here by any broker.
@@ -89,13 +90,16 @@ impl Served {
             .collect();
         let now = ferry::log::now_ms();
         let template = build::batch(0, now, None, &recs);
-        let fd = rustix::fs::memfd_create("null-sink", rustix::fs::MemfdFlags::CLOEXEC)?;
-        let mut file = std::fs::File::from(fd);
+        // An unnamed file in the temp dir (the brokers' disk), synced before the sink listens:
+        // Fetch then reads from the same kind of page cache as a broker's, with nothing left
+        // to write back during the runs.
+        let mut file = tempfile::tempfile()?;
         let mut buf = template.clone();
         for i in 0..batches {
             ferry::batch::set_base_offset(&mut buf, i * per_batch);
             file.write_all(&buf)?;
         }
+        file.sync_all()?;
         Ok(Served {
             file: Arc::new(file),
             batch_len: template.len(),
