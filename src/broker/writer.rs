@@ -1,16 +1,28 @@
-//! The group commit writer: one thread appends, another fsyncs, and one fsync serves every batch
-//! that was waiting for it.
+//! The group commit writer: one thread appends, another fsyncs, and one fsync serves every
+//! batch that was waiting for it.
 //!
 //! The produce path (BMQ's design): a connection checks the request and each batch's CRC, then
 //! queues the batch here and goes on reading. The appender thread drains everything queued,
 //! checks producer sequences and appends each batch to its partition's log (page cache), and
-//! answers `acks=1` right away. Batches sent with `acks=all` go to the syncer thread, which
-//! takes every batch queued since its last round, fdatasyncs each segment file they touched once,
-//! and only then answers them. While the syncer waits on the disk the appender keeps appending,
-//! so the next fsync covers the next group.
+//! answers `acks=1` right away. Batches sent with `acks=all` go to the syncer thread, which takes
+//! every batch queued since its last take (a *round*), fdatasyncs each segment file they touched
+//! once, and only then are they answered. While the syncer waits on the disk the appender keeps
+//! appending, so the next fsync covers the next group.
+//!
+//! A failed fdatasync must not be followed by an acknowledgement of what it lost:
+//! - the syncer fsyncs through its own open file description of the segment (opened with
+//!   `/proc/self/fd`): Linux reports a write-back error once per open file description, so an
+//!   error that another fsync of the shared descriptor took (a segment roll) still reaches it;
+//! - a segment file whose fdatasync failed is *poisoned*: no later round answers `acks=all` for it
+//!   with success (its earlier bytes may be gone from the page cache and never reach the disk,
+//!   while a later fsync of the same file reports success);
+//! - rounds are answered in the order they were taken ([`Rounds`]), which also keeps this true
+//!   with several syncers whose fsyncs overlap (`SYNCERS`).
 
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, Notify};
 
@@ -22,6 +34,13 @@ use crate::batch::BatchHeader;
 const GROUP_BATCHES_MAX: usize = 4096;
 /// Batches queued for the appender before producers wait.
 pub const QUEUE_BATCHES_MAX: usize = 8192;
+/// Syncer threads. Two (the next round's fsync starting while one is on the disk) were measured
+/// against one on this project's 2-core benchmark machine and gained nothing measurable with
+/// the Java or librdkafka producers (docs/benchmarks.md), so one it is; [`Rounds`] keeps more
+/// than one correct.
+const SYNCERS: usize = 1;
+/// A syncer closes its own descriptor of a segment file not synced for this long.
+const OWN_FD_IDLE: Duration = Duration::from_secs(30);
 
 /// A batch to append.
 pub struct AppendRequest {
@@ -91,6 +110,60 @@ struct Pending {
 struct SyncQueue {
     pending: Vec<Pending>,
     closed: bool,
+    /// Number of the next round taken.
+    next_round: u64,
+}
+
+/// A taken round, fsynced: its batches and the fdatasync result of each file it touched.
+struct Synced {
+    batch: Vec<Pending>,
+    results: Vec<(Arc<File>, Result<(), String>)>,
+}
+
+/// Answers rounds in the order they were taken, and remembers poisoned files. Plain logic, no
+/// threads or disks: syncers hand it finished rounds in any order.
+#[derive(Default)]
+struct Rounds {
+    /// The round answered next.
+    next: u64,
+    /// Rounds fsynced but waiting for an earlier one.
+    done: BTreeMap<u64, Synced>,
+    /// Segment files whose fdatasync failed (held, so their address is not reused).
+    poisoned: Vec<Arc<File>>,
+}
+
+impl Rounds {
+    /// Record round `round` as fsynced, then answer every round now ready, in order.
+    fn complete(&mut self, round: u64, synced: Synced) {
+        assert!(round >= self.next, "round {round} completed twice");
+        let previous = self.done.insert(round, synced);
+        assert!(previous.is_none(), "round {round} completed twice");
+        while let Some(Synced { batch, results }) = self.done.remove(&self.next) {
+            for (file, r) in &results {
+                if r.is_err() && !self.poisoned.iter().any(|f| Arc::ptr_eq(f, file)) {
+                    self.poisoned.push(file.clone());
+                }
+            }
+            for p in batch {
+                let result = if self.poisoned.iter().any(|f| Arc::ptr_eq(f, &p.file)) {
+                    let e = results
+                        .iter()
+                        .find(|(f, _)| Arc::ptr_eq(f, &p.file))
+                        .and_then(|(_, r)| r.clone().err())
+                        .unwrap_or_else(|| {
+                            "an earlier fdatasync of this segment failed: its acks=all writes \
+                             are not durable"
+                                .to_string()
+                        });
+                    Err(AppendError::Storage(e))
+                } else {
+                    Ok(p.ok)
+                };
+                let _ = p.reply.send(result);
+            }
+            self.next += 1;
+        }
+    }
 }
 
 /// Handle to the writer threads.
@@ -105,15 +178,19 @@ impl Writer {
     pub fn start(appended: Arc<Notify>) -> Writer {
         let (tx, rx) = mpsc::channel(QUEUE_BATCHES_MAX);
         let sync = Arc::new((Mutex::new(SyncQueue::default()), Condvar::new()));
+        let rounds = Arc::new(Mutex::new(Rounds::default()));
         let s2 = sync.clone();
         std::thread::Builder::new()
             .name("ferry-appender".into())
             .spawn(move || appender(rx, s2, appended))
             .expect("spawn appender thread");
-        std::thread::Builder::new()
-            .name("ferry-syncer".into())
-            .spawn(move || syncer(sync))
-            .expect("spawn syncer thread");
+        for _ in 0..SYNCERS {
+            let (sync, rounds) = (sync.clone(), rounds.clone());
+            std::thread::Builder::new()
+                .name("ferry-syncer".into())
+                .spawn(move || syncer(sync, rounds))
+                .expect("spawn syncer thread");
+        }
         Writer { tx }
     }
 
@@ -201,7 +278,7 @@ fn appender(
     }
     let (lock, cv) = &*sync;
     lock.lock().expect("sync queue lock").closed = true;
-    cv.notify_one();
+    cv.notify_all();
 }
 
 fn append_one(
@@ -335,10 +412,25 @@ fn append_exact(
     }
 }
 
-fn syncer(sync: Arc<(Mutex<SyncQueue>, Condvar)>) {
+/// This syncer's own open file description of a segment file (see the module doc), kept while
+/// the file is in use.
+struct OwnFd {
+    /// The shared file, held so its address identifies it while this entry lives.
+    shared: Arc<File>,
+    own: Option<File>,
+    used: Instant,
+}
+
+fn own_fd(file: &File) -> Option<File> {
+    use std::os::fd::AsRawFd;
+    File::open(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()
+}
+
+fn syncer(sync: Arc<(Mutex<SyncQueue>, Condvar)>, rounds: Arc<Mutex<Rounds>>) {
     let (lock, cv) = &*sync;
+    let mut fds: HashMap<*const File, OwnFd> = HashMap::new();
     loop {
-        let batch = {
+        let (round, batch) = {
             let mut q = lock.lock().expect("sync queue lock");
             while q.pending.is_empty() && !q.closed {
                 q = cv.wait(q).expect("sync queue lock");
@@ -346,35 +438,138 @@ fn syncer(sync: Arc<(Mutex<SyncQueue>, Condvar)>) {
             if q.pending.is_empty() && q.closed {
                 return;
             }
-            std::mem::take(&mut q.pending)
+            let round = q.next_round;
+            q.next_round += 1;
+            (round, std::mem::take(&mut q.pending))
         };
         // One fdatasync per file, however many batches wait on it.
-        let mut files: Vec<(*const File, Result<(), String>)> = Vec::new();
-        let started = std::time::Instant::now();
+        let mut results: Vec<(Arc<File>, Result<(), String>)> = Vec::new();
+        let started = Instant::now();
         for p in &batch {
-            let ptr = Arc::as_ptr(&p.file);
-            if files.iter().any(|(f, _)| *f == ptr) {
+            if results.iter().any(|(f, _)| Arc::ptr_eq(f, &p.file)) {
                 continue;
             }
-            let r = p.file.sync_data().map_err(|e| e.to_string());
+            let entry = fds.entry(Arc::as_ptr(&p.file)).or_insert_with(|| OwnFd {
+                shared: p.file.clone(),
+                own: own_fd(&p.file),
+                used: started,
+            });
+            entry.used = started;
+            // Without /proc the shared description is used: an error may then reach only one
+            // of two overlapping fsyncs, and the other round is still failed through poisoning
+            // only if it is answered later.
+            let file = entry.own.as_ref().unwrap_or(&entry.shared);
+            let r = file.sync_data().map_err(|e| e.to_string());
             if let Err(e) = &r {
-                tracing::error!(error = %e, "fdatasync failed: acks=all produces are answered with an error");
+                tracing::error!(error = %e, "fdatasync failed: acks=all produces to this segment are answered with an error from now on");
             }
-            files.push((ptr, r));
+            results.push((p.file.clone(), r));
         }
         metrics::histogram!("ferry_fsync_seconds").record(started.elapsed().as_secs_f64());
-        metrics::counter!("ferry_fsync_total").increment(files.len() as u64);
-        for p in batch {
-            let ptr = Arc::as_ptr(&p.file);
-            let r = files
+        metrics::counter!("ferry_fsync_total").increment(results.len() as u64);
+        fds.retain(|_, e| started.duration_since(e.used) < OWN_FD_IDLE);
+        rounds
+            .lock()
+            .expect("rounds lock")
+            .complete(round, Synced { batch, results });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::oneshot::error::TryRecvError;
+
+    fn file() -> Arc<File> {
+        Arc::new(tempfile::tempfile().unwrap())
+    }
+
+    fn pending(file: &Arc<File>, base_offset: i64) -> (Pending, oneshot::Receiver<AppendResult>) {
+        let (tx, rx) = oneshot::channel();
+        let ok = AppendOk {
+            base_offset,
+            log_start_offset: 0,
+            duplicate: false,
+        };
+        (
+            Pending {
+                file: file.clone(),
+                ok,
+                reply: tx,
+            },
+            rx,
+        )
+    }
+
+    fn synced(batch: Vec<Pending>, results: &[(&Arc<File>, bool)]) -> Synced {
+        Synced {
+            batch,
+            results: results
                 .iter()
-                .find(|(f, _)| *f == ptr)
-                .map(|(_, r)| r.clone())
-                .unwrap_or(Ok(()));
-            let _ = p.reply.send(match r {
-                Ok(()) => Ok(p.ok),
-                Err(e) => Err(AppendError::Storage(e)),
-            });
+                .map(|(f, ok)| {
+                    (
+                        (*f).clone(),
+                        if *ok { Ok(()) } else { Err("EIO".to_string()) },
+                    )
+                })
+                .collect(),
         }
+    }
+
+    #[test]
+    fn a_round_that_finishes_first_waits_for_the_earlier_one() {
+        let a = file();
+        let mut rounds = Rounds::default();
+        let (p0, mut rx0) = pending(&a, 0);
+        let (p1, mut rx1) = pending(&a, 1);
+        rounds.complete(1, synced(vec![p1], &[(&a, true)]));
+        assert_eq!(rx1.try_recv(), Err(TryRecvError::Empty));
+        rounds.complete(0, synced(vec![p0], &[(&a, true)]));
+        assert_eq!(rx0.try_recv().unwrap().unwrap().base_offset, 0);
+        assert_eq!(rx1.try_recv().unwrap().unwrap().base_offset, 1);
+    }
+
+    #[test]
+    fn a_failed_fsync_poisons_its_file_for_every_later_round() {
+        let (a, b) = (file(), file());
+        let mut rounds = Rounds::default();
+        let (p0, mut rx0) = pending(&a, 0);
+        let (p1a, mut rx1a) = pending(&a, 1);
+        let (p1b, mut rx1b) = pending(&b, 0);
+        // Round 1's own fsync of `a` succeeded (the error was reported to round 0's syncer only)
+        // and it finished first: it must still fail, as round 0 lost bytes before its own.
+        rounds.complete(1, synced(vec![p1a, p1b], &[(&a, true), (&b, true)]));
+        rounds.complete(0, synced(vec![p0], &[(&a, false)]));
+        assert!(matches!(rx0.try_recv().unwrap(), Err(AppendError::Storage(e)) if e == "EIO"));
+        assert!(matches!(
+            rx1a.try_recv().unwrap(),
+            Err(AppendError::Storage(_))
+        ));
+        assert!(
+            rx1b.try_recv().unwrap().is_ok(),
+            "another file is unaffected"
+        );
+        let (p2, mut rx2) = pending(&a, 2);
+        rounds.complete(2, synced(vec![p2], &[(&a, true)]));
+        assert!(rx2.try_recv().unwrap().is_err(), "poisoned for good");
+    }
+
+    #[test]
+    #[should_panic(expected = "completed twice")]
+    fn completing_a_round_twice_is_a_bug() {
+        let a = file();
+        let mut rounds = Rounds::default();
+        rounds.complete(0, synced(vec![], &[(&a, true)]));
+        rounds.complete(0, synced(vec![], &[(&a, true)]));
+    }
+
+    #[test]
+    fn own_descriptors_are_separate_open_files() {
+        use std::io::Write;
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(b"abc").unwrap();
+        let own = own_fd(&f).expect("/proc/self/fd is there on Linux");
+        own.sync_data().unwrap();
+        assert_eq!(own.metadata().unwrap().len(), 3);
     }
 }
