@@ -33,9 +33,13 @@ pub enum ClientError {
     Kafka(String),
 }
 
+/// What a client's connection runs over: plain TCP, or mutual TLS to the broker's internal door.
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Sync {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Sync> Stream for T {}
+
 /// One connection to a broker.
 pub struct Client {
-    stream: TcpStream,
+    stream: Box<dyn Stream>,
     correlation: i32,
     client_id: String,
     pub timeout: Duration,
@@ -58,11 +62,46 @@ impl Client {
             })?;
         let _ = stream.set_nodelay(true);
         Ok(Client {
-            stream,
+            stream: Box::new(stream),
             correlation: 0,
             client_id: "ferry-cli".into(),
             timeout: Duration::from_secs(30),
         })
+    }
+
+    /// Connect to a broker's internal door: mutual TLS on its Kafka port, presenting the
+    /// certificate of `tls` (the region's own, for its gateway; an operator's, for commands).
+    /// Ferry's internal requests (MirrorAppend, MirrorAck, FerryControl) are served only here.
+    pub async fn connect_internal(
+        addr: &str,
+        tls: &crate::transport::trust::TlsTarget,
+    ) -> Result<Client, ClientError> {
+        let err = |source| ClientError::Connect {
+            addr: addr.to_string(),
+            source,
+        };
+        let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out");
+        let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+            .await
+            .map_err(|_| err(timed_out()))?
+            .map_err(err)?;
+        let _ = stream.set_nodelay(true);
+        let stream = tokio::time::timeout(Duration::from_secs(10), tls.connect(stream))
+            .await
+            .map_err(|_| err(timed_out()))?
+            .map_err(err)?;
+        Ok(Client {
+            stream: Box::new(stream),
+            correlation: 0,
+            client_id: "ferry-internal".into(),
+            timeout: Duration::from_secs(30),
+        })
+    }
+
+    /// Write a whole request (and push it through TLS, where there is TLS).
+    async fn put(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(frame).await?;
+        self.stream.flush().await
     }
 
     /// Send `req` at `version` and wait for its response.
@@ -92,7 +131,7 @@ impl Client {
         let io = |source| ClientError::Io { api, source };
         let timeout = self.timeout;
         let fut = async {
-            self.stream.write_all(&buf).await.map_err(io)?;
+            self.put(&buf).await.map_err(io)?;
             let n = self.stream.read_i32().await.map_err(io)?;
             if n < 4 || n as usize > RESPONSE_BYTES_MAX {
                 return Err(codec(format!("response of {n} bytes")));
@@ -135,7 +174,7 @@ impl Client {
         let io = |source| ClientError::Io { api, source };
         let timeout = self.timeout;
         let fut = async {
-            self.stream.write_all(frame).await.map_err(io)?;
+            self.put(frame).await.map_err(io)?;
             let n = self.stream.read_i32().await.map_err(io)?;
             if n < 4 || n as usize > RESPONSE_BYTES_MAX {
                 return Err(ClientError::Codec {
@@ -194,7 +233,7 @@ impl Client {
         let cid = self.correlation;
         let frame = ma::encode_ack(cid, topic, partition, region, offset);
         let io = |source| ClientError::Io { api, source };
-        self.stream.write_all(&frame).await.map_err(io)?;
+        self.put(&frame).await.map_err(io)?;
         let n = self.stream.read_i32().await.map_err(io)?;
         if !(4..=1024).contains(&n) {
             return Err(ClientError::Codec {

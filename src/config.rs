@@ -15,6 +15,12 @@
 //! retention_bytes = "off"         # or e.g. "10GiB"
 //! default_partitions = 1
 //! auto_create_topics = true
+//! # connection bounds (see docs/security.md)
+//! connections_max = 10000
+//! connections_per_address_max = 1000
+//! idle_timeout = "10m"
+//! request_read_timeout = "30s"
+//! request_memory_max = "256MiB"
 //! ```
 
 use std::net::SocketAddr;
@@ -50,8 +56,11 @@ pub struct BrokerConfig {
     pub group_initial_rebalance_delay: Duration,
     /// Queued requests per connection before the broker stops reading from it.
     pub inflight_requests_max: usize,
-    /// Open connections at most.
-    pub connections_max: usize,
+    /// Bounds on connections: caps, timeouts and the memory budget of requests being read.
+    pub limits: ConnectionLimits,
+    /// The door of Ferry's internal requests (mutual TLS on the Kafka port), when the broker
+    /// has its region's certificate; without it those requests are served to no one.
+    pub internal: Option<InternalDoor>,
     /// Serve Prometheus metrics here (`/metrics`), if set.
     pub metrics: Option<SocketAddr>,
     /// The topology this broker belongs to, if started from one: auto-created topics take
@@ -77,7 +86,8 @@ impl Default for BrokerConfig {
             retention_check_interval: Duration::from_secs(60),
             group_initial_rebalance_delay: Duration::from_secs(1),
             inflight_requests_max: 64,
-            connections_max: 10_000,
+            limits: ConnectionLimits::default(),
+            internal: None,
             metrics: None,
             topology: None,
             region: None,
@@ -85,7 +95,104 @@ impl Default for BrokerConfig {
     }
 }
 
+/// What a listener allows its connections (Kafka's `max.connections`,
+/// `max.connections.per.ip`, `connections.max.idle.ms`, `queued.max.request.bytes`). The
+/// broker's Kafka port, the gateway's admin API and its QUIC endpoint each apply them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Open connections at most; more are closed at once (with a log line and a metric).
+    pub connections_max: usize,
+    /// Open connections from one IP address at most.
+    pub connections_per_address_max: usize,
+    /// A connection with no request in progress and no answer pending for this long is closed.
+    pub idle_timeout: Duration,
+    /// A request must arrive whole within this long of its first byte (time spent waiting for
+    /// the memory budget does not count); a slower one closes the connection.
+    pub request_read_timeout: Duration,
+    /// Bytes of requests being read or served, across all connections, at most: a connection
+    /// waits for room (and reads nothing meanwhile) instead of allocating past it.
+    pub request_memory_max: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            connections_max: 10_000,
+            connections_per_address_max: 1_000,
+            idle_timeout: Duration::from_secs(600),
+            request_read_timeout: Duration::from_secs(30),
+            request_memory_max: 256 << 20,
+        }
+    }
+}
+
+/// The broker's door for Ferry's internal requests: the TLS server configuration (the region's
+/// certificate, client certificates from the topology's CA required) and the region whose
+/// gateway, with operators, it admits.
+#[derive(Clone)]
+pub struct InternalDoor {
+    pub tls: std::sync::Arc<rustls::ServerConfig>,
+    pub region: String,
+}
+
+impl std::fmt::Debug for InternalDoor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InternalDoor")
+            .field("region", &self.region)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The largest `frame_bytes_max`: a TLS handshake record starts with byte 0x16, which as the
+/// first byte of a Kafka length prefix means at least 0x16000000 bytes, so with frames capped
+/// below that the first byte of a connection tells TLS from Kafka without ambiguity.
+pub const FRAME_BYTES_LIMIT: usize = 256 << 20;
+
 impl BrokerConfig {
+    /// Check settings that depend on each other.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let val = |field: &str, message: String| ConfigError::Value {
+            field: field.into(),
+            message,
+        };
+        if self.frame_bytes_max > FRAME_BYTES_LIMIT || self.frame_bytes_max < 1024 {
+            return Err(val(
+                "frame_bytes_max",
+                format!(
+                    "{} must be from 1 KiB to {FRAME_BYTES_LIMIT} (256 MiB)",
+                    self.frame_bytes_max
+                ),
+            ));
+        }
+        if self.limits.request_memory_max < self.frame_bytes_max {
+            return Err(val(
+                "request_memory_max",
+                format!(
+                    "{} is below frame_bytes_max ({}): a largest request could never be read",
+                    self.limits.request_memory_max, self.frame_bytes_max
+                ),
+            ));
+        }
+        for (field, n) in [
+            ("connections_max", self.limits.connections_max),
+            (
+                "connections_per_address_max",
+                self.limits.connections_per_address_max,
+            ),
+        ] {
+            if n == 0 {
+                return Err(val(field, "must be 1 or more".into()));
+            }
+        }
+        if self.limits.idle_timeout.is_zero() || self.limits.request_read_timeout.is_zero() {
+            return Err(val(
+                "idle_timeout/request_read_timeout",
+                "must be longer than 0".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Host and port advertised to clients.
     pub fn advertised(&self) -> (String, u16) {
         self.advertised
@@ -123,6 +230,11 @@ pub struct BrokerFile {
     pub retention_check_interval: Option<DurOrNum>,
     pub group_initial_rebalance_delay: Option<DurOrNum>,
     pub metrics: Option<String>,
+    pub connections_max: Option<usize>,
+    pub connections_per_address_max: Option<usize>,
+    pub idle_timeout: Option<DurOrNum>,
+    pub request_read_timeout: Option<DurOrNum>,
+    pub request_memory_max: Option<SizeOrNum>,
 }
 
 /// A size written as a number of bytes or a string with a unit (or `off`).
@@ -273,6 +385,23 @@ impl BrokerFile {
                 v.get("retention_check_interval")?,
                 "retention_check_interval",
             )?;
+        }
+        if let Some(n) = self.connections_max {
+            c.limits.connections_max = n;
+        }
+        if let Some(n) = self.connections_per_address_max {
+            c.limits.connections_per_address_max = n;
+        }
+        if let Some(v) = &self.idle_timeout {
+            c.limits.idle_timeout = required(v.get("idle_timeout")?, "idle_timeout")?;
+        }
+        if let Some(v) = &self.request_read_timeout {
+            c.limits.request_read_timeout =
+                required(v.get("request_read_timeout")?, "request_read_timeout")?;
+        }
+        if let Some(v) = &self.request_memory_max {
+            c.limits.request_memory_max =
+                required(v.get("request_memory_max")?, "request_memory_max")? as usize;
         }
         if let Some(v) = &self.group_initial_rebalance_delay {
             // 0 is allowed (no wait), so not `required`.

@@ -27,6 +27,7 @@ pub mod config;
 pub mod failover;
 pub mod group;
 pub mod kafka;
+pub mod limits;
 pub mod log;
 pub mod mirror;
 pub mod sim;

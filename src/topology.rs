@@ -52,6 +52,9 @@ pub struct Topology {
     pub topics: Vec<TopicRule>,
     pub failover: FailoverPolicy,
     pub tls: Option<Tls>,
+    /// Bounds on connections (`[limits]`): every broker's Kafka port, every gateway's admin API
+    /// and QUIC endpoint apply them.
+    pub limits: crate::config::ConnectionLimits,
     /// The file this was read from (for embedded or in-memory text: the name given to [`parse`]).
     pub file: PathBuf,
 }
@@ -361,6 +364,7 @@ impl Topology {
             advertised: Some(b.advertised.clone()),
             node_id: self.node_id(region, b.id),
             metrics: b.metrics,
+            limits: self.limits.clone(),
             data_dir: self
                 .region_dir(region, data_root)?
                 .join(format!("broker-{}", b.id)),
@@ -814,7 +818,14 @@ fn fields_by_line(text: &str) -> Vec<Option<String>> {
 // The schema
 // ---------------------------------------------------------------------------------------------
 
-const ROOT_KEYS: &[&str] = &["regions", "topics", "failover", "tls"];
+const ROOT_KEYS: &[&str] = &["regions", "topics", "failover", "tls", "limits"];
+const LIMITS_KEYS: &[&str] = &[
+    "connections_max",
+    "connections_per_address_max",
+    "idle_timeout",
+    "request_read_timeout",
+    "request_memory_max",
+];
 const REGION_KEYS: &[&str] = &["brokers", "gateway", "data_dir"];
 const BROKER_KEYS: &[&str] = &["id", "listen", "advertised", "metrics"];
 const GATEWAY_KEYS: &[&str] = &["quic", "advertised", "admin", "metrics"];
@@ -930,11 +941,18 @@ fn read_topology(cx: &mut Cx<'_>, root: &DeTable<'_>, file_name: &str, base: &Pa
         .get("tls")
         .and_then(|v| read_tls(cx, v, base, &regions, &region_hint));
 
+    // Limits.
+    let limits = match root.get("limits") {
+        Some(v) => read_limits(cx, v),
+        None => crate::config::ConnectionLimits::default(),
+    };
+
     Topology {
         regions,
         topics: topics.into_iter().map(|(_, r)| r).collect(),
         failover,
         tls,
+        limits,
         file: PathBuf::from(file_name),
     }
 }
@@ -1580,6 +1598,68 @@ fn read_failover(
         }
     }
     f
+}
+
+fn read_limits(cx: &mut Cx<'_>, v: &Val<'_>) -> crate::config::ConnectionLimits {
+    let mut l = crate::config::ConnectionLimits::default();
+    let Some(o) = cx.table(v, "limits") else {
+        return l;
+    };
+    o.known(cx, LIMITS_KEYS);
+    if let Some(v) = o.get("connections_max") {
+        if let Some(n) = cx.int(v, "limits.connections_max", 1, 1 << 24) {
+            l.connections_max = n as usize;
+        }
+    }
+    if let Some(v) = o.get("connections_per_address_max") {
+        if let Some(n) = cx.int(v, "limits.connections_per_address_max", 1, 1 << 24) {
+            l.connections_per_address_max = n as usize;
+        }
+    }
+    for (key, slot) in [
+        ("idle_timeout", &mut l.idle_timeout),
+        ("request_read_timeout", &mut l.request_read_timeout),
+    ] {
+        if let Some(v) = o.get(key) {
+            let field = format!("limits.{key}");
+            match cx.duration(v, &field) {
+                Some(d) if d.is_zero() => {
+                    cx.err(v.span().start, &field, "must be longer than 0", None)
+                }
+                Some(d) => *slot = d,
+                None => {}
+            }
+        }
+    }
+    if let Some(v) = o.get("request_memory_max") {
+        let field = "limits.request_memory_max";
+        let bytes = match v.get_ref() {
+            DeValue::Integer(_) => cx.int(v, field, 0, i64::MAX).map(|n| n as u64),
+            DeValue::String(s) => match crate::units::parse_size(s) {
+                Ok(n) => Some(n),
+                Err(m) => {
+                    cx.err(v.span().start, field, m, None);
+                    None
+                }
+            },
+            other => {
+                cx.type_err(v, field, "a size such as \"256MiB\"", other);
+                None
+            }
+        };
+        match bytes {
+            Some(n) if (n as usize) < crate::config::BrokerConfig::default().frame_bytes_max => cx
+                .err(
+                    v.span().start,
+                    field,
+                    format!("{n} bytes is below the largest request a broker reads (100 MiB)"),
+                    Some("write at least \"100MiB\"".into()),
+                ),
+            Some(n) => l.request_memory_max = n as usize,
+            None => {}
+        }
+    }
+    l
 }
 
 fn read_tls(

@@ -375,8 +375,32 @@ fn init_without_tls_writes_a_directory_and_prints_the_section() {
     // `edge` has no gateway and needs no certificate.
     assert_eq!(
         names,
-        ["ca.pem", "ca.key", "east.pem", "east.key", "west.pem", "west.key"]
+        [
+            "ca.pem",
+            "ca.key",
+            "operator.pem",
+            "operator.key",
+            "east.pem",
+            "east.key",
+            "west.pem",
+            "west.key"
+        ]
     );
+    // The operator certificate loads as an operator's, and a region's does not.
+    certs::load_operator(
+        &out.join("ca.pem"),
+        &out.join("operator.pem"),
+        &out.join("operator.key"),
+    )
+    .expect("an operator certificate");
+    assert!(matches!(
+        certs::load_operator(
+            &out.join("ca.pem"),
+            &out.join("east.pem"),
+            &out.join("east.key")
+        ),
+        Err(CertError::NotOperator { .. })
+    ));
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -406,7 +430,7 @@ fn init_without_tls_writes_a_directory_and_prints_the_section() {
     })
     .unwrap();
     match certs::init(&t, &out, false) {
-        Err(CertError::Exists { paths }) => assert_eq!(paths.len(), 6),
+        Err(CertError::Exists { paths }) => assert_eq!(paths.len(), 8),
         other => panic!("expected a refusal to overwrite, got {other:?}"),
     }
     assert_eq!(std::fs::read(out.join("ca.pem")).unwrap(), before);
@@ -445,6 +469,8 @@ key = "pki/w.pem"
     let mut expected: Vec<PathBuf> = [
         "pki/root.pem",
         "pki/root.key",
+        "pki/operator.pem",
+        "pki/operator.key",
         "pki/e/cert.pem",
         "pki/e/key.pem",
         "pki/w.crt",

@@ -74,6 +74,24 @@ impl BrokerArgs {
                 .take()
                 .unwrap_or_else(|| PathBuf::from("ferry-data"));
             c = t.broker_config(region, id, &root)?;
+            // The internal door needs the region's certificate. A region with a gateway cannot
+            // work without it; one without a gateway serves no internal requests if it has none.
+            match crate::cli::region_material(&t, region) {
+                Ok(m) => {
+                    c.internal = Some(crate::config::InternalDoor {
+                        tls: crate::transport::trust::tcp_server_config(&m)?,
+                        region: region.clone(),
+                    })
+                }
+                Err(e) if t.region(region).is_some_and(|r| r.gateway.is_some()) => {
+                    return Err(e.context(format!(
+                        "region {region} has a gateway, which reaches its broker only through the internal door (mutual TLS)"
+                    )))
+                }
+                Err(e) => {
+                    tracing::info!(error = %format!("{e:#}"), "no certificate: this broker serves no internal requests")
+                }
+            }
             c.topology = Some(std::sync::Arc::new(t));
             c.region = Some(region.clone());
         }
@@ -112,6 +130,7 @@ impl BrokerArgs {
         if let Some(a) = &self.advertised {
             c.advertised = Some(parse_host_port(a).map_err(anyhow::Error::msg)?);
         }
+        c.validate()?;
         Ok(c)
     }
 }

@@ -21,6 +21,26 @@ pub enum CertsCommand {
     /// CA key beside the CA certificate). Without one, the files go to --out and the `[tls]`
     /// section to add to the topology is printed.
     Init(InitArgs),
+    /// Issue an operator certificate (`NAME.operator.ferry`) from the topology's CA: it opens
+    /// every gateway's admin API and every broker's internal requests. Needs the CA's key.
+    Operator(OperatorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct OperatorArgs {
+    /// The operator's name (lowercase letters, digits, `-`, `_`).
+    #[arg(long)]
+    pub name: String,
+    /// The CA certificate (its key is read from beside it: ca.pem -> ca.key).
+    #[arg(long, value_name = "FILE")]
+    pub ca: PathBuf,
+    /// Where to write the certificate (the key goes beside it, `.key`) [default: NAME.pem
+    /// beside the CA].
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Replace files that already exist.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -40,7 +60,39 @@ pub struct InitArgs {
 pub fn run(args: CertsArgs) -> anyhow::Result<()> {
     match args.command {
         CertsCommand::Init(a) => init(a),
+        CertsCommand::Operator(a) => operator(a),
     }
+}
+
+fn operator(args: OperatorArgs) -> anyhow::Result<()> {
+    if !certs::valid_operator_name(&args.name) {
+        bail!(
+            "`{}` is not a valid operator name (lowercase letters, digits, `-` and `_`, starting with a letter)",
+            args.name
+        );
+    }
+    let key = args.ca.with_extension("key");
+    let ca = certs::Ca::load(&args.ca, &key)?;
+    let cert = args.out.unwrap_or_else(|| {
+        args.ca
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join(format!("{}.pem", args.name))
+    });
+    let cert_key = cert.with_extension("key");
+    certs::write_operator(&ca, &args.name, &cert, &cert_key, args.force)?;
+    println!(
+        "wrote {} and {} ({})",
+        cert.display(),
+        cert_key.display(),
+        certs::operator_dns_name(&args.name)
+    );
+    println!(
+        "Commands present it with --operator-cert {} --operator-key {}",
+        cert.display(),
+        cert_key.display()
+    );
+    Ok(())
 }
 
 fn init(args: InitArgs) -> anyhow::Result<()> {

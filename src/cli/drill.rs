@@ -109,12 +109,14 @@ impl Spawned {
         std::fs::create_dir_all(data.join("logs"))?;
         let exe = std::env::current_exe().context("finding the ferry binary")?;
         let data = data.canonicalize()?;
-        if t.tls.is_none() && !data.join("certs").join("ca.pem").exists() {
+        // This drill's commands present the operator certificate made here too.
+        crate::cli::default_certs_dir(data.join("certs"));
+        if t.tls.is_none() && !crate::cli::certs_dir(t).join("ca.pem").exists() {
             let st = std::process::Command::new(&exe)
                 .args(["certs", "init", "--topology"])
                 .arg(topology)
                 .arg("--out")
-                .arg(data.join("certs"))
+                .arg(crate::cli::certs_dir(t))
                 .stdout(std::process::Stdio::null())
                 .status()?;
             if !st.success() {
@@ -146,6 +148,8 @@ impl Spawned {
                     b.id.to_string().into(),
                     "--data-dir".into(),
                     self.data.clone().into(),
+                    "--certs".into(),
+                    crate::cli::certs_dir(t).into(),
                 ],
                 "ferry broker listening on",
             ));
@@ -160,7 +164,7 @@ impl Spawned {
                     "--region".into(),
                     region.into(),
                     "--certs".into(),
-                    self.data.join("certs").into(),
+                    crate::cli::certs_dir(t).into(),
                 ],
                 "ferry gateway listening on",
             ));

@@ -74,13 +74,17 @@ pub struct RuleOutcome {
     pub note: String,
 }
 
-pub fn admin_addr(t: &Topology, region: &str) -> anyhow::Result<std::net::SocketAddr> {
-    t.region(region)
+/// How to reach `region`'s admin API: its address, with this process's operator certificate.
+pub fn admin_addr(t: &Topology, region: &str) -> anyhow::Result<admin::AdminTarget> {
+    let addr = t
+        .region(region)
         .with_context(|| format!("no region `{region}` in the topology"))?
         .gateway
         .as_ref()
         .map(|g| g.admin)
-        .with_context(|| format!("region `{region}` has no gateway"))
+        .with_context(|| format!("region `{region}` has no gateway"))?;
+    let tls = crate::transport::trust::TlsTarget::new(crate::cli::operator_tls(t)?, region);
+    Ok(admin::AdminTarget { addr, tls })
 }
 
 const CALL: Duration = Duration::from_secs(10);
@@ -205,7 +209,7 @@ pub async fn move_rule(
         // longest this command waits, while the target may promote only in the first half.
         let window = timeout + CALL;
         let fenced = admin::call(
-            from_addr,
+            from_addr.clone(),
             Method::POST,
             "/v1/fence",
             Some(json!({
@@ -245,7 +249,7 @@ pub async fn move_rule(
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
                 unfence = admin::call(
-                    from_addr,
+                    from_addr.clone(),
                     Method::POST,
                     "/v1/fence",
                     Some(json!({ "patterns": [pattern], "fenced": false })),

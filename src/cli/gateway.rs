@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::mirror::gateway::Gateway;
-use crate::transport::{certs, link, tls};
+use crate::transport::{link, tls, trust};
 
 #[derive(Debug, Args)]
 pub struct GatewayArgs {
@@ -17,10 +17,6 @@ pub struct GatewayArgs {
     /// This gateway's region.
     #[arg(long)]
     pub region: String,
-    /// Directory of the certificates made by `ferry certs init --out DIR`, used when the
-    /// topology has no [tls] section.
-    #[arg(long, default_value = "certs")]
-    pub certs: PathBuf,
 }
 
 pub fn run(args: GatewayArgs) -> anyhow::Result<()> {
@@ -35,25 +31,18 @@ pub fn run(args: GatewayArgs) -> anyhow::Result<()> {
             args.topology.display()
         )
     })?;
-    let material = if topo.tls.is_some() {
-        certs::load_region(&topo, &args.region)?
-    } else {
-        certs::load_material(
-            &args.region,
-            &args.certs.join("ca.pem"),
-            &args.certs.join(format!("{}.pem", args.region)),
-            &args.certs.join(format!("{}.key", args.region)),
-        )
-        .with_context(|| {
-            format!(
-                "loading certificates (make them with `ferry certs init --topology {} --out {}`)",
-                args.topology.display(),
-                args.certs.display()
-            )
-        })?
-    };
+    // The region's certificate: for the QUIC link, the broker's internal door (as a client)
+    // and the admin API (as a server).
+    let material = crate::cli::region_material(&topo, &args.region)?;
     let settings = tls::TransportSettings::default();
-    let server = tls::server_config(&material, &settings)?;
+    let mut server = tls::server_config(&material, &settings)?;
+    // Bound handshakes in progress and what they may buffer (`[limits]` caps connections).
+    server
+        .max_incoming(topo.limits.connections_max.min(4096))
+        .incoming_buffer_size(1 << 20)
+        .incoming_buffer_size_total(64 << 20);
+    let internal = trust::TlsTarget::new(trust::tcp_client_config(&material)?, &args.region);
+    let admin_tls = trust::tcp_server_config(&material)?;
     let client = tls::client_config(&material, &settings)?;
     let (host, port) = region.brokers[0].advertised.clone();
     let broker = format!("{host}:{port}");
@@ -70,8 +59,8 @@ pub fn run(args: GatewayArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding the admin API on {}", spec.admin))?;
         tracing::info!(region = %args.region, quic = %spec.quic, %broker, "ferry gateway listening on {}", spec.quic);
-        let gw = Gateway::new(topo, args.region.clone(), broker, endpoint.clone());
-        tokio::spawn(crate::mirror::admin::serve(gw.clone(), admin));
+        let gw = Gateway::new(topo, args.region.clone(), broker, internal, endpoint.clone());
+        tokio::spawn(crate::mirror::admin::serve(gw.clone(), admin, admin_tls));
         tokio::select! {
             _ = gw.run() => {},
             _ = crate::cli::broker::shutdown_signal() => {

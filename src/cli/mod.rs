@@ -31,6 +31,8 @@ pub struct Cli {
     /// Log format on stderr (RUST_LOG sets the level, default info).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    #[command(flatten)]
+    pub certs: CertOpts,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -71,6 +73,130 @@ pub enum Command {
     Quarantine(quarantine::QuarantineArgs),
     /// Run a deterministic multi-region simulation (seeds, invariants, trace hash), or a sweep.
     Simulate(simulate::SimulateArgs),
+}
+
+/// Where the certificates are (see docs/security.md).
+#[derive(Debug, Clone, clap::Args)]
+pub struct CertOpts {
+    /// Directory of the certificates `ferry certs init --out DIR` made (and `ferry up` makes in
+    /// `<data-dir>/certs`), used when the topology has no [tls] section: ca.pem, REGION.pem and
+    /// REGION.key for brokers and gateways, operator.pem and operator.key for commands
+    /// [default: ferry-data/certs, else `certs` beside the topology file].
+    #[arg(long, global = true, env = "FERRY_CERTS", value_name = "DIR")]
+    pub certs: Option<std::path::PathBuf>,
+    /// The operator certificate that `ferry failover`, `drill`, `status` and `quarantine`
+    /// present (default: operator.pem beside the CA certificate).
+    #[arg(long, global = true, env = "FERRY_OPERATOR_CERT", value_name = "FILE")]
+    pub operator_cert: Option<std::path::PathBuf>,
+    /// The operator certificate's private key (default: operator.key beside the CA).
+    #[arg(long, global = true, env = "FERRY_OPERATOR_KEY", value_name = "FILE")]
+    pub operator_key: Option<std::path::PathBuf>,
+}
+
+static CERT_OPTS: std::sync::Mutex<Option<CertOpts>> = std::sync::Mutex::new(None);
+static OPERATOR_TLS: std::sync::OnceLock<std::sync::Arc<rustls::ClientConfig>> =
+    std::sync::OnceLock::new();
+
+/// The certificate options of this process (set once when the command line is read).
+pub fn cert_opts() -> CertOpts {
+    CERT_OPTS
+        .lock()
+        .expect("cert options lock")
+        .clone()
+        .unwrap_or(CertOpts {
+            certs: None,
+            operator_cert: None,
+            operator_key: None,
+        })
+}
+
+/// Use `dir` as the certificates directory unless one was given (`ferry drill --spawn DIR`
+/// makes its certificates in `DIR/certs`).
+pub fn default_certs_dir(dir: std::path::PathBuf) {
+    let mut o = CERT_OPTS.lock().expect("cert options lock");
+    let opts = o.get_or_insert(CertOpts {
+        certs: None,
+        operator_cert: None,
+        operator_key: None,
+    });
+    if opts.certs.is_none() {
+        opts.certs = Some(dir);
+    }
+}
+
+/// The certificates directory of a topology without `[tls]`: `--certs` (or `FERRY_CERTS`), else
+/// `certs` beside the topology file if it holds a CA (where `ferry certs init --topology FILE`
+/// is usually pointed), else `ferry-data/certs` (where `ferry up` makes them).
+pub fn certs_dir(t: &crate::topology::Topology) -> std::path::PathBuf {
+    if let Some(d) = cert_opts().certs {
+        return d;
+    }
+    let beside = t
+        .file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .join("certs");
+    if beside.join("ca.pem").exists() {
+        beside
+    } else {
+        std::path::PathBuf::from("ferry-data/certs")
+    }
+}
+
+/// The CA certificate of a topology: its `[tls]` CA, or `ca.pem` in the certificates directory.
+pub fn ca_path(t: &crate::topology::Topology) -> std::path::PathBuf {
+    match &t.tls {
+        Some(tls) => tls.ca.clone(),
+        None => certs_dir(t).join("ca.pem"),
+    }
+}
+
+/// A region's certificate material: from the topology's `[tls]`, or from the certificates
+/// directory (`ca.pem`, `REGION.pem`, `REGION.key`).
+pub fn region_material(
+    t: &crate::topology::Topology,
+    region: &str,
+) -> anyhow::Result<crate::transport::RegionMaterial> {
+    use anyhow::Context;
+    if t.tls.is_some() {
+        return Ok(crate::transport::certs::load_region(t, region)?);
+    }
+    let dir = certs_dir(t);
+    crate::transport::certs::load_material(
+        region,
+        &dir.join("ca.pem"),
+        &dir.join(format!("{region}.pem")),
+        &dir.join(format!("{region}.key")),
+    )
+    .with_context(|| {
+        format!(
+            "loading region {region}'s certificate (make them with `ferry certs init --topology {} --out {}`, or point --certs at them)",
+            t.file.display(),
+            dir.display()
+        )
+    })
+}
+
+/// The TLS client configuration of this process's operator certificate (loaded once), for the
+/// gateways' admin APIs and the brokers' internal requests.
+pub fn operator_tls(
+    t: &crate::topology::Topology,
+) -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {
+    use anyhow::Context;
+    if let Some(c) = OPERATOR_TLS.get() {
+        return Ok(c.clone());
+    }
+    let opts = cert_opts();
+    let ca = ca_path(t);
+    let (dcert, dkey) = crate::transport::certs::default_operator_paths(&ca);
+    let cert = opts.operator_cert.unwrap_or(dcert);
+    let key = opts.operator_key.unwrap_or(dkey);
+    let m = crate::transport::certs::load_operator(&ca, &cert, &key).context(
+        "loading the operator certificate (`ferry certs init` makes one beside the CA, `ferry certs operator` issues more; --certs, --operator-cert and --operator-key say where they are)",
+    )?;
+    let c = crate::transport::trust::tcp_client_config(&m)?;
+    Ok(OPERATOR_TLS.get_or_init(|| c).clone())
 }
 
 /// Set up `tracing` on stderr; `RUST_LOG` overrides the default level (info).
@@ -114,6 +240,7 @@ pub fn load_topology(path: &Path) -> anyhow::Result<crate::topology::Topology> {
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     init_logging(cli.log_format);
+    *CERT_OPTS.lock().expect("cert options lock") = Some(cli.certs.clone());
     match cli.command {
         Command::Up(args) => up::run(args).map(|_| ExitCode::SUCCESS),
         Command::Broker(args) => broker::run(args).map(|_| ExitCode::SUCCESS),

@@ -1,10 +1,15 @@
 //! `ferry status --topology FILE [--json]`: regions, links and per-partition cross-region offsets.
 //!
-//! Asks every region's broker directly (Kafka protocol), so it needs no gateway admin API: for
-//! each topic rule, each topic of its primary region and each mirror region, the source's log end
-//! and high watermark, the mirror's log end (which is also what the mirror has acknowledged: the
-//! sink answers only after fsync), and the lag in records, bytes and seconds. Lag seconds are
-//! the age of the oldest record the mirror does not have yet.
+//! Asks every region's broker directly through its internal door (mutual TLS with the operator
+//! certificate), so it needs no gateway admin API: for each topic rule, each topic of its
+//! primary region and each mirror region, the source's log end and high watermark, the mirror's
+//! log end (which is also what the mirror has acknowledged: the sink answers only after fsync),
+//! and the lag in records, bytes and seconds. Lag seconds are the age of the oldest record the
+//! mirror does not have yet.
+//!
+//! A mirror that holds records its primary does not have is reported as **diverged**, not as
+//! lag: its epoch history leaves the primary's (`log::epochs::divergence`), it holds records past
+//! the primary's end, or the last batch both should share differs (offsets or CRC).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -52,6 +57,11 @@ struct PartitionLag {
     lag_bytes: Option<u64>,
     lag_bytes_truncated: bool,
     lag_seconds: Option<f64>,
+    /// Where the mirror stops holding the primary's records, when it holds others (`None`:
+    /// no divergence found).
+    diverged_at: Option<i64>,
+    /// Why it counts as diverged.
+    divergence: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -118,11 +128,109 @@ async fn unmirrored(
     ))
 }
 
+/// The header of the batch holding `offset` (base offset, last offset, CRC), if there is one.
+async fn batch_at(c: &mut Client, topic: &str, p: i32, offset: i64) -> Option<(i64, i64, u32)> {
+    let mut req = FetchRequest::default();
+    req.replica_id = BrokerId(-1);
+    req.max_wait_ms = 0;
+    req.min_bytes = 0;
+    req.max_bytes = 1;
+    let mut ft = FetchTopic::default();
+    ft.topic = TopicName(sb(topic));
+    let mut fp = FetchPartition::default();
+    fp.partition = p;
+    fp.fetch_offset = offset;
+    fp.partition_max_bytes = 1;
+    ft.partitions.push(fp);
+    req.topics.push(ft);
+    let resp = c.send(&req, 11).await.ok()?;
+    let part = resp
+        .responses
+        .into_iter()
+        .flat_map(|t| t.partitions)
+        .next()?;
+    let bytes = part.records?;
+    let (_, h) = batch::whole_batches(&bytes).next()?;
+    Some((h.base_offset, h.next_offset() - 1, h.crc))
+}
+
+/// Whether (and where, and why) `mirror` holds records `source` does not: by epoch history, by
+/// length, and by the last batch both should hold.
+async fn find_divergence(
+    source: &mut Client,
+    mirror: &mut Client,
+    topic: &str,
+    p: i32,
+    src_end: i64,
+    mirror_end: i64,
+) -> Option<(i64, String)> {
+    use crate::kafka::control::{Control, OffsetsAnswer};
+    let req = Control::Offsets {
+        topics: vec![topic.to_string()],
+    };
+    let histories = async {
+        let a: OffsetsAnswer = source.control_as(&req).await.ok()?;
+        let b: OffsetsAnswer = mirror.control_as(&req).await.ok()?;
+        let pick = |o: &OffsetsAnswer| {
+            o.topics
+                .get(topic)
+                .and_then(|v| v.iter().find(|x| x.partition == p).cloned())
+        };
+        Some((pick(&a)?, pick(&b)?))
+    }
+    .await;
+    if let Some((a, b)) = histories {
+        let d = crate::log::epochs::divergence(&a.epochs, a.log_end, &b.epochs, b.log_end);
+        if d < b.log_end {
+            return Some((
+                d,
+                format!("the mirror's epoch history leaves the primary's at offset {d}"),
+            ));
+        }
+    }
+    if mirror_end > src_end {
+        return Some((
+            src_end,
+            format!(
+                "the mirror holds records up to {mirror_end}, past the primary's end {src_end}"
+            ),
+        ));
+    }
+    let last = mirror_end.min(src_end) - 1;
+    if last >= 0 {
+        let (x, y) = (
+            batch_at(source, topic, p, last).await,
+            batch_at(mirror, topic, p, last).await,
+        );
+        if let (Some(x), Some(y)) = (x, y) {
+            if x != y {
+                return Some((
+                    x.0.min(y.0),
+                    format!(
+                        "the batch holding offset {last} differs (primary: offsets {}..={} crc {:08x}; mirror: {}..={} crc {:08x})",
+                        x.0, x.1, x.2, y.0, y.1, y.2
+                    ),
+                ));
+            }
+        }
+    }
+    None
+}
+
 pub fn run(args: StatusArgs) -> anyhow::Result<()> {
     let topo = crate::cli::load_topology(&args.topology)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    // The operator certificate opens each broker's internal door (failover state, epoch
+    // histories); without it the status shows lag from the client port only.
+    let operator = match crate::cli::operator_tls(&topo) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("warning: {e:#}: showing lag without failover state or divergence checks");
+            None
+        }
+    };
     let status = rt.block_on(async {
         let mut clients: BTreeMap<String, Client> = BTreeMap::new();
         let mut regions = Vec::new();
@@ -135,7 +243,14 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
                 up: false,
                 topics: 0,
             };
-            if let Ok(mut c) = Client::connect(&addr).await {
+            let connected = match &operator {
+                Some(tls) => {
+                    let target = crate::transport::trust::TlsTarget::new(tls.clone(), &r.name);
+                    Client::connect_internal(&addr, &target).await
+                }
+                None => Client::connect(&addr).await,
+            };
+            if let Ok(mut c) = connected {
                 c.timeout = std::time::Duration::from_secs(10);
                 if let Ok(t) = c.topics().await {
                     st.up = true;
@@ -212,9 +327,23 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
                             lag_bytes: None,
                             lag_bytes_truncated: false,
                             lag_seconds: None,
+                            diverged_at: None,
+                            divergence: None,
                         };
+                        if let (Some(m), Some(mut mc)) = (m, clients.remove(mirror)) {
+                            let src = clients.get_mut(&primary).expect("present");
+                            if let Some((at, why)) =
+                                find_divergence(src, &mut mc, &topic, p, src_end, m).await
+                            {
+                                row.diverged_at = Some(at);
+                                row.divergence = Some(why);
+                            }
+                            clients.insert(mirror.clone(), mc);
+                        }
                         if let Some(m) = m {
-                            if m >= src_end {
+                            if row.diverged_at.is_some() {
+                                // Not lag: the mirror holds other records.
+                            } else if m >= src_end {
                                 row.lag_bytes = Some(0);
                                 row.lag_seconds = Some(0.0);
                             } else {
@@ -258,26 +387,35 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         );
     }
     println!();
-    let mut links: BTreeMap<(String, String), (i64, u64, f64)> = BTreeMap::new();
+    let mut links: BTreeMap<(String, String), (i64, u64, f64, usize)> = BTreeMap::new();
     for p in &status.partitions {
         let e = links
             .entry((p.source.clone(), p.mirror.clone()))
             .or_default();
+        if p.diverged_at.is_some() {
+            e.3 += 1;
+            continue;
+        }
         e.0 += p.lag_records.unwrap_or(0);
         e.1 += p.lag_bytes.unwrap_or(0);
         e.2 = e.2.max(p.lag_seconds.unwrap_or(0.0));
     }
     println!(
-        "{:<20} {:>12} {:>14} {:>12}",
+        "{:<20} {:>12} {:>14} {:>12}  DIVERGED",
         "LINK", "LAG RECORDS", "LAG BYTES", "LAG SECONDS"
     );
-    for ((s, m), (r, b, secs)) in &links {
+    for ((s, m), (r, b, secs, diverged)) in &links {
         println!(
-            "{:<20} {:>12} {:>14} {:>12.1}",
+            "{:<20} {:>12} {:>14} {:>12.1}  {}",
             format!("{s} -> {m}"),
             r,
             b,
-            secs
+            secs,
+            if *diverged > 0 {
+                format!("DIVERGED in {diverged} partition(s)")
+            } else {
+                "no".into()
+            }
         );
     }
     println!();
@@ -294,13 +432,27 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             p.partition,
             p.source_log_end,
             opt(p.mirrored),
-            opt(p.lag_records),
+            match p.diverged_at {
+                Some(at) => format!("DIVERGED@{at}"),
+                None => opt(p.lag_records),
+            },
             p.lag_bytes
                 .map(|b| format!("{b}{}", if p.lag_bytes_truncated { "+" } else { "" }))
                 .unwrap_or_else(|| "-".into()),
             p.lag_seconds
                 .map(|s| format!("{s:.1}"))
                 .unwrap_or_else(|| "-".into()),
+        );
+    }
+    for p in status.partitions.iter().filter(|p| p.divergence.is_some()) {
+        println!(
+            "\n{} -> {} {}-{}: DIVERGED at offset {}: {}",
+            p.source,
+            p.mirror,
+            p.topic,
+            p.partition,
+            p.diverged_at.unwrap_or(-1),
+            p.divergence.as_deref().unwrap_or("")
         );
     }
     Ok(())

@@ -99,6 +99,34 @@ async fn supervise(
     tokio::pin!(shutdown);
     let mut procs: Vec<Proc> = Vec::new();
     let mut logs = Vec::new();
+    // Certificates, made here when the topology names none: every region's (its gateway's
+    // QUIC link, its broker's internal door, its admin API) and an operator's, for commands.
+    let certs_dir = data_root.join("certs");
+    let gateway_regions = topo.regions.iter().any(|r| r.gateway.is_some());
+    if gateway_regions && topo.tls.is_none() && !certs_dir.join("ca.pem").exists() {
+        crate::transport::certs::init(&topo, &certs_dir, false)
+            .map_err(|e| anyhow::anyhow!("making certificates in {}: {e}", certs_dir.display()))?;
+    }
+    // Certificates made by an older Ferry have no operator certificate: issue one.
+    let (op_cert, op_key) =
+        crate::transport::certs::default_operator_paths(&certs_dir.join("ca.pem"));
+    if gateway_regions
+        && topo.tls.is_none()
+        && !op_cert.exists()
+        && certs_dir.join("ca.key").exists()
+    {
+        let ca = crate::transport::certs::Ca::load(
+            &certs_dir.join("ca.pem"),
+            &certs_dir.join("ca.key"),
+        )?;
+        crate::transport::certs::write_operator(
+            &ca,
+            crate::transport::certs::DEFAULT_OPERATOR,
+            &op_cert,
+            &op_key,
+            false,
+        )?;
+    }
     for r in &topo.regions {
         for b in &r.brokers {
             let name = format!("{}/broker-{}", r.name, b.id);
@@ -113,6 +141,8 @@ async fn supervise(
                 b.id.to_string().into(),
                 "--data-dir".into(),
                 data_root.clone().into(),
+                "--certs".into(),
+                certs_dir.clone().into(),
             ];
             if let Err(e) = spawn(&exe, &argv, name, &log_path, &mut procs) {
                 stop(&mut procs);
@@ -121,19 +151,12 @@ async fn supervise(
             logs.push(log_path);
         }
     }
-    // Gateways, with certificates made here when the topology names none.
-    let certs_dir = data_root.join("certs");
+    // Gateways.
     let with_gateways: Vec<&topology::Region> = topo
         .regions
         .iter()
         .filter(|r| r.gateway.is_some())
         .collect();
-    if !with_gateways.is_empty() && topo.tls.is_none() && !certs_dir.join("ca.pem").exists() {
-        if let Err(e) = crate::transport::certs::init(&topo, &certs_dir, false) {
-            stop(&mut procs);
-            bail!("making certificates in {}: {e}", certs_dir.display());
-        }
-    }
     for r in with_gateways {
         let name = format!("{}/gateway", r.name);
         let log_path = log_dir.join(format!("{}-gateway.log", r.name));
@@ -195,7 +218,10 @@ async fn supervise(
             );
         }
         if let Some(g) = &r.gateway {
-            println!("  {:<8} gateway     quic {} (mutual TLS)", r.name, g.quic);
+            println!(
+                "  {:<8} gateway     quic {} (mutual TLS), admin https://{} (operator certificate)",
+                r.name, g.quic, g.admin
+            );
         }
     }
     if let (Some(first), Some(second)) = (topo.regions.first(), topo.regions.get(1)) {
@@ -213,6 +239,14 @@ async fn supervise(
         println!(
             "  kcat -b {b} -C -t hello -o beginning -e  # read the mirror in {}",
             second.name
+        );
+    }
+    if topo.tls.is_none() && gateway_regions {
+        println!(
+            "\nCertificates in {}: `ferry failover`, `drill`, `status` and `quarantine` present operator.pem \
+             (run them with --certs {} unless it is ferry-data/certs).",
+            certs_dir.display(),
+            certs_dir.display()
         );
     }
     println!("\nCtrl-C stops everything.");

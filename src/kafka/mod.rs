@@ -46,6 +46,7 @@ pub mod code {
     pub const INVALID_RECORD: i16 = 87;
     pub const UNKNOWN_TOPIC_ID: i16 = 100;
     pub const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 = 53;
+    pub const CLUSTER_AUTHORIZATION_FAILED: i16 = 31;
     pub const INVALID_CONFIG: i16 = 40;
 }
 

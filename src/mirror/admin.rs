@@ -1,4 +1,4 @@
-//! The gateway's admin API: HTTP/1.1 with JSON bodies on the topology's `admin` address.
+//! The gateway's admin API: HTTPS (HTTP/1.1, JSON bodies) on the topology's `admin` address.
 //!
 //! `ferry failover`, `ferry drill` and operators' scripts drive a region through it:
 //!
@@ -8,11 +8,18 @@
 //! | `GET /v1/offsets`    |                                                   | log end and epoch history of every partition a rule covers |
 //! | `POST /v1/fence`     | `{"patterns": [..], "fenced": true, "lapse_ms"}`  | stop (or resume) client writes for rules this region is primary of; answers the final log ends (and, under lease fencing with `lapse_ms`, `fence_until_ms`: when the fence lifts by itself unless the rule moved) |
 //! | `POST /v1/promote`   | `{"pattern", "epoch", "from", "wait_for", "force", "timeout_ms", "not_after_ms"}` | become primary at `epoch`: after catching up to `wait_for` (planned, and not after `not_after_ms`), or once `from`'s lease ran out (forced) |
-//! | `POST /v1/adopt`     | `{"pattern", "state": {"epoch", "primary"}}`      | take a newer rule state (a demoted or third region) |
+//! | `POST /v1/adopt`     | `{"pattern", "state": {"epoch", "primary"}, "force"}` | take a newer rule state (a demoted or third region); one that makes this region primary is refused unless `force` (then the answer and the log say that no catch-up check was made) |
 //! | `POST /v1/cut`       | `{"peer", "cut": true}`                           | cut (or heal) the link to a peer (drills) |
 //!
-//! Errors answer 4xx/5xx with `{"error": "..."}`. The API has no authentication of its own:
-//! bind it to an address only operators reach (loopback in the examples).
+//! Errors answer 4xx/5xx with `{"error": "..."}`.
+//!
+//! Only operators get in: the connection is TLS 1.3 with a client certificate from the
+//! topology's CA that names an operator (`<name>.operator.ferry`, see
+//! [`crate::transport::trust`]). A client without a certificate, or with one from another CA,
+//! fails the handshake; a region's certificate gets 403 on every path. Either way no state is
+//! read or touched. Connections are bounded like the broker's (`[limits]`): caps in all and
+//! per address, a deadline for the handshake and for each request's head and body, and one
+//! request per connection.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -79,6 +86,10 @@ fn default_timeout() -> u64 {
 pub struct AdoptRequest {
     pub pattern: String,
     pub state: RuleState,
+    /// Take a state that makes this region primary without the checks a switchover makes
+    /// (`/v1/promote` makes them). Refused without it.
+    #[serde(default)]
+    pub force: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -88,13 +99,28 @@ pub struct CutRequest {
     pub cut: bool,
 }
 
-/// Serve the admin API on a bound listener until the process ends.
-pub async fn serve(gw: Arc<Gateway>, listener: tokio::net::TcpListener) {
+/// The listener label of the admin API's metrics.
+const LISTENER: &str = "admin";
+
+/// Serve the admin API on a bound listener until the process ends: TLS with `tls` (the
+/// region's certificate; client certificates from the topology's CA required), operators only.
+pub async fn serve(
+    gw: Arc<Gateway>,
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+) {
     if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "gateway admin API on http://{addr}/v1/state");
+        tracing::info!(%addr, "gateway admin API on https://{addr}/v1/state (operator certificates only)");
     }
+    let limits = gw.topology.limits.clone();
+    let gate = crate::limits::Gate::new(
+        LISTENER,
+        limits.connections_max,
+        limits.connections_per_address_max,
+    );
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
@@ -102,17 +128,78 @@ pub async fn serve(gw: Arc<Gateway>, listener: tokio::net::TcpListener) {
                 continue;
             }
         };
+        let admitted = match gate.admit(peer.ip()) {
+            Ok(a) => a,
+            Err(why) => {
+                tracing::warn!(%peer, "admin API: refused connection: {why}");
+                continue;
+            }
+        };
         let gw = gw.clone();
+        let acceptor = acceptor.clone();
+        let limits = limits.clone();
         tokio::spawn(async move {
+            let _admitted = admitted;
+            let tls = match tokio::time::timeout(
+                limits.request_read_timeout,
+                acceptor.accept(stream),
+            )
+            .await
+            {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    crate::limits::refused(LISTENER, "tls_handshake");
+                    tracing::warn!(%peer, error = %e, "admin API: refused a connection: TLS handshake failed (no operator certificate from the topology's CA?)");
+                    return;
+                }
+                Err(_) => {
+                    crate::limits::refused(LISTENER, "request_read_timeout");
+                    tracing::warn!(%peer, "admin API: refused a connection: TLS handshake not finished in time");
+                    return;
+                }
+            };
+            let who = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .ok_or_else(|| "no client certificate".to_string())
+                .and_then(crate::transport::trust::identity_of);
+            let refusal = match &who {
+                Ok(w) if crate::transport::trust::Door::Admin.admits(w) => None,
+                Ok(w) => Some(format!(
+                    "{w} is not an operator: the admin API takes operator certificates only"
+                )),
+                Err(e) => Some(e.clone()),
+            };
+            if let Some(r) = &refusal {
+                crate::limits::refused(LISTENER, "not_admitted");
+                tracing::warn!(%peer, reason = %r, "admin API: refused");
+            }
             let svc = hyper::service::service_fn(move |req| {
                 let gw = gw.clone();
-                async move { Ok::<_, Infallible>(route(gw, req).await) }
+                let refusal = refusal.clone();
+                let who = who.clone();
+                let limit = limits.request_read_timeout;
+                async move {
+                    if let Some(r) = refusal {
+                        return Ok::<_, Infallible>(reply(
+                            StatusCode::FORBIDDEN,
+                            json!({ "error": r }),
+                        ));
+                    }
+                    let who = who.expect("admitted");
+                    tracing::info!(%peer, operator = %who, method = %req.method(), path = %req.uri().path(), "admin API request");
+                    Ok::<_, Infallible>(route(gw, req, limit).await)
+                }
             });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await
-            {
+            let io = hyper_util::rt::TokioIo::new(tls);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.request_read_timeout)
+                .keep_alive(false)
+                .serve_connection(io, svc);
+            if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "admin connection ended");
             }
         });
@@ -131,20 +218,27 @@ fn reply(status: StatusCode, v: Value) -> Response<Full<Bytes>> {
     r
 }
 
-async fn body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, String> {
-    let b = req
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    if b.len() > 1 << 20 {
-        return Err("body too large".into());
-    }
+/// Request bodies larger than this are refused unread.
+const BODY_BYTES_MAX: usize = 1 << 20;
+
+async fn body<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+    limit: Duration,
+) -> Result<T, String> {
+    let limited = http_body_util::Limited::new(req.into_body(), BODY_BYTES_MAX);
+    let b = match tokio::time::timeout(limit, limited.collect()).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) => {
+            return Err(format!(
+                "bad request body (at most {BODY_BYTES_MAX} bytes): {e}"
+            ))
+        }
+        Err(_) => return Err(format!("request body not received within {limit:?}")),
+    };
     serde_json::from_slice(&b).map_err(|e| format!("bad request body: {e}"))
 }
 
-async fn route(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(gw: Arc<Gateway>, req: Request<Incoming>, limit: Duration) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     let r: Result<Value, (StatusCode, String)> = match (req.method().clone(), path.as_str()) {
         (Method::GET, "/v1/state") => Ok(state(&gw)),
@@ -153,23 +247,19 @@ async fn route(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Full<Bytes>
             .await
             .map(|o| serde_json::to_value(o).expect("serialisable"))
             .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e)),
-        (Method::POST, "/v1/fence") => match body::<FenceRequest>(req).await {
+        (Method::POST, "/v1/fence") => match body::<FenceRequest>(req, limit).await {
             Ok(f) => fence(&gw, f).await,
             Err(e) => Err((StatusCode::BAD_REQUEST, e)),
         },
-        (Method::POST, "/v1/promote") => match body::<PromoteRequest>(req).await {
+        (Method::POST, "/v1/promote") => match body::<PromoteRequest>(req, limit).await {
             Ok(p) => promote(&gw, p).await,
             Err(e) => Err((StatusCode::BAD_REQUEST, e)),
         },
-        (Method::POST, "/v1/adopt") => match body::<AdoptRequest>(req).await {
-            Ok(a) => gw
-                .apply(&a.pattern, a.state)
-                .await
-                .map(|changed| json!({ "changed": changed }))
-                .map_err(|e| (StatusCode::CONFLICT, e)),
+        (Method::POST, "/v1/adopt") => match body::<AdoptRequest>(req, limit).await {
+            Ok(a) => adopt(&gw, a).await,
             Err(e) => Err((StatusCode::BAD_REQUEST, e)),
         },
-        (Method::POST, "/v1/cut") => match body::<CutRequest>(req).await {
+        (Method::POST, "/v1/cut") => match body::<CutRequest>(req, limit).await {
             Ok(c) if gw.peers().contains(&c.peer) => {
                 gw.set_cut(&c.peer, c.cut);
                 Ok(json!({ "peer": c.peer, "cut": c.cut }))
@@ -183,6 +273,38 @@ async fn route(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Full<Bytes>
         Ok(v) => reply(StatusCode::OK, v),
         Err((s, e)) => reply(s, json!({ "error": e })),
     }
+}
+
+/// Take a newer rule state. One that would make this region primary is what `/v1/promote`
+/// does after its checks (catch-up for a switchover, the old lease for a forced failover), so
+/// it is refused here unless `force`, and then the answer and the log say what was skipped.
+async fn adopt(gw: &Gateway, a: AdoptRequest) -> Result<Value, (StatusCode, String)> {
+    let makes_primary = a.state.primary == gw.region;
+    let current = gw.state().rule(&gw.topology, &a.pattern);
+    let already = current
+        .as_ref()
+        .is_some_and(|c| c.primary == gw.region && c.epoch == a.state.epoch);
+    if makes_primary && !already && !a.force {
+        return Err((
+            StatusCode::CONFLICT,
+            format!(
+                "adopting this state would make {} primary of '{}' without the checks a switchover makes (catch-up to the old primary's log, or its lease running out): use `ferry failover --to {}` (POST /v1/promote), or pass \"force\": true to skip them",
+                gw.region, a.pattern, gw.region
+            ),
+        ));
+    }
+    let changed = gw
+        .apply(&a.pattern, a.state)
+        .await
+        .map_err(|e| (StatusCode::CONFLICT, e))?;
+    if makes_primary && !already && changed {
+        tracing::warn!(pattern = %a.pattern, "adopt --force made this region primary WITHOUT catch-up or lease checks: records the old primary acknowledged and did not ship may be lost");
+        return Ok(json!({
+            "changed": changed,
+            "unchecked": "this region became primary without catch-up or lease checks (force)",
+        }));
+    }
+    Ok(json!({ "changed": changed }))
 }
 
 fn state(gw: &Gateway) -> Value {
@@ -503,19 +625,33 @@ async fn promote(gw: &Gateway, p: PromoteRequest) -> Result<Value, (StatusCode, 
     }))
 }
 
+/// Where a gateway's admin API is and how to reach it: its address, and TLS presenting an
+/// operator's certificate to a server that must prove `<region>.ferry`.
+#[derive(Debug, Clone)]
+pub struct AdminTarget {
+    pub addr: std::net::SocketAddr,
+    pub tls: crate::transport::trust::TlsTarget,
+}
+
 /// Call a gateway's admin API: `method` `path` with an optional JSON body. A non-2xx answer is
 /// an `Err` with the gateway's message.
 pub async fn call(
-    addr: std::net::SocketAddr,
+    target: AdminTarget,
     method: Method,
     path: &str,
     body: Option<Value>,
     timeout: Duration,
 ) -> Result<Value, String> {
+    let addr = target.addr;
     let fut = async {
         let stream = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(|e| format!("gateway admin {addr}: {e}"))?;
+        let stream = target
+            .tls
+            .connect(stream)
+            .await
+            .map_err(|e| format!("gateway admin {addr}: TLS: {e}"))?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                 .await

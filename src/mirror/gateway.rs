@@ -95,6 +95,9 @@ pub struct Gateway {
     pub region: String,
     /// The local broker's Kafka address.
     pub broker: String,
+    /// How to reach the broker's internal door (mutual TLS with this region's certificate):
+    /// MirrorAppend, MirrorAck and FerryControl are served only there.
+    pub internal: crate::transport::trust::TlsTarget,
     pub endpoint: quinn::Endpoint,
     /// The broker's failover state (`None` until first read).
     state: watch::Sender<Option<RegionState>>,
@@ -141,6 +144,7 @@ impl Gateway {
         topology: Arc<Topology>,
         region: String,
         broker: String,
+        internal: crate::transport::trust::TlsTarget,
         endpoint: quinn::Endpoint,
     ) -> Arc<Gateway> {
         let f = &topology.failover;
@@ -155,6 +159,7 @@ impl Gateway {
             topology,
             region,
             broker,
+            internal,
             endpoint,
             state: watch::channel(None).0,
             lease: Mutex::new(lease),
@@ -239,9 +244,9 @@ impl Gateway {
         v.push(conn.clone());
     }
 
-    /// A client of the local broker.
+    /// A client of the local broker's internal door (every API, Ferry's own included).
     pub async fn broker_client(&self) -> Result<Client, String> {
-        Client::connect(&self.broker)
+        Client::connect_internal(&self.broker, &self.internal)
             .await
             .map_err(|e| e.to_string())
     }
@@ -471,9 +476,23 @@ impl Gateway {
     // ---- sink side ----------------------------------------------------------------------
 
     async fn accept_loop(self: Arc<Self>) {
+        let limits = &self.topology.limits;
+        let gate = crate::limits::Gate::new(
+            "quic",
+            limits.connections_max,
+            limits.connections_per_address_max,
+        );
         loop {
-            match link::accept(&self.endpoint, &self.topology).await {
-                Ok((peer, conn)) => {
+            match link::accept_admitted(&self.endpoint, &self.topology, &gate).await {
+                Ok((peer, conn, admitted)) => {
+                    {
+                        // The connection's place is held until it closes.
+                        let conn = conn.clone();
+                        tokio::spawn(async move {
+                            conn.closed().await;
+                            drop(admitted);
+                        });
+                    }
                     if self.is_cut(&peer) {
                         conn.close(2u32.into(), b"link cut by the admin API");
                         continue;
@@ -819,9 +838,7 @@ impl Gateway {
             .await;
             return Err(msg);
         }
-        let mut client = Client::connect(&self.broker)
-            .await
-            .map_err(|x| x.to_string())?;
+        let mut client = self.broker_client().await?;
         let mut req = MirrorAppend {
             topic: topic.clone(),
             partition,
@@ -1240,9 +1257,7 @@ impl Gateway {
         mut rx: quinn::RecvStream,
     ) -> Result<(), String> {
         let e = |x: std::io::Error| x.to_string();
-        let mut client = Client::connect(&self.broker)
-            .await
-            .map_err(|x| x.to_string())?;
+        let mut client = self.broker_client().await?;
         let mut next = Some(first);
         loop {
             let f = match next.take() {
@@ -1618,9 +1633,7 @@ impl Gateway {
         let mut fetch_client = Client::connect(&self.broker)
             .await
             .map_err(|x| x.to_string())?;
-        let mut ack_client = Client::connect(&self.broker)
-            .await
-            .map_err(|x| x.to_string())?;
+        let mut ack_client = self.broker_client().await?;
         let _ = ack_client.mirror_ack(topic, partition, peer, next).await;
         let labels = [
             ("peer", peer.to_string()),

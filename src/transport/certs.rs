@@ -35,6 +35,25 @@ pub fn region_dns_name(region: &str) -> String {
     format!("{region}.{DNS_SUFFIX}")
 }
 
+/// The DNS suffix of operators' certificates: `<name>.operator.ferry`. Region names have no
+/// dots, so no region's name (`<region>.ferry`) can be an operator's.
+pub const OPERATOR_SUFFIX: &str = "operator.ferry";
+
+/// The name an operator's certificate is issued for: `<name>.operator.ferry`.
+pub fn operator_dns_name(name: &str) -> String {
+    format!("{name}.{OPERATOR_SUFFIX}")
+}
+
+/// The operator certificate's default name (`ferry certs init` issues it).
+pub const DEFAULT_OPERATOR: &str = "admin";
+
+/// Where an operator's certificate and key are looked for by default: `operator.pem` and
+/// `operator.key` beside the CA certificate.
+pub fn default_operator_paths(ca_cert: &Path) -> (PathBuf, PathBuf) {
+    let dir = ca_cert.parent().unwrap_or(Path::new("."));
+    (dir.join("operator.pem"), dir.join("operator.key"))
+}
+
 #[derive(Debug, Error)]
 pub enum CertError {
     #[error("cannot generate {what}: {source}")]
@@ -94,6 +113,8 @@ pub enum CertError {
         expected: String,
         found: String,
     },
+    #[error("{}: the certificate is for {found}, not an operator (`NAME.{OPERATOR_SUFFIX}`; hint: `ferry certs operator` issues one)", path.display())]
+    NotOperator { path: PathBuf, found: String },
     #[error("{}: the certificate is not signed by the CA in {}: {reason}", cert.display(), ca.display())]
     NotSignedByCa {
         cert: PathBuf,
@@ -227,6 +248,90 @@ impl Ca {
     }
 }
 
+impl Ca {
+    /// Load a CA from its certificate and private key (PEM), to issue more certificates.
+    pub fn load(cert: &Path, key: &Path) -> Result<Ca, CertError> {
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).map_err(|source| CertError::Io {
+                path: p.to_path_buf(),
+                source,
+            })
+        };
+        let (cert_pem, key_pem) = (read(cert)?, read(key)?);
+        let bad = |p: &Path, e: rcgen::Error| CertError::BadCertificate {
+            path: p.to_path_buf(),
+            reason: e.to_string(),
+        };
+        let pair = KeyPair::from_pem(&key_pem).map_err(|e| bad(key, e))?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, pair).map_err(|e| bad(cert, e))?;
+        Ok(Ca {
+            cert_pem,
+            key_pem,
+            issuer,
+        })
+    }
+
+    /// A certificate for the operator `name` (SAN `<name>.operator.ferry`, client
+    /// authentication only) with a fresh Ed25519 key, signed by this CA. It opens the admin API
+    /// and the brokers' internal requests of every region of the topology.
+    pub fn issue_operator(&self, name: &str) -> Result<Issued, CertError> {
+        let dns = operator_dns_name(name);
+        let gen_err = |source| CertError::Generate {
+            what: format!("the certificate for {dns}"),
+            source,
+        };
+        let key = ed25519_key(&dns)?;
+        let mut params = CertificateParams::new(vec![dns.clone()]).map_err(gen_err)?;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, &dns);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "Ferry");
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        validity(&mut params);
+        let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+/// Valid operator names: what a region name may be (`[a-z][a-z0-9_-]*`, at most 64).
+pub fn valid_operator_name(name: &str) -> bool {
+    let mut c = name.chars();
+    matches!(c.next(), Some('a'..='z'))
+        && c.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        && name.len() <= 64
+}
+
+/// Write one operator's certificate and key (`ferry certs operator`), refusing to overwrite
+/// unless `force`.
+pub fn write_operator(
+    ca: &Ca,
+    name: &str,
+    cert: &Path,
+    key: &Path,
+    force: bool,
+) -> Result<(), CertError> {
+    if !force {
+        let existing: Vec<PathBuf> = [cert, key]
+            .iter()
+            .filter(|p| p.exists())
+            .map(|p| p.to_path_buf())
+            .collect();
+        if !existing.is_empty() {
+            return Err(CertError::Exists { paths: existing });
+        }
+    }
+    let issued = ca.issue_operator(name)?;
+    write_file(cert, issued.cert_pem.as_bytes(), false, force)?;
+    write_file(key, issued.key_pem.as_bytes(), true, force)
+}
+
 /// One file written by [`init`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WrittenFile {
@@ -238,7 +343,8 @@ pub struct WrittenFile {
 /// What [`init`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InitReport {
-    /// In writing order: CA certificate, CA key, then each region's certificate and key.
+    /// In writing order: CA certificate, CA key, the operator's certificate and key, then each
+    /// region's certificate and key.
     pub written: Vec<WrittenFile>,
     /// The CA's private key (not named by `[tls]`: written beside the CA certificate).
     pub ca_key: PathBuf,
@@ -276,11 +382,20 @@ pub fn init(topology: &Topology, out_dir: &Path, force: bool) -> Result<InitRepo
         }
     };
     let ca_key = ca_key_path(&ca_cert);
+    let (op_cert, op_key) = default_operator_paths(&ca_cert);
 
     // The plan: every path once.
     let mut plan: Vec<(PathBuf, String)> = vec![
         (ca_cert.clone(), "CA certificate".into()),
         (ca_key.clone(), "CA private key".into()),
+        (
+            op_cert.clone(),
+            format!(
+                "operator certificate ({})",
+                operator_dns_name(DEFAULT_OPERATOR)
+            ),
+        ),
+        (op_key.clone(), "operator private key".into()),
     ];
     for r in &regions {
         let name = region_dns_name(&r.region);
@@ -312,9 +427,12 @@ pub fn init(topology: &Topology, out_dir: &Path, force: bool) -> Result<InitRepo
 
     // Generate everything before writing anything.
     let ca = Ca::generate("Ferry gateway CA")?;
+    let operator = ca.issue_operator(DEFAULT_OPERATOR)?;
     let mut contents: Vec<(String, bool)> = vec![
         (ca.cert_pem().to_string(), false),
         (ca.key_pem().to_string(), true),
+        (operator.cert_pem, false),
+        (operator.key_pem, true),
     ];
     for r in &regions {
         let issued = ca.issue(&r.region)?;
@@ -585,6 +703,58 @@ pub fn load_material(
     cert: &Path,
     key: &Path,
 ) -> Result<RegionMaterial, CertError> {
+    load_checked(region, ca, cert, key, |leaf| {
+        let expected = region_dns_name(region);
+        if cert_is_for(leaf, &expected) {
+            Ok(())
+        } else {
+            Err(CertError::WrongName {
+                path: cert.to_path_buf(),
+                region: region.to_string(),
+                expected,
+                found: names_of(leaf),
+            })
+        }
+    })
+}
+
+/// An operator's material (`ferry failover`, `drill`, `status`, `quarantine` present it): the
+/// certificate must be an operator's (`<name>.operator.ferry`) and signed by the CA. The
+/// material's `region` field holds the operator's DNS name.
+pub fn load_operator(ca: &Path, cert: &Path, key: &Path) -> Result<RegionMaterial, CertError> {
+    let mut name = String::new();
+    let mut m = load_checked("operator", ca, cert, key, |leaf| {
+        match leaf
+            .valid_dns_names()
+            .find(|n| operator_name_of(n).is_some())
+        {
+            Some(n) => {
+                name = n.to_string();
+                Ok(())
+            }
+            None => Err(CertError::NotOperator {
+                path: cert.to_path_buf(),
+                found: names_of(leaf),
+            }),
+        }
+    })?;
+    m.region = name;
+    Ok(m)
+}
+
+/// `alice` for `alice.operator.ferry`; `None` for any other name.
+pub fn operator_name_of(dns: &str) -> Option<&str> {
+    let name = dns.strip_suffix(OPERATOR_SUFFIX)?.strip_suffix('.')?;
+    valid_operator_name(name).then_some(name)
+}
+
+fn load_checked(
+    region: &str,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    mut check_name: impl FnMut(&webpki::EndEntityCert<'_>) -> Result<(), CertError>,
+) -> Result<RegionMaterial, CertError> {
     let ca_certs = read_certs(ca, "CA certificate")?;
     let chain = read_certs(cert, "certificate")?;
     let key_der = match PrivateKeyDer::from_pem_file(key) {
@@ -614,15 +784,7 @@ pub fn load_material(
             path: cert.to_path_buf(),
             reason: e.to_string(),
         })?;
-    let expected = region_dns_name(region);
-    if !cert_is_for(&leaf, &expected) {
-        return Err(CertError::WrongName {
-            path: cert.to_path_buf(),
-            region: region.to_string(),
-            expected,
-            found: names_of(&leaf),
-        });
-    }
+    check_name(&leaf)?;
     let anchors = ca_certs
         .iter()
         .map(|c| {

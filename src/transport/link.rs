@@ -16,6 +16,7 @@ use thiserror::Error;
 use tracing::{info, warn};
 
 use super::certs::{cert_is_for, names_of, region_dns_name};
+use crate::limits::{Admitted, Gate};
 use crate::topology::Topology;
 
 /// The UDP socket buffers asked for (`SO_RCVBUF`/`SO_SNDBUF`). The kernel caps them at
@@ -52,6 +53,8 @@ pub enum LinkError {
         #[source]
         source: ConnectionError,
     },
+    #[error("refused peer {remote}: {reason}")]
+    Limit { remote: SocketAddr, reason: String },
     #[error("refused peer {remote}: it presented no certificate")]
     NoPeerCertificate { remote: SocketAddr },
     #[error("refused peer {remote}: its certificate is for {names}, which is no region of {file} with a gateway (known: {known})")]
@@ -118,6 +121,7 @@ impl LinkError {
         matches!(
             self,
             LinkError::Handshake { .. }
+                | LinkError::Limit { .. }
                 | LinkError::NoPeerCertificate { .. }
                 | LinkError::UnknownRegion { .. }
                 | LinkError::AmbiguousRegion { .. }
@@ -184,6 +188,40 @@ pub async fn accept(
     topology: &Topology,
 ) -> Result<(String, Connection), LinkError> {
     let incoming = endpoint.accept().await.ok_or(LinkError::EndpointClosed)?;
+    handshake(incoming, topology).await
+}
+
+/// [`accept`] within the connection caps of `gate` (`[limits]`): a peer address past them is
+/// refused before its handshake (logged, counted, and an error for which
+/// [`LinkError::is_refusal`] holds). The returned [`Admitted`] holds the connection's place:
+/// keep it as long as the connection.
+pub async fn accept_admitted(
+    endpoint: &Endpoint,
+    topology: &Topology,
+    gate: &std::sync::Arc<Gate>,
+) -> Result<(String, Connection, Admitted), LinkError> {
+    let incoming = endpoint.accept().await.ok_or(LinkError::EndpointClosed)?;
+    let remote = incoming.remote_address();
+    let admitted = match gate.admit(remote.ip()) {
+        Ok(a) => a,
+        Err(why) => {
+            incoming.refuse();
+            let e = LinkError::Limit {
+                remote,
+                reason: why.to_string(),
+            };
+            warn!("{e}");
+            return Err(e);
+        }
+    };
+    let (region, conn) = handshake(incoming, topology).await?;
+    Ok((region, conn, admitted))
+}
+
+async fn handshake(
+    incoming: quinn::Incoming,
+    topology: &Topology,
+) -> Result<(String, Connection), LinkError> {
     let remote = incoming.remote_address();
     let connection = match incoming.await {
         Ok(c) => c,

@@ -20,6 +20,7 @@
 pub mod certs;
 pub mod link;
 pub mod tls;
+pub mod trust;
 
 pub use certs::{load_region, region_dns_name, RegionMaterial};
 pub use link::{accept, connect, endpoint, LinkError};
