@@ -693,6 +693,11 @@ async fn wait_converged(
 
 pub fn run(args: DrillArgs) -> anyhow::Result<std::process::ExitCode> {
     let t = Arc::new(crate::cli::load_topology(&args.topology)?);
+    // The drill drives the gateways' admin APIs with the operator certificate (one it makes
+    // itself with --spawn).
+    if args.spawn.is_none() {
+        crate::cli::operator_tls(&t)?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -350,6 +350,8 @@ pub fn run(args: FailoverArgs) -> anyhow::Result<()> {
         bail!("{}: no region `{}`", args.topology.display(), args.to);
     }
     let patterns = select_rules(&t, &args.to, &args.topics)?;
+    // Every step goes through the admin APIs, which take the operator certificate only.
+    crate::cli::operator_tls(&t)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -34,7 +34,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use kafka_protocol::messages::RequestKind;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -316,7 +316,8 @@ async fn serve<R: AsyncRead + Unpin>(
             // does not get more time, so partial requests cannot hold the budget forever.
             let len = len as usize;
             let mut room = Room::empty();
-            let mut buf = BytesMut::new();
+            // Grown exactly by what the budget granted (no doubling past it).
+            let mut buf: Vec<u8> = Vec::new();
             while buf.len() < len {
                 let chunk = (len - buf.len()).min(READ_CHUNK);
                 let started = Instant::now();
@@ -339,7 +340,7 @@ async fn serve<R: AsyncRead + Unpin>(
                 if waited && !held {
                     deadline += started.elapsed();
                 }
-                buf.reserve(chunk);
+                buf.reserve_exact(chunk);
                 let target = buf.len() + chunk;
                 while buf.len() < target {
                     let want = (target - buf.len()) as u64;
@@ -367,7 +368,7 @@ async fn serve<R: AsyncRead + Unpin>(
                     }
                 }
             }
-            let pending = request(&broker, buf.freeze(), peer, who.as_ref()).await?;
+            let pending = request(&broker, Bytes::from(buf), peer, who.as_ref()).await?;
             // The request's room is given back once it is answered.
             let pending: Pending = Box::pin(async move {
                 let out = pending.await;

@@ -169,6 +169,28 @@ fn validity(params: &mut CertificateParams) {
     params.not_after = now + TimeDuration::days(VALIDITY_DAYS);
 }
 
+/// A private key as PEM, in the PKCS#8 v1 form (`PRIVATE KEY` holding only the Ed25519 seed)
+/// that OpenSSL 3.0 (curl, Python's `ssl`) reads as well as rustls; the v2 form with the public
+/// key, which ring writes, is refused by OpenSSL 3.0 ("unsupported").
+fn key_pem(key: &KeyPair) -> String {
+    const V2_PREFIX: [u8; 16] = [
+        0x30, 0x51, 0x02, 0x01, 0x01, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    const V1_PREFIX: [u8; 16] = [
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    let der = key.serialize_der();
+    if der.len() >= 48 && der[..16] == V2_PREFIX {
+        let mut v1 = V1_PREFIX.to_vec();
+        v1.extend_from_slice(&der[16..48]);
+        let lf = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+        return pem::encode_config(&pem::Pem::new("PRIVATE KEY", v1), lf);
+    }
+    key.serialize_pem()
+}
+
 fn ed25519_key(what: &str) -> Result<KeyPair, CertError> {
     KeyPair::generate_for(&PKCS_ED25519).map_err(|source| CertError::Generate {
         what: format!("the {what} key"),
@@ -203,7 +225,7 @@ impl Ca {
         let cert = params.self_signed(&key).map_err(gen_err)?;
         Ok(Ca {
             cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
+            key_pem: key_pem(&key),
             issuer: Issuer::new(params, key),
         })
     }
@@ -243,7 +265,7 @@ impl Ca {
         let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
         Ok(Issued {
             cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
+            key_pem: key_pem(&key),
         })
     }
 }
@@ -295,7 +317,7 @@ impl Ca {
         let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
         Ok(Issued {
             cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
+            key_pem: key_pem(&key),
         })
     }
 }

@@ -210,6 +210,29 @@ mod tests {
     }
 
     #[test]
+    fn a_loaded_ca_issues_operator_certificates_that_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::generate("test").unwrap();
+        let (cert, key) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
+        std::fs::write(&cert, ca.cert_pem()).unwrap();
+        std::fs::write(&key, ca.key_pem()).unwrap();
+        let loaded = Ca::load(&cert, &key).unwrap();
+        let (oc, ok) = (dir.path().join("bob.pem"), dir.path().join("bob.key"));
+        crate::transport::certs::write_operator(&loaded, "bob", &oc, &ok, false).unwrap();
+        let m = crate::transport::certs::load_operator(&cert, &oc, &ok).unwrap();
+        assert_eq!(m.region, "bob.operator.ferry");
+        tcp_client_config(&m).expect("rustls takes the PKCS#8 v1 key");
+        assert!(
+            std::fs::read_to_string(&ok)
+                .unwrap()
+                .starts_with("-----BEGIN PRIVATE KEY-----\nMC4CAQAw"),
+            "PKCS#8 v1, which OpenSSL 3.0 reads"
+        );
+        // Not twice without --force.
+        assert!(crate::transport::certs::write_operator(&loaded, "bob", &oc, &ok, false).is_err());
+    }
+
+    #[test]
     fn identities_and_doors() {
         let ca = Ca::generate("test").unwrap();
         let east = identity_of(&der(&ca.issue("east").unwrap().cert_pem)).unwrap();

@@ -318,3 +318,37 @@ def kafka_partition(key: bytes, partitions: int) -> int:
 
 assert murmur2(b"21") == -973932308 and murmur2(b"foobar") == -790332482  # Kafka's UtilsTest
 assert murmur2(b"a-little-bit-long-string") == -985981536
+
+
+# --------------------------------------------------------------------------- admin API (HTTPS)
+
+def admin_context(certs: Path | str, cert: str | None = "operator.pem", key: str | None = "operator.key",
+                  ca: Path | str | None = None):
+    """A TLS client context for a gateway's admin API: trusts the topology's CA (ca.pem in certs)
+    and presents an operator certificate (cert/key in certs; None for no client certificate).
+    The gateway proves `<region>.ferry`, not the loopback address, so the host name is not checked."""
+    import ssl
+    certs = Path(certs)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_verify_locations(str(ca or certs / "ca.pem"))
+    ctx.check_hostname = False
+    if cert:
+        ctx.load_cert_chain(str(certs / cert), str(certs / key))
+    return ctx
+
+
+def admin_call(port: int, certs: Path | str, method: str, path: str, body: dict | None = None,
+               ctx=None, timeout: float = 30) -> tuple[int, dict]:
+    """One admin API request over HTTPS with the operator certificate: (status, JSON body)."""
+    import http.client
+    import json
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx or admin_context(certs), timeout=timeout)
+    try:
+        conn.request(method, path, body=json.dumps(body).encode() if body is not None else None,
+                     headers={"content-type": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, (json.loads(data) if data else {})
+    finally:
+        conn.close()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_support import FerryUp, port_open
+from cli_support import FerryUp, admin_call, port_open
 from conftest import EXTERNAL, FERRY_BIN, REPO
 
 pytestmark = pytest.mark.skipif(bool(EXTERNAL), reason="ferry-only: gateways")
@@ -30,9 +30,10 @@ KAFKA = {"east": 19092, "west": 29092, "south": 31092}
 ADMIN = {"east": 19095, "west": 29095, "south": 31095}
 
 
-def state(region: str) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{ADMIN[region]}/v1/state", timeout=10) as r:
-        return json.loads(r.read())
+def state(region: str, certs: Path) -> dict:
+    status, out = admin_call(ADMIN[region], certs, "GET", "/v1/state", timeout=10)
+    assert status == 200, out
+    return out
 
 
 @pytest.fixture(params=list(TOPOLOGIES))
@@ -48,6 +49,7 @@ def running(request, tmp_path):
             pytest.fail(f"ports {busy} of {path.name} are in use by another process")
         time.sleep(0.2)
     for attempt in range(3):
+        certs = tmp_path / f"data{attempt}" / "certs"
         u = FerryUp(["--topology", path, "--data-dir", tmp_path / f"data{attempt}"], tmp_path, tmp_path / f"logs{attempt}")
         u.start()
         try:
@@ -65,25 +67,26 @@ def running(request, tmp_path):
         deadline = time.monotonic() + 60
         while True:
             try:
-                ok = all(set(state(r)["peers"]) == set(regions) - {r} and state(r)["lease"]["may_write"]
+                ok = all(set(state(r, certs)["peers"]) == set(regions) - {r} and state(r, certs)["lease"]["may_write"]
                          for r in regions)
-            except OSError:
+            except (OSError, AssertionError):
                 ok = False
             if ok:
                 break
             assert time.monotonic() < deadline, u.output()
             time.sleep(0.2)
-        yield path, regions, u, tmp_path
+        yield path, regions, u, certs
         u.signal(signal.SIGINT)
         u.wait(60)
     finally:
         u.cleanup()
 
 
-def drill(path: Path, scenario: str, tmp: Path) -> dict:
-    report = tmp / f"{scenario}.md"
+def drill(path: Path, scenario: str, certs: Path) -> dict:
+    """`ferry drill`, presenting the operator certificate `ferry up` made in certs."""
+    report = certs.parent / f"{scenario}.md"
     p = subprocess.run([str(FERRY_BIN), "drill", "--topology", str(path), "--scenario", scenario, "--phase", "2s",
-                        "--json", "--report", str(report)], capture_output=True, timeout=240)
+                        "--json", "--report", str(report), "--certs", str(certs)], capture_output=True, timeout=240)
     out = json.loads(p.stdout)
     assert (p.returncode == 0) == out["passed"], p.stderr.decode()[-2000:]
     assert report.read_text().startswith(f"# Ferry drill"), report.read_text()

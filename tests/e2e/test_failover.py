@@ -12,6 +12,7 @@ import urllib.request
 
 import pytest
 
+from cli_support import admin_call
 from conftest import ANSI, EXTERNAL, FERRY_BIN
 from test_mirror import PARTITIONS, end_offsets, produce, read_all, regions_factory, wait_mirrored  # noqa: F401
 
@@ -22,11 +23,9 @@ def admin(r, region: str, method: str, path: str, body: dict | None = None) -> d
     text = r.topology.read_text()
     # the admin port of a region, as written by Regions
     port = int(text.split(f"[regions.{region}.gateway]")[1].split("admin = \"127.0.0.1:")[1].split('"')[0])
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
-                                 data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"content-type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.loads(resp.read())
+    status, out = admin_call(port, r.certs, method, path, body)
+    assert status == 200, (status, out)
+    return out
 
 
 def failover(r, to: str, *extra: str) -> dict:
