@@ -140,13 +140,16 @@ pub fn decode_response(mut b: Bytes) -> Option<(i32, i16, i64, String)> {
 
 /// Serve one MirrorAppend: (error code, log end offset, message).
 pub async fn handle(broker: Arc<Broker>, req: MirrorAppend) -> (i16, i64, String) {
-    if broker.mirror_primary(&req.topic).is_none() {
+    let Some(placement) = broker
+        .placement(&req.topic)
+        .filter(|_| broker.mirror_primary(&req.topic).is_some())
+    else {
         return (
             code::POLICY_VIOLATION,
             -1,
             format!("topic '{}' is not a mirror in this region", req.topic),
         );
-    }
+    };
     // Ensure the mirror topic with the source's partition count.
     let topic = match broker.topic(&req.topic) {
         Some(t) => t,
@@ -192,6 +195,24 @@ pub async fn handle(broker: Arc<Broker>, req: MirrorAppend) -> (i16, i64, String
         Ok(b) => b,
         Err(e) => return (code::CORRUPT_MESSAGE, partition.offsets().1, e.to_string()),
     };
+    // A mirror holds only its primary's history: no batch may carry an epoch this region has
+    // not adopted for the rule (every epoch up to the rule's is some primary's, written before
+    // this region learnt of the next; a newer one comes from no primary it knows).
+    if let Some((_, h)) = batches
+        .iter()
+        .find(|(_, h)| h.partition_leader_epoch > placement.epoch)
+    {
+        tracing::warn!(topic = %req.topic, partition = req.partition, batch_epoch = h.partition_leader_epoch,
+            rule_epoch = placement.epoch, "refused a MirrorAppend: a batch from an epoch this region never adopted");
+        return (
+            code::FENCED_LEADER_EPOCH,
+            partition.offsets().1,
+            format!(
+                "the batch at offset {} carries epoch {}, newer than epoch {} of rule '{}' here: not its primary's history",
+                h.base_offset, h.partition_leader_epoch, placement.epoch, placement.pattern
+            ),
+        );
+    }
     // The answer is where this request's batches end (all durable by then), not the log end:
     // a second copy of the stream may have appended further batches that are not synced yet.
     let Some(last_end) = batches.last().map(|(_, h)| h.next_offset()) else {

@@ -47,6 +47,7 @@ pub mod code {
     pub const UNKNOWN_TOPIC_ID: i16 = 100;
     pub const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 = 53;
     pub const CLUSTER_AUTHORIZATION_FAILED: i16 = 31;
+    pub const FENCED_LEADER_EPOCH: i16 = 74;
     pub const INVALID_CONFIG: i16 = 40;
 }
 

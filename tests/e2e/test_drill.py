@@ -152,7 +152,7 @@ def test_switchover_loses_nothing(running):
     assert sum(quarantine_count(r, out["topic"]) for r in regions) == 0
     # The topology is left as found: east is primary again, nothing fenced, no cut.
     for r in regions:
-        s = state(r)
+        s = state(r, tmp)
         assert s["rules"]["*"]["primary"] == "east" and not s["rules"]["*"]["fenced"] and not s["cuts"], s
 
 

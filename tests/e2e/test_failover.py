@@ -136,6 +136,18 @@ def test_forced_failover_then_rejoin_quarantines_exactly_the_divergent_tail(regi
     acked_west = produce(r.bootstrap("west"), topic, 300, start=10_000)
     # east, still cut off, has the divergent tail only.
     assert len(local(r.bootstrap("east"), topic)) == 2_500
+    # `ferry status` reports east's tail as a divergence from the new primary, not as lag.
+    st = subprocess.run([str(FERRY_BIN), "status", "--topology", str(r.topology), "--json"], capture_output=True,
+                        timeout=60)
+    rows = {p["partition"]: p for p in json.loads(st.stdout)["partitions"] if p["topic"] == topic}
+    assert len(rows) == PARTITIONS and all((p["source"], p["mirror"]) == ("west", "east") for p in rows.values())
+    tails = {pp for (pp, _o) in divergent}
+    assert tails, divergent
+    for pp, row in rows.items():
+        if pp in tails:
+            assert row["diverged_at"] == shipped[pp] and "epoch history" in row["divergence"], row
+        else:
+            assert row["diverged_at"] is None, row
     # Heal: east learns epoch 257 from west's heartbeats, moves its divergent tail to the
     # quarantine, and becomes a mirror of west.
     admin(r, "east", "POST", "/v1/cut", {"peer": "west", "cut": False})

@@ -25,7 +25,7 @@ import pytest
 from cli_support import FerryUp, admin_call, admin_context
 from conftest import ANSI, EXTERNAL, FERRY_BIN, free_port
 from helpers import ck_consume, ck_produce, topic_name
-from kproto import Conn, build_batch, i16, i32, recv_frame
+from kproto import Conn, ConnectionClosed, build_batch, i16, i32, recv_frame
 
 pytestmark = pytest.mark.skipif(bool(EXTERNAL), reason="ferry-only: Ferry's own doors")
 
@@ -251,6 +251,36 @@ def test_plain_tcp_internal_requests_change_nothing(up):
     with Conn(up.bootstrap("east")) as c:
         _, apis = c.api_versions(3)
     assert not set(apis) & {20_000, 20_001, 20_002}, apis
+
+
+def call_tls(up, region: str, frame: bytes, cert: str = "operator.pem", key: str = "operator.key") -> bytes:
+    """A request on the broker's internal door: mutual TLS on its Kafka port."""
+    ctx = admin_context(up.certs, cert, key)
+    with socket.create_connection(("127.0.0.1", up.ports[region]["kafka"]), timeout=10) as raw:
+        with ctx.wrap_socket(raw) as s:
+            s.sendall(frame)
+            return recv_frame(s)
+
+
+def test_the_internal_door_serves_its_region_and_operators_only_their_history(up):
+    topic = topic_name("door")
+    produce(up.bootstrap("east"), topic, 20, "x")
+    want = ends(up.bootstrap("east"), topic)
+    wait_for(lambda: ends(up.bootstrap("west"), topic) == want, 60, "west to mirror")
+    # The operator's certificate opens the door: FerryControl answers.
+    answer = call_tls(up, "west", control_frame({"op": "state"}))
+    assert struct.unpack(">ih", answer[:6]) == (7, 0) and b"rules" in answer, answer
+    # Another region's certificate does not: east's gateway has no business in west's broker.
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError, ValueError, ConnectionClosed)):
+        call_tls(up, "west", control_frame({"op": "state"}), "east.pem", "east.key")
+    # Even through the door, a batch from an epoch west never adopted does not get in.
+    forged = bytearray(build_batch([b"forged"], base_offset=want[0]))
+    forged[12:16] = i32(1 << 20)  # partitionLeaderEpoch, outside the CRC
+    answer = call_tls(up, "west", mirror_append_frame(topic, 0, 2, bytes(forged)))
+    cid, err = struct.unpack(">ih", answer[:6])
+    assert (cid, err) == (7, 74) and b"never" not in answer and b"newer than epoch" in answer, answer
+    assert ends(up.bootstrap("west"), topic) == want
+    assert "a batch from an epoch this region never adopted" in up.log("west-broker-1")
 
 
 def test_the_admin_api_refuses_anyone_but_an_operator(up, tmp_path):

@@ -52,6 +52,14 @@ mirrors = ["east"]
 [failover]
 fencing = "{fencing}"
 ''')
+    # A region with a gateway needs its certificate even to start its broker (the internal door);
+    # `certs/` beside the topology is where brokers look without --certs.
+    import subprocess
+    from conftest import FERRY_BIN
+    certs = path.parent / "certs"
+    if not (certs / "ca.pem").exists():
+        subprocess.run([str(FERRY_BIN), "certs", "init", "--topology", str(path), "--out", str(certs)], check=True,
+                       capture_output=True, timeout=60)
 
 
 @pytest.fixture
