@@ -643,3 +643,47 @@ async fn a_frame_stream_cut_short_is_told_from_a_bad_frame() {
     );
     conn.close(0u32.into(), b"done");
 }
+
+/// The QUIC endpoint's connection caps (`[limits]`): past `connections_per_address_max`
+/// connections from one address, a new peer is refused before its handshake, and its place
+/// comes back when an admitted connection closes.
+#[tokio::test]
+async fn the_per_address_cap_refuses_a_peer_before_its_handshake() {
+    let s = setup();
+    let gate = ferry::limits::Gate::new("quic", 10, 1);
+    let west = s.west.clone();
+    let topology = s.topology.clone();
+    let g = gate.clone();
+    let server = tokio::spawn(async move {
+        let first = timeout(STEP, link::accept_admitted(&west, &topology, &g))
+            .await
+            .expect("accept timed out")
+            .expect("the first peer is admitted");
+        let second = timeout(STEP, link::accept_admitted(&west, &topology, &g))
+            .await
+            .expect("accept timed out");
+        (first, second)
+    });
+    let c1 = timeout(STEP, link::connect(&s.east, &s.topology, "west"))
+        .await
+        .unwrap()
+        .expect("the first connection");
+    let c2 = timeout(STEP, link::connect(&s.east, &s.topology, "west")).await;
+    let ((region, _conn, admitted), second) = server.await.unwrap();
+    assert_eq!(region, "east");
+    match second {
+        Err(e @ LinkError::Limit { .. }) => {
+            assert!(e.is_refusal());
+            assert!(e.to_string().contains("connections_per_address_max"), "{e}");
+        }
+        other => panic!("expected a refusal by the cap, got {other:?}"),
+    }
+    assert!(
+        matches!(c2, Ok(Err(_))),
+        "the refused peer's connection fails"
+    );
+    assert_eq!(gate.open("127.0.0.1".parse().unwrap()), (1, 1));
+    drop(admitted);
+    assert_eq!(gate.open("127.0.0.1".parse().unwrap()), (0, 0));
+    drop(c1);
+}
