@@ -88,7 +88,7 @@ impl Served {
                 ..Default::default()
             })
             .collect();
-        let now = ferry::log::now_ms();
+        let now = ferry::clock::now_ms();
         let template = build::batch(0, now, None, &recs);
         // An unnamed file in the temp dir (the brokers' disk), synced before the sink listens:
         // Fetch then reads from the same kind of page cache as a broker's, with nothing left

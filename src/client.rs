@@ -258,6 +258,69 @@ impl Client {
     }
 }
 
+/// How much one [`Client::fetch_partition`] may wait for and bring back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FetchBounds {
+    /// Long poll: how long the broker may wait for `min_bytes` (0: answer at once).
+    pub max_wait_ms: i32,
+    pub min_bytes: i32,
+    /// Bytes of records at most (the broker still returns a first batch larger than this).
+    pub max_bytes: i32,
+}
+
+/// One partition's part of a Fetch answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchedPartition {
+    /// The partition's Kafka error code (0: none).
+    pub error_code: i16,
+    /// The record batches, as stored (whole batches; possibly starting before the offset asked
+    /// for, and possibly ending in a partial batch the caller drops).
+    pub records: Bytes,
+    pub high_watermark: i64,
+}
+
+impl Client {
+    /// Fetch (v11) one partition of `topic` from `offset` as a consumer (replica id -1).
+    pub async fn fetch_partition(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        bounds: FetchBounds,
+    ) -> Result<FetchedPartition, ClientError> {
+        use kafka_protocol::messages::fetch_request::{FetchPartition, FetchRequest, FetchTopic};
+        use kafka_protocol::messages::{BrokerId, TopicName};
+        let mut req = FetchRequest::default();
+        req.replica_id = BrokerId(-1);
+        req.max_wait_ms = bounds.max_wait_ms;
+        req.min_bytes = bounds.min_bytes;
+        req.max_bytes = bounds.max_bytes;
+        let mut ft = FetchTopic::default();
+        ft.topic = TopicName(StrBytes::from_string(topic.to_string()));
+        let mut fp = FetchPartition::default();
+        fp.partition = partition;
+        fp.fetch_offset = offset;
+        fp.partition_max_bytes = bounds.max_bytes;
+        ft.partitions.push(fp);
+        req.topics.push(ft);
+        let resp = self.send(&req, 11).await?;
+        let p = resp
+            .responses
+            .into_iter()
+            .flat_map(|t| t.partitions)
+            .find(|p| p.partition_index == partition)
+            .ok_or_else(|| ClientError::Codec {
+                api: ApiKey::Fetch,
+                message: format!("no answer for {topic}-{partition}"),
+            })?;
+        Ok(FetchedPartition {
+            error_code: p.error_code,
+            records: p.records.unwrap_or_default(),
+            high_watermark: p.high_watermark,
+        })
+    }
+}
+
 impl Client {
     /// Offsets of `partitions` of `topic` at `timestamp` (-1 latest, -2 earliest, or a time):
     /// partition → offset (-1 when no record is that recent). A partition error fails the call.

@@ -30,7 +30,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use thiserror::Error;
 
+pub use crate::limits::ConnectionLimits;
 use crate::log::LogConfig;
+pub use crate::units::parse_host_port;
 use crate::units::{parse_duration, parse_size};
 
 /// Everything a broker process needs to run.
@@ -81,7 +83,7 @@ impl Default for BrokerConfig {
             log: LogConfig::default(),
             default_partitions: 1,
             auto_create_topics: true,
-            frame_bytes_max: 100 << 20,
+            frame_bytes_max: crate::limits::FRAME_BYTES_MAX_DEFAULT,
             batch_bytes_max: 8 << 20,
             retention_check_interval: Duration::from_secs(60),
             group_initial_rebalance_delay: Duration::from_secs(1),
@@ -91,37 +93,6 @@ impl Default for BrokerConfig {
             metrics: None,
             topology: None,
             region: None,
-        }
-    }
-}
-
-/// What a listener allows its connections (Kafka's `max.connections`,
-/// `max.connections.per.ip`, `connections.max.idle.ms`, `queued.max.request.bytes`). The
-/// broker's Kafka port, the gateway's admin API and its QUIC endpoint each apply them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConnectionLimits {
-    /// Open connections at most; more are closed at once (with a log line and a metric).
-    pub connections_max: usize,
-    /// Open connections from one IP address at most.
-    pub connections_per_address_max: usize,
-    /// A connection with no request in progress and no answer pending for this long is closed.
-    pub idle_timeout: Duration,
-    /// A request must arrive whole within this long of its first byte (time spent waiting for
-    /// the memory budget does not count); a slower one closes the connection.
-    pub request_read_timeout: Duration,
-    /// Bytes of requests being read or served, across all connections, at most: a connection
-    /// waits for room (and reads nothing meanwhile) instead of allocating past it.
-    pub request_memory_max: usize,
-}
-
-impl Default for ConnectionLimits {
-    fn default() -> Self {
-        ConnectionLimits {
-            connections_max: 10_000,
-            connections_per_address_max: 1_000,
-            idle_timeout: Duration::from_secs(600),
-            request_read_timeout: Duration::from_secs(30),
-            request_memory_max: 256 << 20,
         }
     }
 }
@@ -287,20 +258,6 @@ impl DurOrNum {
     }
 }
 
-/// Parse `host:port`.
-pub fn parse_host_port(s: &str) -> Result<(String, u16), String> {
-    let (h, p) = s
-        .rsplit_once(':')
-        .ok_or_else(|| format!("`{s}` is not HOST:PORT"))?;
-    let port: u16 = p
-        .parse()
-        .map_err(|_| format!("`{p}` is not a port in `{s}`"))?;
-    if h.is_empty() {
-        return Err(format!("`{s}` has no host"));
-    }
-    Ok((h.trim_matches(|c| c == '[' || c == ']').to_string(), port))
-}
-
 fn required<T>(v: Option<T>, field: &str) -> Result<T, ConfigError> {
     v.ok_or_else(|| ConfigError::Value {
         field: field.into(),
@@ -410,6 +367,48 @@ impl BrokerFile {
                 .unwrap_or(Duration::ZERO);
         }
         Ok(())
+    }
+}
+
+/// Resolving a topology's broker into its settings (here rather than in `topology`, so that the
+/// topology file's module does not depend on the broker's settings).
+impl crate::topology::Topology {
+    /// Settings for one broker: its listener, advertised address, node id and metrics address
+    /// from the file, data in `<region dir>/broker-<id>`; every other setting keeps its
+    /// [`BrokerConfig`] default.
+    pub fn broker_config(
+        &self,
+        region: &str,
+        broker_id: i32,
+        data_root: &Path,
+    ) -> Result<BrokerConfig, crate::topology::LookupError> {
+        let r = self.region_or_err(region)?;
+        let b = r
+            .brokers
+            .iter()
+            .find(|b| b.id == broker_id)
+            .ok_or_else(|| crate::topology::LookupError::NoBroker {
+                file: self.file.display().to_string(),
+                region: region.to_string(),
+                id: broker_id,
+                known: r
+                    .brokers
+                    .iter()
+                    .map(|b| b.id.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+        Ok(BrokerConfig {
+            listen: b.listen,
+            advertised: Some(b.advertised.clone()),
+            node_id: self.node_id(region, b.id),
+            metrics: b.metrics,
+            limits: self.limits.clone(),
+            data_dir: self
+                .region_dir(region, data_root)?
+                .join(format!("broker-{}", b.id)),
+            ..BrokerConfig::default()
+        })
     }
 }
 

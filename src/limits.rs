@@ -15,7 +15,43 @@ use std::fmt;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
+use std::time::Duration;
+
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// The default `frame_bytes_max` of a broker: larger requests close the connection unread.
+pub const FRAME_BYTES_MAX_DEFAULT: usize = 100 << 20;
+
+/// What a listener allows its connections (Kafka's `max.connections`,
+/// `max.connections.per.ip`, `connections.max.idle.ms`, `queued.max.request.bytes`). The
+/// broker's Kafka port, the gateway's admin API and its QUIC endpoint each apply them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Open connections at most; more are closed at once (with a log line and a metric).
+    pub connections_max: usize,
+    /// Open connections from one IP address at most.
+    pub connections_per_address_max: usize,
+    /// A connection with no request in progress and no answer pending for this long is closed.
+    pub idle_timeout: Duration,
+    /// A request must arrive whole within this long of its first byte (time spent waiting for
+    /// the memory budget does not count); a slower one closes the connection.
+    pub request_read_timeout: Duration,
+    /// Bytes of requests being read or served, across all connections, at most: a connection
+    /// waits for room (and reads nothing meanwhile) instead of allocating past it.
+    pub request_memory_max: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            connections_max: 10_000,
+            connections_per_address_max: 1_000,
+            idle_timeout: Duration::from_secs(600),
+            request_read_timeout: Duration::from_secs(30),
+            request_memory_max: 256 << 20,
+        }
+    }
+}
 
 /// Count one refusal of a connection (or of a request that closed its connection).
 pub fn refused(listener: &'static str, reason: &'static str) {

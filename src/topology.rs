@@ -33,7 +33,7 @@ use thiserror::Error;
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
-use crate::config::{parse_host_port, BrokerConfig};
+use crate::units::parse_host_port;
 use crate::units::{format_duration, parse_duration};
 
 /// The embedded default topology (`topology/local.toml`): `east` and `west` on loopback.
@@ -54,7 +54,7 @@ pub struct Topology {
     pub tls: Option<Tls>,
     /// Bounds on connections (`[limits]`): every broker's Kafka port, every gateway's admin API
     /// and QUIC endpoint apply them.
-    pub limits: crate::config::ConnectionLimits,
+    pub limits: crate::limits::ConnectionLimits,
     /// The file this was read from (for embedded or in-memory text: the name given to [`parse`]).
     pub file: PathBuf,
 }
@@ -334,44 +334,6 @@ impl Topology {
         Ok(data_root.join(r.data_dir.clone().unwrap_or_else(|| PathBuf::from(&r.name))))
     }
 
-    /// Settings for one broker: its listener, advertised address, node id and metrics address
-    /// from the file, data in `<region dir>/broker-<id>`; every other setting keeps its
-    /// [`BrokerConfig`] default.
-    pub fn broker_config(
-        &self,
-        region: &str,
-        broker_id: i32,
-        data_root: &Path,
-    ) -> Result<BrokerConfig, LookupError> {
-        let r = self.region_or_err(region)?;
-        let b = r
-            .brokers
-            .iter()
-            .find(|b| b.id == broker_id)
-            .ok_or_else(|| LookupError::NoBroker {
-                file: self.file.display().to_string(),
-                region: region.to_string(),
-                id: broker_id,
-                known: r
-                    .brokers
-                    .iter()
-                    .map(|b| b.id.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })?;
-        Ok(BrokerConfig {
-            listen: b.listen,
-            advertised: Some(b.advertised.clone()),
-            node_id: self.node_id(region, b.id),
-            metrics: b.metrics,
-            limits: self.limits.clone(),
-            data_dir: self
-                .region_dir(region, data_root)?
-                .join(format!("broker-{}", b.id)),
-            ..BrokerConfig::default()
-        })
-    }
-
     /// The Kafka node id of a broker: `1000 × region position (file order) + id`, unique
     /// across the topology, so a Metadata answer can name brokers of other regions (after a
     /// failover) without clashing. The first region's brokers keep their own ids.
@@ -384,7 +346,7 @@ impl Topology {
         i * 1000 + broker_id
     }
 
-    fn region_or_err(&self, name: &str) -> Result<&Region, LookupError> {
+    pub(crate) fn region_or_err(&self, name: &str) -> Result<&Region, LookupError> {
         self.region(name).ok_or_else(|| LookupError::NoRegion {
             file: self.file.display().to_string(),
             region: name.to_string(),
@@ -944,7 +906,7 @@ fn read_topology(cx: &mut Cx<'_>, root: &DeTable<'_>, file_name: &str, base: &Pa
     // Limits.
     let limits = match root.get("limits") {
         Some(v) => read_limits(cx, v),
-        None => crate::config::ConnectionLimits::default(),
+        None => crate::limits::ConnectionLimits::default(),
     };
 
     Topology {
@@ -1600,8 +1562,8 @@ fn read_failover(
     f
 }
 
-fn read_limits(cx: &mut Cx<'_>, v: &Val<'_>) -> crate::config::ConnectionLimits {
-    let mut l = crate::config::ConnectionLimits::default();
+fn read_limits(cx: &mut Cx<'_>, v: &Val<'_>) -> crate::limits::ConnectionLimits {
+    let mut l = crate::limits::ConnectionLimits::default();
     let Some(o) = cx.table(v, "limits") else {
         return l;
     };
@@ -1648,13 +1610,12 @@ fn read_limits(cx: &mut Cx<'_>, v: &Val<'_>) -> crate::config::ConnectionLimits 
             }
         };
         match bytes {
-            Some(n) if (n as usize) < crate::config::BrokerConfig::default().frame_bytes_max => cx
-                .err(
-                    v.span().start,
-                    field,
-                    format!("{n} bytes is below the largest request a broker reads (100 MiB)"),
-                    Some("write at least \"100MiB\"".into()),
-                ),
+            Some(n) if (n as usize) < crate::limits::FRAME_BYTES_MAX_DEFAULT => cx.err(
+                v.span().start,
+                field,
+                format!("{n} bytes is below the largest request a broker reads (100 MiB)"),
+                Some("write at least \"100MiB\"".into()),
+            ),
             Some(n) => l.request_memory_max = n as usize,
             None => {}
         }

@@ -73,6 +73,20 @@ pub fn format_duration(d: Duration) -> String {
     format!("{ms}ms")
 }
 
+/// Parse `host:port`.
+pub fn parse_host_port(s: &str) -> Result<(String, u16), String> {
+    let (h, p) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("`{s}` is not HOST:PORT"))?;
+    let port: u16 = p
+        .parse()
+        .map_err(|_| format!("`{p}` is not a port in `{s}`"))?;
+    if h.is_empty() {
+        return Err(format!("`{s}` has no host"));
+    }
+    Ok((h.trim_matches(|c| c == '[' || c == ']').to_string(), port))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,11 +17,11 @@ use tokio::sync::oneshot;
 use super::writer::{AppendRequest, Writer};
 use super::Partition;
 use crate::batch::{self, build};
+use crate::clock::now_ms;
 use crate::group::offsets::{self, OffsetRecord};
 use crate::group::{
     code, Committed, Coordinator, GroupConfig, JoinRequest, JoinResult, Reply, SyncResult, Token,
 };
-use crate::log::now_ms;
 
 enum Waiter {
     Join(oneshot::Sender<JoinResult>),

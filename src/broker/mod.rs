@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use crate::config::BrokerConfig;
 use crate::failover::{self, Placement, RegionState, RuleState};
-use crate::log::{self, LogConfig, LogError, PartitionLog};
+use crate::log::{LogConfig, LogError, PartitionLog};
 use crate::units::{parse_duration, parse_size};
 use producer::ProducerStates;
 use writer::Writer;
@@ -224,19 +224,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TopicError + '_ {
     }
 }
 
-/// Write a file atomically: temp file, fsync, rename, fsync the directory.
-pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().expect("file in a directory");
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(contents)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    log::sync_dir(dir)
-}
+use crate::durable::write_atomic;
 
 /// Allocates producer ids that stay unique across restarts, reserving blocks on disk.
 #[derive(Debug)]
@@ -776,7 +764,7 @@ impl Broker {
             .ok_or_else(|| TopicError::Unknown(name.to_string()))?;
         let path = self.meta_dir.join("topics").join(format!("{name}.toml"));
         std::fs::remove_file(&path).map_err(io_err(&path))?;
-        let _ = log::sync_dir(&self.meta_dir.join("topics"));
+        let _ = crate::durable::sync_dir(&self.meta_dir.join("topics"));
         for p in topic.partitions.read().expect("topic lock").iter() {
             let dir = p
                 .state
@@ -935,7 +923,7 @@ impl Broker {
 
     /// Run retention on every partition once.
     pub fn enforce_retention(&self) {
-        let now = log::now_ms();
+        let now = crate::clock::now_ms();
         for t in self.topics() {
             for p in t.partitions.read().expect("topic lock").iter() {
                 let mut st = p.state.lock().expect("partition lock");

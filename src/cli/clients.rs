@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::batch::build::{self, Record};
 use crate::client::{decode_records, error_name, partition_for_key, Client};
-use crate::log::now_ms;
+use crate::clock::now_ms;
 
 fn sb(s: &str) -> StrBytes {
     StrBytes::from_string(s.to_string())

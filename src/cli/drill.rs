@@ -31,12 +31,11 @@ use bytes::Bytes;
 use clap::{Args, ValueEnum};
 use hyper::Method;
 use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreateTopicsRequest};
-use kafka_protocol::messages::fetch_request::{FetchPartition, FetchRequest, FetchTopic};
 use kafka_protocol::messages::offset_fetch_request::{OffsetFetchRequest, OffsetFetchRequestTopic};
 use kafka_protocol::messages::produce_request::{
     PartitionProduceData, ProduceRequest, TopicProduceData,
 };
-use kafka_protocol::messages::{BrokerId, GroupId, TopicName};
+use kafka_protocol::messages::{GroupId, TopicName};
 use kafka_protocol::protocol::StrBytes;
 use serde::Serialize;
 use serde_json::json;
@@ -388,7 +387,7 @@ async fn produce_one(c: &mut Client, topic: &str, partition: i32, seq: u64) -> R
     };
     pd.records = Some(Bytes::from(build::batch(
         0,
-        crate::log::now_ms(),
+        crate::clock::now_ms(),
         None,
         &[rec],
     )));
@@ -450,41 +449,27 @@ async fn fetch(
     offset: i64,
     wait_ms: i32,
 ) -> anyhow::Result<Vec<(i64, u64)>> {
-    let mut req = FetchRequest::default();
-    req.replica_id = BrokerId(-1);
-    req.max_wait_ms = wait_ms;
-    req.min_bytes = 1;
-    req.max_bytes = 4 << 20;
-    let mut ft = FetchTopic::default();
-    ft.topic = TopicName(sb(topic));
-    let mut fp = FetchPartition::default();
-    fp.partition = partition;
-    fp.fetch_offset = offset;
-    fp.partition_max_bytes = 1 << 20;
-    ft.partitions.push(fp);
-    req.topics.push(ft);
-    let resp = c.send(&req, 11).await?;
+    let bounds = crate::client::FetchBounds {
+        max_wait_ms: wait_ms,
+        min_bytes: 1,
+        max_bytes: 1 << 20,
+    };
+    let p = c.fetch_partition(topic, partition, offset, bounds).await?;
+    if p.error_code != 0 {
+        bail!(
+            "fetch {topic}-{partition}: {}",
+            crate::client::error_name(p.error_code)
+        );
+    }
     let mut out = Vec::new();
-    for t in resp.responses {
-        for p in t.partitions {
-            if p.error_code != 0 {
-                bail!(
-                    "fetch {topic}-{partition}: {}",
-                    crate::client::error_name(p.error_code)
-                );
-            }
-            if let Some(b) = p.records {
-                for r in decode_records(&b)? {
-                    let seq = r
-                        .value
-                        .as_deref()
-                        .and_then(|v| std::str::from_utf8(v).ok())
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(u64::MAX);
-                    out.push((r.offset, seq));
-                }
-            }
-        }
+    for r in decode_records(&p.records)? {
+        let seq = r
+            .value
+            .as_deref()
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(u64::MAX);
+        out.push((r.offset, seq));
     }
     Ok(out)
 }
@@ -747,7 +732,7 @@ async fn drill(
         .find(|r| r.pattern.contains('*') && !r.mirrors.is_empty())
         .context("the topology has no rule with a `*` pattern and a mirror: the drill needs one for its own topic")?
         .clone();
-    let stamp = crate::log::now_ms();
+    let stamp = crate::clock::now_ms();
     let topic = rule
         .pattern
         .replacen('*', &format!("ferry-drill-{stamp}"), 1)

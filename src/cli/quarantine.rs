@@ -9,11 +9,10 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::{Args, Subcommand};
 use hyper::Method;
-use kafka_protocol::messages::fetch_request::{FetchPartition, FetchRequest, FetchTopic};
 use kafka_protocol::messages::produce_request::{
     PartitionProduceData, ProduceRequest, TopicProduceData,
 };
-use kafka_protocol::messages::{BrokerId, TopicName};
+use kafka_protocol::messages::TopicName;
 use kafka_protocol::protocol::StrBytes;
 use serde::Serialize;
 
@@ -122,57 +121,45 @@ pub async fn read(c: &mut Client, live_topic: &str) -> anyhow::Result<Vec<Quaran
             .copied()
             .unwrap_or(0);
         while at < end {
-            let mut req = FetchRequest::default();
-            req.replica_id = BrokerId(-1);
-            req.max_bytes = 8 << 20;
-            let mut ft = FetchTopic::default();
-            ft.topic = TopicName(sb(&q));
-            let mut fp = FetchPartition::default();
-            fp.partition = p;
-            fp.fetch_offset = at;
-            fp.partition_max_bytes = 4 << 20;
-            ft.partitions.push(fp);
-            req.topics.push(ft);
-            let resp = c.send(&req, 11).await?;
+            let bounds = crate::client::FetchBounds {
+                max_wait_ms: 0,
+                min_bytes: 0,
+                max_bytes: 4 << 20,
+            };
+            let pr = c.fetch_partition(&q, p, at, bounds).await?;
             let mut progressed = false;
-            for t in resp.responses {
-                for pr in t.partitions {
-                    if pr.error_code != 0 {
-                        bail!("fetch {q}-{p}: {}", error_name(pr.error_code));
-                    }
-                    let Some(b) = pr.records else { continue };
-                    for r in decode_records(&b)? {
-                        if r.offset < at {
-                            continue;
-                        }
-                        at = r.offset + 1;
-                        progressed = true;
-                        let h = |k: &str| {
-                            r.headers
-                                .iter()
-                                .find(|(x, _)| x == k)
-                                .and_then(|(_, v)| text(v))
-                        };
-                        out.push(Quarantined {
-                            partition: p,
-                            offset: r.offset,
-                            original_offset: h("ferry.original.offset")
-                                .and_then(|s| s.parse().ok()),
-                            original_epoch: h("ferry.original.epoch").and_then(|s| s.parse().ok()),
-                            original_region: h("ferry.original.region"),
-                            timestamp: r.timestamp,
-                            key: text(&r.key),
-                            value: text(&r.value),
-                            headers: r
-                                .headers
-                                .iter()
-                                .filter(|(k, _)| !k.starts_with("ferry.original."))
-                                .map(|(k, v)| (k.clone(), text(v)))
-                                .collect(),
-                            record: r,
-                        });
-                    }
+            if pr.error_code != 0 {
+                bail!("fetch {q}-{p}: {}", error_name(pr.error_code));
+            }
+            for r in decode_records(&pr.records)? {
+                if r.offset < at {
+                    continue;
                 }
+                at = r.offset + 1;
+                progressed = true;
+                let h = |k: &str| {
+                    r.headers
+                        .iter()
+                        .find(|(x, _)| x == k)
+                        .and_then(|(_, v)| text(v))
+                };
+                out.push(Quarantined {
+                    partition: p,
+                    offset: r.offset,
+                    original_offset: h("ferry.original.offset").and_then(|s| s.parse().ok()),
+                    original_epoch: h("ferry.original.epoch").and_then(|s| s.parse().ok()),
+                    original_region: h("ferry.original.region"),
+                    timestamp: r.timestamp,
+                    key: text(&r.key),
+                    value: text(&r.value),
+                    headers: r
+                        .headers
+                        .iter()
+                        .filter(|(k, _)| !k.starts_with("ferry.original."))
+                        .map(|(k, v)| (k.clone(), text(v)))
+                        .collect(),
+                    record: r,
+                });
             }
             if !progressed {
                 break;

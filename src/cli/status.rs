@@ -15,14 +15,11 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use clap::Args;
-use kafka_protocol::messages::fetch_request::{FetchPartition, FetchRequest, FetchTopic};
-use kafka_protocol::messages::{BrokerId, TopicName};
-use kafka_protocol::protocol::StrBytes;
 use serde::Serialize;
 
 use crate::batch;
-use crate::client::Client;
-use crate::log::now_ms;
+use crate::client::{Client, FetchBounds};
+use crate::clock::now_ms;
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
@@ -73,10 +70,6 @@ struct Status {
 
 const LAG_BYTES_SCAN_MAX: i32 = 64 << 20;
 
-fn sb(s: &str) -> StrBytes {
-    StrBytes::from_string(s.to_string())
-}
-
 /// Bytes from `from` to the end of the source partition (bounded scan), and the timestamp of
 /// the first record at `from`.
 async fn unmirrored(
@@ -85,27 +78,13 @@ async fn unmirrored(
     p: i32,
     from: i64,
 ) -> anyhow::Result<(u64, bool, Option<i64>, i64)> {
-    let mut req = FetchRequest::default();
-    req.replica_id = BrokerId(-1);
-    req.max_wait_ms = 0;
-    req.min_bytes = 0;
-    req.max_bytes = LAG_BYTES_SCAN_MAX;
-    let mut ft = FetchTopic::default();
-    ft.topic = TopicName(sb(topic));
-    let mut fp = FetchPartition::default();
-    fp.partition = p;
-    fp.fetch_offset = from;
-    fp.partition_max_bytes = LAG_BYTES_SCAN_MAX;
-    ft.partitions.push(fp);
-    req.topics.push(ft);
-    let resp = c.send(&req, 11).await?;
-    let part = resp
-        .responses
-        .into_iter()
-        .flat_map(|t| t.partitions)
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("empty fetch"))?;
-    let bytes = part.records.unwrap_or_default();
+    let bounds = FetchBounds {
+        max_wait_ms: 0,
+        min_bytes: 0,
+        max_bytes: LAG_BYTES_SCAN_MAX,
+    };
+    let part = c.fetch_partition(topic, p, from, bounds).await?;
+    let bytes = part.records;
     let mut total = 0u64;
     let mut first_ts = None;
     let mut last_next = from;
@@ -130,27 +109,13 @@ async fn unmirrored(
 
 /// The header of the batch holding `offset` (base offset, last offset, CRC), if there is one.
 async fn batch_at(c: &mut Client, topic: &str, p: i32, offset: i64) -> Option<(i64, i64, u32)> {
-    let mut req = FetchRequest::default();
-    req.replica_id = BrokerId(-1);
-    req.max_wait_ms = 0;
-    req.min_bytes = 0;
-    req.max_bytes = 1;
-    let mut ft = FetchTopic::default();
-    ft.topic = TopicName(sb(topic));
-    let mut fp = FetchPartition::default();
-    fp.partition = p;
-    fp.fetch_offset = offset;
-    fp.partition_max_bytes = 1;
-    ft.partitions.push(fp);
-    req.topics.push(ft);
-    let resp = c.send(&req, 11).await.ok()?;
-    let part = resp
-        .responses
-        .into_iter()
-        .flat_map(|t| t.partitions)
-        .next()?;
-    let bytes = part.records?;
-    let (_, h) = batch::whole_batches(&bytes).next()?;
+    let bounds = FetchBounds {
+        max_wait_ms: 0,
+        min_bytes: 0,
+        max_bytes: 1,
+    };
+    let part = c.fetch_partition(topic, p, offset, bounds).await.ok()?;
+    let (_, h) = batch::whole_batches(&part.records).next()?;
     Some((h.base_offset, h.next_offset() - 1, h.crc))
 }
 

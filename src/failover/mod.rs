@@ -133,7 +133,7 @@ impl RegionState {
     /// Write durably (temporary file, fsync, rename, fsync of the directory).
     pub fn store(&self, path: &Path) -> io::Result<()> {
         let b = serde_json::to_vec_pretty(self).expect("serialisable");
-        crate::broker::write_atomic(path, &b)
+        crate::durable::write_atomic(path, &b)
     }
 
     /// The current state of the rule with `pattern`.

@@ -44,8 +44,8 @@ use kafka_protocol::messages::{BrokerId, GroupId, TopicName};
 
 use super::{code, sb};
 use crate::broker::Broker;
+use crate::clock::now_ms;
 use crate::group::{self, Committed, GroupState, JoinRequest};
-use crate::log::now_ms;
 
 fn opt(s: &Option<String>) -> Option<kafka_protocol::protocol::StrBytes> {
     s.as_ref().map(|s| sb(s))

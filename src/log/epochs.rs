@@ -108,7 +108,7 @@ impl EpochCache {
         for e in &self.entries {
             text.push_str(&format!("{} {}\n", e.epoch, e.start_offset));
         }
-        crate::broker::write_atomic(&self.path, text.as_bytes())
+        crate::durable::write_atomic(&self.path, text.as_bytes())
     }
 }
 

@@ -18,7 +18,7 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use thiserror::Error;
 
@@ -121,13 +121,6 @@ pub struct PartitionLog {
     segments: Vec<Segment>,
     /// At which offset each region epoch began.
     epochs: EpochCache,
-}
-
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 impl PartitionLog {
@@ -329,7 +322,7 @@ impl PartitionLog {
         self.active().sync_all().map_err(io_err(&self.dir))?;
         let seg = Segment::create(&self.dir, next, self.config.index_interval_bytes)
             .map_err(io_err(&self.dir))?;
-        sync_dir(&self.dir).map_err(io_err(&self.dir))?;
+        crate::durable::sync_dir(&self.dir).map_err(io_err(&self.dir))?;
         self.segments.push(seg);
         Ok(())
     }
@@ -534,15 +527,11 @@ impl PartitionLog {
     }
 }
 
-/// fsync a directory so that file creations and deletions in it are durable.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::batch::build;
+    use crate::clock::now_ms;
 
     fn small() -> LogConfig {
         LogConfig {

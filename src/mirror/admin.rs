@@ -410,7 +410,7 @@ async fn fence(gw: &Gateway, f: FenceRequest) -> Result<Value, (StatusCode, Stri
     // lease to write, which no region gives it once it knows a newer epoch.
     let fence_until_ms = match f.lapse_ms {
         Some(ms) if f.fenced && gw.topology.failover.fencing == Fencing::Lease => {
-            Some(crate::log::now_ms().max(0) as u64 + ms)
+            Some(crate::clock::now_ms().max(0) as u64 + ms)
         }
         _ => None,
     };
@@ -582,7 +582,7 @@ async fn promote(gw: &Gateway, p: PromoteRequest) -> Result<Value, (StatusCode, 
         }
     }
     if let Some(t) = p.not_after_ms {
-        let now = crate::log::now_ms().max(0) as u64;
+        let now = crate::clock::now_ms().max(0) as u64;
         if now > t {
             return Err((
                 StatusCode::GATEWAY_TIMEOUT,

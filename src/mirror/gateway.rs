@@ -15,9 +15,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kafka_protocol::messages::fetch_request::{FetchPartition, FetchRequest, FetchTopic};
-use kafka_protocol::messages::{BrokerId, TopicName};
-use kafka_protocol::protocol::StrBytes;
 use tokio::sync::watch;
 
 use super::fec;
@@ -379,7 +376,7 @@ impl Gateway {
     /// after `not_after_ms`), and this region still writes only under a majority's lease, which
     /// no region gives a primary at an older epoch than one it knows.
     async fn lapse_fences(&self) {
-        let now = crate::log::now_ms().max(0) as u64;
+        let now = crate::clock::now_ms().max(0) as u64;
         let st = self.state();
         for rule in &self.topology.topics {
             let Some(cur) = st.rule(&self.topology, &rule.pattern) else {
@@ -1097,7 +1094,7 @@ impl Gateway {
             ends,
             epochs,
             configs,
-            unix_ms: crate::log::now_ms(),
+            unix_ms: crate::clock::now_ms(),
         }
     }
 
@@ -1711,7 +1708,7 @@ impl Gateway {
                     .expect("inflight lock")
                     .front()
                     .map_or(span.first_timestamp, |f| f.first_timestamp);
-                let age = (crate::log::now_ms() - oldest).max(0) as f64 / 1000.0;
+                let age = (crate::clock::now_ms() - oldest).max(0) as f64 / 1000.0;
                 metrics::gauge!("ferry_mirror_lag_seconds", &labels).set(age);
                 let batches = bytes.slice(span.start..span.end);
                 let n = batches.len();
@@ -2099,31 +2096,16 @@ async fn fetch_raw(
     partition: i32,
     offset: i64,
 ) -> Result<(i16, Bytes, i64), String> {
-    let mut req = FetchRequest::default();
-    req.replica_id = BrokerId(-1);
-    req.max_wait_ms = 500;
-    req.min_bytes = 1;
-    req.max_bytes = CHUNK_BYTES;
-    let mut ft = FetchTopic::default();
-    ft.topic = TopicName(StrBytes::from_string(topic.to_string()));
-    let mut fp = FetchPartition::default();
-    fp.partition = partition;
-    fp.fetch_offset = offset;
-    fp.partition_max_bytes = CHUNK_BYTES;
-    ft.partitions.push(fp);
-    req.topics.push(ft);
-    let resp = c.send(&req, 11).await.map_err(|e| e.to_string())?;
-    let p = resp
-        .responses
-        .into_iter()
-        .next()
-        .and_then(|t| t.partitions.into_iter().next())
-        .ok_or("empty fetch response")?;
-    Ok((
-        p.error_code,
-        p.records.unwrap_or_default(),
-        p.high_watermark,
-    ))
+    let bounds = crate::client::FetchBounds {
+        max_wait_ms: 500,
+        min_bytes: 1,
+        max_bytes: CHUNK_BYTES,
+    };
+    let p = c
+        .fetch_partition(topic, partition, offset, bounds)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((p.error_code, p.records, p.high_watermark))
 }
 
 #[cfg(test)]

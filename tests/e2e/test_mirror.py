@@ -59,10 +59,20 @@ class Regions:
     def __init__(self, tmp: Path, names: list[str], mode: str = "async", failover: str = 'fencing = "none"',
                  wire: str = "none", copies: int = 1, fec: int = 0):
         self.tmp, self.names = tmp, names
-        self.kafka = {n: free_port() for n in names}
-        quic = {n: free_port() for n in names}
-        admin = {n: free_port() for n in names}
-        self.gateway_metrics = {n: free_port() for n in names}
+        used: set[int] = set()
+
+        def fresh() -> int:
+            # free_port() may hand out a port twice (it is free again once probed); a topology
+            # with two listeners on one port is refused, so draw until all differ.
+            while (p := free_port()) in used:
+                pass
+            used.add(p)
+            return p
+
+        self.kafka = {n: fresh() for n in names}
+        quic = {n: fresh() for n in names}
+        admin = {n: fresh() for n in names}
+        self.gateway_metrics = {n: fresh() for n in names}
         mirrors = ", ".join(f'"{n}"' for n in names[1:])
         text = ""
         for n in names:
@@ -97,7 +107,7 @@ wire_fec = {fec}
         self.certs = tmp / "certs"
         r = subprocess.run([str(FERRY_BIN), "certs", "init", "--topology", self.topology, "--out", self.certs],
                            capture_output=True, timeout=60)
-        assert r.returncode == 0, r.stderr.decode()
+        assert r.returncode == 0, f"ferry certs init: {r.stderr.decode()}\n{text}"
         self.data = tmp / "data"
         self.brokers: dict[str, Proc] = {}
         self.gateways: dict[str, Proc] = {}

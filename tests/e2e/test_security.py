@@ -38,8 +38,15 @@ TIMEOUT_S = 3             # [limits] idle_timeout and request_read_timeout
 class Up:
     def __init__(self, tmp: Path):
         self.tmp = tmp
-        self.ports = {r: {k: free_port() for k in ("kafka", "quic", "admin", "metrics", "gw_metrics")}
-                      for r in REGIONS}
+        used: set[int] = set()
+
+        def fresh() -> int:  # free_port() may hand out a port twice
+            while (p := free_port()) in used:
+                pass
+            used.add(p)
+            return p
+
+        self.ports = {r: {k: fresh() for k in ("kafka", "quic", "admin", "metrics", "gw_metrics")} for r in REGIONS}
         text = ""
         for r in REGIONS:
             p = self.ports[r]
