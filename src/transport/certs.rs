@@ -242,24 +242,36 @@ impl Ca {
     /// A certificate for `region` (SAN and common name `<region>.ferry`, client and server
     /// authentication) with a fresh Ed25519 key, signed by this CA.
     pub fn issue(&self, region: &str) -> Result<Issued, CertError> {
-        let name = region_dns_name(region);
+        self.issue_leaf(
+            &region_dns_name(region),
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )
+    }
+
+    /// An end-entity certificate for the DNS name `name` (also its common name) with a fresh
+    /// Ed25519 key and the given extended key usages, signed by this CA.
+    fn issue_leaf(
+        &self,
+        name: &str,
+        usages: Vec<ExtendedKeyUsagePurpose>,
+    ) -> Result<Issued, CertError> {
         let gen_err = |source| CertError::Generate {
             what: format!("the certificate for {name}"),
             source,
         };
-        let key = ed25519_key(&name)?;
-        let mut params = CertificateParams::new(vec![name.clone()]).map_err(gen_err)?;
+        let key = ed25519_key(name)?;
+        let mut params = CertificateParams::new(vec![name.to_string()]).map_err(gen_err)?;
         params.distinguished_name = rcgen::DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, &name);
+        params.distinguished_name.push(DnType::CommonName, name);
         params
             .distinguished_name
             .push(DnType::OrganizationName, "Ferry");
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = usages;
         params.use_authority_key_identifier_extension = true;
         validity(&mut params);
         let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
@@ -297,28 +309,10 @@ impl Ca {
     /// authentication only) with a fresh Ed25519 key, signed by this CA. It opens the admin API
     /// and the brokers' internal requests of every region of the topology.
     pub fn issue_operator(&self, name: &str) -> Result<Issued, CertError> {
-        let dns = operator_dns_name(name);
-        let gen_err = |source| CertError::Generate {
-            what: format!("the certificate for {dns}"),
-            source,
-        };
-        let key = ed25519_key(&dns)?;
-        let mut params = CertificateParams::new(vec![dns.clone()]).map_err(gen_err)?;
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, &dns);
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "Ferry");
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.use_authority_key_identifier_extension = true;
-        validity(&mut params);
-        let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
-        Ok(Issued {
-            cert_pem: cert.pem(),
-            key_pem: key_pem(&key),
-        })
+        self.issue_leaf(
+            &operator_dns_name(name),
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
+        )
     }
 }
 

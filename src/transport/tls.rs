@@ -8,8 +8,7 @@ use std::time::Duration;
 use quinn::crypto::rustls::{NoInitialCipherSuite, QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, TransportConfig, VarInt};
 use rustls::crypto::CryptoProvider;
-use rustls::server::{VerifierBuilderError, WebPkiClientVerifier};
-use rustls::RootCertStore;
+use rustls::server::VerifierBuilderError;
 use thiserror::Error;
 
 use super::certs::RegionMaterial;
@@ -150,18 +149,6 @@ pub fn transport_config(settings: &TransportSettings) -> Result<TransportConfig,
     Ok(t)
 }
 
-fn roots(material: &RegionMaterial) -> Result<RootCertStore, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for ca in &material.ca {
-        roots.add(ca.clone()).map_err(|source| TlsError::Rustls {
-            region: material.region.clone(),
-            what: "bad CA certificate",
-            source,
-        })?;
-    }
-    Ok(roots)
-}
-
 /// The server side of a region's gateway: TLS 1.3 only, presents the region's certificate and
 /// requires a client certificate that chains to the topology's CA (and to nothing else).
 /// Which region the client is, is decided after the handshake (see
@@ -171,28 +158,7 @@ pub fn server_config(
     settings: &TransportSettings,
 ) -> Result<quinn::ServerConfig, TlsError> {
     let region = || material.region.clone();
-    let provider = provider();
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(material)?), provider.clone())
-            .build()
-            .map_err(|source| TlsError::Verifier {
-                region: region(),
-                source,
-            })?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|source| TlsError::Rustls {
-            region: region(),
-            what: "TLS 1.3 with the ring provider",
-            source,
-        })?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(material.chain.clone(), material.key.clone_key())
-        .map_err(|source| TlsError::Rustls {
-            region: region(),
-            what: "the region's certificate and key do not fit together",
-            source,
-        })?;
+    let mut tls = super::trust::rustls_server(material)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicServerConfig::try_from(tls).map_err(|source| TlsError::Quic {
         region: region(),
@@ -211,20 +177,7 @@ pub fn client_config(
     settings: &TransportSettings,
 ) -> Result<quinn::ClientConfig, TlsError> {
     let region = || material.region.clone();
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|source| TlsError::Rustls {
-            region: region(),
-            what: "TLS 1.3 with the ring provider",
-            source,
-        })?
-        .with_root_certificates(roots(material)?)
-        .with_client_auth_cert(material.chain.clone(), material.key.clone_key())
-        .map_err(|source| TlsError::Rustls {
-            region: region(),
-            what: "the region's certificate and key do not fit together",
-            source,
-        })?;
+    let mut tls = super::trust::rustls_client(material)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(|source| TlsError::Quic {
         region: region(),

@@ -9,8 +9,9 @@
 //! - the gateway's admin API (HTTPS), for operators only.
 //!
 //! Owns: reading the [`Identity`] a verified certificate proves, which identities a [`Door`]
-//! admits, and the rustls server and client configurations over TCP (TLS 1.3, client
-//! certificates required and verified against the topology's CA only). Does not own: loading
+//! admits, and the rustls server and client configurations of every door (TLS 1.3, client
+//! certificates required and verified against the topology's CA only; [`super::tls`] adds
+//! QUIC's ALPN and transport settings to the same ones). Does not own: loading
 //! PEM files ([`super::certs`]), or what is served once a peer is in.
 
 use std::fmt;
@@ -98,7 +99,8 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Result<Identity, String> {
     }
 }
 
-fn roots(material: &RegionMaterial) -> Result<RootCertStore, TlsError> {
+/// The topology's CA as the only trust anchors.
+pub(crate) fn roots(material: &RegionMaterial) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for ca in &material.ca {
         roots.add(ca.clone()).map_err(|source| TlsError::Rustls {
@@ -114,6 +116,12 @@ fn roots(material: &RegionMaterial) -> Result<RootCertStore, TlsError> {
 /// certificate chaining to the topology's CA (and to nothing else). Who the client is, is read
 /// after the handshake with [`identity_of`].
 pub fn tcp_server_config(material: &RegionMaterial) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    Ok(Arc::new(rustls_server(material)?))
+}
+
+/// The rustls server configuration every Ferry door uses (TCP here, QUIC in
+/// [`super::tls::server_config`] with its ALPN added).
+pub(crate) fn rustls_server(material: &RegionMaterial) -> Result<rustls::ServerConfig, TlsError> {
     let region = || material.region.clone();
     let provider = provider();
     let verifier =
@@ -137,12 +145,18 @@ pub fn tcp_server_config(material: &RegionMaterial) -> Result<Arc<rustls::Server
             what: "the certificate and key do not fit together",
             source,
         })?;
-    Ok(Arc::new(tls))
+    Ok(tls)
 }
 
 /// A TLS 1.3 client over TCP that trusts only the topology's CA and presents `material`'s
 /// certificate (a region's, or an operator's).
 pub fn tcp_client_config(material: &RegionMaterial) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    Ok(Arc::new(rustls_client(material)?))
+}
+
+/// The rustls client configuration every Ferry door uses (TCP here, QUIC in
+/// [`super::tls::client_config`] with its ALPN added).
+pub(crate) fn rustls_client(material: &RegionMaterial) -> Result<rustls::ClientConfig, TlsError> {
     let region = || material.region.clone();
     let tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -158,7 +172,7 @@ pub fn tcp_client_config(material: &RegionMaterial) -> Result<Arc<rustls::Client
             what: "the certificate and key do not fit together",
             source,
         })?;
-    Ok(Arc::new(tls))
+    Ok(tls)
 }
 
 /// How to reach one of a region's TLS doors: the client configuration and the name the server
