@@ -46,7 +46,7 @@ use super::*;
 use crate::broker::Broker;
 use crate::limits::{refused, Budget, Gate, Room};
 use crate::log::ReadSlice;
-use crate::transport::trust::{identity_of, Door, Identity};
+use crate::transport::trust::{enter, Door, Identity};
 
 /// A response being prepared; `None` means no response (produce with acks=0).
 pub type Pending = Pin<Box<dyn Future<Output = Option<Vec<Piece>>> + Send>>;
@@ -141,43 +141,18 @@ async fn connection(
         tracing::warn!(%peer, "refused a TLS connection: this broker has no certificate, so it serves no internal requests");
         return Err("TLS without an internal door".into());
     };
-    let handshake = tokio_rustls::TlsAcceptor::from(door.tls.clone()).accept(stream);
-    let tls = match tokio::time::timeout(limits.request_read_timeout, handshake).await {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => {
-            refused(LISTENER, "tls_handshake");
-            tracing::warn!(%peer, error = %e, "refused a TLS connection: handshake failed (is its certificate from the topology's CA?)");
-            return Err(format!("TLS handshake failed: {e}"));
-        }
-        Err(_) => {
-            refused(LISTENER, "request_read_timeout");
-            return Err("TLS handshake not finished in time".into());
-        }
-    };
-    let who = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .ok_or_else(|| "no client certificate".to_string())
-        .and_then(identity_of);
-    let who = match who {
-        Ok(w) => w,
-        Err(e) => {
-            refused(LISTENER, "not_admitted");
-            tracing::warn!(%peer, reason = %e, "refused a TLS connection");
-            return Err(e);
-        }
-    };
-    let admitted = Door::BrokerInternal {
+    let internal = Door::BrokerInternal {
         region: door.region.clone(),
     };
-    if !admitted.admits(&who) {
-        refused(LISTENER, "not_admitted");
-        tracing::warn!(%peer, identity = %who, region = %door.region,
-            "refused a TLS connection: only region {}'s gateway and operators may make internal requests", door.region);
-        return Err(format!("{who} is not admitted"));
-    }
+    let (tls, who) = enter(
+        door.tls.clone(),
+        stream,
+        &internal,
+        limits.request_read_timeout,
+        LISTENER,
+    )
+    .await?;
+    let who = who?;
     tracing::debug!(%peer, identity = %who, "internal connection");
     let (rd, wr) = tokio::io::split(tls);
     serve(rd, Out::Tls(wr), peer, broker, budget, Some(who)).await

@@ -118,7 +118,6 @@ pub async fn serve(
         limits.connections_max,
         limits.connections_per_address_max,
     );
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -136,46 +135,24 @@ pub async fn serve(
             }
         };
         let gw = gw.clone();
-        let acceptor = acceptor.clone();
+        let tls = tls.clone();
         let limits = limits.clone();
         tokio::spawn(async move {
             let _admitted = admitted;
-            let tls = match tokio::time::timeout(
+            let door = crate::transport::trust::Door::Admin;
+            // A certificate the door does not admit still gets an answer: 403 on every path.
+            let Ok((tls, who)) = crate::transport::trust::enter(
+                tls,
+                stream,
+                &door,
                 limits.request_read_timeout,
-                acceptor.accept(stream),
+                LISTENER,
             )
             .await
-            {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    crate::limits::refused(LISTENER, "tls_handshake");
-                    tracing::warn!(%peer, error = %e, "admin API: refused a connection: TLS handshake failed (no operator certificate from the topology's CA?)");
-                    return;
-                }
-                Err(_) => {
-                    crate::limits::refused(LISTENER, "request_read_timeout");
-                    tracing::warn!(%peer, "admin API: refused a connection: TLS handshake not finished in time");
-                    return;
-                }
+            else {
+                return;
             };
-            let who = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .ok_or_else(|| "no client certificate".to_string())
-                .and_then(crate::transport::trust::identity_of);
-            let refusal = match &who {
-                Ok(w) if crate::transport::trust::Door::Admin.admits(w) => None,
-                Ok(w) => Some(format!(
-                    "{w} is not an operator: the admin API takes operator certificates only"
-                )),
-                Err(e) => Some(e.clone()),
-            };
-            if let Some(r) = &refusal {
-                crate::limits::refused(LISTENER, "not_admitted");
-                tracing::warn!(%peer, reason = %r, "admin API: refused");
-            }
+            let refusal = who.as_ref().err().cloned();
             let svc = hyper::service::service_fn(move |req| {
                 let gw = gw.clone();
                 let refusal = refusal.clone();

@@ -175,6 +175,73 @@ pub(crate) fn rustls_client(material: &RegionMaterial) -> Result<rustls::ClientC
     Ok(tls)
 }
 
+/// A connection through a TLS door: the stream, and who the client is if the door admits it
+/// (`Err` holds why not: no identity, or one the door does not let in).
+pub type Entered = (
+    tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    Result<Identity, String>,
+);
+
+/// Take a TCP connection through `door`: the TLS handshake within `timeout`, then the identity
+/// its certificate proves and whether the door admits it. Every refusal is counted
+/// (`ferry_connections_refused_total{listener}`) and logged with the peer's address. `Err`: no
+/// TLS connection (handshake failed or too slow); `Ok` with an `Err` identity: a TLS
+/// connection the door does not admit (the caller closes it, or answers it with a refusal).
+pub async fn enter(
+    tls: Arc<rustls::ServerConfig>,
+    stream: tokio::net::TcpStream,
+    door: &Door,
+    timeout: std::time::Duration,
+    listener: &'static str,
+) -> Result<Entered, String> {
+    use crate::limits::refused;
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let handshake = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
+    let tls = match tokio::time::timeout(timeout, handshake).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            refused(listener, "tls_handshake");
+            tracing::warn!(%peer, listener, error = %e,
+                "refused a TLS connection: handshake failed (no certificate from the topology's CA?)");
+            return Err(format!("TLS handshake failed: {e}"));
+        }
+        Err(_) => {
+            refused(listener, "request_read_timeout");
+            tracing::warn!(%peer, listener, "refused a TLS connection: handshake not finished in time");
+            return Err("TLS handshake not finished in time".into());
+        }
+    };
+    let who = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .ok_or_else(|| "no client certificate".to_string())
+        .and_then(identity_of)
+        .and_then(|w| {
+            if door.admits(&w) {
+                Ok(w)
+            } else {
+                Err(match door {
+                    Door::BrokerInternal { region } => format!(
+                        "{w} is not admitted: only region {region}'s gateway and operators may make internal requests"
+                    ),
+                    Door::Admin => format!(
+                        "{w} is not an operator: the admin API takes operator certificates only"
+                    ),
+                })
+            }
+        });
+    if let Err(reason) = &who {
+        refused(listener, "not_admitted");
+        tracing::warn!(%peer, listener, %reason, "refused a TLS connection");
+    }
+    Ok((tls, who))
+}
+
 /// How to reach one of a region's TLS doors: the client configuration and the name the server
 /// must prove (`<region>.ferry`).
 #[derive(Clone)]
