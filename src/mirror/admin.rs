@@ -293,29 +293,28 @@ fn state(gw: &Gateway) -> Value {
         .filter_map(|r| Some((r.pattern.clone(), st.rule(&gw.topology, &r.pattern)?)))
         .collect();
     let now = gw.now();
-    let (may_write, until) = {
-        let l = gw.lease.lock().expect("lease lock");
-        (
-            l.may_write(now),
-            l.write_lease_until().map(|u| u.saturating_sub(now)),
-        )
-    };
-    let peers: BTreeMap<String, Value> = gw
-        .reports
-        .lock()
-        .expect("reports lock")
+    let live = gw.liveness();
+    let (may_write, until) = (
+        live.lease().may_write(now),
+        live.lease()
+            .write_lease_until()
+            .map(|u| u.saturating_sub(now)),
+    );
+    let peers: BTreeMap<String, Value> = live
+        .reports()
         .iter()
         .map(|(p, r)| {
             (
                 p.clone(),
                 json!({
-                    "heard_ms_ago": r.received.elapsed().as_millis() as u64,
+                    "heard_ms_ago": now.saturating_sub(r.received),
                     "ends": r.heartbeat.ends,
                     "rules": r.heartbeat.state.rules,
                 }),
             )
         })
         .collect();
+    drop(live);
     let cuts: Vec<String> = gw.peers().into_iter().filter(|p| gw.is_cut(p)).collect();
     json!({
         "region": gw.region,
@@ -480,11 +479,8 @@ async fn promote(gw: &Gateway, p: PromoteRequest) -> Result<Value, (StatusCode, 
     } else if gw.topology.failover.fencing == Fencing::Lease {
         // Forced: only once the old primary's lease has surely run out.
         loop {
-            let ok = gw
-                .lease
-                .lock()
-                .expect("lease lock")
-                .may_take_over(&p.from, gw.now());
+            let now = gw.now();
+            let ok = gw.liveness().may_take_over(&p.from, now);
             if ok {
                 break;
             }
@@ -518,45 +514,16 @@ async fn promote(gw: &Gateway, p: PromoteRequest) -> Result<Value, (StatusCode, 
     // its log, e.g. after earlier failovers among three regions).
     let mut loss = Vec::new();
     if p.force {
-        let our_offsets = gw
+        let mut our_offsets = gw
             .offsets(Vec::new())
             .await
-            .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e))?;
-        let last = gw
-            .reports
-            .lock()
-            .expect("reports lock")
-            .get(&p.from)
-            .map(|r| r.heartbeat.clone());
-        if let Some(hb) = last {
-            for (topic, ends) in &hb.ends {
-                if gw.placement(topic).is_none_or(|x| x.pattern != p.pattern) {
-                    continue;
-                }
-                let Some(mine) = our_offsets.topics.get(topic) else {
-                    continue;
-                };
-                for (i, their_end) in ends.iter().enumerate() {
-                    let Some(m) = mine.iter().find(|x| x.partition == i as i32) else {
-                        continue;
-                    };
-                    let theirs = hb
-                        .epochs
-                        .get(topic)
-                        .and_then(|v| v.get(i))
-                        .cloned()
-                        .unwrap_or_default();
-                    let d =
-                        crate::log::epochs::divergence(&m.epochs, m.log_end, &theirs, *their_end);
-                    if *their_end > d {
-                        loss.push(json!({
-                            "topic": topic, "partition": i, "reported_end": their_end,
-                            "mirrored_end": d, "records": their_end - d,
-                        }));
-                    }
-                }
-            }
-        }
+            .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e))?
+            .topics;
+        our_offsets.retain(|t, _| gw.placement(t).is_some_and(|x| x.pattern == p.pattern));
+        loss = gw
+            .liveness()
+            .loss(&p.from, &our_offsets)
+            .unwrap_or_default();
     }
     if let Some(t) = p.not_after_ms {
         let now = crate::clock::now_ms().max(0) as u64;
@@ -575,24 +542,17 @@ async fn promote(gw: &Gateway, p: PromoteRequest) -> Result<Value, (StatusCode, 
         .await
         .map_err(conflict)?;
     if p.force {
-        gw.replaced
-            .lock()
-            .expect("replaced lock")
-            .insert(p.from.clone());
+        gw.liveness().forced(&p.from);
     }
     tracing::warn!(pattern = %p.pattern, epoch = p.epoch, from = %p.from, force = p.force, "promoted to primary");
     // What the old primary last said it had, for the loss report of a forced failover.
-    let last = gw
-        .reports
-        .lock()
-        .expect("reports lock")
-        .get(&p.from)
-        .map(|r| {
-            json!({
-                "heard_ms_ago": r.received.elapsed().as_millis() as u64,
-                "ends": r.heartbeat.ends,
-            })
-        });
+    let now = gw.now();
+    let last = gw.liveness().reports().get(&p.from).map(|r| {
+        json!({
+            "heard_ms_ago": now.saturating_sub(r.received),
+            "ends": r.heartbeat.ends,
+        })
+    });
     Ok(json!({
         "epoch": p.epoch,
         "waited_ms": started.elapsed().as_millis() as u64,

@@ -9,7 +9,7 @@
 //! heartbeat carries a newer epoch for a rule is believed (the peer is authenticated by mTLS),
 //! which is how a rejoining region learns it was replaced.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,74 +17,29 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::watch;
 
+pub use super::core::{clamp_offset, Heartbeat, PeerReport};
+use super::core::{liveness, offsets, sink, source, Liveness};
 use super::fec;
 use super::frame::{self, Frame};
-use super::reorder::Reorder;
 use crate::batch;
 use crate::client::Client;
-use crate::failover::lease::{Lease, LeaseConfig, Millis, DEFAULT_DRIFT};
+use crate::failover::lease::Millis;
 use crate::failover::{self, Placement, RegionState, RuleState};
 use crate::kafka::control::{Control, OffsetsAnswer, StateAnswer};
 use crate::kafka::mirror_append::MirrorAppend;
-use crate::log::epochs::divergence;
-use crate::topology::{Fencing, Promotion, Topology, WireCompression};
+use crate::topology::{Fencing, Topology, WireCompression};
 use crate::transport::link;
 
 /// How often the gateway reads its broker's failover state.
 pub const STATE_POLL: Duration = Duration::from_millis(250);
 
 /// Bytes read per fetch and sent per BATCHES frame at most.
-const CHUNK_BYTES: i32 = 1 << 20;
-/// Bytes a partition's stream may have sent and not had acknowledged: the pipeline's depth
-/// (enough for 100 MiB/s over a 100 ms round trip at 16 MiB, the stream's QUIC window).
-const WINDOW_BYTES: usize = 16 << 20;
-/// Frames a partition's stream may have sent and not had acknowledged: each travels on a QUIC
-/// stream of its own, and the connection allows `max_streams` of them open at once.
-const WINDOW_FRAMES: usize = 256;
-/// Contiguous BATCHES frames the mirror has received are appended together, up to this much.
-const COALESCE_BYTES: usize = 4 << 20;
-/// Bytes of frames a sink holds while one before them is still on its way; past it, the
-/// stream is refused and starts again from the mirror's end. The source sends at most
-/// `WINDOW_BYTES` ahead of the mirror's acknowledged end, so this is never reached normally.
-const HOLD_BYTES: usize = 3 * WINDOW_BYTES;
+const CHUNK_BYTES: i32 = source::FRAME_BYTES as i32;
 /// Bytes of FEC shards a connection's sink side holds for frames not rebuilt yet.
 const FEC_HOLD_BYTES: usize = 64 << 20;
 const RETRY: Duration = Duration::from_secs(1);
-/// How often committed group offsets are shipped to the mirrors. After a failover, a consumer
-/// group resumes at most this much (plus its own commit interval) behind where it was.
-pub const OFFSET_SYNC_INTERVAL: Duration = Duration::from_secs(2);
-
-/// A committed offset installed in a mirror never points past what the mirror holds.
-pub fn clamp_offset(committed: i64, mirror_log_end: i64) -> i64 {
-    committed.min(mirror_log_end)
-}
-
-/// What a heartbeat carries (JSON in a STATE frame).
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct Heartbeat {
-    pub region: String,
-    pub state: RegionState,
-    /// ms since the sender last heard from each region.
-    pub report: BTreeMap<String, u64>,
-    /// Log end offsets of every rule-covered topic the sender holds, per partition.
-    pub ends: BTreeMap<String, Vec<i64>>,
-    /// Their epoch histories, per partition: a forced failover's loss report compares them
-    /// with the new primary's, which need not be a prefix of the old primary's log.
-    #[serde(default)]
-    pub epochs: BTreeMap<String, Vec<Vec<crate::log::EpochEntry>>>,
-    /// Config overrides of the topics the sender is primary for: its mirrors follow them.
-    #[serde(default)]
-    pub configs: BTreeMap<String, BTreeMap<String, String>>,
-    /// Sender's wall clock (for reports only; leases use monotonic time).
-    pub unix_ms: i64,
-}
-
-/// The last heartbeat from a peer.
-#[derive(Debug, Clone)]
-pub struct PeerReport {
-    pub received: Instant,
-    pub heartbeat: Heartbeat,
-}
+/// How often committed group offsets are shipped to the mirrors.
+pub const OFFSET_SYNC_INTERVAL: Duration = Duration::from_millis(offsets::OFFSET_SYNC_INTERVAL_MS);
 
 /// Everything a gateway needs.
 pub struct Gateway {
@@ -98,16 +53,12 @@ pub struct Gateway {
     pub endpoint: quinn::Endpoint,
     /// The broker's failover state (`None` until first read).
     state: watch::Sender<Option<RegionState>>,
-    pub(crate) lease: Mutex<Lease>,
+    /// Heartbeats, the lease, the replaced set and the peers' reports (see [`Liveness`]).
+    pub(crate) liveness: Mutex<Liveness>,
     origin: Instant,
     /// Links cut through the admin API (drills), and the open connections per peer.
     cuts: Mutex<BTreeSet<String>>,
     conns: Mutex<BTreeMap<String, Vec<quinn::Connection>>>,
-    pub(crate) reports: Mutex<BTreeMap<String, PeerReport>>,
-    /// Regions this one replaced by a forced promotion and that have not rejoined yet. Their
-    /// lease has run out and they cannot renew it (a stale primary's heartbeats get no lease
-    /// credit), so they count towards this region's majority until they come back.
-    pub(crate) replaced: Mutex<BTreeSet<String>>,
     /// Bumped after a promotion: every heartbeat loop sends its next heartbeat at once.
     heartbeat_now: watch::Sender<u64>,
     /// Config overrides last given to each mirror topic (from its primary's heartbeats).
@@ -144,14 +95,7 @@ impl Gateway {
         internal: crate::transport::trust::TlsTarget,
         endpoint: quinn::Endpoint,
     ) -> Arc<Gateway> {
-        let f = &topology.failover;
-        let cfg = LeaseConfig {
-            lease_ms: f.lease.as_millis() as u64,
-            heartbeat_ms: f.heartbeat.as_millis() as u64,
-            drift: DEFAULT_DRIFT,
-        };
-        let regions = topology.regions.iter().map(|r| r.name.clone()).collect();
-        let lease = Lease::new(&region, regions, f.witness.clone(), cfg, 0);
+        let liveness = Liveness::new(&topology, &region, 0);
         Arc::new(Gateway {
             topology,
             region,
@@ -159,12 +103,10 @@ impl Gateway {
             internal,
             endpoint,
             state: watch::channel(None).0,
-            lease: Mutex::new(lease),
+            liveness: Mutex::new(liveness),
             origin: Instant::now(),
             cuts: Mutex::new(BTreeSet::new()),
             conns: Mutex::new(BTreeMap::new()),
-            reports: Mutex::new(BTreeMap::new()),
-            replaced: Mutex::new(BTreeSet::new()),
             configs_applied: Mutex::new(BTreeMap::new()),
             heartbeat_now: watch::channel(0).0,
             routes: Mutex::new(HashMap::new()),
@@ -329,33 +271,38 @@ impl Gateway {
         }
     }
 
-    /// Under lease fencing: renew the broker's write lease while a majority (or the witness)
-    /// answers our heartbeats; stop renewing otherwise, so the broker stops taking writes when
-    /// the lease runs out.
+    /// Under lease fencing, every `heartbeat / 4`: first the automatic promotions that are due
+    /// (a promotion restarts the lease, which must not be renewed from before it), then the
+    /// fences that lapsed, then the broker's write lease, renewed while a majority (or the
+    /// witness) answers our heartbeats; not renewed otherwise, so the broker stops taking
+    /// writes when it runs out. The decisions are [`Liveness`]'s.
     async fn lease_loop(self: Arc<Self>) {
         let step = self.topology.failover.heartbeat / 4;
         let mut client: Option<Client> = None;
         loop {
             tokio::time::sleep(step).await;
             let now = self.now();
-            // First: a promotion restarts the lease, and must not be renewed from before it.
-            if self.topology.failover.promotion == Promotion::Automatic {
-                self.auto_promote(now).await;
+            let due = self
+                .liveness()
+                .promotions(&self.topology, &self.state(), now);
+            for p in due {
+                self.auto_promote(p).await;
             }
-            self.lapse_fences().await;
+            let wall = crate::clock::now_ms().max(0) as u64;
+            for (pattern, open) in
+                liveness::lapsed_fences(&self.topology, &self.state(), &self.region, wall)
+            {
+                tracing::warn!(%pattern, epoch = open.epoch,
+                    "the fence lapsed: the switchover that set it did not move the rule in time; taking writes again");
+                match self.apply(&pattern, open).await {
+                    Ok(_) => metrics::counter!("ferry_fence_lapses_total").increment(1),
+                    Err(e) => tracing::warn!(%pattern, error = %e, "lifting a lapsed fence"),
+                }
+            }
             let now = self.now();
-            let until = {
-                let l = self.lease.lock().expect("lease lock");
-                let fenced: Vec<String> = self
-                    .replaced
-                    .lock()
-                    .expect("replaced lock")
-                    .iter()
-                    .cloned()
-                    .collect();
-                l.write_lease_until_with(&fenced, now).filter(|u| now < *u)
+            let Some(until) = self.liveness().renewal(now) else {
+                continue;
             };
-            let Some(until) = until else { continue };
             let ms = until.saturating_sub(now);
             if client.is_none() {
                 client = self.broker_client().await.ok();
@@ -369,103 +316,45 @@ impl Gateway {
         }
     }
 
-    /// Lift the fences whose deadline passed (simulator finding 10): a switchover that fenced
-    /// this region and then neither moved the rule nor unfenced it (its operator or its target
-    /// went away) would otherwise leave the rule without writes for good. The deadline is set
-    /// well past the last moment the switchover's target may promote (`/v1/promote` refuses
-    /// after `not_after_ms`), and this region still writes only under a majority's lease, which
-    /// no region gives a primary at an older epoch than one it knows.
-    async fn lapse_fences(&self) {
-        let now = crate::clock::now_ms().max(0) as u64;
-        let st = self.state();
-        for rule in &self.topology.topics {
-            let Some(cur) = st.rule(&self.topology, &rule.pattern) else {
-                continue;
-            };
-            if cur.primary != self.region || !cur.fence_lapsed(now) {
-                continue;
-            }
-            tracing::warn!(pattern = %rule.pattern, epoch = cur.epoch,
-                fence_until_ms = cur.fence_until_ms,
-                "the fence lapsed: the switchover that set it did not move the rule in time; taking writes again");
-            match self
-                .apply(
-                    &rule.pattern,
-                    RuleState::open(cur.epoch, cur.primary.clone()),
-                )
-                .await
-            {
-                Ok(_) => metrics::counter!("ferry_fence_lapses_total").increment(1),
-                Err(e) => {
-                    tracing::warn!(pattern = %rule.pattern, error = %e, "lifting a lapsed fence")
-                }
-            }
-        }
+    /// The lease and heartbeat state.
+    pub(crate) fn liveness(&self) -> std::sync::MutexGuard<'_, Liveness> {
+        self.liveness.lock().expect("liveness lock")
     }
 
-    /// Automatic promotion (`promotion = "automatic"`, lease fencing only): take over a rule
-    /// whose primary's lease has surely run out, when enough regions agree and this region is
-    /// the first live one after the primary in the rule's order.
-    async fn auto_promote(&self, now: Millis) {
-        let st = self.state();
-        for rule in &self.topology.topics {
-            let regions = failover::rule_regions(rule);
-            if !regions.contains(&self.region) {
-                continue;
+    /// Carry out an automatic promotion. The broker stops taking writes until a majority has
+    /// answered a heartbeat that carries the new epoch (finding 6 of the simulator): its lease
+    /// ends now, the promotion is applied, answers to earlier heartbeats stop counting, and a
+    /// heartbeat goes out at once. Our own writes before a majority knows the epoch could
+    /// otherwise be overruled by an operator who never heard of it.
+    async fn auto_promote(&self, p: liveness::AutoPromotion) {
+        let expired = match self.broker_client().await {
+            Ok(mut c) => c
+                .control(&Control::RenewLease { ms: 0 })
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = expired {
+            tracing::warn!(pattern = %p.pattern, error = %e, "automatic promotion postponed: the broker's lease could not be ended");
+            return;
+        }
+        match self.apply(&p.pattern, p.new.clone()).await {
+            Ok(_) => {
+                let at = self.now();
+                self.liveness().promoted(at);
+                self.heartbeat_now.send_modify(|n| *n += 1);
+                metrics::counter!("ferry_automatic_promotions_total").increment(1);
+                // What it may have cost, as `/v1/promote` reports a forced one.
+                let loss = match self.offsets(Vec::new()).await {
+                    Ok(o) => self.liveness().loss(&p.from, &o.topics),
+                    Err(_) => None,
+                };
+                tracing::warn!(pattern = %p.pattern, from = %p.from, epoch = p.new.epoch, ?loss,
+                    "automatic promotion: the primary's lease ran out");
             }
-            let Some(cur) = st.rule(&self.topology, &rule.pattern) else {
-                continue;
-            };
-            if cur.primary == self.region {
-                continue;
-            }
-            let go = {
-                let l = self.lease.lock().expect("lease lock");
-                // A real quorum (not the credit of replaced regions): two sides of a partition
-                // never both promote themselves.
-                l.has_quorum(now)
-                    && l.may_take_over(&cur.primary, now)
-                    && l.preferred_successor(&cur.primary, &regions, now) == Some(&self.region)
-            };
-            if !go {
-                continue;
-            }
-            let new = RuleState::open(
-                failover::next_epoch(
-                    cur.epoch,
-                    failover::region_index(&self.topology, &self.region),
-                ),
-                self.region.clone(),
-            );
-            // The broker stops taking writes until a majority has answered a heartbeat that
-            // carries the new epoch (finding 6 of the simulator): its lease ends now, the
-            // promotion is applied, answers to earlier heartbeats stop counting, and a
-            // heartbeat goes out at once. Our own writes before a majority knows the epoch
-            // could otherwise be overruled by an operator who never heard of it.
-            let expired = match self.broker_client().await {
-                Ok(mut c) => c
-                    .control(&Control::RenewLease { ms: 0 })
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e),
-            };
-            if let Err(e) = expired {
-                tracing::warn!(pattern = %rule.pattern, error = %e, "automatic promotion postponed: the broker's lease could not be ended");
-                continue;
-            }
-            match self.apply(&rule.pattern, new).await {
-                Ok(_) => {
-                    let at = self.now();
-                    self.lease.lock().expect("lease lock").restart_acks(at);
-                    self.heartbeat_now.send_modify(|n| *n += 1);
-                    metrics::counter!("ferry_automatic_promotions_total").increment(1);
-                    tracing::warn!(pattern = %rule.pattern, from = %cur.primary,
-                        "automatic promotion: the primary's lease ran out");
-                }
-                Err(e) => {
-                    tracing::warn!(pattern = %rule.pattern, error = %e, "automatic promotion failed")
-                }
+            Err(e) => {
+                tracing::warn!(pattern = %p.pattern, error = %e, "automatic promotion failed")
             }
         }
     }
@@ -807,22 +696,8 @@ impl Gateway {
             _ => return Err("stream did not start with OPEN, OFFSETS or STATE".into()),
         };
         // Only topics this peer is primary for at this very epoch, and that this region mirrors.
-        let refusal = match self.placement(&topic) {
-            None => Some(format!("no rule mirrors topic '{topic}'")),
-            Some(p) if p.epoch > epoch => Some(format!(
-                "region {peer} is at epoch {epoch} for '{topic}' but {} is primary at epoch {} (fenced)",
-                p.primary, p.epoch
-            )),
-            Some(p) if p.epoch < epoch => Some(format!(
-                "region {peer} is at epoch {epoch} for '{topic}', ahead of this region's {} (learning it from heartbeats)",
-                p.epoch
-            )),
-            Some(p) if p.primary != peer || !p.mirrors.contains(&self.region) => Some(format!(
-                "region {peer} may not mirror topic '{topic}' into {}",
-                self.region
-            )),
-            Some(_) => None,
-        };
+        let placement = self.placement(&topic);
+        let refusal = sink::open_refusal(placement.as_ref(), &self.region, peer, &topic, epoch);
         if let Some(msg) = refusal {
             let _ = frame::write(
                 &mut tx,
@@ -907,10 +782,10 @@ impl Gateway {
                 log_end: end,
                 message,
             };
-            let mut order = Reorder::new(end, HOLD_BYTES);
+            let mut order: sink::SinkStream<Bytes> = sink::SinkStream::new(end);
             loop {
                 // Append what continues the log: the frames that arrived meanwhile go together.
-                if let Some((mut parts, after)) = order.ready(COALESCE_BYTES) {
+                if let Some((mut parts, after)) = order.next_append() {
                     let total: usize = parts.iter().map(|p| p.len()).sum();
                     req.records = if parts.len() == 1 {
                         parts.pop().expect("one part")
@@ -930,16 +805,15 @@ impl Gateway {
                             .await;
                         return Err(format!("{topic}-{partition}: append refused: {msg}"));
                     }
-                    assert_eq!(new_end, after, "an append ends where its batches end");
                     // `new_end` is where these batches end, durable; another copy of the stream
                     // may have appended further (not acknowledged here until it is durable).
-                    end = end.max(new_end);
-                    order.advance(end);
+                    let ack = order.appended(after, new_end);
+                    end = end.max(ack);
                     self.publish_mirror_end(&topic, partition, end, false);
                     metrics::counter!("ferry_mirror_bytes_in_total", "topic" => topic.clone())
                         .increment(total as u64);
                     metrics::gauge!("ferry_mirror_log_end_offset", "topic" => topic.clone(), "partition" => partition.to_string()).set(end as f64);
-                    frame::write(&mut tx, &Frame::Ack { log_end: new_end })
+                    frame::write(&mut tx, &Frame::Ack { log_end: ack })
                         .await
                         .map_err(e)?;
                     continue;
@@ -955,7 +829,7 @@ impl Gateway {
                         if moved.is_ok() {
                             let other = *shared.borrow_and_update();
                             end = end.max(other);
-                            order.advance(end);
+                            order.moved(end);
                         }
                         continue;
                     }
@@ -971,17 +845,16 @@ impl Gateway {
                     } => {
                         // Check every batch before holding any: CRC, whole, the first where the
                         // frame says.
-                        let held = check_frame(first_offset, &batches).and_then(|after| {
-                            order
-                                .offer(first_offset, after, batches)
-                                .map_err(|x| x.to_string())
-                        });
+                        let held = check_frame(first_offset, &batches)
+                            .and_then(|after| order.on_frame(first_offset, after, batches));
                         if let Err(m) = held {
                             let _ = frame::write(&mut tx, &refuse(2, end, m.clone())).await;
                             return Err(m);
                         }
                     }
-                    Frame::Truncate { offset } if offset < end => {
+                    Frame::Truncate { offset }
+                        if order.on_truncate(offset) == sink::Truncation::Cut(offset) =>
+                    {
                         // Our tail past `offset` is not in the primary's history: set it aside.
                         let answer: crate::kafka::control::TruncateAnswer = client
                             .control_as(&Control::Truncate {
@@ -995,7 +868,7 @@ impl Gateway {
                         metrics::counter!("ferry_quarantined_records_total", "topic" => topic.clone())
                             .increment(answer.quarantined as u64);
                         end = answer.log_end;
-                        order = Reorder::new(end, HOLD_BYTES);
+                        order.truncated(end);
                         self.publish_mirror_end(&topic, partition, end, true);
                         frame::write(&mut tx, &position(end).await?)
                             .await
@@ -1070,32 +943,19 @@ impl Gateway {
     /// Our heartbeat, as sent now.
     async fn heartbeat(&self) -> Heartbeat {
         let state = self.state();
-        let mut ends = BTreeMap::new();
-        let mut epochs = BTreeMap::new();
-        let mut configs = BTreeMap::new();
-        if let Ok(o) = self.offsets(Vec::new()).await {
-            for (t, c) in o.configs {
-                if self.placement(&t).is_some_and(|p| p.primary == self.region) {
-                    configs.insert(t, c);
-                }
-            }
-            // Every rule-covered topic, mirrors included: a region promoted later may be judged
-            // by what it held before (the loss report of a forced failover needs it).
-            for (t, ps) in o.topics {
-                ends.insert(t.clone(), ps.iter().map(|p| p.log_end).collect());
-                epochs.insert(t, ps.iter().map(|p| p.epochs.clone()).collect());
-            }
-        }
-        let report = self.lease.lock().expect("lease lock").report(self.now());
-        Heartbeat {
-            region: self.region.clone(),
-            state,
-            report,
-            ends,
-            epochs,
-            configs,
-            unix_ms: crate::clock::now_ms(),
-        }
+        let o = self.offsets(Vec::new()).await.unwrap_or(OffsetsAnswer {
+            topics: BTreeMap::new(),
+            configs: BTreeMap::new(),
+        });
+        let now = self.now();
+        self.liveness().heartbeat(
+            &self.topology,
+            now,
+            &state,
+            &o.topics,
+            &o.configs,
+            crate::clock::now_ms(),
+        )
     }
 
     /// Send a heartbeat to `peer` every `failover.heartbeat` on our connection to it; each
@@ -1130,13 +990,9 @@ impl Gateway {
                     match tokio::time::timeout(every * 2, frame::read(&mut rx)).await {
                         // 0: the peer withholds credit (we are behind on an epoch, or
                         // back from a long silence).
-                        Ok(Ok(Some(Frame::StateAck { sent_at }))) if sent_at > 0 => {
-                            self.lease
-                                .lock()
-                                .expect("lease lock")
-                                .on_ack(&peer, sent_at);
+                        Ok(Ok(Some(Frame::StateAck { sent_at }))) => {
+                            self.liveness().on_ack(&peer, sent_at);
                         }
-                        Ok(Ok(Some(Frame::StateAck { .. }))) => {}
                         Ok(Ok(other)) => return Err(format!("expected STATE_ACK, got {other:?}")),
                         Ok(Err(x)) => return Err(x.to_string()),
                         Err(_) => return Err("no STATE_ACK in two heartbeats".into()),
@@ -1183,64 +1039,34 @@ impl Gateway {
                     Heartbeat::default()
                 }
             };
-            // A peer behind on some rule's epoch (a replaced primary that has not learnt it
-            // yet) gets no lease credit: the answer acknowledges time 0.
-            let ours = self.state();
-            let stale = self.topology.topics.iter().any(|r| {
-                let mine = ours.rule(&self.topology, &r.pattern).map_or(0, |s| s.epoch);
-                let theirs = hb
-                    .state
-                    .rule(&self.topology, &r.pattern)
-                    .map_or(0, |s| s.epoch);
-                theirs < mine
-            });
+            let configs = hb.configs.clone();
             let now = self.now();
-            let mark: i64 = self
-                .topology
-                .topics
-                .iter()
-                .map(|r| {
-                    ours.rule(&self.topology, &r.pattern)
-                        .map_or(0, |s| s.epoch as i64)
-                })
-                .sum();
-            let fresh = hb.region == peer && {
-                let mut l = self.lease.lock().expect("lease lock");
-                l.note_epoch_mark(mark);
-                l.on_heartbeat(peer, now, hb.report.clone());
-                l.grants_credit(peer, now)
-            };
-            let credit = if stale || !fresh { 0 } else { sent_at };
-            frame::write(&mut tx, &Frame::StateAck { sent_at: credit })
-                .await
-                .map_err(|x| x.to_string())?;
-            if !stale && hb.region == peer {
-                self.replaced.lock().expect("replaced lock").remove(peer);
-            }
-            if hb.region != peer {
-                tracing::warn!(%peer, claimed = %hb.region, "heartbeat names another region");
+            let answer =
+                self.liveness()
+                    .on_heartbeat(&self.topology, &self.state(), peer, sent_at, hb, now);
+            frame::write(
+                &mut tx,
+                &Frame::StateAck {
+                    sent_at: answer.credit,
+                },
+            )
+            .await
+            .map_err(|x| x.to_string())?;
+            if answer.misnamed {
+                tracing::warn!(%peer, "heartbeat names another region");
                 continue;
             }
-            for (pattern, theirs) in &hb.state.rules {
-                let ours = self.state().rule(&self.topology, pattern);
-                let Some(ours) = ours else { continue };
-                if theirs.epoch > ours.epoch && theirs.primary != self.region {
-                    tracing::warn!(%peer, %pattern, epoch = theirs.epoch, primary = %theirs.primary,
-                        "a peer knows a newer epoch: adopting it");
-                    let new = RuleState::open(theirs.epoch, theirs.primary.clone());
-                    if let Err(e) = self.apply(pattern, new).await {
-                        tracing::warn!(%pattern, error = %e, "could not adopt the newer epoch");
-                    }
+            if answer.withheld {
+                tracing::info!(%peer, "no lease credit for a peer back from a long silence");
+            }
+            for (pattern, new) in answer.adopt {
+                tracing::warn!(%peer, %pattern, epoch = new.epoch, primary = %new.primary,
+                    "a peer knows a newer epoch: adopting it");
+                if let Err(e) = self.apply(&pattern, new).await {
+                    tracing::warn!(%pattern, error = %e, "could not adopt the newer epoch");
                 }
             }
-            self.follow_configs(peer, &hb.configs).await;
-            self.reports.lock().expect("reports lock").insert(
-                peer.to_string(),
-                PeerReport {
-                    received: Instant::now(),
-                    heartbeat: hb,
-                },
-            );
+            self.follow_configs(peer, &configs).await;
         }
     }
 
@@ -1296,47 +1122,22 @@ impl Gateway {
         group: &str,
         entries: Vec<(String, i32, i64)>,
     ) -> Result<usize, String> {
-        let mut by_topic: BTreeMap<String, Vec<(i32, i64)>> = BTreeMap::new();
-        for (t, p, o) in entries {
-            let ok = self
-                .placement(&t)
-                .is_some_and(|p| p.primary == peer && p.mirrors.contains(&self.region));
-            if ok && o >= 0 {
-                by_topic.entry(t).or_default().push((p, o));
-            }
-        }
-        let mut commit: BTreeMap<String, Vec<(i32, i64)>> = BTreeMap::new();
-        let mut n = 0;
-        // What the primary last told us it holds (its heartbeat): the mirror's log counts only
-        // as far as it agrees with that history. A mirror that has not cut a divergent tail yet
-        // (a rejoining old primary) must not take a commit past its own unshipped records, or
-        // a group moving here would skip them (simulator finding 8).
-        let theirs = self
-            .reports
-            .lock()
-            .expect("reports lock")
+        let wanted = offsets::wanted(entries, |t| {
+            self.placement(t)
+                .is_some_and(|p| p.primary == peer && p.mirrors.contains(&self.region))
+        });
+        // What the primary last told us it holds (its heartbeat) bounds what is installed.
+        let primary = self
+            .liveness()
+            .reports()
             .get(peer)
-            .map(|r| (r.heartbeat.ends.clone(), r.heartbeat.epochs.clone()));
-        let Some((their_ends, their_epochs)) = theirs else {
+            .map(|r| r.heartbeat.clone());
+        if primary.is_none() || wanted.is_empty() {
             return Ok(0);
-        };
-        let mine = self.offsets(by_topic.keys().cloned().collect()).await?;
-        for (t, parts) in by_topic {
-            let clamped: Vec<(i32, i64)> = parts
-                .into_iter()
-                .filter_map(|(p, o)| {
-                    let m = mine.topics.get(&t)?.iter().find(|x| x.partition == p)?;
-                    let their_end = *their_ends.get(&t)?.get(p as usize)?;
-                    let their_hist = their_epochs.get(&t)?.get(p as usize)?;
-                    let agreed = divergence(their_hist, their_end, &m.epochs, m.log_end);
-                    Some((p, clamp_offset(o, agreed.min(m.log_end))))
-                })
-                .collect();
-            n += clamped.len();
-            if !clamped.is_empty() {
-                commit.insert(t, clamped);
-            }
         }
+        let mine = self.offsets(wanted.keys().cloned().collect()).await?;
+        let commit = offsets::clamped(wanted, primary.as_ref(), &mine.topics);
+        let n = commit.values().map(Vec::len).sum();
         if commit.is_empty() {
             return Ok(0);
         }
@@ -1599,6 +1400,8 @@ impl Gateway {
         let (route_id, route) = read_route(&mut rx).await?;
         // Where the mirror ends, and whether its tail is in our history (a rejoining region's
         // may not be): if not, have it quarantined and cut first.
+        let mut stream: source::SourceStream<Wire> =
+            source::SourceStream::open(epoch, source::WINDOW);
         let next = loop {
             let (log_end, theirs) = match frame::read(&mut rx).await.map_err(e)? {
                 Some(Frame::Position { log_end, epochs }) => (log_end, epochs),
@@ -1614,18 +1417,19 @@ impl Gateway {
                 .and_then(|ps| ps.iter().find(|p| p.partition == partition))
                 .cloned()
                 .ok_or("partition vanished")?;
-            let d = divergence(&ours.epochs, ours.log_end, &theirs, log_end);
-            if d >= log_end {
-                break log_end;
+            match stream.on_position(log_end, &theirs, ours.log_end, &ours.epochs) {
+                source::Reconcile::Stream { from } => break from,
+                source::Reconcile::Truncate(d) => {
+                    tracing::warn!(%peer, %topic, partition, mirror_end = log_end, diverges_at = d,
+                        "the mirror's tail is not in this region's history: it will be quarantined");
+                    frame::write(&mut tx, &Frame::Truncate { offset: d })
+                        .await
+                        .map_err(e)?;
+                }
             }
-            tracing::warn!(%peer, %topic, partition, mirror_end = log_end, diverges_at = d,
-                "the mirror's tail is not in this region's history: it will be quarantined");
-            frame::write(&mut tx, &Frame::Truncate { offset: d })
-                .await
-                .map_err(e)?;
         };
         // Pipelined from here on: the sender fetches and sends while earlier frames are still
-        // being appended in the mirror, up to WINDOW_BYTES unacknowledged; the ack reader turns
+        // being appended in the mirror, within `source::WINDOW`; the ack reader turns
         // the mirror's durable ends into sync-mode acknowledgements on the local broker.
         let mut fetch_client = Client::connect(&self.broker)
             .await
@@ -1653,32 +1457,30 @@ impl Gateway {
         let (acked_tx, mut acked_rx) = watch::channel(next);
         let (sent_tx, sent_rx) = watch::channel(next);
         let source_end = AtomicI64::new(next);
-        // Frames sent and not acknowledged yet, oldest first: the window, and what a second
-        // copy of the stream sends from.
-        let inflight: Mutex<VecDeque<InFlight>> = Mutex::new(VecDeque::new());
+        // The stream's state: the window, the frames sent and not acknowledged yet (what a
+        // second copy of the stream sends from), the acknowledged end.
+        let stream = Mutex::new(stream);
         // Acknowledged ends, from this stream and from the second copy's.
         let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<i64>();
         let sender = async {
-            let mut sent = next;
-            let mut inflight_bytes = 0usize;
             loop {
-                let acked = *acked_rx.borrow_and_update();
-                let inflight_frames = {
-                    let mut q = inflight.lock().expect("inflight lock");
-                    while q.front().is_some_and(|f| f.end <= acked) {
-                        inflight_bytes -= q.pop_front().expect("front").bytes;
-                    }
-                    q.len()
+                acked_rx.borrow_and_update();
+                let (room, sent, inflight_bytes) = {
+                    let s = stream.lock().expect("stream lock");
+                    (s.has_room(), s.sent(), s.in_flight().1)
                 };
-                if inflight_bytes >= WINDOW_BYTES || inflight_frames >= WINDOW_FRAMES {
+                if !room {
                     acked_rx
                         .changed()
                         .await
                         .map_err(|_| "the ack reader ended".to_string())?;
                     continue;
                 }
-                if self.placement(topic).map(|p| p.epoch) != Some(epoch) || !self.ships(topic, peer)
-                {
+                let ships_at = self
+                    .placement(topic)
+                    .filter(|_| self.ships(topic, peer))
+                    .map(|p| p.epoch);
+                if !stream.lock().expect("stream lock").current(ships_at) {
                     return Err::<(), String>("the topic's failover state changed".into());
                 }
                 let (err, bytes, end) =
@@ -1703,11 +1505,12 @@ impl Gateway {
                 metrics::gauge!("ferry_mirror_lag_bytes", &labels)
                     .set((inflight_bytes + bytes.len() - span.start) as f64);
                 // Age of the oldest record the mirror does not hold yet.
-                let oldest = inflight
+                let oldest = stream
                     .lock()
-                    .expect("inflight lock")
+                    .expect("stream lock")
+                    .inflight()
                     .front()
-                    .map_or(span.first_timestamp, |f| f.first_timestamp);
+                    .map_or(span.first_timestamp, |f| f.payload.first_timestamp);
                 let age = (crate::clock::now_ms() - oldest).max(0) as f64 / 1000.0;
                 metrics::gauge!("ferry_mirror_lag_seconds", &labels).set(age);
                 let batches = bytes.slice(span.start..span.end);
@@ -1726,15 +1529,16 @@ impl Gateway {
                 };
                 let wire = f.encode();
                 // Queued before it is written, so that the second copy can send it meanwhile.
-                inflight.lock().expect("inflight lock").push_back(InFlight {
-                    first: first_offset,
-                    end: span.next,
-                    bytes: n,
-                    first_timestamp: span.first_timestamp,
-                    wire: wire.clone(),
-                });
-                inflight_bytes += n;
-                sent = span.next;
+                stream.lock().expect("stream lock").on_sent(
+                    first_offset,
+                    span.next,
+                    n,
+                    Wire {
+                        first_timestamp: span.first_timestamp,
+                        wire: wire.clone(),
+                    },
+                );
+                let sent = span.next;
                 let _ = sent_tx.send(sent);
                 let fec = (fec_percent > 0).then_some(Fec {
                     route: route_id,
@@ -1773,17 +1577,11 @@ impl Gateway {
             }
         };
         let acker = async {
-            let mut acked = next;
             while let Some(log_end) = ack_rx.recv().await {
                 // Either copy's acknowledgement is a durable end; the later one is old news.
-                if log_end <= acked {
+                let Some(acked) = stream.lock().expect("stream lock").on_ack(log_end) else {
                     continue;
-                }
-                assert!(
-                    log_end <= *sent_tx.borrow(),
-                    "the mirror acknowledged offsets never sent"
-                );
-                acked = log_end;
+                };
                 let _ = acked_tx.send(acked);
                 // The local broker answers acks=all produces of synchronously mirrored topics
                 // once every such mirror holds them.
@@ -1826,9 +1624,8 @@ impl Gateway {
                     partition,
                     count,
                     epoch,
-                    inflight: &inflight,
+                    stream: &stream,
                     sent_rx: sent_rx.clone(),
-                    acked_rx: acked_tx.subscribe(),
                     ack_tx: ack_tx.clone(),
                 };
                 if let Err(m) = copy.run(&conn).await {
@@ -1841,16 +1638,10 @@ impl Gateway {
     }
 }
 
-/// A frame sent on a partition's stream and not acknowledged yet.
-struct InFlight {
-    /// Its first batch's base offset.
-    first: i64,
-    /// The offset after its last batch.
-    end: i64,
-    /// Its batches' size (uncompressed on the wire or not).
-    bytes: usize,
+/// What the source keeps of a frame in flight: its first record's time (for the lag metric)
+/// and the frame as sent (for the second copy).
+struct Wire {
     first_timestamp: i64,
-    /// The frame as sent.
     wire: Bytes,
 }
 
@@ -1862,9 +1653,8 @@ struct SecondCopy<'a> {
     partition: i32,
     count: i32,
     epoch: i32,
-    inflight: &'a Mutex<VecDeque<InFlight>>,
+    stream: &'a Mutex<source::SourceStream<Wire>>,
     sent_rx: watch::Receiver<i64>,
-    acked_rx: watch::Receiver<i64>,
     ack_tx: tokio::sync::mpsc::UnboundedSender<i64>,
 }
 
@@ -1909,13 +1699,12 @@ impl SecondCopy<'_> {
         let writer = async {
             loop {
                 self.sent_rx.borrow_and_update();
-                let next = {
-                    let q = self.inflight.lock().expect("inflight lock");
-                    // Read under the lock: the sender drops acknowledged frames under it, after
-                    // reading the acknowledged end, so this end covers every frame dropped.
-                    let acked = *self.acked_rx.borrow();
-                    next_copy(&q, cursor, acked).map(|f| (f.end, f.wire.clone()))
-                };
+                let next = self
+                    .stream
+                    .lock()
+                    .expect("stream lock")
+                    .next_copy(cursor)
+                    .map(|f| (f.end, f.payload.wire.clone()));
                 match next {
                     Some((end, wire)) => {
                         // (Not `?`: this `return` gives the async block its type.)
@@ -2023,22 +1812,6 @@ fn send_shards(conn: &quinn::Connection, fec: &Fec<'_>, stream: u64, wire_at: us
         }
         Err(e) => tracing::debug!(topic = %fec.topic, error = %e, "no FEC shards for a frame"),
     }
-}
-
-/// The frame the second copy sends next, given where it is (`cursor`: the end of the last frame
-/// it sent, or the mirror's end when it opened) and what the mirror acknowledged: the first
-/// frame holding anything past both. It starts at or before one of them, so the mirror's log
-/// already holds, or this copy's stream already carries, everything before it: no gap.
-fn next_copy(inflight: &VecDeque<InFlight>, cursor: i64, acked: i64) -> Option<&InFlight> {
-    let from = cursor.max(acked);
-    let f = inflight.iter().find(|f| f.end > from)?;
-    assert!(
-        f.first <= from,
-        "in-flight frames are contiguous from the acknowledged end: frame {}..{} after {from}",
-        f.first,
-        f.end
-    );
-    Some(f)
 }
 
 /// A BATCHES frame's batches, checked (CRC, whole, the first at `first_offset`): the offset
@@ -2149,35 +1922,6 @@ mod tests {
         assert_eq!(whole_batches_from(&bytes[..all - 3], 13), None);
         assert_eq!(whole_batches_from(&bytes, 15), None);
         assert_eq!(whole_batches_from(&[], 0), None);
-    }
-
-    fn frames(ends: &[(i64, i64)]) -> VecDeque<InFlight> {
-        ends.iter()
-            .map(|&(first, end)| InFlight {
-                first,
-                end,
-                bytes: 0,
-                first_timestamp: 0,
-                wire: Bytes::new(),
-            })
-            .collect()
-    }
-
-    #[test]
-    fn the_second_copy_skips_what_the_mirror_has_and_never_leaves_a_gap() {
-        let q = frames(&[(10, 20), (20, 30), (30, 40)]);
-        let at = |cursor, acked| next_copy(&q, cursor, acked).map(|f| (f.first, f.end));
-        // Just opened at the mirror's end (10): everything in flight, in order.
-        assert_eq!(at(10, 10), Some((10, 20)));
-        assert_eq!(at(20, 10), Some((20, 30)));
-        // Behind: the first copy's ACK says the mirror has up to 30, so skip to there.
-        assert_eq!(at(10, 30), Some((30, 40)));
-        // Opened while the mirror was mid-frame (an ACK of a coalesced append): the frame
-        // holding offset 25 goes again; the mirror skips its batches below 25.
-        assert_eq!(at(25, 10), Some((20, 30)));
-        // Caught up with the sender: wait.
-        assert_eq!(at(40, 20), None);
-        assert_eq!(at(10, 40), None);
     }
 
     #[test]

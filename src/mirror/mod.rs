@@ -15,7 +15,7 @@
 //! ([`crate::kafka::mirror_append`]), failover decisions ([`crate::failover`]).
 
 pub mod admin;
+pub mod core;
 pub mod fec;
 pub mod frame;
 pub mod gateway;
-pub mod reorder;

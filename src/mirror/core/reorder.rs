@@ -8,7 +8,9 @@
 //! the log, and forgets what the log already holds (a frame appended through the other copy of
 //! the stream, `wire_copies = 2`).
 //!
-//! Plain data, no I/O: the gateway feeds it frames and log ends and appends what it hands out.
+//! Plain data, no I/O: the sink ([`super::sink`]) feeds it frames and log ends and appends what
+//! it hands out. Generic over what a frame carries ([`Payload`]): the gateway's record batches
+//! (`Bytes`), the simulator's records.
 //!
 //! Invariants, asserted: the log end it knows never goes back (a truncation starts a new
 //! `Reorder`); a run it hands out starts at or below that end and has no gap.
@@ -17,6 +19,17 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use thiserror::Error;
+
+/// What a frame carries, as far as holding it goes: its size in bytes.
+pub trait Payload: Clone {
+    fn bytes(&self) -> usize;
+}
+
+impl Payload for Bytes {
+    fn bytes(&self) -> usize {
+        self.len()
+    }
+}
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ReorderError {
@@ -28,25 +41,25 @@ pub enum ReorderError {
 
 /// A checked frame waiting for its turn: its batches cover `[first, after)`.
 #[derive(Debug, Clone)]
-struct Held {
+struct Held<P> {
     after: i64,
-    batches: Bytes,
+    batches: P,
 }
 
 /// Frames of one partition that arrived ahead of the log end.
 #[derive(Debug)]
-pub struct Reorder {
+pub struct Reorder<P = Bytes> {
     /// The mirror's log end as last learned (durable).
     end: i64,
     /// By first offset.
-    held: BTreeMap<i64, Held>,
+    held: BTreeMap<i64, Held<P>>,
     held_bytes: usize,
     max_bytes: usize,
 }
 
-impl Reorder {
+impl<P: Payload> Reorder<P> {
     /// Start at the mirror's log end; hold at most `max_bytes` of early frames.
-    pub fn new(end: i64, max_bytes: usize) -> Reorder {
+    pub fn new(end: i64, max_bytes: usize) -> Reorder<P> {
         Reorder {
             end,
             held: BTreeMap::new(),
@@ -67,21 +80,22 @@ impl Reorder {
 
     /// A checked frame arrived: its batches cover `[first, after)`. A frame the log already
     /// holds is dropped; one that arrived twice is kept once.
-    pub fn offer(&mut self, first: i64, after: i64, batches: Bytes) -> Result<(), ReorderError> {
+    pub fn offer(&mut self, first: i64, after: i64, batches: P) -> Result<(), ReorderError> {
         if after <= first {
             return Err(ReorderError::BadFrame { first, after });
         }
         if after <= self.end || self.held.contains_key(&first) {
             return Ok(());
         }
-        if self.held_bytes + batches.len() > self.max_bytes && first > self.end {
+        let n = batches.bytes();
+        if self.held_bytes + n > self.max_bytes && first > self.end {
             return Err(ReorderError::TooMuchHeld {
                 end: self.end,
-                held: self.held_bytes + batches.len(),
+                held: self.held_bytes + n,
                 max: self.max_bytes,
             });
         }
-        self.held_bytes += batches.len();
+        self.held_bytes += n;
         self.held.insert(first, Held { after, batches });
         Ok(())
     }
@@ -97,7 +111,7 @@ impl Reorder {
             if h.after > end {
                 break;
             }
-            self.held_bytes -= h.batches.len();
+            self.held_bytes -= h.batches.bytes();
             self.held.remove(&first);
         }
     }
@@ -105,9 +119,9 @@ impl Reorder {
     /// The frames that continue the log, in order, up to about `max_bytes` (at least one), and
     /// the offset after them; `None` while the frame at the log end has not arrived. They stay
     /// counted as held until [`Reorder::advance`] passes them (an append may fail).
-    pub fn ready(&self, max_bytes: usize) -> Option<(Vec<Bytes>, i64)> {
+    pub fn ready(&self, max_bytes: usize) -> Option<(Vec<P>, i64)> {
         let mut at = self.end;
-        let mut parts: Vec<Bytes> = Vec::new();
+        let mut parts: Vec<P> = Vec::new();
         let mut total = 0usize;
         while parts.is_empty() || total < max_bytes {
             // Of the frames that start at or before `at`, the one reaching furthest past it.
@@ -121,7 +135,7 @@ impl Reorder {
                 break;
             };
             parts.push(h.batches.clone());
-            total += h.batches.len();
+            total += h.batches.bytes();
             at = h.after;
         }
         if parts.is_empty() {
@@ -143,7 +157,7 @@ mod tests {
 
     #[test]
     fn early_frames_wait_for_the_gap_and_then_go_together() {
-        let mut r = Reorder::new(10, 1 << 20);
+        let mut r: Reorder = Reorder::new(10, 1 << 20);
         r.offer(20, 30, b(100)).unwrap();
         r.offer(30, 35, b(50)).unwrap();
         assert!(r.ready(1 << 20).is_none(), "10..20 has not arrived");
@@ -159,7 +173,7 @@ mod tests {
 
     #[test]
     fn what_the_other_copy_appended_is_dropped_and_an_overlapping_frame_is_ready() {
-        let mut r = Reorder::new(0, 1 << 20);
+        let mut r: Reorder = Reorder::new(0, 1 << 20);
         r.offer(10, 20, b(10)).unwrap();
         r.offer(20, 30, b(10)).unwrap();
         // The other copy appended up to 15 (a batch boundary inside the frame 10..20).
@@ -175,7 +189,7 @@ mod tests {
 
     #[test]
     fn the_hold_is_bounded() {
-        let mut r = Reorder::new(0, 100);
+        let mut r: Reorder = Reorder::new(0, 100);
         r.offer(10, 20, b(60)).unwrap();
         assert!(matches!(
             r.offer(20, 30, b(60)),
@@ -217,7 +231,7 @@ mod tests {
                 x ^= x << 13; x ^= x >> 7; x ^= x << 17;
                 frames.swap(i, (x % (i as u64 + 1)) as usize);
             }
-            let mut r = Reorder::new(0, 1 << 30);
+            let mut r: Reorder = Reorder::new(0, 1 << 30);
             let mut log_end = 0i64;
             for (first, after) in frames {
                 r.offer(first, after, b((after - first) as usize)).unwrap();
