@@ -143,10 +143,7 @@ fn the_ci_seed_budget_passes() {
 #[test]
 fn region_loss_reports_its_rpo() {
     let sc = load("region-loss");
-    let ov = Overrides {
-        ignore_zero_credit: true,
-        ..Overrides::default()
-    };
+    let ov = Overrides::default();
     let mut forced = 0;
     let mut quarantined = 0;
     for seed in 0..60 {

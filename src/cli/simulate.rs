@@ -32,12 +32,6 @@ pub struct SimulateArgs {
     /// Sweep: where to write the SVG chart.
     #[arg(long, default_value = "docs/sim-sweep.svg")]
     pub out: PathBuf,
-    /// Model the proposed fix of the stale-credit lease bug (see docs/simulations.md).
-    #[arg(long)]
-    pub fix_zero_credit: bool,
-    /// Model the proposed fix of the unheard-peer credit finding (see docs/simulations.md).
-    #[arg(long)]
-    pub fix_unheard_credit: bool,
     /// Print every trace line of a single-seed run on stderr.
     #[arg(long)]
     pub verbose: bool,
@@ -68,11 +62,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
             None => 0..3,
         };
         let t0 = Instant::now();
-        let ov = Overrides {
-            ignore_zero_credit: args.fix_zero_credit,
-            withhold_unheard_credit: args.fix_unheard_credit,
-            ..Overrides::default()
-        };
+        let ov = Overrides::default();
         let points = sim::sweep::sweep(&sc, seeds, &ov)?;
         for p in &points {
             println!(
@@ -105,11 +95,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
     let mut sim_ms = 0u64;
     let n = seeds.end - seeds.start;
     for seed in seeds {
-        let ov = Overrides {
-            ignore_zero_credit: args.fix_zero_credit,
-            withhold_unheard_credit: args.fix_unheard_credit,
-            ..Overrides::default()
-        };
+        let ov = Overrides::default();
         let mut w = sim::world::World::new(&sc, seed, &ov)?;
         if single && args.verbose {
             w.keep_trace();

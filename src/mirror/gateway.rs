@@ -1579,7 +1579,8 @@ impl Gateway {
         let acker = async {
             while let Some(log_end) = ack_rx.recv().await {
                 // Either copy's acknowledgement is a durable end; the later one is old news.
-                let Some(acked) = stream.lock().expect("stream lock").on_ack(log_end) else {
+                let moved = stream.lock().expect("stream lock").on_ack(log_end);
+                let Some(acked) = moved.map_err(|x| x.to_string())? else {
                     continue;
                 };
                 let _ = acked_tx.send(acked);

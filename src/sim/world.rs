@@ -12,36 +12,28 @@
 //! [`Lease`], [`divergence`], [`clamp_offset`]).
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 
 use super::rng::Rng;
 use super::scenario::{Scenario, TOPIC};
 use super::trace::Trace;
-use crate::failover::lease::{Lease, LeaseConfig, Millis, DEFAULT_DRIFT};
+use crate::failover::lease::Millis;
 use crate::failover::{placement, rule_regions, Placement, RegionState, RuleState};
+use crate::kafka::control::PartitionOffsets;
 use crate::log::epochs::{divergence, EpochEntry};
-#[cfg(not(feature = "sim-bug-skip-offset-clamp"))]
-use crate::mirror::gateway::clamp_offset;
-use crate::mirror::gateway::OFFSET_SYNC_INTERVAL;
-use crate::topology::{Fencing, Promotion, ReplicationMode, Topology};
+use crate::mirror::core::reorder::Payload;
+use crate::mirror::core::sink::{self, SinkStream, Truncation};
+use crate::mirror::core::source::{self, Phase, Reconcile, SourceStream};
+use crate::mirror::core::{liveness, offsets, Heartbeat, Liveness};
+use crate::topology::{Fencing, ReplicationMode, Topology};
 
 /// Client ↔ broker latency inside a region (one way), ms.
 const LOCAL_MS: u64 = 1;
 /// Group commit: an fsync this long after the first unsynced append, ms.
 const FSYNC_MS: u64 = 2;
-/// Most records in one BATCHES frame (the model's stand-in for one fetch's worth).
+/// Most records in one BATCHES frame (the model's stand-in for a fetch answer cut at batch
+/// boundaries: at most this many records, and at most the gateway's `source::FRAME_BYTES`).
 const BATCH_RECORDS: usize = 64;
-/// Most bytes in one BATCHES frame (the gateway's CHUNK_BYTES).
-const BATCH_BYTES: u64 = 1 << 20;
-/// The pipeline's depth: record bytes a partition stream may have sent and not had
-/// acknowledged, the gateway's WINDOW_BYTES (16 MiB). The source sends while what is in flight
-/// is under it, as `source_stream` does (so it may overshoot by one frame).
-const WINDOW_BYTES: u64 = 16 << 20;
-/// The same window in frames: WINDOW_BYTES / CHUNK_BYTES, the 16 full-size frames the gateway's
-/// window holds. The model's frames carry at most BATCH_RECORDS records, so with small records
-/// its window (16 × 64 records) is shallower than the gateway's; it binds only while a mirror
-/// catches up.
-const WINDOW_FRAMES: usize = (WINDOW_BYTES / BATCH_BYTES) as usize;
 /// A stream that failed is reopened after this long (the gateway's RETRY), ms.
 const RETRY_MS: u64 = 1_000;
 /// A producer's request timeout and error backoff, ms.
@@ -98,90 +90,63 @@ fn observe(epochs: &mut Vec<EpochEntry>, epoch: i32, offset: i64) -> Result<(), 
     }
 }
 
+/// What the source keeps of a BATCHES frame in flight (`source::InFlight::payload`): its place
+/// in the stream and its records for the model of QUIC's retransmission, and when it was last
+/// sent (it is sent again at `sent_at + rto` unless an ACK covers it by then).
 #[derive(Debug, Clone)]
-struct PeerReport {
-    sent_sim: u64,
-    ends: Option<Vec<i64>>,
-    /// Epoch histories per partition, alongside `ends` (empty when `ends` is `None`).
-    epochs: Vec<Vec<EpochEntry>>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Idle,
-    Opening,
-    Truncating,
-    Streaming,
-    /// Failed; reopened by a retry timer.
-    Backoff,
-}
-
-/// A BATCHES frame sent and not yet covered by an ACK. Like QUIC's send buffer, the source keeps
-/// it until then, and a retransmission sends the very same frame.
-#[derive(Debug, Clone)]
-struct Frame {
+struct SentFrame {
     /// Its place in the stream: 0 for the first frame after POSITION, then 1, 2, …
     seq: u64,
-    first: i64,
     records: Vec<Record>,
-    /// When it was last sent (simulated ms): it is sent again at `sent_at + rto` unless an ACK
-    /// covers it by then.
     sent_at: u64,
 }
 
-impl Frame {
-    fn end(&self) -> i64 {
-        self.first + self.records.len() as i64
+/// A frame's records as the sink holds them (`reorder::Payload`).
+#[derive(Debug, Clone)]
+struct Batch {
+    records: Vec<Record>,
+    bytes: usize,
+}
+
+impl Payload for Batch {
+    fn bytes(&self) -> usize {
+        self.bytes
     }
 }
 
-/// The source side of one partition's mirror stream to one peer: pipelined, as
-/// `source_stream` — frames go out while the window has room, an ACK carries the mirror's log
-/// end and retires every frame that ends at or below it.
-#[derive(Debug, Clone)]
+/// The source side of one partition's mirror stream to one peer: the production
+/// `source::SourceStream`, plus the session id and the retransmission timer of the model of
+/// QUIC (one per stream, as QUIC has one loss-detection timer per connection).
+#[derive(Debug, Clone, Default)]
 struct Stream {
     session: u64,
-    epoch: i32,
-    phase: Phase,
-    /// The mirror's end as last acknowledged (cumulative).
-    acked: i64,
-    /// The offset after the last frame sent.
-    sent: i64,
+    /// `None`: idle (or backing off).
+    core: Option<SourceStream<SentFrame>>,
+    /// Failed; reopened by a retry timer.
+    backoff: bool,
     /// The `seq` of the next new frame.
     next_seq: u64,
-    /// Frames sent and not yet acknowledged, oldest first.
-    inflight: VecDeque<Frame>,
-    /// When the stream's one retransmission timer fires, if it is armed.
     timer_at: Option<u64>,
 }
 
 impl Stream {
-    fn new() -> Stream {
-        Stream {
-            session: 0,
-            epoch: -1,
-            phase: Phase::Idle,
-            acked: 0,
-            sent: 0,
-            next_seq: 0,
-            inflight: VecDeque::new(),
-            timer_at: None,
-        }
+    fn phase(&self) -> Option<Phase> {
+        self.core.as_ref().map(|c| c.phase())
     }
 }
 
-/// The sink side of one partition's mirror stream from one source: the session it accepted and
-/// the ordered, reliable QUIC stream's reassembly. Frames reach the appender in `seq` order; one
-/// that arrives ahead of a missing one is held until the missing one arrives (QUIC's
-/// head-of-line blocking), and then they are appended together, as the gateway's appender
-/// coalesces the contiguous frames that are already there.
-#[derive(Debug, Clone)]
+/// The sink side of one partition's mirror stream from one source: the production
+/// `sink::SinkStream`, behind the model of the ordered, reliable QUIC stream: frames reach the
+/// sink in `seq` order; one that arrives ahead of a missing one is held until the missing one
+/// arrives (QUIC's head-of-line blocking).
+#[derive(Debug)]
 struct Sink {
     session: u64,
-    /// The `seq` of the next frame for the appender.
+    /// The `seq` of the next frame for the sink.
     expected: u64,
     /// Frames that arrived ahead of `expected`, by `seq`: (first offset, records).
     held: BTreeMap<u64, (i64, Vec<Record>)>,
+    core: SinkStream<Batch>,
 }
 
 #[derive(Debug, Clone)]
@@ -204,13 +169,15 @@ struct Region {
     boot: u64,
     parts: Vec<Part>,
     state: RegionState,
-    lease: Lease,
+    /// The gateway's production heartbeat and lease machine (in memory: lost at a crash).
+    live: Liveness,
+    /// When (simulated time) the last heartbeat heard from each peer was sent: the start of the
+    /// unknown window of a forced failover's loss, for the `acked-not-lost` check.
+    heard_sent: BTreeMap<String, u64>,
     /// The broker's write lease (its own clock), renewed by the lease tick; `armed` persists,
     /// and is set from the first start under lease fencing (`broker::lease_fenced`).
     broker_lease_until: Option<Millis>,
     armed: bool,
-    replaced: BTreeSet<String>,
-    reports: BTreeMap<String, PeerReport>,
     /// [peer][partition] source streams.
     streams: Vec<Vec<Stream>>,
     /// [peer][partition] mirror ends acknowledged by peers (sync mode).
@@ -230,11 +197,7 @@ enum Msg {
     Heartbeat {
         sent_at: Millis,
         sent_sim: u64,
-        state: RegionState,
-        report: BTreeMap<String, u64>,
-        ends: Option<Vec<i64>>,
-        /// The sender's epoch histories per partition, sent with `ends` (every heartbeat).
-        epochs: Vec<Vec<EpochEntry>>,
+        hb: Box<Heartbeat>,
     },
     HeartbeatAck {
         credit: Millis,
@@ -285,7 +248,9 @@ enum Msg {
 impl Msg {
     fn line(&self) -> String {
         match self {
-            Msg::Heartbeat { sent_at, ends, .. } => format!("HB sent_at={sent_at} ends={ends:?}"),
+            Msg::Heartbeat { sent_at, hb, .. } => {
+                format!("HB sent_at={sent_at} ends={:?}", hb.ends.get(TOPIC))
+            }
             Msg::HeartbeatAck { credit } => format!("HB_ACK credit={credit}"),
             Msg::Open {
                 session,
@@ -548,15 +513,6 @@ pub struct Outcome {
 pub struct Overrides {
     pub loss: Option<f64>,
     pub rtt: Option<u64>,
-    /// Model the proposed gateway fix for the stale-credit bug (docs/simulations.md, "Found"):
-    /// an acknowledgement that grants no credit (`sent_at = 0`) is not fed to `Lease::on_ack`.
-    /// Off (the production behaviour) by default.
-    pub ignore_zero_credit: bool,
-    /// Model the proposed fix for the unheard-peer finding: the no-credit window of
-    /// `Lease::on_heartbeat` also opens for a peer not heard since this process started, once
-    /// `lease × 1.1` has passed since the start (what `Lease::report` already tells the other
-    /// regions about that peer).
-    pub withhold_unheard_credit: bool,
 }
 
 pub struct World {
@@ -566,7 +522,6 @@ pub struct World {
     rule_regions: Vec<String>,
     mode: ReplicationMode,
     fencing: Fencing,
-    promotion: Promotion,
     nparts: usize,
     rng: Rng,
     now: u64,
@@ -577,8 +532,6 @@ pub struct World {
     cuts: BTreeMap<(usize, usize), u32>,
     link_rtt: u64,
     link_loss: f64,
-    ignore_zero_credit: bool,
-    withhold_unheard_credit: bool,
     producers: Vec<Producer>,
     consumers: Vec<Consumer>,
     acked: Vec<Acked>,
@@ -603,11 +556,6 @@ impl World {
         let rule = topo.topics[0].clone();
         let rule_regions = rule_regions(&rule);
         let mut rng = Rng::new(seed);
-        let cfg = LeaseConfig {
-            lease_ms: topo.failover.lease.as_millis() as u64,
-            heartbeat_ms: topo.failover.heartbeat.as_millis() as u64,
-            drift: DEFAULT_DRIFT,
-        };
         let all: Vec<String> = topo.regions.iter().map(|r| r.name.clone()).collect();
         let nparts = sc.topology.partitions as usize;
         let n = all.len();
@@ -629,12 +577,11 @@ impl World {
                     boot: 0,
                     parts: vec![Part::default(); nparts],
                     state: RegionState::default(),
-                    lease: Lease::new(name, all.clone(), None, cfg.clone(), 0),
+                    live: Liveness::new(&topo, name, 0),
+                    heard_sent: BTreeMap::new(),
                     broker_lease_until: None,
                     armed: lease_fenced,
-                    replaced: BTreeSet::new(),
-                    reports: BTreeMap::new(),
-                    streams: vec![vec![Stream::new(); nparts]; n],
+                    streams: vec![vec![Stream::default(); nparts]; n],
                     mirror_acked: vec![vec![0; nparts]; n],
                     sinks: BTreeMap::new(),
                     pending: Vec::new(),
@@ -667,7 +614,6 @@ impl World {
         let mut w = World {
             mode: rule.mode,
             fencing: topo.failover.fencing,
-            promotion: topo.failover.promotion,
             rule_pattern: rule.pattern.clone(),
             rule_regions,
             nparts,
@@ -679,10 +625,6 @@ impl World {
             cuts: BTreeMap::new(),
             link_rtt: ov.rtt.unwrap_or(sc.links.rtt),
             link_loss: ov.loss.unwrap_or(sc.links.loss),
-            // Both are the production behaviour since the gateway fixes of findings 1 and 5;
-            // the overrides remain for old command lines and change nothing.
-            ignore_zero_credit: true,
-            withhold_unheard_credit: true,
             producers,
             consumers,
             acked: Vec::new(),
@@ -767,7 +709,7 @@ impl World {
         let hb = self.topo.failover.heartbeat.as_millis() as u64;
         let a = self.rng.below(hb);
         let b = self.rng.below(hb / 4 + 1);
-        let c = self.rng.below(OFFSET_SYNC_INTERVAL.as_millis() as u64);
+        let c = self.rng.below(offsets::OFFSET_SYNC_INTERVAL_MS);
         self.after(a, Ev::Heartbeat(r, inc));
         self.after(b, Ev::LeaseTick(r, inc));
         self.after(c, Ev::OffsetSync(r, inc));
@@ -1084,8 +1026,7 @@ impl World {
         reg.pending.clear();
         reg.fsync_scheduled = false;
         reg.sinks.clear();
-        reg.replaced.clear();
-        reg.reports.clear();
+        reg.heard_sent.clear();
         reg.broker_lease_until = None;
     }
 
@@ -1094,16 +1035,14 @@ impl World {
             return;
         }
         self.log(format!("restart {}", self.regions[r].name));
-        let all: Vec<String> = self.regions.iter().map(|x| x.name.clone()).collect();
-        let cfg = self.regions[r].lease.config().clone();
         let now = self.now;
         let reg = &mut self.regions[r];
         reg.up = true;
         reg.boot = now;
-        reg.lease = Lease::new(&reg.name, all, None, cfg, 0);
+        reg.live = Liveness::new(&self.topo, &reg.name, 0);
         for peer in &mut reg.streams {
             for s in peer.iter_mut() {
-                *s = Stream::new();
+                *s = Stream::default();
             }
         }
         for m in &mut reg.mirror_acked {
@@ -1112,7 +1051,7 @@ impl World {
         self.start_process(r);
     }
 
-    // ---- gateway: heartbeats and the lease -------------------------------------------
+    // ---- the gateway: heartbeats and the lease (production: `mirror::core::liveness`) -------
 
     fn peers(&self, r: usize) -> Vec<usize> {
         let me = &self.regions[r].name;
@@ -1126,6 +1065,22 @@ impl World {
             .collect()
     }
 
+    /// Region `r`'s log ends and epoch histories, as its broker's `Offsets` answers them.
+    fn offsets_of(&self, r: usize) -> BTreeMap<String, Vec<PartitionOffsets>> {
+        let parts = self.regions[r]
+            .parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| PartitionOffsets {
+                partition: i as i32,
+                log_start: 0,
+                log_end: p.end(),
+                epochs: p.epochs.clone(),
+            })
+            .collect();
+        BTreeMap::from([(TOPIC.to_string(), parts)])
+    }
+
     fn heartbeat(&mut self, r: usize) {
         self.send_heartbeats(r);
         let every = self.topo.failover.heartbeat.as_millis() as u64;
@@ -1135,33 +1090,26 @@ impl World {
         self.sample_lag(r);
     }
 
-    /// One heartbeat to every peer of the rule. The send time is taken before the state is
-    /// read (a475907); in the model both are the same instant.
+    /// One heartbeat to every peer of the rule, as `Liveness::heartbeat` makes it.
     fn send_heartbeats(&mut self, r: usize) {
         let now = self.local(r);
-        let state = self.regions[r].state.clone();
-        let report = self.regions[r].lease.report(now);
-        // Every heartbeat carries the sender's log ends and epoch histories, mirror or primary
-        // (`Gateway::heartbeat`): a region promoted later is judged by what it held before.
-        let ends = Some(self.regions[r].parts.iter().map(|p| p.end()).collect());
-        let epochs: Vec<Vec<EpochEntry>> = self.regions[r]
-            .parts
-            .iter()
-            .map(|p| p.epochs.clone())
-            .collect();
+        let offsets = self.offsets_of(r);
+        let reg = &self.regions[r];
+        let hb = reg.live.heartbeat(
+            &self.topo,
+            now,
+            &reg.state,
+            &offsets,
+            &BTreeMap::new(),
+            self.wall(r) as i64,
+        );
         for peer in self.peers(r) {
-            self.send(
-                r,
-                peer,
-                Msg::Heartbeat {
-                    sent_at: now,
-                    sent_sim: self.now,
-                    state: state.clone(),
-                    report: report.clone(),
-                    ends: ends.clone(),
-                    epochs: epochs.clone(),
-                },
-            );
+            let msg = Msg::Heartbeat {
+                sent_at: now,
+                sent_sim: self.now,
+                hb: Box::new(hb.clone()),
+            };
+            self.send(r, peer, msg);
         }
     }
 
@@ -1184,102 +1132,72 @@ impl World {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// `sink_heartbeats`: the production `Liveness::on_heartbeat` decides the credit and the
+    /// epochs to adopt.
     fn on_heartbeat(
         &mut self,
         r: usize,
         peer: usize,
         sent_at: Millis,
         sent_sim: u64,
-        state: RegionState,
-        report: BTreeMap<String, u64>,
-        ends: Option<Vec<i64>>,
-        epochs: Vec<Vec<EpochEntry>>,
+        hb: Heartbeat,
     ) {
-        let mine = self.rule_state(r).epoch;
-        let theirs = state
-            .rule(&self.topo, &self.rule_pattern)
-            .map_or(0, |s| s.epoch);
-        let stale = theirs < mine;
         let pname = self.regions[peer].name.clone();
-        // `sink_heartbeats`: tell the lease our epoch mark (one rule: its epoch), note the
-        // heartbeat, and grant credit only to a peer neither stale nor inside its no-credit
-        // window (back from a silence longer than its lease).
         let now = self.local(r);
-        let unheard = !self.regions[r].reports.contains_key(&pname);
-        let fresh = {
-            let l = &mut self.regions[r].lease;
-            l.note_epoch_mark(i64::from(mine));
-            if unheard && self.withhold_unheard_credit {
-                // As if heard at the process start (the lease's own start, 0): `on_heartbeat`
-                // then opens the window when that start is longer than `lease × 1.1` ago.
-                l.on_heartbeat(&pname, 0, BTreeMap::new());
-            }
-            l.on_heartbeat(&pname, now, report);
-            l.grants_credit(&pname, now)
-        };
-        let credit = if stale || !fresh { 0 } else { sent_at };
-        if !stale && !fresh {
+        let reg = &mut self.regions[r];
+        let answer = reg
+            .live
+            .on_heartbeat(&self.topo, &reg.state, &pname, sent_at, hb, now);
+        reg.heard_sent.insert(pname.clone(), sent_sim);
+        if answer.withheld {
             self.log(format!(
                 "{} withholds credit from {pname} (back from a long silence)",
                 self.regions[r].name
             ));
         }
-        self.send(r, peer, Msg::HeartbeatAck { credit });
-        if !stale {
-            self.regions[r].replaced.remove(&pname);
-        }
-        for (pattern, th) in &state.rules {
-            if *pattern != self.rule_pattern {
-                continue;
-            }
-            let ours = self.rule_state(r);
-            if th.epoch > ours.epoch && th.primary != self.regions[r].name {
-                self.log(format!(
-                    "{} adopts epoch {} ({}) from {pname}'s heartbeat",
-                    self.regions[r].name, th.epoch, th.primary
-                ));
-                self.apply(r, RuleState::open(th.epoch, th.primary.clone()));
-            }
-        }
-        self.regions[r].reports.insert(
-            pname,
-            PeerReport {
-                sent_sim,
-                ends,
-                epochs,
+        self.send(
+            r,
+            peer,
+            Msg::HeartbeatAck {
+                credit: answer.credit,
             },
         );
+        for (_, new) in answer.adopt {
+            self.log(format!(
+                "{} adopts epoch {} ({}) from {pname}'s heartbeat",
+                self.regions[r].name, new.epoch, new.primary
+            ));
+            self.apply(r, new);
+        }
     }
 
+    /// `lease_loop`: the automatic promotions due (each restarts the lease, which must not be
+    /// renewed from before it), the fences that lapsed, then the broker's lease renewal.
     fn lease_tick(&mut self, r: usize) {
         let now = self.local(r);
-        if self.fencing == Fencing::Lease {
-            // `lease_loop`: first an automatic promotion (which restarts the lease, and must not
-            // be renewed from before it), then the renewal; regions replaced by a forced
-            // promotion count as answering now.
-            if self.promotion == Promotion::Automatic {
-                self.auto_promote(r, now);
-            }
-            // `lapse_fences`: a fence whose deadline passed lifts (finding 10).
-            let st = self.rule_state(r);
-            if st.primary == self.regions[r].name && st.fence_lapsed(self.wall(r)) {
-                self.log(format!(
-                    "{}: the fence lapsed (epoch {})",
-                    self.regions[r].name, st.epoch
-                ));
-                self.apply(r, RuleState::open(st.epoch, st.primary.clone()));
-            }
-            let reg = &mut self.regions[r];
-            let fenced: Vec<String> = reg.replaced.iter().cloned().collect();
-            if let Some(u) = reg
-                .lease
-                .write_lease_until_with(&fenced, now)
-                .filter(|u| now < *u)
-            {
-                reg.broker_lease_until = Some(u);
-                reg.armed = true;
-            }
+        let due = self.regions[r]
+            .live
+            .promotions(&self.topo, &self.regions[r].state, now);
+        for p in due {
+            self.auto_promote(r, now, p);
+        }
+        let lapsed = liveness::lapsed_fences(
+            &self.topo,
+            &self.regions[r].state,
+            &self.regions[r].name,
+            self.wall(r),
+        );
+        for (_, open) in lapsed {
+            self.log(format!(
+                "{}: the fence lapsed (epoch {})",
+                self.regions[r].name, open.epoch
+            ));
+            self.apply(r, open);
+        }
+        let reg = &mut self.regions[r];
+        if let Some(u) = reg.live.renewal(now) {
+            reg.broker_lease_until = Some(u);
+            reg.armed = true;
         }
         let step = (self.topo.failover.heartbeat.as_millis() as u64 / 4).max(1);
         let d = self.local_delay(r, step);
@@ -1287,48 +1205,33 @@ impl World {
         self.after(d, Ev::LeaseTick(r, inc));
     }
 
-    fn auto_promote(&mut self, r: usize, now: Millis) {
-        let cur = self.rule_state(r);
+    /// `Gateway::auto_promote`: the broker's lease ends first (`RenewLease { ms: 0 }`), the
+    /// promotion is applied, `Liveness::promoted`, and a heartbeat goes out at once.
+    fn auto_promote(&mut self, r: usize, now: Millis, p: liveness::AutoPromotion) {
         let me = self.regions[r].name.clone();
-        if cur.primary == me || !self.rule_regions.contains(&me) {
-            return;
-        }
-        let go = {
-            let l = &self.regions[r].lease;
-            // A real quorum (acknowledgements only, not replaced regions' credit).
-            l.has_quorum(now)
-                && l.may_take_over(&cur.primary, now)
-                && l.preferred_successor(&cur.primary, &self.rule_regions, now) == Some(&me)
-        };
-        if go {
-            let from = self.idx(&cur.primary);
-            self.log(format!(
-                "{me}: automatic promotion (the lease of {} ran out)",
-                cur.primary
-            ));
-            let epoch = crate::failover::next_epoch(
-                cur.epoch,
-                crate::failover::region_index(&self.topo, &me),
-            );
-            // Finding 6 (a475907): the broker's lease ends first (`RenewLease { ms: 0 }`), the
-            // promotion is applied, answers to heartbeats sent before it stop counting
-            // (`Lease::restart_acks`), and a heartbeat carrying the new epoch goes out at once.
-            let reg = &mut self.regions[r];
-            reg.broker_lease_until = Some(now);
-            reg.armed = true;
-            if self.take_over(r, from, epoch, Takeover::Automatic) {
-                self.regions[r].lease.restart_acks(now);
-                self.send_heartbeats(r);
-            }
+        self.log(format!(
+            "{me}: automatic promotion (the lease of {} ran out)",
+            p.from
+        ));
+        let from = self.idx(&p.from);
+        let reg = &mut self.regions[r];
+        reg.broker_lease_until = Some(now);
+        reg.armed = true;
+        if self.take_over(r, from, p.new.epoch, Takeover::Automatic) {
+            self.regions[r].live.promoted(now);
+            self.send_heartbeats(r);
         }
     }
 
     /// Region `to` becomes primary at `epoch`, replacing `from`. Forced or automatic: record the
-    /// loss report (what an automatic promotion may lose is bounded the same way); only an
-    /// operator-forced one adds `from` to the replaced set.
+    /// loss report (`Liveness::loss`, as `/v1/promote` reports it; what an automatic promotion
+    /// may lose is bounded the same way); only an operator-forced one adds `from` to the
+    /// replaced set.
     fn take_over(&mut self, to: usize, from: usize, epoch: i32, how: Takeover) -> bool {
         let old_epoch = self.rule_state(to).epoch.max(self.latest.epoch);
         let new = RuleState::open(epoch, self.regions[to].name.clone());
+        // What the report is computed from: this region's logs before the promotion.
+        let ours = self.offsets_of(to);
         if !self.apply(to, new.clone()) {
             return false;
         }
@@ -1336,38 +1239,25 @@ impl World {
             self.stats.forced_failovers += 1;
             let fname = self.regions[from].name.clone();
             if how == Takeover::Forced {
-                self.regions[to].replaced.insert(fname.clone());
+                self.regions[to].live.forced(&fname);
             }
-            let last = self.regions[to].reports.get(&fname).cloned();
-            let ours: Vec<i64> = self.regions[to].parts.iter().map(|p| p.end()).collect();
-            let (ranges, window_start): (Vec<(i64, i64)>, u64) = match last {
-                // `/v1/promote` (forced): per partition, the old primary's last reported end
-                // past the point where its history leaves ours (our log need not be a prefix
-                // of its log).
-                Some(PeerReport {
-                    sent_sim,
-                    ends: Some(ends),
-                    epochs,
-                }) => (
-                    ours.iter()
+            let loss = self.regions[to].live.loss(&fname, &ours);
+            let window_start = self.regions[to].heard_sent.get(&fname).copied();
+            let ends: Vec<i64> = self.regions[to].parts.iter().map(|p| p.end()).collect();
+            let (ranges, window_start): (Vec<(i64, i64)>, u64) = match (loss, window_start) {
+                (Some(loss), Some(sent)) => (
+                    ends.iter()
                         .enumerate()
                         .map(|(p, m)| {
-                            let Some(end) = ends.get(p).copied() else {
-                                return (*m, *m);
-                            };
-                            let theirs = epochs.get(p).cloned().unwrap_or_default();
-                            let part = &self.regions[to].parts[p];
-                            let d = divergence(&part.epochs, *m, &theirs, end);
-                            (d, end.max(d))
+                            loss.iter()
+                                .find(|l| l.partition == p as i32)
+                                .map_or((*m, *m), |l| (l.mirrored_end, l.reported_end))
                         })
                         .collect(),
-                    sent_sim,
+                    sent,
                 ),
-                Some(PeerReport { sent_sim, .. }) => {
-                    (ours.iter().map(|m| (*m, *m)).collect(), sent_sim)
-                }
                 // Never heard from the old primary: everything it may have had is unknown.
-                None => (ours.iter().map(|m| (*m, i64::MAX)).collect(), 0),
+                _ => (ends.iter().map(|m| (*m, i64::MAX)).collect(), 0),
             };
             let behind: i64 = ranges
                 .iter()
@@ -1387,7 +1277,7 @@ impl World {
         true
     }
 
-    // ---- gateway: mirror streams (source side) ----------------------------------------
+    // ---- the gateway: mirror streams, source side (production: `source::SourceStream`) ----
 
     fn pump_all(&mut self, r: usize) {
         if !self.regions[r].up {
@@ -1407,29 +1297,25 @@ impl World {
     }
 
     fn pump(&mut self, r: usize, peer: usize, part: usize) {
-        let Some(epoch) = self.ships(r, peer) else {
-            let s = &mut self.regions[r].streams[peer][part];
-            s.phase = Phase::Idle;
-            s.inflight.clear();
+        let ships_at = self.ships(r, peer);
+        let inc = self.regions[r].incarnation;
+        let s = &mut self.regions[r].streams[peer][part];
+        if ships_at.is_none() {
+            s.core = None;
+            s.backoff = false;
             s.timer_at = None;
             return;
-        };
-        let inc = self.regions[r].incarnation;
-        let (phase, s_epoch) = {
-            let s = &self.regions[r].streams[peer][part];
-            (s.phase, s.epoch)
-        };
-        if phase == Phase::Backoff {
+        }
+        if s.backoff {
             return;
         }
-        if s_epoch != epoch || phase == Phase::Idle {
+        if !s.core.as_ref().is_some_and(|c| c.current(ships_at)) {
+            let epoch = ships_at.expect("shipping");
             self.seq += 1;
             let session = self.seq;
             let st = &mut self.regions[r].streams[peer][part];
             st.session = session;
-            st.epoch = epoch;
-            st.phase = Phase::Opening;
-            st.inflight.clear();
+            st.core = Some(SourceStream::open(epoch, source::WINDOW));
             st.timer_at = None;
             self.send(
                 r,
@@ -1454,53 +1340,65 @@ impl World {
             );
             return;
         }
-        if phase != Phase::Streaming {
-            return;
-        }
         // Pipelined: new frames go out while the window has room, without waiting for the
         // ACKs of the frames before them.
-        let per = self.sc.workload.record_bytes.max(1) as u64;
-        let max = BATCH_RECORDS.min((BATCH_BYTES / per).max(1) as usize);
+        let per = self.sc.workload.record_bytes.max(1) as usize;
+        let max = BATCH_RECORDS.min((source::FRAME_BYTES / per).max(1));
         loop {
             let s = &self.regions[r].streams[peer][part];
+            let core = s.core.as_ref().expect("open");
             let log = &self.regions[r].parts[part].log;
-            let in_flight: usize = s.inflight.iter().map(|f| f.records.len()).sum();
-            if s.sent >= log.len() as i64
-                || s.inflight.len() >= WINDOW_FRAMES
-                || in_flight as u64 * per >= WINDOW_BYTES
-            {
+            if !core.has_room() || core.sent() >= log.len() as i64 {
                 return;
             }
-            let from = s.sent as usize;
+            let from = core.sent() as usize;
             let to = (from + max).min(log.len());
             let records = log[from..to].to_vec();
             let session = s.session;
             let now = self.now;
             let st = &mut self.regions[r].streams[peer][part];
-            let frame = Frame {
+            let frame = SentFrame {
                 seq: st.next_seq,
-                first: from as i64,
                 records,
                 sent_at: now,
             };
             st.next_seq += 1;
-            st.sent = to as i64;
-            st.inflight.push_back(frame.clone());
-            self.send_frame(r, peer, part, session, frame);
+            let n = frame.records.len();
+            st.core
+                .as_mut()
+                .expect("open")
+                .on_sent(from as i64, to as i64, n * per, frame.clone());
+            self.send_frame(r, peer, part, session, from as i64, frame);
         }
     }
 
-    /// Send (or send again) one BATCHES frame, and arm the stream's retransmission timer if it
-    /// is not armed (it is then due for this frame, the last one sent).
-    fn send_frame(&mut self, r: usize, peer: usize, part: usize, session: u64, f: Frame) {
-        self.transmit(r, peer, part, session, f);
+    /// Send one BATCHES frame for the first time, and arm the stream's retransmission timer if
+    /// it is not armed (it is then due for this frame, the last one sent).
+    fn send_frame(
+        &mut self,
+        r: usize,
+        peer: usize,
+        part: usize,
+        session: u64,
+        first: i64,
+        f: SentFrame,
+    ) {
+        self.transmit(r, peer, part, session, first, f);
         if self.regions[r].streams[peer][part].timer_at.is_none() {
             let due = self.now + self.rto();
             self.arm_frame_timer(r, peer, part, session, due);
         }
     }
 
-    fn transmit(&mut self, r: usize, peer: usize, part: usize, session: u64, f: Frame) {
+    fn transmit(
+        &mut self,
+        r: usize,
+        peer: usize,
+        part: usize,
+        session: u64,
+        first: i64,
+        f: SentFrame,
+    ) {
         self.send(
             r,
             peer,
@@ -1508,7 +1406,7 @@ impl World {
                 session,
                 part,
                 seq: f.seq,
-                first: f.first,
+                first,
                 records: f.records,
             },
         );
@@ -1531,18 +1429,17 @@ impl World {
 
     /// Opening and truncating: the OPEN, the TRUNCATE or their answer was lost.
     fn stream_timer(&mut self, r: usize, peer: usize, part: usize, session: u64, attempt: u32) {
-        let (s_session, phase, s_epoch) = {
-            let s = &self.regions[r].streams[peer][part];
-            (s.session, s.phase, s.epoch)
-        };
-        if s_session != session {
+        let s = &self.regions[r].streams[peer][part];
+        if s.session != session {
             return;
         }
+        let Some(core) = s.core.as_ref() else { return };
+        let epoch = core.epoch();
         let inc = self.regions[r].incarnation;
         let rto = self.rto();
-        match phase {
+        match core.phase() {
             Phase::Opening => {
-                if self.ships(r, peer) != Some(s_epoch) {
+                if self.ships(r, peer) != Some(epoch) {
                     self.pump(r, peer, part);
                     return;
                 }
@@ -1552,7 +1449,7 @@ impl World {
                     Msg::Open {
                         session,
                         part,
-                        epoch: s_epoch,
+                        epoch,
                     },
                 );
                 self.after(
@@ -1571,20 +1468,23 @@ impl World {
                 // The TRUNCATE or its POSITION was lost: open again.
                 self.reset_stream(r, peer, part);
             }
-            _ => {}
+            Phase::Streaming => {}
         }
     }
 
-    /// The retransmission timer: every frame sent `rto` ago or earlier and not acknowledged
-    /// is sent again, each by itself (QUIC retransmits what was lost, not what followed it; the
-    /// sink holds what followed until the missing frame arrives). The timer is then due for the
-    /// oldest send still unacknowledged.
+    /// The model of QUIC's retransmission timer: every frame sent `rto` ago or earlier and not
+    /// acknowledged is sent again, each by itself (QUIC retransmits what was lost, not what
+    /// followed it; the sink holds what followed until the missing frame arrives). The timer is
+    /// then due for the oldest send still unacknowledged.
     fn frame_timer(&mut self, r: usize, peer: usize, part: usize, session: u64) {
         let s = &self.regions[r].streams[peer][part];
-        if s.session != session || s.phase != Phase::Streaming || s.timer_at != Some(self.now) {
+        if s.session != session
+            || s.phase() != Some(Phase::Streaming)
+            || s.timer_at != Some(self.now)
+        {
             return;
         }
-        let epoch = s.epoch;
+        let epoch = s.core.as_ref().expect("streaming").epoch();
         self.regions[r].streams[peer][part].timer_at = None;
         if self.ships(r, peer) != Some(epoch) {
             self.pump(r, peer, part);
@@ -1592,25 +1492,26 @@ impl World {
         }
         let rto = self.rto();
         let now = self.now;
-        let due: Vec<Frame> = {
-            let st = &mut self.regions[r].streams[peer][part];
-            st.inflight
-                .iter_mut()
-                .filter(|f| f.sent_at + rto <= now)
+        let due: Vec<(i64, SentFrame)> = {
+            let core = self.regions[r].streams[peer][part]
+                .core
+                .as_mut()
+                .expect("streaming");
+            core.inflight_mut()
+                .filter(|f| f.payload.sent_at + rto <= now)
                 .map(|f| {
-                    f.sent_at = now;
-                    f.clone()
+                    f.payload.sent_at = now;
+                    (f.first, f.payload.clone())
                 })
                 .collect()
         };
-        for f in due {
-            self.transmit(r, peer, part, session, f);
+        for (first, f) in due {
+            self.transmit(r, peer, part, session, first, f);
         }
         let oldest = self.regions[r].streams[peer][part]
-            .inflight
-            .iter()
-            .map(|f| f.sent_at)
-            .min();
+            .core
+            .as_ref()
+            .and_then(|c| c.inflight().iter().map(|f| f.payload.sent_at).min());
         if let Some(oldest) = oldest {
             self.arm_frame_timer(r, peer, part, session, oldest + rto);
         }
@@ -1619,8 +1520,8 @@ impl World {
     /// The stream failed: reopen it after RETRY.
     fn reset_stream(&mut self, r: usize, peer: usize, part: usize) {
         let s = &mut self.regions[r].streams[peer][part];
-        s.phase = Phase::Backoff;
-        s.inflight.clear();
+        s.backoff = true;
+        s.core = None;
         s.timer_at = None;
         s.session = 0;
         let inc = self.regions[r].incarnation;
@@ -1644,60 +1545,62 @@ impl World {
         log_end: i64,
         theirs: Vec<EpochEntry>,
     ) {
-        let (s_session, phase, s_epoch) = {
-            let s = &self.regions[r].streams[peer][part];
-            (s.session, s.phase, s.epoch)
-        };
-        if s_session != session || !(phase == Phase::Opening || phase == Phase::Truncating) {
+        let s = &self.regions[r].streams[peer][part];
+        let opening = matches!(s.phase(), Some(Phase::Opening | Phase::Truncating));
+        if s.session != session || !opening {
             return;
         }
-        if self.ships(r, peer) != Some(s_epoch) {
+        let epoch = s.core.as_ref().expect("opening").epoch();
+        if self.ships(r, peer) != Some(epoch) {
             self.pump(r, peer, part);
             return;
         }
-        let ours = &self.regions[r].parts[part];
-        let d = divergence(&ours.epochs, ours.end(), &theirs, log_end);
-        if d >= log_end {
-            // Reconciled: the mirror's log is a prefix of ours.
-            self.check_prefix(r, peer, part, log_end);
-            let st = &mut self.regions[r].streams[peer][part];
-            st.phase = Phase::Streaming;
-            st.acked = log_end;
-            st.sent = log_end;
-            st.next_seq = 0;
-            st.inflight.clear();
-            st.timer_at = None;
-            self.regions[r].mirror_acked[peer][part] = log_end;
-            self.resolve_acks(r);
-            self.pump(r, peer, part);
-        } else {
-            self.log(format!(
-                "{} -> {} p={part}: mirror tail diverges at {d} (mirror ends at {log_end})",
-                self.regions[r].name, self.regions[peer].name
-            ));
-            self.regions[r].streams[peer][part].phase = Phase::Truncating;
-            self.send(
-                r,
-                peer,
-                Msg::Truncate {
-                    session,
-                    part,
-                    offset: d,
-                },
-            );
-            let rto = self.rto();
-            let inc = self.regions[r].incarnation;
-            self.after(
-                rto * 4,
-                Ev::StreamTimer {
-                    region: r,
-                    inc,
+        let reg = &mut self.regions[r];
+        let ours = &reg.parts[part];
+        let decision = reg.streams[peer][part]
+            .core
+            .as_mut()
+            .expect("opening")
+            .on_position(log_end, &theirs, ours.end(), &ours.epochs);
+        match decision {
+            Reconcile::Stream { from } => {
+                // Reconciled: the mirror's log is a prefix of ours.
+                self.check_prefix(r, peer, part, from);
+                let st = &mut self.regions[r].streams[peer][part];
+                st.next_seq = 0;
+                st.timer_at = None;
+                self.regions[r].mirror_acked[peer][part] = from;
+                self.resolve_acks(r);
+                self.pump(r, peer, part);
+            }
+            Reconcile::Truncate(d) => {
+                self.log(format!(
+                    "{} -> {} p={part}: mirror tail diverges at {d} (mirror ends at {log_end})",
+                    self.regions[r].name, self.regions[peer].name
+                ));
+                self.send(
+                    r,
                     peer,
-                    part,
-                    session,
-                    attempt: 0,
-                },
-            );
+                    Msg::Truncate {
+                        session,
+                        part,
+                        offset: d,
+                    },
+                );
+                let rto = self.rto();
+                let inc = self.regions[r].incarnation;
+                self.after(
+                    rto * 4,
+                    Ev::StreamTimer {
+                        region: r,
+                        inc,
+                        peer,
+                        part,
+                        session,
+                        attempt: 0,
+                    },
+                );
+            }
         }
     }
 
@@ -1716,37 +1619,44 @@ impl World {
         }
     }
 
-    /// A cumulative ACK: the mirror holds, durably, everything below `log_end`; every frame
-    /// that ends at or below it is retired and the window opens.
+    /// A cumulative ACK: the mirror holds, durably, everything below `log_end`;
+    /// `SourceStream::on_ack` retires every frame that ends at or below it.
     fn on_ack(&mut self, r: usize, peer: usize, part: usize, session: u64, log_end: i64) {
-        let s = &self.regions[r].streams[peer][part];
-        if s.session != session || s.phase != Phase::Streaming {
+        let s = &mut self.regions[r].streams[peer][part];
+        if s.session != session || s.phase() != Some(Phase::Streaming) {
             return;
         }
-        if log_end <= s.acked {
+        match s.core.as_mut().expect("streaming").on_ack(log_end) {
             // Overtaken by a later ACK on the link (a QUIC stream would not reorder them), or
             // an answer to a copy of a frame already acknowledged.
-            return;
+            Ok(None) => {}
+            Ok(Some(acked)) => {
+                self.regions[r].mirror_acked[peer][part] = acked;
+                self.resolve_acks(r);
+                self.pump(r, peer, part);
+            }
+            Err(e) => {
+                self.log(format!(
+                    "{} -> {} p={part}: {e}",
+                    self.regions[r].name, self.regions[peer].name
+                ));
+                self.reset_stream(r, peer, part);
+            }
         }
-        let st = &mut self.regions[r].streams[peer][part];
-        st.acked = log_end;
-        st.sent = st.sent.max(log_end);
-        while st.inflight.front().is_some_and(|f| f.end() <= log_end) {
-            st.inflight.pop_front();
-        }
-        self.regions[r].mirror_acked[peer][part] = log_end;
-        self.resolve_acks(r);
-        self.pump(r, peer, part);
     }
 
-    // ---- gateway: mirror streams (sink side) ------------------------------------------
+    // ---- the gateway: mirror streams, sink side (production: `sink::SinkStream`) ---------
 
     fn on_open(&mut self, m: usize, src: usize, part: usize, session: u64, epoch: i32) {
         let p = self.placement(m);
-        let ok = p.epoch == epoch
-            && p.primary == self.regions[src].name
-            && p.mirrors.contains(&self.regions[m].name);
-        if !ok {
+        let refusal = sink::open_refusal(
+            Some(&p),
+            &self.regions[m].name,
+            &self.regions[src].name,
+            TOPIC,
+            epoch,
+        );
+        if refusal.is_some() {
             self.send(m, src, Msg::Refused { session, part });
             return;
         }
@@ -1756,6 +1666,7 @@ impl World {
                 session,
                 expected: 0,
                 held: BTreeMap::new(),
+                core: SinkStream::new(self.regions[m].parts[part].end()),
             };
             self.regions[m].sinks.insert((src, part), sink);
         }
@@ -1798,8 +1709,15 @@ impl World {
             self.sink_error(m, src, part, session);
             return;
         }
-        let pp = &mut self.regions[m].parts[part];
-        if offset < pp.end() {
+        let end = self.regions[m].parts[part].end();
+        let sink = self.regions[m]
+            .sinks
+            .get_mut(&(src, part))
+            .expect("checked");
+        // The log may have moved since the sink last looked (another source's stream).
+        sink.core.moved(end);
+        if let Truncation::Cut(offset) = sink.core.on_truncate(offset.min(end)) {
+            let pp = &mut self.regions[m].parts[part];
             let n = pp.end() - offset;
             pp.log.truncate(offset as usize);
             pp.durable = pp.durable.min(offset as usize);
@@ -1816,6 +1734,11 @@ impl World {
                 "{} quarantines {n} records of p={part} from {offset}",
                 self.regions[m].name
             ));
+            let sink = self.regions[m]
+                .sinks
+                .get_mut(&(src, part))
+                .expect("checked");
+            sink.core.truncated(offset);
         }
         let pp = &self.regions[m].parts[part];
         let msg = Msg::Position {
@@ -1828,8 +1751,8 @@ impl World {
     }
 
     /// A BATCHES frame off the link, through the model of the QUIC stream: in `seq` order to
-    /// the appender, a frame ahead of a missing one held until it arrives, a copy of one
-    /// already passed on dropped.
+    /// the sink, a frame ahead of a missing one held until it arrives, a copy of one already
+    /// passed on dropped.
     #[allow(clippy::too_many_arguments)]
     fn on_batches(
         &mut self,
@@ -1847,15 +1770,16 @@ impl World {
             self.send(m, src, Msg::Error { session, part });
             return;
         }
+        let per = self.sc.workload.record_bytes.max(1) as usize;
+        let log_end = self.regions[m].parts[part].end();
         let sink = self.regions[m]
             .sinks
             .get_mut(&(src, part))
             .expect("the session was checked");
         if seq < sink.expected {
-            // A copy of a frame already appended (the link duplicated it, or the source sent
+            // A copy of a frame already passed on (the link duplicated it, or the source sent
             // it again because the ACK was lost or late). QUIC drops it; the model answers with
             // the mirror's end once more, which stands in for QUIC resending a lost ACK.
-            let log_end = self.regions[m].parts[part].end();
             let ack = Msg::Ack {
                 session,
                 part,
@@ -1868,58 +1792,89 @@ impl World {
             sink.held.entry(seq).or_insert((first, records));
             return;
         }
-        // This frame and the ones held right behind it reach the appender together.
+        // This frame and the ones held right behind it reach the sink.
         let mut frames = vec![(first, records)];
         sink.expected += 1;
         while let Some(f) = sink.held.remove(&sink.expected) {
             frames.push(f);
             sink.expected += 1;
         }
-        self.append_frames(m, src, part, session, frames);
+        for (first, records) in frames {
+            let after = first + records.len() as i64;
+            let bytes = records.len() * per;
+            if let Err(e) = sink.core.on_frame(first, after, Batch { records, bytes }) {
+                self.log(format!(
+                    "{} p={part}: frame refused: {e}",
+                    self.regions[m].name
+                ));
+                self.sink_error(m, src, part, session);
+                return;
+            }
+        }
+        self.append_ready(m, src, part, session);
     }
 
-    /// The gateway's appender: contiguous frames go into one MirrorAppend (fsynced before it
-    /// answers) and one ACK; a frame that does not start at the mirror's end ends the append,
-    /// and if it leaves a gap the stream fails with an ERROR (after the ACK of what went in).
-    fn append_frames(
-        &mut self,
-        m: usize,
-        src: usize,
-        part: usize,
-        session: u64,
-        frames: Vec<(i64, Vec<Record>)>,
-    ) {
-        // MirrorAppend accepts only topics whose primary is another region.
-        if self.placement(m).primary == self.regions[m].name {
-            self.sink_error(m, src, part, session);
-            return;
+    /// The gateway's appender: what `SinkStream::next_append` hands out goes into one
+    /// MirrorAppend (the broker model below: fsynced before it answers) and one ACK.
+    fn append_ready(&mut self, m: usize, src: usize, part: usize, session: u64) {
+        loop {
+            // MirrorAppend accepts only topics whose primary is another region.
+            if self.placement(m).primary == self.regions[m].name {
+                self.sink_error(m, src, part, session);
+                return;
+            }
+            let end = self.regions[m].parts[part].end();
+            let sink = self.regions[m].sinks.get_mut(&(src, part)).expect("open");
+            // The log may have moved by another source's stream (`moved`), or been cut below
+            // what this sink knows: then its frames no longer continue the log.
+            sink.core.moved(end);
+            if sink.core.end() > end {
+                self.sink_error(m, src, part, session);
+                return;
+            }
+            let Some((parts, after)) = sink.core.next_append() else {
+                return;
+            };
+            match self.mirror_append(m, part, parts) {
+                Ok(new_end) => {
+                    let sink = self.regions[m].sinks.get_mut(&(src, part)).expect("open");
+                    let log_end = sink.core.appended(after, new_end);
+                    self.send(
+                        m,
+                        src,
+                        Msg::Ack {
+                            session,
+                            part,
+                            log_end,
+                        },
+                    );
+                }
+                Err(()) => {
+                    self.sink_error(m, src, part, session);
+                    return;
+                }
+            }
         }
+    }
+
+    /// The broker's MirrorAppend, modelled: records the log holds already must agree with it
+    /// (`no-divergence` is checked elsewhere; a disagreement refuses the append), the rest go at
+    /// their own offsets, fsynced. May fail (`append_failure`). Returns the new log end.
+    fn mirror_append(&mut self, m: usize, part: usize, parts: Vec<Batch>) -> Result<i64, ()> {
         let end = self.regions[m].parts[part].end();
         let mut new: Vec<Record> = Vec::new();
-        let mut broken = false;
-        for (first, records) in frames {
+        for rec in parts.into_iter().flat_map(|b| b.records) {
             let at = end + new.len() as i64;
-            if first > at {
-                broken = true; // a gap
-                break;
+            if rec.offset < end {
+                if self.regions[m].parts[part].log.get(rec.offset as usize) != Some(&rec) {
+                    return Err(());
+                }
+                continue;
             }
-            // Records the mirror already holds (the frame overlaps its end): they must agree.
-            let skip = ((at - first) as usize).min(records.len());
-            let log = &self.regions[m].parts[part].log;
-            let agrees = records[..skip].iter().all(|rec| {
-                let o = rec.offset;
-                let held = if o < end {
-                    log.get(o as usize)
-                } else {
-                    new.get((o - end) as usize)
-                };
-                held == Some(rec)
-            });
-            if !agrees {
-                broken = true;
-                break;
+            if rec.offset != at {
+                return Err(());
             }
-            new.extend_from_slice(&records[skip..]);
+            new.push(rec);
         }
         if !new.is_empty() {
             if self.rng.chance(self.sc.faults.append_failure) {
@@ -1927,14 +1882,12 @@ impl World {
                     "disk: mirror append failed in {}",
                     self.regions[m].name
                 ));
-                self.sink_error(m, src, part, session);
-                return;
+                return Err(());
             }
             for rec in &new {
                 let pp = &mut self.regions[m].parts[part];
                 if observe(&mut pp.epochs, rec.epoch, rec.offset).is_err() {
-                    self.sink_error(m, src, part, session);
-                    return;
+                    return Err(());
                 }
                 pp.log.push(*rec);
                 let at = pp.end() - 1;
@@ -1947,26 +1900,13 @@ impl World {
                 }
                 self.check_increasing(m, part);
             }
-            // MirrorAppend fsyncs before it answers.
             let pp = &mut self.regions[m].parts[part];
             pp.durable = pp.log.len();
         }
-        let log_end = self.regions[m].parts[part].end();
-        self.send(
-            m,
-            src,
-            Msg::Ack {
-                session,
-                part,
-                log_end,
-            },
-        );
-        if broken {
-            self.sink_error(m, src, part, session);
-        }
+        Ok(self.regions[m].parts[part].end())
     }
 
-    // ---- gateway: group offset sync ------------------------------------------------------
+    // ---- the gateway: group offset sync (production: `mirror::core::offsets`) -------------
 
     fn offset_sync(&mut self, r: usize) {
         for peer in self.peers(r) {
@@ -1982,42 +1922,41 @@ impl World {
                 self.send(r, peer, Msg::Offsets { group, entries });
             }
         }
-        let d = self.local_delay(r, OFFSET_SYNC_INTERVAL.as_millis() as u64);
+        let d = self.local_delay(r, offsets::OFFSET_SYNC_INTERVAL_MS);
         let inc = self.regions[r].incarnation;
         self.after(d, Ev::OffsetSync(r, inc));
     }
 
+    /// `install_offsets`: `offsets::wanted` and `offsets::clamped` against the primary's last
+    /// heartbeat and this mirror's logs.
     fn on_offsets(&mut self, m: usize, src: usize, group: u32, entries: Vec<i64>) {
         let p = self.placement(m);
-        if p.primary != self.regions[src].name || !p.mirrors.contains(&self.regions[m].name) {
-            return;
-        }
-        // `install_offsets` (74b85c9, finding 8): the mirror's log counts only as far as it
-        // agrees with the history the primary last reported in a heartbeat; without one from
-        // that primary nothing is installed.
         let src_name = self.regions[src].name.clone();
-        let Some(PeerReport {
-            ends: Some(their_ends),
-            epochs: their_epochs,
-            ..
-        }) = self.regions[m].reports.get(&src_name).cloned()
-        else {
-            return;
-        };
-        let installed: Vec<i64> = entries
+        let me = self.regions[m].name.clone();
+        let entries = entries
             .iter()
             .enumerate()
-            .map(|(i, o)| {
-                let part = &self.regions[m].parts[i];
-                let mine = part.end();
-                let agreed = match (their_ends.get(i), their_epochs.get(i)) {
-                    (Some(end), Some(hist)) => divergence(hist, *end, &part.epochs, mine),
-                    _ => 0,
-                };
-                install_offset(*o, agreed.min(mine))
-            })
+            .map(|(i, o)| (TOPIC.to_string(), i as i32, *o))
             .collect();
-        self.regions[m].groups.insert(group, installed);
+        let wanted = offsets::wanted(entries, |_| {
+            p.primary == src_name && p.mirrors.contains(&me)
+        });
+        let primary = self.regions[m]
+            .live
+            .reports()
+            .get(&src_name)
+            .map(|r| r.heartbeat.clone());
+        let commit = offsets::clamped(wanted, primary.as_ref(), &self.offsets_of(m));
+        let nparts = self.nparts;
+        for (_, parts) in commit {
+            let v = self.regions[m]
+                .groups
+                .entry(group)
+                .or_insert_with(|| vec![0; nparts]);
+            for (i, o) in parts {
+                v[i as usize] = o;
+            }
+        }
     }
 
     // ---- clients ------------------------------------------------------------------------
@@ -2440,11 +2379,10 @@ impl World {
                         .is_none_or(|h| divergence(h, *w, &part.epochs, end) >= *w)
             }),
             OpKind::Forced => {
-                self.fencing == Fencing::None || {
-                    let now = self.local(to);
-                    let name = self.regions[from].name.clone();
-                    self.regions[to].lease.may_take_over(&name, now)
-                }
+                let now = self.local(to);
+                self.regions[to]
+                    .live
+                    .may_take_over(&self.regions[from].name, now)
             }
         };
         if !ready {
@@ -2598,9 +2536,7 @@ impl World {
             } => {
                 if self.regions[region].up && self.regions[region].incarnation == inc {
                     let s = &mut self.regions[region].streams[peer][part];
-                    if s.phase == Phase::Backoff {
-                        s.phase = Phase::Idle;
-                    }
+                    s.backoff = false;
                     self.pump(region, peer, part);
                 }
             }
@@ -2651,17 +2587,11 @@ impl World {
             Msg::Heartbeat {
                 sent_at,
                 sent_sim,
-                state,
-                report,
-                ends,
-                epochs,
-            } => self.on_heartbeat(to, from, sent_at, sent_sim, state, report, ends, epochs),
+                hb,
+            } => self.on_heartbeat(to, from, sent_at, sent_sim, *hb),
             Msg::HeartbeatAck { credit } => {
-                if credit == 0 && self.ignore_zero_credit {
-                    return;
-                }
                 let name = self.regions[from].name.clone();
-                self.regions[to].lease.on_ack(&name, credit);
+                self.regions[to].live.on_ack(&name, credit);
             }
             Msg::Open {
                 session,
@@ -2840,18 +2770,6 @@ impl World {
         self.stats.rpo_records = lost;
         self.acked = acked;
     }
-}
-
-/// Install a synced committed offset on a mirror that ends at `mirror_end`.
-#[cfg(not(feature = "sim-bug-skip-offset-clamp"))]
-fn install_offset(committed: i64, mirror_end: i64) -> i64 {
-    clamp_offset(committed, mirror_end)
-}
-
-/// The test-only fault: the clamp is skipped.
-#[cfg(feature = "sim-bug-skip-offset-clamp")]
-fn install_offset(committed: i64, _mirror_end: i64) -> i64 {
-    committed
 }
 
 /// Run one seed of a scenario.

@@ -15,8 +15,9 @@
 //! frames), the wire, the sync-mode acknowledgement to the local broker (the caller passes on
 //! what [`SourceStream::on_ack`] returns).
 //!
-//! Invariants, asserted: the acknowledged end never goes back and never passes what was sent;
-//! frames in flight are contiguous and each continues the one before it.
+//! Invariants: the acknowledged end never goes back and never passes what was sent (an ACK past
+//! it is an error that restarts the stream); frames in flight are contiguous and each continues
+//! the one before it (asserted).
 
 use std::collections::VecDeque;
 
@@ -61,6 +62,14 @@ pub enum Reconcile {
     Truncate(i64),
     /// The mirror's log is a prefix of ours: stream from its end (acknowledged up to there).
     Stream { from: i64 },
+}
+
+/// The mirror acknowledged an end past what the stream sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the mirror acknowledged {log_end}, past what this stream sent ({sent}): its log moved by other means")]
+pub struct AckPastSent {
+    pub log_end: i64,
+    pub sent: i64,
 }
 
 /// A frame sent and not acknowledged yet.
@@ -188,22 +197,25 @@ impl<P> SourceStream<P> {
     }
 
     /// The mirror holds everything below `log_end`, durably. Returns the new acknowledged end
-    /// if it moved (an older or repeated ACK — from a second copy, say — moves nothing).
-    pub fn on_ack(&mut self, log_end: i64) -> Option<i64> {
+    /// if it moved (an older or repeated ACK — from a second copy, say — moves nothing). An ACK
+    /// past what this stream sent means the mirror's log moved by other means (another
+    /// source's stream into the same partition): the stream must start again from a POSITION.
+    pub fn on_ack(&mut self, log_end: i64) -> Result<Option<i64>, AckPastSent> {
         if self.phase != Phase::Streaming || log_end <= self.acked {
-            return None;
+            return Ok(None);
         }
-        assert!(
-            log_end <= self.sent,
-            "the mirror acknowledged {log_end}, past what was sent ({})",
-            self.sent
-        );
+        if log_end > self.sent {
+            return Err(AckPastSent {
+                log_end,
+                sent: self.sent,
+            });
+        }
         self.acked = log_end;
         while self.inflight.front().is_some_and(|f| f.end <= log_end) {
             let f = self.inflight.pop_front().expect("front");
             self.inflight_bytes -= f.bytes;
         }
-        Some(log_end)
+        Ok(Some(log_end))
     }
 
     /// Frames in flight, oldest first.
@@ -289,11 +301,11 @@ mod tests {
         s.on_sent(0, 10, 10, ());
         s.on_sent(10, 20, 10, ());
         assert!(!s.has_room(), "two frames");
-        assert_eq!(s.on_ack(10), Some(10));
+        assert_eq!(s.on_ack(10), Ok(Some(10)));
         assert!(s.has_room());
         s.on_sent(20, 30, 200, ());
         assert!(!s.has_room(), "bytes");
-        assert_eq!(s.on_ack(30), Some(30));
+        assert_eq!(s.on_ack(30), Ok(Some(30)));
         assert_eq!(s.in_flight(), (0, 0));
     }
 
@@ -302,18 +314,24 @@ mod tests {
         let mut s = streaming(5, WINDOW);
         s.on_sent(5, 10, 1, ());
         s.on_sent(10, 20, 1, ());
-        assert_eq!(s.on_ack(20), Some(20));
-        assert_eq!(s.on_ack(10), None);
-        assert_eq!(s.on_ack(20), None);
+        assert_eq!(s.on_ack(20), Ok(Some(20)));
+        assert_eq!(s.on_ack(10), Ok(None));
+        assert_eq!(s.on_ack(20), Ok(None));
         assert_eq!(s.acked(), 20);
     }
 
     #[test]
-    #[should_panic(expected = "past what was sent")]
-    fn an_ack_past_what_was_sent_is_a_bug() {
+    fn an_ack_past_what_was_sent_is_an_error_not_progress() {
         let mut s = streaming(0, WINDOW);
         s.on_sent(0, 10, 1, ());
-        s.on_ack(11);
+        assert_eq!(
+            s.on_ack(11),
+            Err(AckPastSent {
+                log_end: 11,
+                sent: 10
+            })
+        );
+        assert_eq!(s.acked(), 0);
     }
 
     #[test]
@@ -332,13 +350,13 @@ mod tests {
         // Starting where the mirror ends (0): the first frame.
         assert_eq!(s.next_copy(0).map(|f| f.first), Some(0));
         // The mirror acknowledged 10: the copy skips to 10..25.
-        s.on_ack(10);
+        s.on_ack(10).unwrap();
         assert_eq!(s.next_copy(0).map(|f| f.first), Some(10));
         // Having sent 10..25 itself: 25..30 next, then nothing.
         assert_eq!(s.next_copy(25).map(|f| f.first), Some(25));
         assert!(s.next_copy(30).is_none());
         // An acknowledged end inside a frame (a batch boundary): that frame still goes.
-        s.on_ack(12.max(s.acked()));
+        s.on_ack(12).unwrap();
         assert_eq!(s.next_copy(0).map(|f| (f.first, f.end)), Some((10, 25)));
     }
 }
