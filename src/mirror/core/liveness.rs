@@ -389,3 +389,200 @@ pub fn lapsed_fences(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    //! One test per simulator finding this module owns (docs/simulations.md, "What it found").
+    use super::*;
+    use std::path::Path;
+
+    const LEASE: u64 = 3_000;
+
+    fn topology(promotion: &str) -> Topology {
+        let mut s = String::new();
+        for (i, r) in ["east", "west", "south"].iter().enumerate() {
+            let base = 21_000 + 10 * i;
+            s += &format!(
+                "[regions.{r}]\n[[regions.{r}.brokers]]\nid = 1\nlisten = \"127.0.0.1:{base}\"\n\
+                 [regions.{r}.gateway]\nquic = \"127.0.0.1:{}\"\nadmin = \"127.0.0.1:{}\"\n\n",
+                base + 1,
+                base + 2
+            );
+        }
+        s += "[[topics]]\npattern = \"*\"\nprimary = \"east\"\nmirrors = [\"west\", \"south\"]\n\n";
+        s += &format!(
+            "[failover]\nfencing = \"lease\"\nlease = \"{LEASE}ms\"\nheartbeat = \"500ms\"\npromotion = \"{promotion}\"\n"
+        );
+        crate::topology::parse(&s, "test", Path::new(".")).expect("a valid topology")
+    }
+
+    fn state(t: &Topology, epoch: i32, primary: &str) -> RegionState {
+        let mut s = RegionState::default();
+        if epoch != 0 || primary != "east" {
+            s.apply(t, "*", RuleState::open(epoch, primary)).unwrap();
+        }
+        s
+    }
+
+    fn hb(t: &Topology, region: &str, st: &RegionState) -> Heartbeat {
+        let l = Liveness::new(t, region, 0);
+        l.heartbeat(t, 0, st, &BTreeMap::new(), &BTreeMap::new(), 0)
+    }
+
+    /// Finding 1: a STATE_ACK of 0 ("no credit") gave a restarted stale primary a lease from
+    /// its clock's start.
+    #[test]
+    fn finding_1_a_zero_credit_answer_gives_no_lease() {
+        let t = topology("manual");
+        let mut east = Liveness::new(&t, "east", 0);
+        east.on_ack("west", 0);
+        east.on_ack("south", 0);
+        assert_eq!(east.renewal(100), None);
+        east.on_ack("west", 50);
+        assert_eq!(east.renewal(100), Some(50 + LEASE));
+    }
+
+    /// Findings 2 and 5: a peer heard again after a silence longer than a lease — or heard for
+    /// the first time longer than a lease after this process started — may have been replaced
+    /// meanwhile: its heartbeats earn no credit until this region learns a newer epoch or the
+    /// window passes.
+    #[test]
+    fn findings_2_and_5_no_credit_for_a_peer_back_from_a_long_silence() {
+        let t = topology("manual");
+        let ours = state(&t, 0, "east");
+        let mut south = Liveness::new(&t, "south", 0);
+        let east_hb = hb(&t, "east", &ours);
+        // Heard within a lease of the start: credit.
+        let a = south.on_heartbeat(&t, &ours, "east", 7, east_hb.clone(), 1_000);
+        assert_eq!((a.credit, a.withheld), (7, false));
+        // Silent for longer than a lease × 1.1: nothing.
+        let a = south.on_heartbeat(&t, &ours, "east", 9, east_hb.clone(), 10_000);
+        assert_eq!((a.credit, a.withheld), (0, true));
+        // Finding 5: west, never heard since south started, first heard late.
+        let west_hb = hb(&t, "west", &ours);
+        let a = south.on_heartbeat(&t, &ours, "west", 11, west_hb, 10_000);
+        assert_eq!(a.credit, 0);
+        // Learning a newer epoch closes the window early.
+        let newer = state(&t, 257, "west");
+        let a = south.on_heartbeat(&t, &newer, "east", 13, hb(&t, "east", &newer), 10_100);
+        assert_eq!(a.credit, 13);
+    }
+
+    /// A peer behind on an epoch (a replaced primary) gets no credit and stays replaced; a peer
+    /// ahead is adopted from.
+    #[test]
+    fn a_stale_peer_earns_nothing_and_a_newer_epoch_is_adopted() {
+        let t = topology("manual");
+        let new = state(&t, 257, "west");
+        let old = state(&t, 0, "east");
+        let mut west = Liveness::new(&t, "west", 0);
+        west.forced("east");
+        let a = west.on_heartbeat(&t, &new, "east", 5, hb(&t, "east", &old), 100);
+        assert_eq!((a.credit, a.stale), (0, true));
+        assert!(west.replaced().contains("east"));
+        assert!(a.adopt.is_empty());
+        let mut east = Liveness::new(&t, "east", 0);
+        let a = east.on_heartbeat(&t, &old, "west", 5, hb(&t, "west", &new), 100);
+        assert_eq!(a.adopt, vec![("*".to_string(), RuleState::open(257, "west"))]);
+        // A heartbeat that names another region than its certificate's is ignored.
+        let a = east.on_heartbeat(&t, &old, "south", 5, hb(&t, "west", &new), 100);
+        assert!(a.misnamed && a.credit == 0 && a.adopt.is_empty());
+    }
+
+    /// Finding 6: a region that promotes itself takes writes only once a majority answered a
+    /// heartbeat carrying its new epoch: answers to earlier heartbeats stop counting.
+    #[test]
+    fn finding_6_a_promotion_renews_only_from_heartbeats_after_it() {
+        let t = topology("automatic");
+        let ours = state(&t, 0, "east");
+        let mut west = Liveness::new(&t, "west", 0);
+        // West heard east once at 100, then south keeps answering and reporting east gone.
+        west.on_heartbeat(&t, &ours, "east", 1, hb(&t, "east", &ours), 100);
+        let mut now = 100;
+        let mut due = Vec::new();
+        while due.is_empty() && now < 20_000 {
+            now += 250;
+            west.on_ack("south", now);
+            let mut report = hb(&t, "south", &ours);
+            report.report = BTreeMap::from([("east".to_string(), now - 100)]);
+            west.on_heartbeat(&t, &ours, "south", now, report, now);
+            due = west.promotions(&t, &ours, now);
+        }
+        assert!(
+            now > 100 + LEASE,
+            "no promotion before east's lease surely ran out"
+        );
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].new, RuleState::open(257, "west"));
+        assert!(west.renewal(now).is_some());
+        west.promoted(now);
+        assert_eq!(west.renewal(now), None, "old answers no longer count");
+        west.on_ack("south", now - 1);
+        assert_eq!(west.renewal(now), None);
+        west.on_ack("south", now + 1);
+        assert!(west.renewal(now + 2).is_some());
+    }
+
+    /// Findings 3 and 3b: the loss of a forced promotion is the old primary's last reported end
+    /// past where its history leaves ours (our log need not be a prefix of its), from any
+    /// heartbeat it sent, primary or mirror.
+    #[test]
+    fn findings_3_and_3b_the_loss_report_compares_histories() {
+        let t = topology("manual");
+        let e = |epoch, start_offset| EpochEntry {
+            epoch,
+            start_offset,
+        };
+        let mut south = Liveness::new(&t, "south", 0);
+        // West (a mirror then) reported 0..3368 of epoch 0; south holds 0..824 of epoch 0 and
+        // then its own epoch-258 records to 900.
+        let mut west_hb = hb(&t, "west", &state(&t, 0, "east"));
+        west_hb.ends = BTreeMap::from([("t".to_string(), vec![3368])]);
+        west_hb.epochs = BTreeMap::from([("t".to_string(), vec![vec![e(0, 0)]])]);
+        south.on_heartbeat(&t, &state(&t, 0, "east"), "west", 1, west_hb, 10);
+        let ours = BTreeMap::from([(
+            "t".to_string(),
+            vec![PartitionOffsets {
+                partition: 0,
+                log_start: 0,
+                log_end: 900,
+                epochs: vec![e(0, 0), e(258, 824)],
+            }],
+        )]);
+        let loss = south.loss("west", &ours).unwrap();
+        assert_eq!(
+            loss,
+            vec![Loss {
+                topic: "t".into(),
+                partition: 0,
+                reported_end: 3368,
+                mirrored_end: 824,
+                records: 3368 - 824
+            }]
+        );
+        assert_eq!(south.loss("east", &ours), None, "never heard: unknown");
+    }
+
+    /// Finding 10: a fence whose deadline passed lifts, under lease fencing, on its primary.
+    #[test]
+    fn finding_10_a_lapsed_fence_lifts() {
+        let t = topology("manual");
+        let mut st = RegionState::default();
+        st.apply(
+            &t,
+            "*",
+            RuleState {
+                fenced: true,
+                fence_until_ms: Some(5_000),
+                ..RuleState::open(0, "east")
+            },
+        )
+        .unwrap();
+        assert!(lapsed_fences(&t, &st, "east", 4_999).is_empty());
+        assert!(lapsed_fences(&t, &st, "west", 6_000).is_empty());
+        assert_eq!(
+            lapsed_fences(&t, &st, "east", 6_000),
+            vec![("*".to_string(), RuleState::open(0, "east"))]
+        );
+    }
+}
