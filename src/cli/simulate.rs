@@ -62,8 +62,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
             None => 0..3,
         };
         let t0 = Instant::now();
-        let ov = Overrides::default();
-        let points = sim::sweep::sweep(&sc, seeds, &ov)?;
+        let points = sim::sweep::sweep(&sc, seeds)?;
         for p in &points {
             println!(
                 "loss {:>5.1}%  rtt {:>4} ms  mean lag {:>8.1}  max lag {:>8.1}  rpo {:>7.1}  failing seeds {}",

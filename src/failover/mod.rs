@@ -15,6 +15,7 @@
 //! ([`crate::cli`]).
 
 pub mod lease;
+pub mod switchover;
 
 use std::collections::BTreeMap;
 use std::io;

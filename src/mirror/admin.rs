@@ -29,75 +29,17 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::gateway::Gateway;
 use crate::failover::RuleState;
 use crate::kafka::control::PartitionOffsets;
-use crate::log::epochs::divergence;
 use crate::log::EpochEntry;
 use crate::topology::Fencing;
 
-/// Request bodies.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct FenceRequest {
-    pub patterns: Vec<String>,
-    #[serde(default = "yes")]
-    pub fenced: bool,
-    /// When fencing under lease fencing: lift the fence by itself after this many ms unless
-    /// the rule moved (a switchover that did not finish). Ignored otherwise.
-    #[serde(default)]
-    pub lapse_ms: Option<u64>,
-}
-
-fn yes() -> bool {
-    true
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PromoteRequest {
-    pub pattern: String,
-    pub epoch: i32,
-    /// The primary being replaced.
-    pub from: String,
-    /// Planned: the log ends to reach first (topic → per partition).
-    #[serde(default)]
-    pub wait_for: BTreeMap<String, Vec<i64>>,
-    /// Planned: the fenced primary's epoch histories at those ends (topic → per partition):
-    /// the new primary's log must be a prefix of its, not merely as long (simulator finding 9).
-    #[serde(default)]
-    pub wait_epochs: BTreeMap<String, Vec<Vec<EpochEntry>>>,
-    #[serde(default)]
-    pub force: bool,
-    #[serde(default = "default_timeout")]
-    pub timeout_ms: u64,
-    /// Planned: do not promote after this time (Unix ms), well before the fenced primary's
-    /// fence lapses (`FenceRequest::lapse_ms`).
-    #[serde(default)]
-    pub not_after_ms: Option<u64>,
-}
-
-fn default_timeout() -> u64 {
-    60_000
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct AdoptRequest {
-    pub pattern: String,
-    pub state: RuleState,
-    /// Take a state that makes this region primary without the checks a switchover makes
-    /// (`/v1/promote` makes them). Refused without it.
-    #[serde(default)]
-    pub force: bool,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct CutRequest {
-    pub peer: String,
-    #[serde(default = "yes")]
-    pub cut: bool,
-}
+use crate::failover::switchover::{moved_on, too_late};
+/// The request bodies, shared with `ferry failover`, `ferry drill` and the simulator.
+pub use crate::failover::switchover::{AdoptRequest, CutRequest, FenceRequest, PromoteRequest};
 
 /// The listener label of the admin API's metrics.
 const LISTENER: &str = "admin";
@@ -350,33 +292,17 @@ async fn ends_of(gw: &Gateway, pattern: &str) -> Result<BTreeMap<String, Vec<i64
         .collect())
 }
 
-/// The partitions of `wait_for` where `ours` does not yet hold the fenced primary's log: shorter,
-/// or (when its history is known) leaving that history before its end. Described for errors.
+/// The partitions of `wait_for` where `ours` does not yet hold the fenced primary's log.
 fn not_caught_up(
     ours: &BTreeMap<String, Vec<PartitionOffsets>>,
     wait_for: &BTreeMap<String, Vec<i64>>,
     wait_epochs: &BTreeMap<String, Vec<Vec<EpochEntry>>>,
 ) -> Vec<String> {
-    let mut behind = Vec::new();
-    for (t, want) in wait_for {
-        for (i, w) in want.iter().enumerate() {
-            let have = ours.get(t).and_then(|ps| ps.get(i));
-            let end = have.map_or(0, |p| p.log_end);
-            if end < *w {
-                behind.push(format!("{t}-{i} (at {end}, want {w})"));
-                continue;
-            }
-            if let (Some(h), Some(theirs)) = (have, wait_epochs.get(t).and_then(|e| e.get(i))) {
-                let d = divergence(theirs, *w, &h.epochs, h.log_end);
-                if d < *w {
-                    behind.push(format!(
-                        "{t}-{i} (leaves the fenced primary's history at {d}, want {w})"
-                    ));
-                }
-            }
-        }
-    }
-    behind
+    let have = |t: &str, i: usize| {
+        let p = ours.get(t)?.get(i)?;
+        Some((p.log_end, p.epochs.clone()))
+    };
+    crate::failover::switchover::not_caught_up(have, wait_for, wait_epochs)
 }
 
 async fn fence(gw: &Gateway, f: FenceRequest) -> Result<Value, (StatusCode, String)> {
@@ -448,8 +374,7 @@ async fn promote(gw: &Gateway, p: PromoteRequest) -> Result<Value, (StatusCode, 
     // Any promotion since the caller read the state took an epoch in `p.epoch`'s block of 256
     // or a later one (`failover::next_epoch`): the rule moved on, and this promotion (a
     // switchover waiting for catch-up, say) must not override it.
-    let moved_on = |e: i32| (e >> 8) >= (p.epoch >> 8);
-    if moved_on(cur.epoch) {
+    if moved_on(cur.epoch, p.epoch) {
         return Err(conflict(format!(
             "the rule is at epoch {} (primary {}) since this promotion to epoch {} began",
             cur.epoch, cur.primary, p.epoch
@@ -500,7 +425,7 @@ async fn promote(gw: &Gateway, p: PromoteRequest) -> Result<Value, (StatusCode, 
         .state()
         .rule(&gw.topology, &p.pattern)
         .ok_or((StatusCode::NOT_FOUND, format!("no rule '{}'", p.pattern)))?;
-    if moved_on(now_state.epoch) {
+    if moved_on(now_state.epoch, p.epoch) {
         return Err(conflict(format!(
             "the rule moved to epoch {} (primary {}) while this promotion waited",
             now_state.epoch, now_state.primary
@@ -525,18 +450,14 @@ async fn promote(gw: &Gateway, p: PromoteRequest) -> Result<Value, (StatusCode, 
             .loss(&p.from, &our_offsets)
             .unwrap_or_default();
     }
-    if let Some(t) = p.not_after_ms {
-        let now = crate::clock::now_ms().max(0) as u64;
-        if now > t {
-            return Err((
-                StatusCode::GATEWAY_TIMEOUT,
-                format!(
-                    "too late to promote: the switchover's window closed {} ms ago (the fence on '{}' is about to lapse)",
-                    now - t,
-                    p.from
-                ),
-            ));
-        }
+    if let Some(ago) = too_late(p.not_after_ms, crate::clock::now_ms().max(0) as u64) {
+        return Err((
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "too late to promote: the switchover's window closed {ago} ms ago (the fence on '{}' is about to lapse)",
+                p.from
+            ),
+        ));
     }
     gw.apply(&p.pattern, RuleState::open(p.epoch, gw.region.clone()))
         .await

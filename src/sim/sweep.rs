@@ -28,18 +28,13 @@ pub struct Point {
 }
 
 /// Run `seeds` seeds at every grid point.
-pub fn sweep(
-    sc: &Scenario,
-    seeds: std::ops::Range<u64>,
-    base: &Overrides,
-) -> Result<Vec<Point>, SimError> {
+pub fn sweep(sc: &Scenario, seeds: std::ops::Range<u64>) -> Result<Vec<Point>, SimError> {
     let mut out = Vec::new();
     for &rtt in RTTS {
         for &loss in LOSSES {
             let ov = Overrides {
                 loss: Some(loss),
                 rtt: Some(rtt),
-                ..base.clone()
             };
             let (mut lag, mut max, mut rpo, mut failures) = (0.0, 0.0, 0.0, 0);
             let n = (seeds.end - seeds.start).max(1) as f64;

@@ -18,9 +18,9 @@ use super::rng::Rng;
 use super::scenario::{Scenario, TOPIC};
 use super::trace::Trace;
 use crate::failover::lease::Millis;
-use crate::failover::{placement, rule_regions, Placement, RegionState, RuleState};
+use crate::failover::{placement, rule_regions, switchover, Placement, RegionState, RuleState};
 use crate::kafka::control::PartitionOffsets;
-use crate::log::epochs::{divergence, EpochEntry};
+use crate::log::epochs::EpochEntry;
 use crate::mirror::core::reorder::Payload;
 use crate::mirror::core::sink::{self, SinkStream, Truncation};
 use crate::mirror::core::source::{self, Phase, Reconcile, SourceStream};
@@ -2363,21 +2363,20 @@ impl World {
         }
         // Any promotion since the operation began has an epoch in the same block of 256 or a
         // later one (`failover::next_epoch`), as `/v1/promote` checks.
-        if (self.rule_state(to).epoch >> 8) >= (epoch >> 8) {
+        if switchover::moved_on(self.rule_state(to).epoch, epoch) {
             give_up(self, "the epoch moved on");
             return;
         }
         let ready = match kind {
-            // `not_caught_up` (74b85c9, finding 9): per partition, the target's log reaches the
-            // fenced primary's final end and holds its history up to there.
-            OpKind::Switchover => wait_for.iter().enumerate().all(|(p, w)| {
-                let part = &self.regions[to].parts[p];
-                let end = part.end();
-                end >= *w
-                    && wait_epochs
-                        .get(p)
-                        .is_none_or(|h| divergence(h, *w, &part.epochs, end) >= *w)
-            }),
+            // `/v1/promote`'s catch-up (`switchover::not_caught_up`): per partition, the
+            // target's log reaches the fenced primary's final end and holds its history.
+            OpKind::Switchover => {
+                let wait_for = BTreeMap::from([(TOPIC.to_string(), wait_for.clone())]);
+                let wait_h = BTreeMap::from([(TOPIC.to_string(), wait_epochs.clone())]);
+                let parts = &self.regions[to].parts;
+                let have = |_: &str, p: usize| parts.get(p).map(|x| (x.end(), x.epochs.clone()));
+                switchover::not_caught_up(have, &wait_for, &wait_h).is_empty()
+            }
             OpKind::Forced => {
                 let now = self.local(to);
                 self.regions[to]
@@ -2406,7 +2405,7 @@ impl World {
             return;
         }
         // `/v1/promote` refuses after `not_after_ms` (on the target's clock).
-        if not_after.is_some_and(|t| self.wall(to) > t) {
+        if switchover::too_late(not_after, self.wall(to)).is_some() {
             give_up(self, "too late to promote: the fence is about to lapse");
             return;
         }

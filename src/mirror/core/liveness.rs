@@ -483,7 +483,10 @@ mod tests {
         assert!(a.adopt.is_empty());
         let mut east = Liveness::new(&t, "east", 0);
         let a = east.on_heartbeat(&t, &old, "west", 5, hb(&t, "west", &new), 100);
-        assert_eq!(a.adopt, vec![("*".to_string(), RuleState::open(257, "west"))]);
+        assert_eq!(
+            a.adopt,
+            vec![("*".to_string(), RuleState::open(257, "west"))]
+        );
         // A heartbeat that names another region than its certificate's is ignored.
         let a = east.on_heartbeat(&t, &old, "south", 5, hb(&t, "west", &new), 100);
         assert!(a.misnamed && a.credit == 0 && a.adopt.is_empty());
