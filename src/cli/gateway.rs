@@ -61,15 +61,11 @@ pub fn run(args: GatewayArgs) -> anyhow::Result<()> {
         tracing::info!(region = %args.region, quic = %spec.quic, %broker, "ferry gateway listening on {}", spec.quic);
         let gw = Gateway::new(topo, args.region.clone(), broker, internal, endpoint.clone());
         tokio::spawn(crate::mirror::admin::serve(gw.clone(), admin, admin_tls));
-        tokio::select! {
-            _ = gw.run() => {},
-            _ = crate::cli::broker::shutdown_signal() => {
-                tracing::info!("shutting down the gateway");
-                endpoint.close(0u32.into(), b"shutdown");
-                // Let the close reach the peers, but do not wait for their idle timeout.
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), endpoint.wait_idle()).await;
-            }
-        }
+        gw.run(async {
+            crate::cli::broker::shutdown_signal().await;
+            tracing::info!("shutting down the gateway");
+        })
+        .await;
         Ok(())
     })
 }

@@ -31,6 +31,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 
+use super::gateway::control::Command;
 use super::gateway::Gateway;
 use crate::failover::RuleState;
 use crate::kafka::control::PartitionOffsets;
@@ -160,7 +161,9 @@ async fn body<T: serde::de::DeserializeOwned>(
 async fn route(gw: Arc<Gateway>, req: Request<Incoming>, limit: Duration) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     let r: Result<Value, (StatusCode, String)> = match (req.method().clone(), path.as_str()) {
-        (Method::GET, "/v1/state") => Ok(state(&gw)),
+        (Method::GET, "/v1/state") => state(&gw)
+            .await
+            .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e)),
         (Method::GET, "/v1/offsets") => gw
             .offsets(Vec::new())
             .await
@@ -226,7 +229,7 @@ async fn adopt(gw: &Gateway, a: AdoptRequest) -> Result<Value, (StatusCode, Stri
     Ok(json!({ "changed": changed }))
 }
 
-fn state(gw: &Gateway) -> Value {
+async fn state(gw: &Gateway) -> Result<Value, String> {
     let st = gw.state();
     let rules: BTreeMap<String, RuleState> = gw
         .topology
@@ -234,31 +237,24 @@ fn state(gw: &Gateway) -> Value {
         .iter()
         .filter_map(|r| Some((r.pattern.clone(), st.rule(&gw.topology, &r.pattern)?)))
         .collect();
-    let now = gw.now();
-    let live = gw.liveness();
-    let (may_write, until) = (
-        live.lease().may_write(now),
-        live.lease()
-            .write_lease_until()
-            .map(|u| u.saturating_sub(now)),
-    );
-    let peers: BTreeMap<String, Value> = live
-        .reports()
+    let view = gw.ask(|reply| Command::View { reply }).await?;
+    let (may_write, until) = (view.may_write, view.remaining_ms);
+    let peers: BTreeMap<String, Value> = view
+        .peers
         .iter()
         .map(|(p, r)| {
             (
                 p.clone(),
                 json!({
-                    "heard_ms_ago": now.saturating_sub(r.received),
+                    "heard_ms_ago": view.now.saturating_sub(r.received),
                     "ends": r.heartbeat.ends,
                     "rules": r.heartbeat.state.rules,
                 }),
             )
         })
         .collect();
-    drop(live);
     let cuts: Vec<String> = gw.peers().into_iter().filter(|p| gw.is_cut(p)).collect();
-    json!({
+    Ok(json!({
         "region": gw.region,
         "rules": rules,
         "lease": {
@@ -268,7 +264,7 @@ fn state(gw: &Gateway) -> Value {
         },
         "peers": peers,
         "cuts": cuts,
-    })
+    }))
 }
 
 /// Log ends and epoch histories of the partitions of the topics a rule covers.
@@ -404,8 +400,13 @@ async fn promote(gw: &Gateway, p: PromoteRequest) -> Result<Value, (StatusCode, 
     } else if gw.topology.failover.fencing == Fencing::Lease {
         // Forced: only once the old primary's lease has surely run out.
         loop {
-            let now = gw.now();
-            let ok = gw.liveness().may_take_over(&p.from, now);
+            let ok = gw
+                .ask(|reply| Command::MayTakeOver {
+                    from: p.from.clone(),
+                    reply,
+                })
+                .await
+                .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e))?;
             if ok {
                 break;
             }
@@ -446,8 +447,13 @@ async fn promote(gw: &Gateway, p: PromoteRequest) -> Result<Value, (StatusCode, 
             .topics;
         our_offsets.retain(|t, _| gw.placement(t).is_some_and(|x| x.pattern == p.pattern));
         loss = gw
-            .liveness()
-            .loss(&p.from, &our_offsets)
+            .ask(|reply| Command::Loss {
+                from: p.from.clone(),
+                ours: our_offsets,
+                reply,
+            })
+            .await
+            .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e))?
             .unwrap_or_default();
     }
     if let Some(ago) = too_late(p.not_after_ms, crate::clock::now_ms().max(0) as u64) {
@@ -463,17 +469,24 @@ async fn promote(gw: &Gateway, p: PromoteRequest) -> Result<Value, (StatusCode, 
         .await
         .map_err(conflict)?;
     if p.force {
-        gw.liveness().forced(&p.from);
+        gw.tell(Command::Forced {
+            from: p.from.clone(),
+        })
+        .await;
     }
     tracing::warn!(pattern = %p.pattern, epoch = p.epoch, from = %p.from, force = p.force, "promoted to primary");
     // What the old primary last said it had, for the loss report of a forced failover.
-    let now = gw.now();
-    let last = gw.liveness().reports().get(&p.from).map(|r| {
-        json!({
-            "heard_ms_ago": now.saturating_sub(r.received),
-            "ends": r.heartbeat.ends,
-        })
-    });
+    let last = gw
+        .ask(|reply| Command::View { reply })
+        .await
+        .ok()
+        .and_then(|v| {
+            let r = v.peers.get(&p.from)?;
+            Some(json!({
+                "heard_ms_ago": v.now.saturating_sub(r.received),
+                "ends": r.heartbeat.ends,
+            }))
+        });
     Ok(json!({
         "epoch": p.epoch,
         "waited_ms": started.elapsed().as_millis() as u64,
