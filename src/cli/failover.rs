@@ -18,6 +18,7 @@ use hyper::Method;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::failover::switchover::{self, Plan, Step};
 use crate::failover::{rule_regions, RuleState};
 use crate::mirror::admin;
 use crate::topology::Topology;
@@ -126,7 +127,8 @@ pub fn select_rules(t: &Topology, to: &str, topics: &[String]) -> anyhow::Result
     Ok(out)
 }
 
-/// Move one rule. Used by `ferry failover` and `ferry drill`.
+/// Move one rule. Used by `ferry failover` and `ferry drill`: the steps are
+/// [`switchover::Switchover`]'s, carried out over the gateways' admin APIs.
 pub async fn move_rule(
     t: &Topology,
     pattern: &str,
@@ -149,199 +151,135 @@ pub async fn move_rule(
             }
         }
     }
-    let Some(target) = states.get(to).cloned() else {
-        bail!("the gateway of `{to}` does not answer on its admin address: it cannot be promoted");
-    };
-    let newest = states
-        .values()
-        .max_by_key(|s| s.epoch)
-        .cloned()
-        .expect("at least the target");
-    let from = newest.primary.clone();
-    if from == to {
-        let note = if target.fenced {
-            // A switchover that could not finish left `to` fenced (its unfence failed:
-            // simulator finding 10): moving the rule to it again lifts the fence.
-            admin::call(
-                admin_addr(t, to)?,
-                Method::POST,
-                "/v1/fence",
-                Some(json!({ "patterns": [pattern], "fenced": false })),
-                CALL,
-            )
-            .await
-            .map_err(|e| anyhow::anyhow!("unfencing `{to}`: {e}"))?;
-            format!("`{to}` was the primary but fenced (a switchover that did not finish): unfenced, it takes writes again")
-        } else {
-            format!("`{to}` is already the primary")
-        };
-        return Ok(RuleOutcome {
-            pattern: pattern.into(),
-            from: from.clone(),
-            to: to.into(),
-            epoch: newest.epoch,
-            forced: force,
-            write_unavailable_ms: 0,
-            loss: Vec::new(),
-            unknown_window_ms: None,
-            note,
-        });
-    }
-    let epoch = crate::failover::next_epoch(newest.epoch, crate::failover::region_index(t, to));
-    let to_addr = admin_addr(t, to)?;
-    let mut outcome = RuleOutcome {
+    // Under lease fencing the fence lifts by itself if this switchover neither moves the rule
+    // nor unfences it (this process dies, the target is lost): after twice the longest this
+    // command waits, while the target may promote only in the first half.
+    let window = timeout + CALL;
+    let planned = switchover::plan(
+        pattern,
+        &regions,
+        to,
+        crate::failover::region_index(t, to),
+        &states,
+        force,
+        window.as_millis() as u64,
+        timeout.as_millis() as u64,
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
+    let outcome = |from: &str, epoch: i32, note: String| RuleOutcome {
         pattern: pattern.into(),
-        from: from.clone(),
+        from: from.into(),
         to: to.into(),
         epoch,
         forced: force,
         write_unavailable_ms: 0,
         loss: Vec::new(),
         unknown_window_ms: None,
-        note: String::new(),
+        note,
     };
-    let _ = target;
-    if !force {
-        let from_addr = admin_addr(t, &from)?;
-        let t0 = Instant::now();
-        // Under lease fencing the fence lifts by itself if this switchover neither moves the
-        // rule nor unfences it (this process dies, the target is lost): after twice the
-        // longest this command waits, while the target may promote only in the first half.
-        let window = timeout + CALL;
-        let fenced = admin::call(
-            from_addr.clone(),
-            Method::POST,
-            "/v1/fence",
-            Some(json!({
-                "patterns": [pattern], "fenced": true,
-                "lapse_ms": 2 * window.as_millis() as u64,
-            })),
-            CALL,
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("fencing `{from}`: {e} (if `{from}` is gone, use --force)"))?;
-        let ends = fenced["ends"][pattern].clone();
-        let epochs = match &fenced["epochs"][pattern] {
-            Value::Null => json!({}),
-            v => v.clone(),
-        };
-        let not_after = fenced["fence_until_ms"]
-            .as_u64()
-            .map(|t| t - window.as_millis() as u64);
-        let promoted = admin::call(
-            to_addr,
-            Method::POST,
-            "/v1/promote",
-            Some(json!({
-                "pattern": pattern, "epoch": epoch, "from": from, "wait_for": ends,
-                "wait_epochs": epochs, "not_after_ms": not_after,
-                "force": false, "timeout_ms": timeout.as_millis() as u64,
-            })),
-            timeout + CALL,
-        )
-        .await;
-        if let Err(e) = promoted {
-            // Give the old primary its writes back: nothing moved. It may be unreachable by
-            // now; say so rather than claim it was unfenced (simulator finding 10).
-            let mut unfence = Err(String::new());
-            for attempt in 0..3 {
-                if attempt > 0 {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-                unfence = admin::call(
-                    from_addr.clone(),
-                    Method::POST,
-                    "/v1/fence",
-                    Some(json!({ "patterns": [pattern], "fenced": false })),
-                    CALL,
-                )
+    let mut op = match planned {
+        Plan::Already { epoch } => {
+            return Ok(outcome(to, epoch, format!("`{to}` is already the primary")))
+        }
+        Plan::Unfence { epoch, request } => {
+            // A switchover that could not finish left `to` fenced (its unfence failed:
+            // simulator finding 10): moving the rule to it again lifts the fence.
+            call(t, to, "/v1/fence", &request)
                 .await
-                .map(|_| ());
-                if unfence.is_ok() {
-                    break;
+                .map_err(|e| anyhow::anyhow!("unfencing `{to}`: {e}"))?;
+            return Ok(outcome(to, epoch, format!("`{to}` was the primary but fenced (a switchover that did not finish): unfenced, it takes writes again")));
+        }
+        Plan::Move(op) => op,
+    };
+    let mut result = outcome(&op.from.clone(), op.epoch, String::new());
+    let t0 = Instant::now();
+    let mut step = op.start();
+    loop {
+        step = match step {
+            Step::Fence { region, request } => {
+                let answer = call(t, &region, "/v1/fence", &request)
+                    .await
+                    .and_then(|v| serde_json::from_value(v).map_err(|e| e.to_string()));
+                op.fenced(answer)
+            }
+            Step::Promote { region, request } => {
+                let answer = admin::call(
+                    admin_addr(t, &region)?,
+                    Method::POST,
+                    "/v1/promote",
+                    Some(serde_json::to_value(&request)?),
+                    timeout + CALL,
+                )
+                .await;
+                if let Ok(v) = &answer {
+                    if request.force {
+                        forced_report(&mut result, v);
+                    } else {
+                        result.write_unavailable_ms = t0.elapsed().as_millis() as u64;
+                    }
                 }
+                op.promoted(answer.map(|_| ()))
             }
-            match unfence {
-                Ok(()) => bail!("promoting `{to}`: {e}; `{from}` was unfenced and stays primary"),
-                Err(u) => bail!(
-                    "promoting `{to}`: {e}; unfencing `{from}` failed too ({u}): it stays primary \
-                     but fenced, taking no writes for `{pattern}`; once it answers, run \
-                     `ferry failover --to {from}` to unfence it (or move the rule elsewhere)"
-                ),
-            }
-        }
-        outcome.write_unavailable_ms = t0.elapsed().as_millis() as u64;
-    } else {
-        let v = admin::call(
-            to_addr,
-            Method::POST,
-            "/v1/promote",
-            Some(json!({
-                "pattern": pattern, "epoch": epoch, "from": from,
-                "force": true, "timeout_ms": timeout.as_millis() as u64,
-            })),
-            timeout + CALL,
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("promoting `{to}`: {e}"))?;
-        let ours: BTreeMap<String, Vec<i64>> =
-            serde_json::from_value(v["ends"].clone()).unwrap_or_default();
-        let last = &v["from_last_report"];
-        let reported: BTreeMap<String, Vec<i64>> =
-            serde_json::from_value(last["ends"].clone()).unwrap_or_default();
-        outcome.unknown_window_ms = last["heard_ms_ago"].as_u64();
-        if let Some(l) = v["loss"].as_array() {
-            // The gateway compared epoch histories: use its figures.
-            for x in l {
-                outcome.loss.push(PartitionLoss {
-                    topic: x["topic"].as_str().unwrap_or_default().to_string(),
-                    partition: x["partition"].as_u64().unwrap_or(0) as usize,
-                    reported_end: x["reported_end"].as_i64().unwrap_or(0),
-                    mirrored_end: x["mirrored_end"].as_i64().unwrap_or(0),
-                    records: x["records"].as_i64().unwrap_or(0),
-                });
-            }
-        }
-        for (topic, ends) in reported.into_iter().filter(|_| v["loss"].is_null()) {
-            let have = ours.get(&topic).cloned().unwrap_or_default();
-            for (p, end) in ends.iter().enumerate() {
-                let m = have.get(p).copied().unwrap_or(0);
-                if *end > m {
-                    outcome.loss.push(PartitionLoss {
-                        topic: topic.clone(),
-                        partition: p,
-                        reported_end: *end,
-                        mirrored_end: m,
-                        records: end - m,
-                    });
+            Step::Unfence { region, request } => {
+                // Give the old primary its writes back: nothing moved.
+                let mut unfenced = Err(String::new());
+                for attempt in 0..3 {
+                    if attempt > 0 {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    unfenced = call(t, &region, "/v1/fence", &request).await.map(|_| ());
+                    if unfenced.is_ok() {
+                        break;
+                    }
                 }
+                op.unfenced(unfenced)
             }
-        }
-        if last.is_null() {
-            outcome.note =
-                format!("`{to}` never heard from `{from}`: what it may have lost is unknown");
-        }
+            Step::Adopt { regions, request } => {
+                for r in &regions {
+                    if let Err(e) = call(t, r, "/v1/adopt", &request).await {
+                        if !force || *r != op.from {
+                            tracing::warn!(region = %r, error = %e, "could not tell the region of the new epoch (it learns it from heartbeats)");
+                        }
+                    }
+                }
+                return Ok(result);
+            }
+            Step::Failed(why) => bail!(why),
+        };
     }
-    // Every other region adopts the new epoch (the heartbeats would carry it too).
-    let new = RuleState::open(epoch, to);
-    for r in regions.iter().filter(|r| **r != to) {
-        if let Ok(addr) = admin_addr(t, r) {
-            if let Err(e) = admin::call(
-                addr,
-                Method::POST,
-                "/v1/adopt",
-                Some(json!({ "pattern": pattern, "state": new })),
-                CALL,
-            )
-            .await
-            {
-                if !force || *r != from {
-                    tracing::warn!(region = %r, error = %e, "could not tell the region of the new epoch (it learns it from heartbeats)");
-                }
-            }
-        }
+}
+
+/// POST a request body to `region`'s admin API.
+async fn call(
+    t: &Topology,
+    region: &str,
+    path: &str,
+    body: &impl Serialize,
+) -> Result<Value, String> {
+    let addr = admin_addr(t, region).map_err(|e| e.to_string())?;
+    let body = serde_json::to_value(body).map_err(|e| e.to_string())?;
+    admin::call(addr, Method::POST, path, Some(body), CALL).await
+}
+
+/// A forced promotion's answer: what may be lost, as the target reported it.
+fn forced_report(outcome: &mut RuleOutcome, v: &Value) {
+    let last = &v["from_last_report"];
+    outcome.unknown_window_ms = last["heard_ms_ago"].as_u64();
+    for x in v["loss"].as_array().into_iter().flatten() {
+        outcome.loss.push(PartitionLoss {
+            topic: x["topic"].as_str().unwrap_or_default().to_string(),
+            partition: x["partition"].as_u64().unwrap_or(0) as usize,
+            reported_end: x["reported_end"].as_i64().unwrap_or(0),
+            mirrored_end: x["mirrored_end"].as_i64().unwrap_or(0),
+            records: x["records"].as_i64().unwrap_or(0),
+        });
     }
-    Ok(outcome)
+    if last.is_null() {
+        outcome.note = format!(
+            "`{}` never heard from `{}`: what it may have lost is unknown",
+            outcome.to, outcome.from
+        );
+    }
 }
 
 pub fn run(args: FailoverArgs) -> anyhow::Result<()> {

@@ -24,7 +24,7 @@ use crate::log::epochs::divergence;
 use crate::log::EpochEntry;
 
 /// `POST /v1/fence`: fence (or unfence) this region's rules.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FenceRequest {
     pub patterns: Vec<String>,
     #[serde(default = "yes")]
@@ -40,7 +40,7 @@ fn yes() -> bool {
 }
 
 /// `POST /v1/promote`: make the target primary of a rule at `epoch`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PromoteRequest {
     pub pattern: String,
     pub epoch: i32,
@@ -68,7 +68,7 @@ fn default_timeout() -> u64 {
 }
 
 /// `POST /v1/adopt`: take a newer rule state.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdoptRequest {
     pub pattern: String,
     pub state: RuleState,
@@ -79,7 +79,7 @@ pub struct AdoptRequest {
 }
 
 /// `POST /v1/cut`: cut (or heal) the link to a peer (drills).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CutRequest {
     pub peer: String,
     #[serde(default = "yes")]
@@ -129,6 +129,269 @@ pub fn not_caught_up(
 /// primary's fence is about to lapse, and promoting now could race it.
 pub fn too_late(not_after_ms: Option<u64>, now_ms: u64) -> Option<u64> {
     not_after_ms.filter(|t| now_ms > *t).map(|t| now_ms - t)
+}
+
+/// What a fenced primary answers (`POST /v1/fence`): its log ends and epoch histories, final
+/// while it is fenced (pattern → topic → per partition).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FenceAnswer {
+    pub fenced: bool,
+    #[serde(default)]
+    pub fence_until_ms: Option<u64>,
+    #[serde(default)]
+    pub ends: BTreeMap<String, BTreeMap<String, Vec<i64>>>,
+    #[serde(default)]
+    pub epochs: BTreeMap<String, BTreeMap<String, Vec<Vec<EpochEntry>>>>,
+}
+
+/// Where an operator's move of a rule begins.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Plan {
+    /// The target is the primary already.
+    Already { epoch: i32 },
+    /// The target is the primary but fenced (a switchover that did not finish and whose
+    /// unfence failed: finding 10): lifting the fence is the whole move.
+    Unfence { epoch: i32, request: FenceRequest },
+    /// Move the rule.
+    Move(Switchover),
+}
+
+/// Plan moving rule `pattern` (whose regions are `regions`) to `to`, from the rule's state as
+/// each reachable region knows it (`states`; the newest names the primary to replace).
+/// `window_ms`: the longest the operator waits for the promotion (a planned switchover's fence
+/// lapses after twice that, and the target may promote only in the first half).
+#[allow(clippy::too_many_arguments)]
+pub fn plan(
+    pattern: &str,
+    regions: &[String],
+    to: &str,
+    to_index: usize,
+    states: &BTreeMap<String, RuleState>,
+    force: bool,
+    window_ms: u64,
+    timeout_ms: u64,
+) -> Result<Plan, String> {
+    let Some(target) = states.get(to) else {
+        return Err(format!(
+            "the gateway of `{to}` does not answer on its admin address: it cannot be promoted"
+        ));
+    };
+    let newest = states
+        .values()
+        .max_by_key(|s| s.epoch)
+        .expect("at least the target");
+    if newest.primary == to {
+        return Ok(if target.fenced && target.primary == to {
+            Plan::Unfence {
+                epoch: newest.epoch,
+                request: FenceRequest {
+                    patterns: vec![pattern.to_string()],
+                    fenced: false,
+                    lapse_ms: None,
+                },
+            }
+        } else {
+            Plan::Already {
+                epoch: newest.epoch,
+            }
+        });
+    }
+    Ok(Plan::Move(Switchover {
+        pattern: pattern.to_string(),
+        regions: regions.to_vec(),
+        from: newest.primary.clone(),
+        to: to.to_string(),
+        epoch: super::next_epoch(newest.epoch, to_index),
+        force,
+        window_ms,
+        timeout_ms,
+        phase: Phase::Start,
+        failure: None,
+    }))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Start,
+    Fencing,
+    Promoting,
+    Unfencing,
+    Over,
+}
+
+/// One rule's move, as the operator runs it: each [`Step`] is a request to a region's admin
+/// API (or the simulator's model of it); its outcome goes back in, the next step comes out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Switchover {
+    pub pattern: String,
+    /// Every region of the rule.
+    pub regions: Vec<String>,
+    /// The primary being replaced, and its replacement at `epoch`.
+    pub from: String,
+    pub to: String,
+    pub epoch: i32,
+    /// Forced: no fence, no catch-up; the target waits for the old primary's lease instead.
+    pub force: bool,
+    window_ms: u64,
+    timeout_ms: u64,
+    phase: Phase,
+    failure: Option<String>,
+}
+
+/// What the operator does next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// Fence the old primary; feed the answer to [`Switchover::fenced`].
+    Fence {
+        region: String,
+        request: FenceRequest,
+    },
+    /// Have the target promote itself (it waits up to `timeout_ms`); feed the outcome to
+    /// [`Switchover::promoted`].
+    Promote {
+        region: String,
+        request: PromoteRequest,
+    },
+    /// Tell every other region of the rule (the heartbeats would carry it too); the move is
+    /// done. A region that does not answer learns it from the heartbeats.
+    Adopt {
+        regions: Vec<String>,
+        request: AdoptRequest,
+    },
+    /// Give the old primary its writes back (the move gave up); feed the outcome to
+    /// [`Switchover::unfenced`].
+    Unfence {
+        region: String,
+        request: FenceRequest,
+    },
+    /// The move failed: the rule stays where it was. Why, for the operator.
+    Failed(String),
+}
+
+impl Switchover {
+    /// The first step: fence the old primary (planned), or promote the target (forced).
+    pub fn start(&mut self) -> Step {
+        assert_eq!(self.phase, Phase::Start, "a switchover starts once");
+        if self.force {
+            self.phase = Phase::Promoting;
+            return Step::Promote {
+                region: self.to.clone(),
+                request: PromoteRequest {
+                    pattern: self.pattern.clone(),
+                    epoch: self.epoch,
+                    from: self.from.clone(),
+                    wait_for: BTreeMap::new(),
+                    wait_epochs: BTreeMap::new(),
+                    force: true,
+                    timeout_ms: self.timeout_ms,
+                    not_after_ms: None,
+                },
+            };
+        }
+        self.phase = Phase::Fencing;
+        Step::Fence {
+            region: self.from.clone(),
+            request: FenceRequest {
+                patterns: vec![self.pattern.clone()],
+                fenced: true,
+                lapse_ms: Some(2 * self.window_ms),
+            },
+        }
+    }
+
+    /// The old primary's answer to the fence: its final ends are what the target must reach.
+    pub fn fenced(&mut self, answer: Result<FenceAnswer, String>) -> Step {
+        assert_eq!(self.phase, Phase::Fencing, "a fence answers a fence");
+        let a = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                self.phase = Phase::Over;
+                return Step::Failed(format!(
+                    "fencing `{}`: {e} (if `{}` is gone, use --force)",
+                    self.from, self.from
+                ));
+            }
+        };
+        self.phase = Phase::Promoting;
+        Step::Promote {
+            region: self.to.clone(),
+            request: PromoteRequest {
+                pattern: self.pattern.clone(),
+                epoch: self.epoch,
+                from: self.from.clone(),
+                wait_for: a.ends.get(&self.pattern).cloned().unwrap_or_default(),
+                wait_epochs: a.epochs.get(&self.pattern).cloned().unwrap_or_default(),
+                force: false,
+                timeout_ms: self.timeout_ms,
+                not_after_ms: a.fence_until_ms.map(|t| t.saturating_sub(self.window_ms)),
+            },
+        }
+    }
+
+    /// The target's promotion: done (every other region adopts), or given up (a planned move
+    /// unfences the old primary first).
+    pub fn promoted(&mut self, outcome: Result<(), String>) -> Step {
+        assert_eq!(
+            self.phase,
+            Phase::Promoting,
+            "a promotion answers a promotion"
+        );
+        match outcome {
+            Ok(()) => {
+                self.phase = Phase::Over;
+                Step::Adopt {
+                    regions: self
+                        .regions
+                        .iter()
+                        .filter(|r| **r != self.to)
+                        .cloned()
+                        .collect(),
+                    request: AdoptRequest {
+                        pattern: self.pattern.clone(),
+                        state: RuleState::open(self.epoch, self.to.clone()),
+                        force: false,
+                    },
+                }
+            }
+            Err(e) if self.force => {
+                self.phase = Phase::Over;
+                Step::Failed(format!("promoting `{}`: {e}", self.to))
+            }
+            Err(e) => {
+                self.phase = Phase::Unfencing;
+                self.failure = Some(format!("promoting `{}`: {e}", self.to));
+                Step::Unfence {
+                    region: self.from.clone(),
+                    request: FenceRequest {
+                        patterns: vec![self.pattern.clone()],
+                        fenced: false,
+                        lapse_ms: None,
+                    },
+                }
+            }
+        }
+    }
+
+    /// The old primary's unfence after a move that gave up (it may be unreachable by now: then
+    /// say so rather than claim it was unfenced).
+    pub fn unfenced(&mut self, outcome: Result<(), String>) -> Step {
+        assert_eq!(
+            self.phase,
+            Phase::Unfencing,
+            "an unfence answers an unfence"
+        );
+        self.phase = Phase::Over;
+        let why = self.failure.take().unwrap_or_default();
+        let (from, pattern) = (&self.from, &self.pattern);
+        Step::Failed(match outcome {
+            Ok(()) => format!("{why}; `{from}` was unfenced and stays primary"),
+            Err(u) => format!(
+                "{why}; unfencing `{from}` failed too ({u}): it stays primary but fenced, taking \
+                 no writes for `{pattern}` until its fence lapses; once it answers, run \
+                 `ferry failover --to {from}` to unfence it (or move the rule elsewhere)"
+            ),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -184,5 +447,112 @@ mod tests {
         assert_eq!(too_late(None, 10), None);
         assert_eq!(too_late(Some(10), 10), None);
         assert_eq!(too_late(Some(10), 15), Some(5));
+    }
+
+    fn states(entries: &[(&str, i32, &str, bool)]) -> BTreeMap<String, RuleState> {
+        entries
+            .iter()
+            .map(|(r, epoch, primary, fenced)| {
+                (
+                    r.to_string(),
+                    RuleState {
+                        fenced: *fenced,
+                        ..RuleState::open(*epoch, *primary)
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn regions() -> Vec<String> {
+        vec!["east".into(), "west".into(), "south".into()]
+    }
+
+    #[test]
+    fn a_planned_switchover_fences_catches_up_promotes_and_has_the_others_adopt() {
+        let st = states(&[("east", 0, "east", false), ("west", 0, "east", false)]);
+        let Plan::Move(mut op) =
+            plan("*", &regions(), "west", 1, &st, false, 10_000, 8_000).unwrap()
+        else {
+            panic!("a move")
+        };
+        assert_eq!((op.from.as_str(), op.epoch), ("east", 257));
+        let Step::Fence { region, request } = op.start() else {
+            panic!("fence first")
+        };
+        assert_eq!((region.as_str(), request.lapse_ms), ("east", Some(20_000)));
+        let answer = FenceAnswer {
+            fenced: true,
+            fence_until_ms: Some(50_000),
+            ends: BTreeMap::from([("*".into(), BTreeMap::from([("t".into(), vec![7])]))]),
+            epochs: BTreeMap::new(),
+        };
+        let Step::Promote { region, request } = op.fenced(Ok(answer)) else {
+            panic!("then promote")
+        };
+        assert_eq!(region, "west");
+        assert_eq!(request.wait_for["t"], vec![7]);
+        assert_eq!(request.not_after_ms, Some(40_000));
+        assert!(!request.force);
+        let Step::Adopt { regions, request } = op.promoted(Ok(())) else {
+            panic!("then adopt")
+        };
+        assert_eq!(regions, vec!["east".to_string(), "south".to_string()]);
+        assert_eq!(request.state, RuleState::open(257, "west"));
+    }
+
+    /// Finding 10: a switchover that gives up unfences the old primary, and says so when that
+    /// fails too.
+    #[test]
+    fn finding_10_a_switchover_that_gives_up_unfences_and_says_when_it_could_not() {
+        let st = states(&[("east", 0, "east", false), ("west", 0, "east", false)]);
+        let Plan::Move(mut op) = plan("*", &regions(), "west", 1, &st, false, 10, 10).unwrap()
+        else {
+            panic!("a move")
+        };
+        op.start();
+        op.fenced(Ok(FenceAnswer::default()));
+        let Step::Unfence { region, request } = op.promoted(Err("not caught up".into())) else {
+            panic!("unfence")
+        };
+        assert_eq!((region.as_str(), request.fenced), ("east", false));
+        let Step::Failed(m) = op.unfenced(Err("unreachable".into())) else {
+            panic!("failed")
+        };
+        assert!(
+            m.contains("not caught up") && m.contains("stays primary but fenced"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn a_forced_failover_promotes_at_once_and_the_newest_state_names_the_old_primary() {
+        // South knows west took over (257); east, the topology's primary, is gone.
+        let st = states(&[("west", 257, "west", false), ("south", 257, "west", false)]);
+        let Plan::Move(mut op) = plan("*", &regions(), "south", 2, &st, true, 10, 10).unwrap()
+        else {
+            panic!("a move")
+        };
+        assert_eq!((op.from.as_str(), op.epoch), ("west", 514));
+        let Step::Promote { request, .. } = op.start() else {
+            panic!("promote")
+        };
+        assert!(request.force && request.wait_for.is_empty());
+        assert!(matches!(op.promoted(Err("lease".into())), Step::Failed(_)));
+    }
+
+    #[test]
+    fn moving_to_the_primary_is_nothing_or_lifts_its_leftover_fence() {
+        let st = states(&[("east", 0, "east", false)]);
+        assert_eq!(
+            plan("*", &regions(), "east", 0, &st, false, 1, 1),
+            Ok(Plan::Already { epoch: 0 })
+        );
+        let st = states(&[("east", 0, "east", true)]);
+        assert!(matches!(
+            plan("*", &regions(), "east", 0, &st, false, 1, 1),
+            Ok(Plan::Unfence { .. })
+        ));
+        assert!(plan("*", &regions(), "west", 1, &st, false, 1, 1).is_err());
     }
 }

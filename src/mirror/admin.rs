@@ -38,7 +38,7 @@ use crate::kafka::control::PartitionOffsets;
 use crate::log::EpochEntry;
 use crate::topology::Fencing;
 
-use crate::failover::switchover::{moved_on, too_late};
+use crate::failover::switchover::{moved_on, too_late, FenceAnswer};
 /// The request bodies, shared with `ferry failover`, `ferry drill` and the simulator.
 pub use crate::failover::switchover::{AdoptRequest, CutRequest, FenceRequest, PromoteRequest};
 
@@ -353,9 +353,13 @@ async fn fence(gw: &Gateway, f: FenceRequest) -> Result<Value, (StatusCode, Stri
                 .collect::<BTreeMap<_, _>>(),
         );
     }
-    Ok(
-        json!({ "fenced": f.fenced, "fence_until_ms": fence_until_ms, "ends": ends, "epochs": epochs }),
-    )
+    let answer = FenceAnswer {
+        fenced: f.fenced,
+        fence_until_ms,
+        ends,
+        epochs,
+    };
+    Ok(serde_json::to_value(answer).expect("serialisable"))
 }
 
 async fn promote(gw: &Gateway, p: PromoteRequest) -> Result<Value, (StatusCode, String)> {

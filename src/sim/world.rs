@@ -381,17 +381,9 @@ enum Ev {
         to: Option<usize>,
     },
     OpPoll {
-        kind: OpKind,
-        from: usize,
-        to: usize,
-        epoch: i32,
-        wait_for: Vec<i64>,
-        /// The fenced primary's epoch histories at `wait_for` (the fence answer's `epochs`).
-        wait_epochs: Vec<Vec<EpochEntry>>,
+        op: Box<switchover::Switchover>,
+        request: Box<switchover::PromoteRequest>,
         deadline: u64,
-        /// `PromoteRequest::not_after_ms`: the last moment (on the target's wall clock) the
-        /// target may promote, well before the fence lapses.
-        not_after: Option<u64>,
     },
     Settle,
 }
@@ -402,13 +394,10 @@ impl Ev {
             Ev::Deliver {
                 from, to, msg: m, ..
             } => format!("deliver {from}->{to} {}", m.line()),
-            Ev::OpPoll {
-                kind,
-                from,
-                to,
-                epoch,
-                ..
-            } => format!("op-poll {kind:?} {from}->{to} epoch={epoch}"),
+            Ev::OpPoll { op, .. } => format!(
+                "op-poll {}->{} epoch={} force={}",
+                op.from, op.to, op.epoch, op.force
+            ),
             e => format!("{e:?}"),
         }
     }
@@ -2250,7 +2239,9 @@ impl World {
         Some(others[i])
     }
 
-    /// `ferry failover`: the newest state any reachable region knows names the old primary.
+    /// `ferry failover`: plan from the newest state any reachable region knows, then carry out
+    /// the production `switchover::Switchover`'s steps against the regions (the admin API's
+    /// fence, promote and adopt, modelled in `admin_fence` and `op_poll`).
     fn op_start(&mut self, kind: OpKind, to: Option<usize>) {
         let Some(to) = to else { return };
         if self.op_busy || !self.regions[to].up {
@@ -2260,174 +2251,197 @@ impl World {
             ));
             return;
         }
-        let newest = (0..self.regions.len())
+        let states: BTreeMap<String, RuleState> = (0..self.regions.len())
             .filter(|r| self.regions[*r].up)
-            .map(|r| self.rule_state(r))
-            .max_by_key(|s| s.epoch)
-            .expect("the target is up");
-        let from = self.idx(&newest.primary);
-        if from == to {
-            return;
-        }
-        let epoch = crate::failover::next_epoch(
-            newest.epoch,
-            crate::failover::region_index(&self.topo, &self.regions[to].name),
+            .map(|r| (self.regions[r].name.clone(), self.rule_state(r)))
+            .collect();
+        let to_name = self.regions[to].name.clone();
+        let planned = switchover::plan(
+            &self.rule_pattern,
+            &self.rule_regions,
+            &to_name,
+            crate::failover::region_index(&self.topo, &to_name),
+            &states,
+            matches!(kind, OpKind::Forced),
+            OP_TIMEOUT_MS,
+            OP_TIMEOUT_MS,
         );
+        let mut op = match planned {
+            Err(e) => {
+                self.log(format!("operator: {kind:?} to {to_name}: {e}"));
+                return;
+            }
+            Ok(switchover::Plan::Already { .. }) => return,
+            Ok(switchover::Plan::Unfence { request, .. }) => {
+                let r = self.admin_fence(to, &request).map(|_| ());
+                self.log(format!("operator: unfence {to_name}: {r:?}"));
+                return;
+            }
+            Ok(switchover::Plan::Move(op)) => op,
+        };
         self.log(format!(
-            "operator: {kind:?} {} -> {} epoch={epoch}",
-            self.regions[from].name, self.regions[to].name
+            "operator: {kind:?} {} -> {} epoch={}",
+            op.from, op.to, op.epoch
         ));
-        let mut wait_for = Vec::new();
-        let mut wait_epochs = Vec::new();
-        let mut not_after = None;
-        if let OpKind::Switchover = kind {
-            // Fence the old primary; its log ends are final.
-            if !self.regions[from].up {
-                self.log("operator: the old primary does not answer; switchover abandoned".into());
-                return;
-            }
-            let st = self.rule_state(from);
-            if st.primary != self.regions[from].name {
-                return;
-            }
-            // `ferry failover`: under lease fencing the fence lapses after twice the operation's
-            // timeout, and the target may promote only in the first half (`not_after_ms`).
-            let fence_until_ms =
-                (self.fencing == Fencing::Lease).then(|| self.wall(from) + 2 * OP_TIMEOUT_MS);
-            not_after = fence_until_ms.map(|t| t - OP_TIMEOUT_MS);
-            self.apply(
-                from,
-                RuleState {
-                    fenced: true,
-                    fence_until_ms,
-                    ..st
-                },
-            );
-            wait_for = self.regions[from].parts.iter().map(|p| p.end()).collect();
-            wait_epochs = self.regions[from]
-                .parts
-                .iter()
-                .map(|p| p.epochs.clone())
-                .collect();
-        }
         self.op_busy = true;
-        self.after(
-            0,
-            Ev::OpPoll {
-                kind,
-                from,
-                to,
-                epoch,
-                wait_for,
-                wait_epochs,
-                deadline: self.now + OP_TIMEOUT_MS,
-                not_after,
-            },
-        );
+        let step = op.start();
+        self.op_step(op, step);
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn op_poll(
-        &mut self,
-        kind: OpKind,
-        from: usize,
-        to: usize,
-        epoch: i32,
-        wait_for: Vec<i64>,
-        wait_epochs: Vec<Vec<EpochEntry>>,
-        deadline: u64,
-        not_after: Option<u64>,
-    ) {
-        let give_up = |w: &mut World, why: &str| {
-            w.op_busy = false;
-            w.log(format!("operator: {kind:?} abandoned: {why}"));
-            if let OpKind::Switchover = kind {
-                if w.regions[from].up {
-                    let st = w.rule_state(from);
-                    if st.primary == w.regions[from].name {
-                        w.apply(
-                            from,
-                            RuleState {
-                                fenced: false,
-                                fence_until_ms: None,
-                                ..st
-                            },
-                        );
-                    }
-                }
+    /// Carry out one step of the operator's switchover.
+    fn op_step(&mut self, mut op: switchover::Switchover, step: switchover::Step) {
+        use switchover::Step;
+        match step {
+            Step::Fence { region, request } => {
+                let answer = self.admin_fence(self.idx(&region), &request);
+                let next = op.fenced(answer);
+                self.op_step(op, next);
             }
-        };
-        if !self.regions[to].up {
-            give_up(self, "the target is down");
-            return;
-        }
-        // Any promotion since the operation began has an epoch in the same block of 256 or a
-        // later one (`failover::next_epoch`), as `/v1/promote` checks.
-        if switchover::moved_on(self.rule_state(to).epoch, epoch) {
-            give_up(self, "the epoch moved on");
-            return;
-        }
-        let ready = match kind {
-            // `/v1/promote`'s catch-up (`switchover::not_caught_up`): per partition, the
-            // target's log reaches the fenced primary's final end and holds its history.
-            OpKind::Switchover => {
-                let wait_for = BTreeMap::from([(TOPIC.to_string(), wait_for.clone())]);
-                let wait_h = BTreeMap::from([(TOPIC.to_string(), wait_epochs.clone())]);
-                let parts = &self.regions[to].parts;
-                let have = |_: &str, p: usize| parts.get(p).map(|x| (x.end(), x.epochs.clone()));
-                switchover::not_caught_up(have, &wait_for, &wait_h).is_empty()
-            }
-            OpKind::Forced => {
-                let now = self.local(to);
-                self.regions[to]
-                    .live
-                    .may_take_over(&self.regions[from].name, now)
-            }
-        };
-        if !ready {
-            if self.now > deadline {
-                give_up(self, "timed out");
-            } else {
+            Step::Promote { request, .. } => {
+                let deadline = self.now + request.timeout_ms;
                 self.after(
-                    OP_POLL_MS,
+                    0,
                     Ev::OpPoll {
-                        kind,
-                        from,
-                        to,
-                        epoch,
-                        wait_for,
-                        wait_epochs,
+                        op: Box::new(op),
+                        request: Box::new(request),
                         deadline,
-                        not_after,
                     },
                 );
             }
+            Step::Unfence { region, request } => {
+                let answer = self.admin_fence(self.idx(&region), &request).map(|_| ());
+                let next = op.unfenced(answer);
+                self.op_step(op, next);
+            }
+            Step::Adopt { regions, request } => {
+                // Every other reachable region adopts the new epoch.
+                for name in regions {
+                    let r = self.idx(&name);
+                    if self.regions[r].up && self.rule_state(r).epoch < request.state.epoch {
+                        self.apply(r, request.state.clone());
+                    }
+                }
+                self.op_busy = false;
+            }
+            Step::Failed(why) => {
+                self.op_busy = false;
+                self.log(format!("operator: abandoned: {why}"));
+            }
+        }
+    }
+
+    /// `POST /v1/fence` on region `r`, as `mirror::admin` serves it: only on the primary; under
+    /// lease fencing the fence lapses after `lapse_ms` on the region's wall clock; the answer
+    /// holds its log ends and epoch histories, final while fenced.
+    fn admin_fence(
+        &mut self,
+        r: usize,
+        request: &switchover::FenceRequest,
+    ) -> Result<switchover::FenceAnswer, String> {
+        let name = self.regions[r].name.clone();
+        if !self.regions[r].up {
+            return Err(format!("{name} does not answer"));
+        }
+        let st = self.rule_state(r);
+        if st.primary != name {
+            return Err(format!("{name} is not the primary ({} is)", st.primary));
+        }
+        let fence_until_ms = match request.lapse_ms {
+            Some(ms) if request.fenced && self.fencing == Fencing::Lease => Some(self.wall(r) + ms),
+            _ => None,
+        };
+        self.apply(
+            r,
+            RuleState {
+                fenced: request.fenced,
+                fence_until_ms,
+                ..st
+            },
+        );
+        let o = self.offsets_of(r);
+        let pattern = self.rule_pattern.clone();
+        Ok(switchover::FenceAnswer {
+            fenced: request.fenced,
+            fence_until_ms,
+            ends: BTreeMap::from([(
+                pattern.clone(),
+                o.iter()
+                    .map(|(t, ps)| (t.clone(), ps.iter().map(|p| p.log_end).collect()))
+                    .collect(),
+            )]),
+            epochs: BTreeMap::from([(
+                pattern,
+                o.into_iter()
+                    .map(|(t, ps)| (t, ps.into_iter().map(|p| p.epochs).collect()))
+                    .collect(),
+            )]),
+        })
+    }
+
+    /// `POST /v1/promote` on the target, as `mirror::admin` serves it, polled every
+    /// `OP_POLL_MS` until it is ready or its deadline: refused once the rule moved into the
+    /// promotion's epoch block (`switchover::moved_on`); planned, it waits for
+    /// `switchover::not_caught_up` to come back empty and refuses past `not_after_ms`
+    /// (`switchover::too_late`); forced, it waits for the old primary's lease
+    /// (`Liveness::may_take_over`).
+    fn op_poll(
+        &mut self,
+        mut op: Box<switchover::Switchover>,
+        request: Box<switchover::PromoteRequest>,
+        deadline: u64,
+    ) {
+        let to = self.idx(&op.to);
+        let from = self.idx(&op.from);
+        let refuse = |w: &mut World, mut op: Box<switchover::Switchover>, why: &str| {
+            let next = op.promoted(Err(why.to_string()));
+            w.op_step(*op, next);
+        };
+        if !self.regions[to].up {
+            return refuse(self, op, "the target is down");
+        }
+        if switchover::moved_on(self.rule_state(to).epoch, request.epoch) {
+            return refuse(self, op, "the epoch moved on");
+        }
+        let ready = if request.force {
+            let now = self.local(to);
+            self.regions[to]
+                .live
+                .may_take_over(&self.regions[from].name, now)
+        } else {
+            let parts = &self.regions[to].parts;
+            let have = |_: &str, p: usize| parts.get(p).map(|x| (x.end(), x.epochs.clone()));
+            switchover::not_caught_up(have, &request.wait_for, &request.wait_epochs).is_empty()
+        };
+        if !ready {
+            if self.now > deadline {
+                return refuse(self, op, "timed out");
+            }
+            self.after(
+                OP_POLL_MS,
+                Ev::OpPoll {
+                    op,
+                    request,
+                    deadline,
+                },
+            );
             return;
         }
-        // `/v1/promote` refuses after `not_after_ms` (on the target's clock).
-        if switchover::too_late(not_after, self.wall(to)).is_some() {
-            give_up(self, "too late to promote: the fence is about to lapse");
-            return;
+        if switchover::too_late(request.not_after_ms, self.wall(to)).is_some() {
+            return refuse(self, op, "too late to promote: the fence is about to lapse");
         }
-        let forced = matches!(kind, OpKind::Forced);
-        let how = if forced {
+        let how = if request.force {
             Takeover::Forced
         } else {
             Takeover::Planned
         };
-        if self.take_over(to, from, epoch, how) {
-            if !forced {
-                self.stats.switchovers += 1;
-            }
-            // Every other reachable region adopts the new epoch.
-            let new = self.rule_state(to);
-            for r in 0..self.regions.len() {
-                if r != to && self.regions[r].up && self.rule_state(r).epoch < new.epoch {
-                    self.apply(r, new.clone());
-                }
-            }
+        if !self.take_over(to, from, request.epoch, how) {
+            return refuse(self, op, "the promotion was refused");
         }
-        self.op_busy = false;
+        if !request.force {
+            self.stats.switchovers += 1;
+        }
+        let next = op.promoted(Ok(()));
+        self.op_step(*op, next);
     }
 
     fn settle(&mut self) {
@@ -2553,24 +2567,10 @@ impl World {
                 }
             }
             Ev::OpPoll {
-                kind,
-                from,
-                to,
-                epoch,
-                wait_for,
-                wait_epochs,
+                op,
+                request,
                 deadline,
-                not_after,
-            } => self.op_poll(
-                kind,
-                from,
-                to,
-                epoch,
-                wait_for,
-                wait_epochs,
-                deadline,
-                not_after,
-            ),
+            } => self.op_poll(op, request, deadline),
             Ev::Settle => self.settle(),
             e @ (Ev::FaultCut
             | Ev::FaultIsolate
