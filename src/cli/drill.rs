@@ -42,6 +42,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use super::failover::{admin_addr, move_rule, RuleOutcome};
+use super::supervisor::{Supervisor, STOP_GRACE};
 use crate::batch::build;
 use crate::client::{decode_records, Client};
 use crate::failover::{rule_regions, RuleState};
@@ -91,153 +92,45 @@ pub struct DrillArgs {
     pub spawn: Option<PathBuf>,
 }
 
-/// The processes of a topology the drill runs itself (`--spawn`).
-struct Spawned {
-    exe: PathBuf,
-    topology: PathBuf,
-    data: PathBuf,
-    procs: BTreeMap<String, Vec<std::process::Child>>,
+/// The processes of a topology the drill runs itself (`--spawn`), with the certificates they
+/// and this drill's commands use.
+fn spawned(
+    topology: &std::path::Path,
+    data: &std::path::Path,
+    t: &Topology,
+) -> anyhow::Result<Supervisor> {
+    std::fs::create_dir_all(data.join("logs"))?;
+    let exe = std::env::current_exe().context("finding the ferry binary")?;
+    let data = data.canonicalize()?;
+    // This drill's commands present the operator certificate made here too.
+    crate::cli::default_certs_dir(data.join("certs"));
+    if t.tls.is_none() && !crate::cli::certs_dir(t).join("ca.pem").exists() {
+        let st = std::process::Command::new(&exe)
+            .args(["certs", "init", "--topology"])
+            .arg(topology)
+            .arg("--out")
+            .arg(crate::cli::certs_dir(t))
+            .stdout(std::process::Stdio::null())
+            .status()?;
+        if !st.success() {
+            bail!("ferry certs init failed");
+        }
+    }
+    Ok(Supervisor::new(
+        exe,
+        topology,
+        &data,
+        &crate::cli::certs_dir(t),
+        &data.join("logs"),
+    ))
 }
 
-impl Spawned {
-    fn new(
-        topology: &std::path::Path,
-        data: &std::path::Path,
-        t: &Topology,
-    ) -> anyhow::Result<Spawned> {
-        std::fs::create_dir_all(data.join("logs"))?;
-        let exe = std::env::current_exe().context("finding the ferry binary")?;
-        let data = data.canonicalize()?;
-        // This drill's commands present the operator certificate made here too.
-        crate::cli::default_certs_dir(data.join("certs"));
-        if t.tls.is_none() && !crate::cli::certs_dir(t).join("ca.pem").exists() {
-            let st = std::process::Command::new(&exe)
-                .args(["certs", "init", "--topology"])
-                .arg(topology)
-                .arg("--out")
-                .arg(crate::cli::certs_dir(t))
-                .stdout(std::process::Stdio::null())
-                .status()?;
-            if !st.success() {
-                bail!("ferry certs init failed");
-            }
-        }
-        Ok(Spawned {
-            exe,
-            topology: topology.to_path_buf(),
-            data,
-            procs: BTreeMap::new(),
-        })
-    }
-
-    /// Start a region's brokers and gateway and wait until each logs that it listens.
-    async fn start(&mut self, t: &Topology, region: &str) -> anyhow::Result<()> {
-        let r = t.region(region).context("region")?;
-        let mut argvs: Vec<(String, Vec<std::ffi::OsString>, &str)> = Vec::new();
-        for b in &r.brokers {
-            argvs.push((
-                format!("{region}-broker-{}", b.id),
-                vec![
-                    "broker".into(),
-                    "--topology".into(),
-                    self.topology.clone().into(),
-                    "--region".into(),
-                    region.into(),
-                    "--broker".into(),
-                    b.id.to_string().into(),
-                    "--data-dir".into(),
-                    self.data.clone().into(),
-                    "--certs".into(),
-                    crate::cli::certs_dir(t).into(),
-                ],
-                "ferry broker listening on",
-            ));
-        }
-        if r.gateway.is_some() {
-            argvs.push((
-                format!("{region}-gateway"),
-                vec![
-                    "gateway".into(),
-                    "--topology".into(),
-                    self.topology.clone().into(),
-                    "--region".into(),
-                    region.into(),
-                    "--certs".into(),
-                    crate::cli::certs_dir(t).into(),
-                ],
-                "ferry gateway listening on",
-            ));
-        }
-        for (name, argv, marker) in argvs {
-            let log = self.data.join("logs").join(format!("{name}.log"));
-            let from = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0) as usize;
-            let out = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log)?;
-            let mut child = std::process::Command::new(&self.exe)
-                .args(&argv)
-                .stdin(std::process::Stdio::null())
-                .stdout(out.try_clone()?)
-                .stderr(out)
-                .spawn()?;
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                let text = std::fs::read(&log).unwrap_or_default();
-                if String::from_utf8_lossy(&text[from.min(text.len())..]).contains(marker) {
-                    break;
-                }
-                if let Ok(Some(st)) = child.try_wait() {
-                    bail!("{name} exited ({st}) while starting; see {}", log.display());
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    bail!("{name} did not start; see {}", log.display());
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            self.procs
-                .entry(region.to_string())
-                .or_default()
-                .push(child);
-        }
-        Ok(())
-    }
-
-    /// SIGKILL every process of a region.
-    fn kill(&mut self, region: &str) {
-        for mut c in self.procs.remove(region).unwrap_or_default() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Stop everything (SIGTERM, then SIGKILL after 15 s).
-    fn stop(&mut self) {
-        let all: Vec<std::process::Child> = std::mem::take(&mut self.procs)
-            .into_values()
-            .flatten()
-            .collect();
-        for c in &all {
-            if let Some(pid) = rustix::process::Pid::from_raw(c.id() as i32) {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(15);
-        for mut c in all {
-            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        self.stop();
-    }
+/// Start a region's processes and wait until each listens.
+async fn start_region(sp: &mut Supervisor, t: &Topology, region: &str) -> anyhow::Result<()> {
+    sp.spawn_region(t, region).map_err(|e| anyhow::anyhow!(e))?;
+    sp.wait_ready(Duration::from_secs(30))
+        .await
+        .map_err(|e| anyhow::anyhow!(e))
 }
 
 /// Wait until every gateway hears all its peers and, under lease fencing, holds its lease.
@@ -690,9 +583,9 @@ pub fn run(args: DrillArgs) -> anyhow::Result<std::process::ExitCode> {
     let report = rt.block_on(async {
         let mut spawned = match &args.spawn {
             Some(dir) => {
-                let mut s = Spawned::new(&args.topology, dir, &t)?;
+                let mut s = spawned(&args.topology, dir, &t)?;
                 for r in &t.regions {
-                    s.start(&t, &r.name).await?;
+                    start_region(&mut s, &t, &r.name).await?;
                 }
                 wait_ready(&t, Duration::from_secs(60)).await?;
                 Some(s)
@@ -701,7 +594,7 @@ pub fn run(args: DrillArgs) -> anyhow::Result<std::process::ExitCode> {
         };
         let r = drill(t.clone(), &args, spawned.as_mut()).await;
         if let Some(mut s) = spawned {
-            s.stop();
+            s.stop(STOP_GRACE);
         }
         r
     })?;
@@ -724,7 +617,7 @@ pub fn run(args: DrillArgs) -> anyhow::Result<std::process::ExitCode> {
 async fn drill(
     t: Arc<Topology>,
     args: &DrillArgs,
-    mut spawned: Option<&mut Spawned>,
+    mut spawned: Option<&mut Supervisor>,
 ) -> anyhow::Result<Report> {
     let rule = t
         .topics
@@ -844,7 +737,7 @@ async fn drill(
             fault_at = Some(Instant::now());
             let killed = match (&mut spawned, args.scenario) {
                 (Some(sp), Scenario::RegionLoss) => {
-                    sp.kill(&primary);
+                    sp.kill_region(&primary);
                     sh.event(format!("SIGKILL every process of {primary}: region lost"));
                     true
                 }
@@ -894,7 +787,7 @@ async fn drill(
     if args.scenario != Scenario::Switchover {
         match (&mut spawned, args.scenario) {
             (Some(sp), Scenario::RegionLoss) => {
-                sp.start(&t, &primary).await?;
+                start_region(sp, &t, &primary).await?;
                 sh.event(format!("{primary} restarted"));
             }
             _ => {

@@ -13,6 +13,7 @@ pub mod groups;
 pub mod quarantine;
 pub mod simulate;
 pub mod status;
+pub mod supervisor;
 pub mod topology;
 pub mod up;
 

@@ -2,12 +2,12 @@
 //! until Ctrl-C; then stop them cleanly (SIGTERM, then SIGKILL after a grace period).
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
 
+use super::supervisor::{Supervisor, STOP_GRACE};
 use crate::topology;
 
 #[derive(Debug, Args)]
@@ -19,43 +19,6 @@ pub struct UpArgs {
     /// Root of every region's data (`<dir>/<region>/broker-<id>`).
     #[arg(long, default_value = "ferry-data")]
     pub data_dir: PathBuf,
-}
-
-struct Proc {
-    name: String,
-    child: Child,
-}
-
-/// Wait until the broker has logged that it listens (a port that accepts connections is not
-/// enough: another process may hold it). Fails as soon as the child exits.
-async fn wait_ready(
-    p: &mut Proc,
-    log: &std::path::Path,
-    marker: &str,
-    limit: Duration,
-) -> Result<(), String> {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if let Ok(Some(status)) = p.child.try_wait() {
-            return Err(format!(
-                "{} exited ({status}) while starting; see {}",
-                p.name,
-                log.display()
-            ));
-        }
-        if std::fs::read_to_string(log)
-            .map(|t| t.contains(marker))
-            .unwrap_or(false)
-        {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Err(format!(
-        "{} did not start listening within {limit:?}; see {}",
-        p.name,
-        log.display()
-    ))
 }
 
 pub fn run(mut args: UpArgs) -> anyhow::Result<()> {
@@ -97,8 +60,6 @@ async fn supervise(
     // started instead of leaving orphans.
     let shutdown = crate::cli::broker::shutdown_signal();
     tokio::pin!(shutdown);
-    let mut procs: Vec<Proc> = Vec::new();
-    let mut logs = Vec::new();
     // Certificates, made here when the topology names none: every region's (its gateway's
     // QUIC link, its broker's internal door, its admin API) and an operator's, for commands.
     let certs_dir = data_root.join("certs");
@@ -127,77 +88,25 @@ async fn supervise(
             false,
         )?;
     }
+    let mut procs = Supervisor::new(exe, &args.topology, &data_root, &certs_dir, &log_dir);
     for r in &topo.regions {
-        for b in &r.brokers {
-            let name = format!("{}/broker-{}", r.name, b.id);
-            let log_path = log_dir.join(format!("{}-broker-{}.log", r.name, b.id));
-            let argv: Vec<std::ffi::OsString> = vec![
-                "broker".into(),
-                "--topology".into(),
-                args.topology.clone().into(),
-                "--region".into(),
-                r.name.clone().into(),
-                "--broker".into(),
-                b.id.to_string().into(),
-                "--data-dir".into(),
-                data_root.clone().into(),
-                "--certs".into(),
-                certs_dir.clone().into(),
-            ];
-            if let Err(e) = spawn(&exe, &argv, name, &log_path, &mut procs) {
-                stop(&mut procs);
-                bail!(e);
-            }
-            logs.push(log_path);
-        }
+        procs
+            .spawn_region(&topo, &r.name)
+            .map_err(|e| anyhow::anyhow!(e))?;
     }
-    // Gateways.
-    let with_gateways: Vec<&topology::Region> = topo
-        .regions
-        .iter()
-        .filter(|r| r.gateway.is_some())
-        .collect();
-    for r in with_gateways {
-        let name = format!("{}/gateway", r.name);
-        let log_path = log_dir.join(format!("{}-gateway.log", r.name));
-        let argv: Vec<std::ffi::OsString> = vec![
-            "gateway".into(),
-            "--topology".into(),
-            args.topology.clone().into(),
-            "--region".into(),
-            r.name.clone().into(),
-            "--certs".into(),
-            certs_dir.clone().into(),
-        ];
-        if let Err(e) = spawn(&exe, &argv, name, &log_path, &mut procs) {
-            stop(&mut procs);
-            bail!(e);
-        }
-        logs.push(log_path);
-    }
-    let started = async {
-        for (p, log) in procs.iter_mut().zip(&logs) {
-            let marker = if p.name.ends_with("/gateway") {
-                "ferry gateway listening on"
-            } else {
-                "ferry broker listening on"
-            };
-            wait_ready(p, log, marker, Duration::from_secs(60)).await?;
-        }
-        Ok::<(), String>(())
-    };
+    let started = procs.wait_ready(Duration::from_secs(60));
     let ready = tokio::select! {
         biased;
         _ = &mut shutdown => {
             eprintln!("stopping: signal received during start-up");
-            stop(&mut procs);
+            procs.stop(STOP_GRACE);
             return Ok(());
         }
         r = started => r,
     };
     if let Err(why) = ready {
         eprintln!("{why}");
-        stop(&mut procs);
+        procs.stop(STOP_GRACE);
         bail!("{why}");
     }
     println!(
@@ -258,10 +167,7 @@ async fn supervise(
             biased;
             _ = &mut shutdown => break None,
             _ = tick.tick() => {
-                if let Some(why) = procs.iter_mut().find_map(|p| match p.child.try_wait() {
-                    Ok(Some(status)) => Some(format!("{} exited ({status})", p.name)),
-                    _ => None,
-                }) {
+                if let Some(why) = procs.exited() {
                     break Some(why);
                 }
             }
@@ -270,57 +176,10 @@ async fn supervise(
     if let Some(why) = &exited {
         eprintln!("{why}: stopping the others");
     }
-    stop(&mut procs);
+    procs.stop(STOP_GRACE);
     println!("stopped");
     match exited {
         Some(why) => bail!(why),
         None => Ok(()),
-    }
-}
-
-/// Start `exe argv...` with stdout and stderr in `log`, and add it to `procs`.
-fn spawn(
-    exe: &std::path::Path,
-    argv: &[std::ffi::OsString],
-    name: String,
-    log: &std::path::Path,
-    procs: &mut Vec<Proc>,
-) -> Result<(), String> {
-    let err = |e: std::io::Error| format!("starting {name}: {e}");
-    let out = std::fs::File::create(log)
-        .map_err(|e| format!("starting {name}: {}: {e}", log.display()))?;
-    let child = Command::new(exe)
-        .args(argv)
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().map_err(err)?)
-        .stderr(out)
-        .spawn()
-        .map_err(err)?;
-    procs.push(Proc { name, child });
-    Ok(())
-}
-
-fn stop(procs: &mut [Proc]) {
-    for p in procs.iter() {
-        // SIGTERM by pid: each broker syncs its partitions and exits.
-        let _ = rustix::process::kill_process(
-            rustix::process::Pid::from_raw(p.child.id() as i32).expect("a child pid"),
-            rustix::process::Signal::TERM,
-        );
-    }
-    let deadline = Instant::now() + Duration::from_secs(15);
-    for p in procs.iter_mut() {
-        loop {
-            match p.child.try_wait() {
-                Ok(Some(_)) | Err(_) => break,
-                Ok(None) if Instant::now() >= deadline => {
-                    eprintln!("{} did not stop in time: killing it", p.name);
-                    let _ = p.child.kill();
-                    let _ = p.child.wait();
-                    break;
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
     }
 }

@@ -1,0 +1,227 @@
+//! The processes of a topology run on this machine as children of one command: `ferry up`
+//! (every region until Ctrl-C) and `ferry drill --spawn` (a region lost for real with SIGKILL,
+//! then restarted).
+//!
+//! Owns: each broker's and gateway's command line, starting one with its output appended to
+//! `<logs>/<region>-broker-<id>.log` or `<logs>/<region>-gateway.log`, waiting until each logs
+//! that it listens (a port that accepts connections is not enough: another process may hold
+//! it), noticing a child that exits, SIGKILL of a region, and a clean stop of everything
+//! (SIGTERM, each broker syncs and exits; SIGKILL after a grace period).
+//! Does not own: certificates (made by the caller first), readiness of the cluster as a whole
+//! (the drill asks the gateways' admin APIs).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::topology::Topology;
+
+/// How long a stop waits for SIGTERM to end a process before SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(15);
+
+const BROKER_READY: &str = "ferry broker listening on";
+const GATEWAY_READY: &str = "ferry gateway listening on";
+
+/// One child process.
+struct Proc {
+    /// `<region>/broker-<id>` or `<region>/gateway`.
+    name: String,
+    region: String,
+    child: Child,
+    log: PathBuf,
+    /// Where its log ended when it started: readiness is looked for after it.
+    from: usize,
+    marker: &'static str,
+    ready: bool,
+}
+
+/// The children of one command.
+pub struct Supervisor {
+    exe: PathBuf,
+    topology: PathBuf,
+    data: PathBuf,
+    certs: PathBuf,
+    logs: PathBuf,
+    procs: Vec<Proc>,
+}
+
+impl Supervisor {
+    /// Processes of `topology` (a file) running `exe`, with data under `data`, certificates in
+    /// `certs` and logs in `logs`.
+    pub fn new(
+        exe: PathBuf,
+        topology: &Path,
+        data: &Path,
+        certs: &Path,
+        logs: &Path,
+    ) -> Supervisor {
+        Supervisor {
+            exe,
+            topology: topology.to_path_buf(),
+            data: data.to_path_buf(),
+            certs: certs.to_path_buf(),
+            logs: logs.to_path_buf(),
+            procs: Vec::new(),
+        }
+    }
+
+    /// Start every broker of `region` and its gateway, if it has one (without waiting).
+    pub fn spawn_region(&mut self, t: &Topology, region: &str) -> Result<(), String> {
+        let r = t
+            .region(region)
+            .ok_or_else(|| format!("no region `{region}`"))?;
+        for b in &r.brokers {
+            let argv: Vec<std::ffi::OsString> = vec![
+                "broker".into(),
+                "--topology".into(),
+                self.topology.clone().into(),
+                "--region".into(),
+                region.into(),
+                "--broker".into(),
+                b.id.to_string().into(),
+                "--data-dir".into(),
+                self.data.clone().into(),
+                "--certs".into(),
+                self.certs.clone().into(),
+            ];
+            let name = format!("{region}/broker-{}", b.id);
+            let log = self.logs.join(format!("{region}-broker-{}.log", b.id));
+            self.spawn(name, region, &argv, log, BROKER_READY)?;
+        }
+        if r.gateway.is_some() {
+            let argv: Vec<std::ffi::OsString> = vec![
+                "gateway".into(),
+                "--topology".into(),
+                self.topology.clone().into(),
+                "--region".into(),
+                region.into(),
+                "--certs".into(),
+                self.certs.clone().into(),
+            ];
+            let name = format!("{region}/gateway");
+            let log = self.logs.join(format!("{region}-gateway.log"));
+            self.spawn(name, region, &argv, log, GATEWAY_READY)?;
+        }
+        Ok(())
+    }
+
+    fn spawn(
+        &mut self,
+        name: String,
+        region: &str,
+        argv: &[std::ffi::OsString],
+        log: PathBuf,
+        marker: &'static str,
+    ) -> Result<(), String> {
+        let err = |e: std::io::Error| format!("starting {name}: {}: {e}", log.display());
+        let from = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0) as usize;
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(err)?;
+        let child = Command::new(&self.exe)
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().map_err(err)?)
+            .stderr(out)
+            .spawn()
+            .map_err(err)?;
+        self.procs.push(Proc {
+            name,
+            region: region.to_string(),
+            child,
+            log,
+            from,
+            marker,
+            ready: false,
+        });
+        Ok(())
+    }
+
+    /// Wait until every process started logs that it listens, at most `limit`; fails as soon
+    /// as one exits, naming its log.
+    pub async fn wait_ready(&mut self, limit: Duration) -> Result<(), String> {
+        let start = Instant::now();
+        loop {
+            if let Some(why) = self.exited() {
+                return Err(why);
+            }
+            for p in self.procs.iter_mut().filter(|p| !p.ready) {
+                let text = std::fs::read(&p.log).unwrap_or_default();
+                p.ready =
+                    String::from_utf8_lossy(&text[p.from.min(text.len())..]).contains(p.marker);
+            }
+            let waiting: Vec<&Proc> = self.procs.iter().filter(|p| !p.ready).collect();
+            let Some(first) = waiting.first() else {
+                return Ok(());
+            };
+            if start.elapsed() > limit {
+                return Err(format!(
+                    "{} did not start listening within {limit:?}; see {}",
+                    first.name,
+                    first.log.display()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The first child that exited, if any: its name, status and log.
+    pub fn exited(&mut self) -> Option<String> {
+        self.procs
+            .iter_mut()
+            .find_map(|p| match p.child.try_wait() {
+                Ok(Some(status)) => Some(format!(
+                    "{} exited ({status}); see {}",
+                    p.name,
+                    p.log.display()
+                )),
+                _ => None,
+            })
+    }
+
+    /// SIGKILL every process of `region` (a region lost).
+    pub fn kill_region(&mut self, region: &str) {
+        let (gone, kept): (Vec<Proc>, Vec<Proc>) = std::mem::take(&mut self.procs)
+            .into_iter()
+            .partition(|p| p.region == region);
+        self.procs = kept;
+        for mut p in gone {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+
+    /// SIGTERM every process, then SIGKILL those still running after `grace`.
+    pub fn stop(&mut self, grace: Duration) {
+        let mut all = std::mem::take(&mut self.procs);
+        for p in &all {
+            if let Some(pid) = rustix::process::Pid::from_raw(p.child.id() as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            }
+        }
+        let deadline = Instant::now() + grace;
+        for p in &mut all {
+            loop {
+                match p.child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() >= deadline => {
+                        eprintln!("{} did not stop in time: killing it", p.name);
+                        let _ = p.child.kill();
+                        let _ = p.child.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    /// No orphans, whatever path the caller leaves by.
+    fn drop(&mut self) {
+        self.stop(STOP_GRACE);
+    }
+}
