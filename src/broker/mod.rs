@@ -173,12 +173,19 @@ impl TopicError {
     }
 }
 
-/// Whether this broker's region is under lease fencing: a topology of several regions with
-/// `fencing = "lease"`, and a gateway in its region to renew the lease.
+/// Whether this broker's region is under lease fencing.
 fn lease_fenced(config: &BrokerConfig) -> bool {
     let (Some(t), Some(region)) = (config.topology.as_ref(), config.region.as_deref()) else {
         return false;
     };
+    lease_fenced_in(t, region)
+}
+
+/// Whether `region` of `t` is under lease fencing: a topology of several regions with
+/// `fencing = "lease"`, and a gateway in the region to renew the lease. Its brokers' write
+/// lease is then armed from their first start, so a primary takes no writes until its gateway
+/// renewed the lease (simulator finding 7); the simulator arms its regions by this rule.
+pub fn lease_fenced_in(t: &crate::topology::Topology, region: &str) -> bool {
     t.failover.fencing == crate::topology::Fencing::Lease
         && t.regions.len() > 1
         && t.regions
@@ -943,5 +950,40 @@ impl Broker {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topology(fencing: &str) -> crate::topology::Topology {
+        let mut s = String::new();
+        for (i, r) in ["east", "west"].iter().enumerate() {
+            let base = 22_000 + 10 * i;
+            s += &format!(
+                "[regions.{r}]\n[[regions.{r}.brokers]]\nid = 1\nlisten = \"127.0.0.1:{base}\"\n"
+            );
+            s += &format!(
+                "[regions.{r}.gateway]\nquic = \"127.0.0.1:{}\"\nadmin = \"127.0.0.1:{}\"\n",
+                base + 1,
+                base + 2
+            );
+        }
+        // A region of its own, without a gateway and without rules.
+        s += "[regions.south]\n[[regions.south.brokers]]\nid = 1\nlisten = \"127.0.0.1:22100\"\n";
+        s += "[[topics]]\npattern = \"*\"\nprimary = \"east\"\nmirrors = [\"west\"]\n\n";
+        s += &format!("[failover]\nfencing = \"{fencing}\"\n");
+        crate::topology::parse(&s, "test", std::path::Path::new(".")).expect("valid")
+    }
+
+    /// Simulator finding 7: under lease fencing a primary's write lease is armed from the
+    /// broker's first start, not from the gateway's first renewal.
+    #[test]
+    fn finding_7_lease_fencing_arms_the_lease_from_the_first_start() {
+        assert!(lease_fenced_in(&topology("lease"), "east"));
+        assert!(!lease_fenced_in(&topology("none"), "east"));
+        // Without a gateway nothing would ever renew it.
+        assert!(!lease_fenced_in(&topology("lease"), "south"));
     }
 }

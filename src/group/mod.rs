@@ -991,4 +991,28 @@ mod tests {
         assert_eq!(c.delete_group("g").unwrap(), vec![("t".to_string(), 0)]);
         assert_eq!(c.delete_group("g"), Err(code::GROUP_ID_NOT_FOUND));
     }
+
+    /// Simulator finding 4: commits past a quarantine cut must move back to it (the broker's
+    /// `quarantine_and_truncate` rewrites every commit this returns), or a group moving to the
+    /// region skips the records mirrored into the cut range next.
+    #[test]
+    fn finding_4_the_commits_past_a_cut_are_found_and_only_those() {
+        let mut c = Coordinator::new(GroupConfig::default());
+        let at = |offset| {
+            Some(Committed {
+                offset,
+                leader_epoch: -1,
+                metadata: String::new(),
+                commit_timestamp: 0,
+            })
+        };
+        c.apply_commit("a", "t", 0, at(150));
+        c.apply_commit("b", "t", 0, at(100));
+        c.apply_commit("c", "t", 1, at(500));
+        c.apply_commit("d", "u", 0, at(500));
+        let past = c.commits_past("t", 0, 100);
+        assert_eq!(past.len(), 1);
+        assert_eq!((past[0].0.as_str(), past[0].1.offset), ("a", 150));
+        assert!(c.commits_past("t", 0, 150).is_empty());
+    }
 }
