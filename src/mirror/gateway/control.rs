@@ -178,15 +178,33 @@ impl Gateway {
         let Some(until) = live.renewal(now) else {
             return;
         };
-        let ms = until.saturating_sub(now);
-        if client.is_none() {
-            *client = self.broker_client().await.ok();
-        }
-        if let Some(c) = client.as_mut() {
-            if let Err(e) = c.control(&Control::RenewLease { ms }).await {
-                tracing::debug!(error = %e, "renewing the broker's write lease");
-                *client = None;
+        // Bounded, so that a broker that does not answer holds up the heartbeat answers this
+        // task gives for at most a lease step. `ms` is taken just before it is sent, as
+        // before: the broker counts it from when it reads the request.
+        let step = self.topology.failover.heartbeat / 4;
+        let renewed = tokio::time::timeout(step, async {
+            if client.is_none() {
+                *client = self.broker_client().await.ok();
             }
+            let ms = until.saturating_sub(self.now());
+            match client.as_mut() {
+                Some(c) => c
+                    .control(&Control::RenewLease { ms })
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                None => Err("the local broker is not reachable".to_string()),
+            }
+        })
+        .await;
+        let failed = match renewed {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e),
+            Err(_) => Some(format!("no answer within {step:?}")),
+        };
+        if let Some(e) = failed {
+            tracing::debug!(error = %e, "renewing the broker's write lease");
+            *client = None;
         }
     }
 
