@@ -182,10 +182,15 @@ async fn route(gw: Arc<Gateway>, req: Request<Incoming>, limit: Duration) -> Res
             Err(e) => Err((StatusCode::BAD_REQUEST, e)),
         },
         (Method::POST, "/v1/cut") => match body::<CutRequest>(req, limit).await {
-            Ok(c) if gw.peers().contains(&c.peer) => {
-                gw.set_cut(&c.peer, c.cut);
-                Ok(json!({ "peer": c.peer, "cut": c.cut }))
-            }
+            Ok(c) if gw.peers().contains(&c.peer) => gw
+                .ask(|reply| Command::Cut {
+                    peer: c.peer.clone(),
+                    cut: c.cut,
+                    reply,
+                })
+                .await
+                .map(|()| json!({ "peer": c.peer, "cut": c.cut }))
+                .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e)),
             Ok(c) => Err((StatusCode::NOT_FOUND, format!("'{}' is not a peer", c.peer))),
             Err(e) => Err((StatusCode::BAD_REQUEST, e)),
         },

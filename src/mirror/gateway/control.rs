@@ -51,6 +51,12 @@ pub(crate) enum Command {
     },
     /// A forced promotion here replaced `from`.
     Forced { from: String },
+    /// Cut (or heal) the link to a peer (drills).
+    Cut {
+        peer: String,
+        cut: bool,
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// The lease and the peers as the control task sees them.
@@ -155,6 +161,10 @@ impl Gateway {
                 let _ = reply.send(live.loss(&from, &ours));
             }
             Command::Forced { from } => live.forced(&from),
+            Command::Cut { peer, cut, reply } => {
+                self.set_cut(&peer, cut);
+                let _ = reply.send(());
+            }
         }
     }
 

@@ -59,7 +59,8 @@ pub struct Gateway {
     control_parts: Mutex<Option<(Liveness, tokio::sync::mpsc::Receiver<control::Command>)>>,
     origin: Instant,
     /// Links cut through the admin API (drills), and the open connections per peer.
-    cuts: Mutex<BTreeSet<String>>,
+    /// Links cut by the control task (admin API), as it published them.
+    cuts: watch::Sender<BTreeSet<String>>,
     conns: Mutex<BTreeMap<String, Vec<quinn::Connection>>>,
     /// Bumped after a promotion: every heartbeat loop sends its next heartbeat at once.
     heartbeat_now: watch::Sender<u64>,
@@ -93,7 +94,7 @@ impl Gateway {
             control,
             control_parts: Mutex::new(Some((liveness, inbox))),
             origin: Instant::now(),
-            cuts: Mutex::new(BTreeSet::new()),
+            cuts: watch::channel(BTreeSet::new()).0,
             conns: Mutex::new(BTreeMap::new()),
             configs_applied: Mutex::new(BTreeMap::new()),
             heartbeat_now: watch::channel(0).0,
@@ -138,17 +139,17 @@ impl Gateway {
     }
 
     pub fn is_cut(&self, peer: &str) -> bool {
-        self.cuts.lock().expect("cuts lock").contains(peer)
+        self.cuts.borrow().contains(peer)
     }
 
     /// Cut (or heal) the link to `peer`: every connection to it is closed and none is made or
     /// accepted until healed. For drills on deployments whose network the drill cannot touch.
-    pub fn set_cut(&self, peer: &str, cut: bool) {
+    /// Called by the control task (`Command::Cut`).
+    fn set_cut(&self, peer: &str, cut: bool) {
         if cut {
-            self.cuts
-                .lock()
-                .expect("cuts lock")
-                .insert(peer.to_string());
+            self.cuts.send_modify(|c| {
+                c.insert(peer.to_string());
+            });
             for c in self
                 .conns
                 .lock()
@@ -159,7 +160,7 @@ impl Gateway {
                 c.close(2u32.into(), b"link cut by the admin API");
             }
             tracing::warn!(%peer, "link cut through the admin API");
-        } else if self.cuts.lock().expect("cuts lock").remove(peer) {
+        } else if self.cuts.send_if_modified(|c| c.remove(peer)) {
             tracing::warn!(%peer, "link healed through the admin API");
         }
     }

@@ -650,7 +650,7 @@ mod tests {
     use super::*;
 
     #[test]
-    pub(super) fn a_fetch_answer_is_cut_to_whole_batches_from_the_resume_offset() {
+    fn a_fetch_answer_is_cut_to_whole_batches_from_the_resume_offset() {
         use crate::batch::build::{batch, Record};
         let rec = |v: &str| Record {
             value: Some(v.as_bytes().to_vec()),
