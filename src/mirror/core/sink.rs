@@ -9,9 +9,10 @@
 //! durable end. A TRUNCATE below the end has the broker set the tail aside (quarantine) and cut
 //! it, and the sink starts again from the new end.
 //!
-//! Owns: the refusal rules, the reassembly and coalescing, the end the sink acknowledges.
-//! Does not own: checking batches (CRC, offsets: the caller does it before [`SinkStream::on_frame`]),
-//! appending (MirrorAppend in the gateway, the in-memory log in the simulator), the broker's
+//! Owns: the refusal rules, the check of a frame's batches ([`check_frame`]: CRCs, whole
+//! batches, the first where the frame says), the reassembly and coalescing, the end the sink
+//! acknowledges.
+//! Does not own: appending (MirrorAppend in the gateway, the in-memory log in the simulator), the broker's
 //! rule that a partition taking client writes is never cut (the broker refuses).
 //!
 //! Invariant, asserted: an append ends where its frames end.
@@ -136,6 +137,16 @@ impl<P: Payload> SinkStream<P> {
     /// again from the POSITION that follows).
     pub fn truncated(&mut self, end: i64) {
         self.order = Reorder::new(end, self.hold_bytes);
+    }
+}
+
+/// A BATCHES frame's batches, checked (CRC, whole, the first at `first_offset`): the offset
+/// after the last.
+pub fn check_frame(first_offset: i64, batches: &[u8]) -> Result<i64, String> {
+    let parts = crate::batch::split(batches).map_err(|x| format!("corrupt batch: {x}"))?;
+    match (parts.first(), parts.last()) {
+        (Some((_, a)), Some((_, b))) if a.base_offset == first_offset => Ok(b.next_offset()),
+        _ => Err("frame offset disagrees with its first batch".into()),
     }
 }
 

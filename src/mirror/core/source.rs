@@ -11,8 +11,9 @@
 //! Owns: the stream's phase, acknowledged and sent offsets, the frames in flight (with what the
 //! caller keeps of each: the encoded frame in the gateway, for a second copy; the records and
 //! send time in the simulator, for its model of QUIC's retransmissions).
-//! Does not own: reading batches (the caller fetches them from its broker and cuts them into
-//! frames), the wire, the sync-mode acknowledgement to the local broker (the caller passes on
+//! Also: what a frame carries ([`whole_batches_from`]: the whole batches of a fetch answer from
+//! the resume offset).
+//! Does not own: reading batches (the caller fetches them from its broker), the wire, the sync-mode acknowledgement to the local broker (the caller passes on
 //! what [`SourceStream::on_ack`] returns).
 //!
 //! Invariants: the acknowledged end never goes back and never passes what was sent (an ACK past
@@ -21,6 +22,7 @@
 
 use std::collections::VecDeque;
 
+use crate::batch;
 use crate::log::epochs::divergence;
 use crate::log::EpochEntry;
 
@@ -246,6 +248,45 @@ impl<P> SourceStream<P> {
     }
 }
 
+/// What a frame carries: in a fetch answer, the whole batches that hold offsets at or past
+/// `from` (a partial batch at the end waits for the next fetch; a batch that starts before
+/// `from` goes whole, and the mirror skips what it holds of it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    /// Their byte range in the answer.
+    pub start: usize,
+    pub end: usize,
+    /// The first one's base offset and timestamp.
+    pub first_offset: i64,
+    pub first_timestamp: i64,
+    /// The offset after the last.
+    pub next: i64,
+    /// Whether the client sent every one of them uncompressed.
+    pub uncompressed: bool,
+}
+
+pub fn whole_batches_from(bytes: &[u8], from: i64) -> Option<Span> {
+    let mut span: Option<Span> = None;
+    for (range, h) in batch::whole_batches(bytes) {
+        if h.next_offset() <= from {
+            continue;
+        }
+        let plain = matches!(h.compression(), Ok(batch::Compression::None));
+        let s = span.get_or_insert(Span {
+            start: range.start,
+            end: range.start,
+            first_offset: h.base_offset,
+            first_timestamp: h.base_timestamp,
+            next: from,
+            uncompressed: true,
+        });
+        s.end = range.end;
+        s.next = h.next_offset();
+        s.uncompressed &= plain;
+    }
+    span
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -358,5 +399,44 @@ mod tests {
         // An acknowledged end inside a frame (a batch boundary): that frame still goes.
         s.on_ack(12).unwrap();
         assert_eq!(s.next_copy(0).map(|f| (f.first, f.end)), Some((10, 25)));
+    }
+
+    #[test]
+    fn a_fetch_answer_is_cut_to_whole_batches_from_the_resume_offset() {
+        use crate::batch::build::{batch, Record};
+        let rec = |v: &str| Record {
+            value: Some(v.as_bytes().to_vec()),
+            ..Default::default()
+        };
+        let mut bytes = batch(10, 1000, None, &[rec("a"), rec("b")]); // 10, 11
+        let second_at = bytes.len();
+        bytes.extend(batch(12, 2000, None, &[rec("c")])); // 12
+        let third_at = bytes.len();
+        bytes.extend(batch(13, 3000, None, &[rec("d"), rec("e")])); // 13, 14
+        let all = bytes.len();
+        let span = whole_batches_from(&bytes, 10).unwrap();
+        assert_eq!(
+            span,
+            Span {
+                start: 0,
+                end: all,
+                first_offset: 10,
+                first_timestamp: 1000,
+                next: 15,
+                uncompressed: true
+            }
+        );
+        // Resuming at 12 skips the first batch.
+        let span = whole_batches_from(&bytes, 12).unwrap();
+        assert_eq!(
+            (span.start, span.first_offset, span.first_timestamp),
+            (second_at, 12, 2000)
+        );
+        // A partial batch at the end waits for the next fetch.
+        let span = whole_batches_from(&bytes[..all - 3], 10).unwrap();
+        assert_eq!((span.end, span.next), (third_at, 13));
+        assert_eq!(whole_batches_from(&bytes[..all - 3], 13), None);
+        assert_eq!(whole_batches_from(&bytes, 15), None);
+        assert_eq!(whole_batches_from(&[], 0), None);
     }
 }

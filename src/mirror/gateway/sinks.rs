@@ -10,7 +10,6 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 use super::*;
-use crate::batch;
 use crate::kafka::control::Control;
 use crate::kafka::mirror_append::MirrorAppend;
 use crate::mirror::core::sink;
@@ -519,7 +518,7 @@ impl Gateway {
                     } => {
                         // Check every batch before holding any: CRC, whole, the first where the
                         // frame says.
-                        let held = check_frame(first_offset, &batches)
+                        let held = sink::check_frame(first_offset, &batches)
                             .and_then(|after| order.on_frame(first_offset, after, batches));
                         if let Err(m) = held {
                             let _ = frame::write(&mut tx, &refuse(2, end, m.clone())).await;
@@ -580,15 +579,5 @@ struct InboxClose<'a> {
 impl Drop for InboxClose<'_> {
     fn drop(&mut self) {
         self.inbox.lock().expect("inbox lock").close(self.stream);
-    }
-}
-
-/// A BATCHES frame's batches, checked (CRC, whole, the first at `first_offset`): the offset
-/// after the last.
-fn check_frame(first_offset: i64, batches: &[u8]) -> Result<i64, String> {
-    let parts = batch::split(batches).map_err(|x| format!("corrupt batch: {x}"))?;
-    match (parts.first(), parts.last()) {
-        (Some((_, a)), Some((_, b))) if a.base_offset == first_offset => Ok(b.next_offset()),
-        _ => Err("frame offset disagrees with its first batch".into()),
     }
 }

@@ -12,7 +12,6 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 use super::*;
-use crate::batch;
 use crate::client::Client;
 use crate::failover::{self};
 use crate::mirror::core::source;
@@ -278,7 +277,7 @@ impl Gateway {
                 let acked = *acked_rx.borrow();
                 metrics::gauge!("ferry_mirror_lag_records", &labels)
                     .set((end - acked).max(0) as f64);
-                let Some(span) = whole_batches_from(&bytes, sent) else {
+                let Some(span) = source::whole_batches_from(&bytes, sent) else {
                     if inflight_bytes == 0 {
                         metrics::gauge!("ferry_mirror_lag_seconds", &labels).set(0.0);
                         metrics::gauge!("ferry_mirror_lag_bytes", &labels).set(0.0);
@@ -588,44 +587,6 @@ fn send_shards(conn: &quinn::Connection, fec: &Fec<'_>, stream: u64, wire_at: us
     }
 }
 
-/// In a fetch answer, the whole batches that hold offsets at or past `from` (a partial batch at
-/// the end waits for the next fetch).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Span {
-    /// Their byte range in the answer.
-    start: usize,
-    end: usize,
-    /// The first one's base offset and timestamp.
-    first_offset: i64,
-    first_timestamp: i64,
-    /// The offset after the last.
-    next: i64,
-    /// Whether the client sent every one of them uncompressed.
-    uncompressed: bool,
-}
-
-fn whole_batches_from(bytes: &[u8], from: i64) -> Option<Span> {
-    let mut span: Option<Span> = None;
-    for (range, h) in batch::whole_batches(bytes) {
-        if h.next_offset() <= from {
-            continue;
-        }
-        let plain = matches!(h.compression(), Ok(batch::Compression::None));
-        let s = span.get_or_insert(Span {
-            start: range.start,
-            end: range.start,
-            first_offset: h.base_offset,
-            first_timestamp: h.base_timestamp,
-            next: from,
-            uncompressed: true,
-        });
-        s.end = range.end;
-        s.next = h.next_offset();
-        s.uncompressed &= plain;
-    }
-    span
-}
-
 /// Fetch raw record batches from the local broker (long poll, 500 ms).
 async fn fetch_raw(
     c: &mut Client,
@@ -643,48 +604,4 @@ async fn fetch_raw(
         .await
         .map_err(|e| e.to_string())?;
     Ok((p.error_code, p.records, p.high_watermark))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_fetch_answer_is_cut_to_whole_batches_from_the_resume_offset() {
-        use crate::batch::build::{batch, Record};
-        let rec = |v: &str| Record {
-            value: Some(v.as_bytes().to_vec()),
-            ..Default::default()
-        };
-        let mut bytes = batch(10, 1000, None, &[rec("a"), rec("b")]); // 10, 11
-        let second_at = bytes.len();
-        bytes.extend(batch(12, 2000, None, &[rec("c")])); // 12
-        let third_at = bytes.len();
-        bytes.extend(batch(13, 3000, None, &[rec("d"), rec("e")])); // 13, 14
-        let all = bytes.len();
-        let span = whole_batches_from(&bytes, 10).unwrap();
-        assert_eq!(
-            span,
-            Span {
-                start: 0,
-                end: all,
-                first_offset: 10,
-                first_timestamp: 1000,
-                next: 15,
-                uncompressed: true
-            }
-        );
-        // Resuming at 12 skips the first batch.
-        let span = whole_batches_from(&bytes, 12).unwrap();
-        assert_eq!(
-            (span.start, span.first_offset, span.first_timestamp),
-            (second_at, 12, 2000)
-        );
-        // A partial batch at the end waits for the next fetch.
-        let span = whole_batches_from(&bytes[..all - 3], 10).unwrap();
-        assert_eq!((span.end, span.next), (third_at, 13));
-        assert_eq!(whole_batches_from(&bytes[..all - 3], 13), None);
-        assert_eq!(whole_batches_from(&bytes, 15), None);
-        assert_eq!(whole_batches_from(&[], 0), None);
-    }
 }
