@@ -47,7 +47,10 @@ impl Broker {
         let p = t
             .partition(partition)
             .ok_or_else(|| format!("unknown partition {topic}-{partition}"))?;
-        {
+        // Whole batches only: the cut falls at the start of the batch holding `offset`
+        // (`PartitionLog::cut_point`), and exactly the records from there on are set aside, so
+        // the log ends where the cut says and the next divergence check finds nothing to cut.
+        let offset = {
             let st = p.state.lock().expect("partition lock");
             if st.gate.writable {
                 return Err(format!(
@@ -60,7 +63,8 @@ impl Broker {
                     st.log.start_offset()
                 ));
             }
-        }
+            st.log.cut_point(offset).map_err(|e| e.to_string())?
+        };
         // Read and re-encode the tail.
         let mut out: Vec<Vec<u8>> = Vec::new();
         let mut records = 0usize;
@@ -176,7 +180,13 @@ impl Broker {
         // The quarantine is on disk: cut the log.
         let end = {
             let mut st = p.state.lock().expect("partition lock");
-            st.log.truncate_to(offset).map_err(|e| e.to_string())?;
+            let cut = st.log.truncate_to(offset).map_err(|e| e.to_string())?;
+            if cut != offset {
+                // Another cut got there first (two streams into the partition).
+                return Err(format!(
+                    "{topic}-{partition}: the log moved while its tail from {offset} was set aside (it now ends at {cut})"
+                ));
+            }
             let mut producers = ProducerStates::default();
             st.log
                 .for_each_batch(st.log.active_base(), |h| producers.record(h, h.base_offset))

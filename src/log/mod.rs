@@ -64,6 +64,8 @@ pub enum LogError {
     },
     #[error("offset {offset} is out of range [{start}, {end}]")]
     OffsetOutOfRange { offset: i64, start: i64, end: i64 },
+    #[error("corrupt log in {dir}: {message}")]
+    Corrupt { dir: PathBuf, message: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LogError + '_ {
@@ -489,12 +491,16 @@ impl PartitionLog {
         Ok(n)
     }
 
-    /// Cut the log back so its end is `offset` (used by mirrors and rejoin, never by clients).
-    /// Whole segments past it are removed; the segment holding it is truncated at a batch
-    /// boundary, which must exist.
-    pub fn truncate_to(&mut self, offset: i64) -> Result<(), LogError> {
+    /// Cut the log back to [`PartitionLog::cut_point`]`(offset)` (used by mirrors and rejoin,
+    /// never by clients) and return the new end. Whole segments past it are removed; the
+    /// segment holding it is truncated at that batch boundary.
+    pub fn truncate_to(&mut self, offset: i64) -> Result<i64, LogError> {
+        // One rule for every cut: whole batches only (`cut_point`). A cut inside a batch once
+        // kept the batch here while the quarantine took its records from the cut on, so they
+        // stood in both places and the log end never reached the cut.
+        let offset = self.cut_point(offset)?;
         if offset >= self.next_offset() {
-            return Ok(());
+            return Ok(self.next_offset());
         }
         while self.segments.len() > 1 && self.active().base_offset >= offset {
             let seg = self.segments.pop().expect("len > 1");
@@ -523,7 +529,39 @@ impl PartitionLog {
         self.segments.push(seg);
         // After the log: a crash in between leaves entries past the end, dropped on open.
         self.epochs.truncate_to(offset).map_err(io_err(&self.dir))?;
-        Ok(())
+        assert_eq!(
+            self.next_offset(),
+            offset,
+            "a cut ends the log at its cut point"
+        );
+        Ok(offset)
+    }
+
+    /// Where a cut of the log at `offset` really falls: the base offset of the batch that holds
+    /// `offset` (batches are never split), `offset` itself at a batch boundary, the log end past
+    /// it. Truncation (`truncate_to`), the quarantine of a divergent tail and the answer to the
+    /// mirror all use it, so the records set aside are exactly the records cut, and the log
+    /// ends where the cut says. Never above `offset`.
+    pub fn cut_point(&self, offset: i64) -> Result<i64, LogError> {
+        if offset >= self.next_offset() {
+            return Ok(self.next_offset());
+        }
+        if offset <= self.start_offset() {
+            return Ok(offset.max(self.start_offset()));
+        }
+        let Some(slice) = self.read(offset, 1)? else {
+            return Ok(self.next_offset());
+        };
+        let bytes = slice.read().map_err(io_err(&self.dir))?;
+        let h = BatchHeader::parse(&bytes).map_err(|e| LogError::Corrupt {
+            dir: self.dir.clone(),
+            message: format!("no batch header at offset {offset}: {e}"),
+        })?;
+        assert!(
+            h.base_offset <= offset && offset < h.next_offset(),
+            "the batch read for {offset} holds it"
+        );
+        Ok(h.base_offset)
     }
 }
 
@@ -669,8 +707,45 @@ mod tests {
         for i in 0..20 {
             append_values(&mut log, i, &[b"0123456789012345678901234567890123456789"]);
         }
-        log.truncate_to(7).unwrap();
+        assert_eq!(log.truncate_to(7).unwrap(), 7);
         assert_eq!(log.next_offset(), 7);
         assert_eq!(append_values(&mut log, 50, &[b"x"]), 7);
+    }
+
+    proptest::proptest! {
+        /// Whatever the batches and wherever the cut: the log ends at the start of the batch
+        /// holding the cut (never inside a batch, never above the cut), every batch wholly
+        /// below it stays, and cutting there again changes nothing (no repeated truncation).
+        #[test]
+        fn a_cut_falls_on_the_batch_holding_it_and_once(
+            sizes in proptest::collection::vec(1usize..6, 1..25),
+            cut in 0i64..130,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut log, _) = PartitionLog::open(dir.path(), small()).unwrap();
+            let mut bases = Vec::new();
+            for (i, n) in sizes.iter().enumerate() {
+                let vals: Vec<&[u8]> = (0..*n).map(|_| b"value-0123456789".as_slice()).collect();
+                bases.push(append_values(&mut log, i as i64, &vals));
+            }
+            let end = log.next_offset();
+            let want = if cut >= end {
+                end
+            } else {
+                *bases.iter().filter(|b| **b <= cut).max().unwrap()
+            };
+            proptest::prop_assert_eq!(log.cut_point(cut).unwrap(), want);
+            proptest::prop_assert_eq!(log.truncate_to(cut).unwrap(), want);
+            proptest::prop_assert_eq!(log.next_offset(), want);
+            proptest::prop_assert!(want <= cut.max(0).min(end) || want == end);
+            // Every offset below the cut point still reads back its batch.
+            for o in 0..want {
+                let b = log.read(o, 1).unwrap().unwrap().read().unwrap();
+                let h = batch::validate(&b).unwrap();
+                proptest::prop_assert!(h.next_offset() <= want);
+            }
+            proptest::prop_assert_eq!(log.truncate_to(cut).unwrap(), want);
+            proptest::prop_assert_eq!(log.cut_point(want).unwrap(), want);
+        }
     }
 }

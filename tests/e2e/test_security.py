@@ -464,3 +464,45 @@ def test_adopt_with_force_says_what_it_skipped(up):
     wait_for(lambda: up.state("east")["rules"]["*"]["primary"] == "west", 30, "east to adopt the newer epoch")
     up.ferry("failover", "--topology", up.topology, "--to", "east")
     assert up.state("west")["rules"]["*"]["primary"] == "east"
+
+
+def test_a_cut_inside_a_batch_falls_on_its_start_and_happens_once(up):
+    """One rule for every cut of a log (`PartitionLog::cut_point`): a truncation asked for inside
+    a batch cuts at the start of that batch, the quarantine holds exactly the records cut (not
+    also records the log keeps), the answer says where the log now ends, and the mirror then
+    catches up from there with the primary's records at the same offsets: no second cut."""
+    from kproto import segment_batches
+    topic = topic_name("cut")
+    # Several records per batch: one send, lingered.
+    acked = ck_produce(up.bootstrap("east"), topic,
+                       [{"key": b"k", "value": f"v{i}".encode()} for i in range(40)],
+                       acks="all", **{"linger.ms": 200})
+    assert len(acked) == 40, acked
+    want = ends(up.bootstrap("east"), topic)
+    wait_for(lambda: ends(up.bootstrap("west"), topic) == want, 60, "west to mirror")
+    part = next(p for p in range(2) if want[p] > 0)
+    west_dir = up.data / "west" / "broker-1"
+    batch = next(b for b in segment_batches(west_dir, topic, part) if b.last_offset_delta >= 2)
+    inside = batch.base_offset + 1
+    answer = call_tls(up, "west", control_frame(
+        {"op": "truncate", "topic": topic, "partition": part, "offset": inside, "region": "test"}))
+    assert struct.unpack(">ih", answer[:6]) == (7, 0), answer
+    body = json.loads(answer[answer.index(b"{"):])
+    assert body["log_end"] == batch.base_offset, (body, batch.base_offset, inside)
+    assert body["quarantined"] == want[part] - batch.base_offset, (body, want)
+    # The quarantine holds exactly the offsets cut, each once.
+    quarantine = f"__ferry.quarantine.{topic}"
+    got = ck_consume(up.bootstrap("west"), quarantine, partition=part, offset=0,
+                     min_count=body["quarantined"])
+    originals = sorted(int(dict(m.headers())["ferry.original.offset"]) for m in got)
+    assert originals == list(range(batch.base_offset, want[part])), originals
+    # The cut came from outside the mirror stream (a stream's own TRUNCATE restarts it): the
+    # next frame no longer continues the log, the stream starts again from the cut, and the
+    # mirror catches up with the primary's records at the same offsets.
+    ck_produce(up.bootstrap("east"), topic, [{"key": b"k", "value": b"after"}], acks="all")
+    want = ends(up.bootstrap("east"), topic)
+    wait_for(lambda: ends(up.bootstrap("west"), topic) == want, 60, "west to mirror again")
+    assert records(up.bootstrap("west"), topic) == records(up.bootstrap("east"), topic)
+    cuts = [ln for ln in up.log("west-broker-1").splitlines()
+            if "moved the divergent tail" in ln and topic in ln]
+    assert len(cuts) == 1, cuts
