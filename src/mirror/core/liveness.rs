@@ -99,6 +99,10 @@ pub struct Liveness {
     lease: Lease,
     replaced: BTreeSet<String>,
     reports: BTreeMap<String, PeerReport>,
+    /// The lease loop's period (`heartbeat / 4`) and next deadline (`None` without lease
+    /// fencing: there is no lease loop).
+    step: Millis,
+    next_tick: Option<Millis>,
 }
 
 impl Liveness {
@@ -118,6 +122,23 @@ impl Liveness {
             lease: Lease::new(region, regions, f.witness.clone(), cfg, now),
             replaced: BTreeSet::new(),
             reports: BTreeMap::new(),
+            step: (f.heartbeat.as_millis() as Millis / 4).max(1),
+            next_tick: (f.fencing == Fencing::Lease).then_some(now),
+        }
+    }
+
+    /// When the lease loop must run next (caller's ms; `None`: never, without lease fencing).
+    /// At it the caller runs, in order, [`Liveness::promotions`] (carrying out each and calling
+    /// [`Liveness::promoted`]), [`lapsed_fences`] and [`Liveness::renewal`], then
+    /// [`Liveness::on_timeout`].
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        self.next_tick
+    }
+
+    /// The lease loop ran at `now`: it runs again a step (`heartbeat / 4`) later.
+    pub fn on_timeout(&mut self, now: Millis) {
+        if self.next_tick.is_some() {
+            self.next_tick = Some(now + self.step);
         }
     }
 
@@ -587,5 +608,21 @@ mod tests {
             lapsed_fences(&t, &st, "east", 6_000),
             vec![("*".to_string(), RuleState::open(0, "east"))]
         );
+    }
+
+    /// The lease loop's schedule is the core's: at once, then every `heartbeat / 4`; none
+    /// without lease fencing.
+    #[test]
+    fn the_lease_loop_runs_when_poll_timeout_says() {
+        let t = topology("manual");
+        let mut l = Liveness::new(&t, "east", 1_000);
+        assert_eq!(l.poll_timeout(), Some(1_000));
+        l.on_timeout(1_003);
+        assert_eq!(l.poll_timeout(), Some(1_003 + 125));
+        let mut none = t.clone();
+        none.failover.fencing = Fencing::None;
+        let mut l = Liveness::new(&none, "east", 0);
+        l.on_timeout(5);
+        assert_eq!(l.poll_timeout(), None);
     }
 }

@@ -97,17 +97,25 @@ impl Gateway {
         mut live: Liveness,
         mut rx: mpsc::Receiver<Command>,
     ) {
-        let lease = self.topology.failover.fencing == Fencing::Lease;
-        let mut tick = tokio::time::interval(self.topology.failover.heartbeat / 4);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut client: Option<Client> = None;
         loop {
+            // The lease loop's deadline is the core's (`Liveness::poll_timeout`).
+            let due = live.poll_timeout();
+            let timer = async {
+                match due {
+                    Some(t) => tokio::time::sleep_until(self.instant_at(t)).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 c = rx.recv() => match c {
                     Some(c) => self.handle(&mut live, c),
                     None => return,
                 },
-                _ = tick.tick(), if lease => self.lease_tick(&mut live, &mut client).await,
+                _ = timer => {
+                    self.lease_tick(&mut live, &mut client).await;
+                    live.on_timeout(self.now());
+                }
             }
         }
     }

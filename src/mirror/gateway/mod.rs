@@ -27,7 +27,7 @@ use crate::client::Client;
 use crate::failover::lease::Millis;
 use crate::failover::{self, Placement, RegionState, RuleState};
 use crate::kafka::control::{Control, OffsetsAnswer, StateAnswer};
-use crate::topology::{Fencing, Topology};
+use crate::topology::Topology;
 
 /// How often the gateway reads its broker's failover state.
 pub const STATE_POLL: Duration = Duration::from_millis(250);
@@ -106,6 +106,11 @@ impl Gateway {
     /// Milliseconds on this gateway's monotonic clock.
     pub fn now(&self) -> Millis {
         self.origin.elapsed().as_millis() as Millis
+    }
+
+    /// When this gateway's clock reads `ms`.
+    pub(crate) fn instant_at(&self, ms: Millis) -> tokio::time::Instant {
+        (self.origin + Duration::from_millis(ms)).into()
     }
 
     /// The failover state as last read from the broker.

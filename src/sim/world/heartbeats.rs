@@ -160,8 +160,17 @@ impl World {
             reg.broker_lease_until = Some(u);
             reg.armed = true;
         }
-        let step = (self.topo.failover.heartbeat.as_millis() as u64 / 4).max(1);
-        let d = self.local_delay(r, step);
+        let now = self.local(r);
+        self.regions[r].live.on_timeout(now);
+        self.arm_lease_tick(r);
+    }
+
+    /// The next lease tick, when the region's `Liveness::poll_timeout` says (on its clock).
+    pub(super) fn arm_lease_tick(&mut self, r: usize) {
+        let Some(due) = self.regions[r].live.poll_timeout() else {
+            return;
+        };
+        let d = self.local_delay(r, due.saturating_sub(self.local(r)));
         let inc = self.regions[r].incarnation;
         self.after(d, Ev::LeaseTick(r, inc));
     }

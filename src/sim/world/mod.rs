@@ -700,10 +700,9 @@ impl World {
         let inc = self.regions[r].incarnation;
         let hb = self.topo.failover.heartbeat.as_millis() as u64;
         let a = self.rng.below(hb);
-        let b = self.rng.below(hb / 4 + 1);
         let c = self.rng.below(offsets::OFFSET_SYNC_INTERVAL_MS);
         self.after(a, Ev::Heartbeat(r, inc));
-        self.after(b, Ev::LeaseTick(r, inc));
+        self.arm_lease_tick(r);
         self.after(c, Ev::OffsetSync(r, inc));
         self.pump_all(r);
     }
