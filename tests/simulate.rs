@@ -135,8 +135,8 @@ fn the_ci_seed_budget_passes() {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
-/// Region loss under the production model (the fix of finding 1, a zero-credit acknowledgement
-/// not fed to the lease, is production behaviour; `ignore_zero_credit` changes nothing): forced
+/// Region loss with every region on the production core (the fix of finding 1, a zero-credit
+/// acknowledgement not fed to the lease, is in `Liveness::on_ack`): forced
 /// failover, rejoin and quarantine (which moves group commits back to the cut, as production
 /// does since 4943f56) keep every invariant, and the run reports what it lost.
 #[cfg(not(feature = "sim-bug-skip-offset-clamp"))]

@@ -5,7 +5,7 @@
 //! starts with the ROUTE naming the partition's sink. A lost packet then holds up only the
 //! frame it carried: on one shared stream, QUIC would hold every later frame until the lost
 //! packet was resent (head-of-line blocking), and on a lossy link that delay would reach most
-//! records. The sink puts the frames back in offset order ([`super::reorder`]).
+//! records. The sink puts the frames back in offset order ([`super::core::reorder`]).
 //!
 //! ```text
 //! frame   = length u32 (of kind..crc) | kind u8 | payload | crc u32 (CRC-32, IEEE, of kind+payload)

@@ -3,13 +3,13 @@
 //! disks supplied by the simulator and every fault drawn from a seed.
 //!
 //! Owns: scenario files ([`scenario`]), the seeded generator ([`rng`]), the event loop, the
-//! models and the invariant checks ([`world`]), the trace hash ([`trace`]) and the sweep chart
-//! ([`sweep`]). Does not own: the failover rules, the lease, the divergence point or the offset
-//! clamp — it calls the production functions ([`crate::failover::RegionState::apply`],
-//! [`crate::failover::placement`], [`crate::failover::lease::Lease`],
-//! [`crate::log::epochs::divergence`], [`crate::mirror::gateway::clamp_offset`]). The gateway's
-//! and broker's async I/O code is *re-modelled* in [`world`]; `docs/simulations.md` lists what is
-//! shared and what is modelled.
+//! models of what surrounds the gateway's decisions — links and a model of QUIC's ordered
+//! streams, in-memory logs and the broker's rules around them, disks, clocks, clients, the
+//! operator's transport — and the invariant checks ([`world`]), the trace hash ([`trace`]) and
+//! the sweep chart ([`sweep`]). Does not own any decision of the gateway's: every region drives
+//! the production core ([`crate::mirror::core`]: source and sink streams, liveness, offsets) and
+//! [`crate::failover`] (rule states, placement, the lease, the switchover), as the tokio gateway
+//! does; `docs/simulations.md` lists what runs production code and what is modelled.
 
 pub mod rng;
 pub mod scenario;

@@ -1,6 +1,6 @@
 //! The sink's reassembly of one partition's BATCHES frames.
 //!
-//! Each frame travels on a QUIC stream of its own (see [`super::frame`]), so that a lost packet
+//! Each frame travels on a QUIC stream of its own (see [`crate::mirror::frame`]), so that a lost packet
 //! delays only the frame it carried, not every frame sent after it on a shared stream; frames
 //! may therefore arrive in any order. The mirror's log must stay offset-identical to the
 //! source's, so a frame is appended only once everything before it is in the log: this

@@ -4,7 +4,7 @@
 //! A sink takes a stream only from the region that is primary for the topic at exactly the
 //! epoch the OPEN names, and only for a topic this region mirrors ([`open_refusal`]). Frames may
 //! arrive in any order (each on a QUIC stream of its own, and from two copies of the stream);
-//! [`reorder::Reorder`] puts them back in offset order, and the contiguous run that continues
+//! [`super::reorder::Reorder`] puts them back in offset order, and the contiguous run that continues
 //! the log is appended in one go, up to [`COALESCE_BYTES`]. The ACK of an append carries the
 //! durable end. A TRUNCATE below the end has the broker set the tail aside (quarantine) and cut
 //! it, and the sink starts again from the new end.

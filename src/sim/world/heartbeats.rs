@@ -132,7 +132,7 @@ impl World {
         }
     }
 
-    /// `lease_loop`: the automatic promotions due (each restarts the lease, which must not be
+    /// The gateway's lease loop (`gateway::control`), when `Liveness::poll_timeout` says: the automatic promotions due (each restarts the lease, which must not be
     /// renewed from before it), the fences that lapsed, then the broker's lease renewal.
     pub(super) fn lease_tick(&mut self, r: usize) {
         let now = self.local(r);

@@ -2,14 +2,14 @@
 //! an operator, and the fault injector, driven by one event queue under simulated time.
 //!
 //! Owns: the discrete-event loop (events ordered by `(time, sequence number)`), the models of
-//! everything that in production is I/O (logs in memory with a durable prefix, links that delay,
-//! lose, duplicate and reorder messages, process crashes, per-process clocks that drift), the
-//! re-modelled event handling of the gateway (`crate::mirror::gateway` is async I/O code: its
-//! heartbeat, lease, stream-open/divergence/truncate, pipelined batch/ack and offset-sync
-//! handling are re-implemented here step by step), and the invariant checks. Does not own: the
-//! failover rules, the lease machine, the divergence function or the offset clamp — those are
-//! the production functions, called as they are ([`RegionState::apply`], [`placement`],
-//! [`Lease`], [`divergence`], [`clamp_offset`]).
+//! everything that in production is I/O (logs in memory with a durable prefix and the broker's
+//! rules around them, links that delay, lose, duplicate and reorder messages, a model of QUIC's
+//! ordered streams, process crashes, per-process clocks that drift), clients, the operator's
+//! transport, and the invariant checks. The submodules drive, per region, the production
+//! machines: `heartbeats` (`Liveness`), `mirror_source` (`SourceStream`), `mirror_sink`
+//! (`SinkStream`), `group_sync` (`offsets`), `operator` (`Switchover`); `broker` and
+//! `clients` are models. Does not own: any decision of the gateway's ([`crate::mirror::core`],
+//! [`crate::failover`]).
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
