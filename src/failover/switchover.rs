@@ -398,15 +398,7 @@ impl Switchover {
 mod tests {
     use super::*;
 
-    fn h(entries: &[(i32, i64)]) -> Vec<EpochEntry> {
-        entries
-            .iter()
-            .map(|(epoch, start_offset)| EpochEntry {
-                epoch: *epoch,
-                start_offset: *start_offset,
-            })
-            .collect()
-    }
+    use crate::log::epochs::history as h;
 
     /// Finding 9: the target must hold the fenced primary's records, not just as many.
     #[test]

@@ -158,6 +158,18 @@ pub fn divergence(ours: &[EpochEntry], our_end: i64, theirs: &[EpochEntry], thei
     their_end
 }
 
+/// An epoch history from `(epoch, start offset)` pairs (for tests).
+#[cfg(test)]
+pub fn history(entries: &[(i32, i64)]) -> Vec<EpochEntry> {
+    entries
+        .iter()
+        .map(|&(epoch, start_offset)| EpochEntry {
+            epoch,
+            start_offset,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

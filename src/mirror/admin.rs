@@ -578,15 +578,7 @@ pub async fn call(
 mod tests {
     use super::*;
 
-    fn h(entries: &[(i32, i64)]) -> Vec<EpochEntry> {
-        entries
-            .iter()
-            .map(|&(epoch, start_offset)| EpochEntry {
-                epoch,
-                start_offset,
-            })
-            .collect()
-    }
+    use crate::log::epochs::history as h;
 
     fn ours(end: i64, epochs: Vec<EpochEntry>) -> BTreeMap<String, Vec<PartitionOffsets>> {
         let p = PartitionOffsets {

@@ -88,15 +88,7 @@ mod tests {
     use super::*;
     use crate::log::EpochEntry;
 
-    fn h(entries: &[(i32, i64)]) -> Vec<EpochEntry> {
-        entries
-            .iter()
-            .map(|(epoch, start_offset)| EpochEntry {
-                epoch: *epoch,
-                start_offset: *start_offset,
-            })
-            .collect()
-    }
+    use crate::log::epochs::history as h;
 
     fn mine(end: i64, epochs: Vec<EpochEntry>) -> BTreeMap<String, Vec<PartitionOffsets>> {
         BTreeMap::from([(

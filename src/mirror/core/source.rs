@@ -291,15 +291,7 @@ pub fn whole_batches_from(bytes: &[u8], from: i64) -> Option<Span> {
 mod tests {
     use super::*;
 
-    fn h(entries: &[(i32, i64)]) -> Vec<EpochEntry> {
-        entries
-            .iter()
-            .map(|(epoch, start_offset)| EpochEntry {
-                epoch: *epoch,
-                start_offset: *start_offset,
-            })
-            .collect()
-    }
+    use crate::log::epochs::history as h;
 
     fn streaming(from: i64, window: Window) -> SourceStream<()> {
         let mut s = SourceStream::open(0, window);

@@ -333,13 +333,8 @@ impl Gateway {
         let every = self.topology.failover.heartbeat;
         let mut now_rx = self.heartbeat_now.subscribe();
         loop {
-            let conn = loop {
-                if let Some(c) = conn_rx.borrow_and_update().clone() {
-                    break c;
-                }
-                if conn_rx.changed().await.is_err() {
-                    return;
-                }
+            let Some(conn) = next_connection(&mut conn_rx).await else {
+                return;
             };
             let r: Result<(), String> = async {
                 let (mut tx, mut rx) = conn.open_bi().await.map_err(|x| x.to_string())?;

@@ -277,3 +277,16 @@ impl Gateway {
         }
     }
 }
+
+/// The connection published on `rx` (by `keep_connected`), waiting while there is none;
+/// `None` once its publisher is gone.
+async fn next_connection(
+    rx: &mut watch::Receiver<Option<quinn::Connection>>,
+) -> Option<quinn::Connection> {
+    loop {
+        if let Some(c) = rx.borrow_and_update().clone() {
+            return Some(c);
+        }
+        rx.changed().await.ok()?;
+    }
+}

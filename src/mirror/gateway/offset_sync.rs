@@ -101,13 +101,8 @@ impl Gateway {
         mut conn_rx: watch::Receiver<Option<quinn::Connection>>,
     ) {
         loop {
-            let conn = loop {
-                if let Some(c) = conn_rx.borrow_and_update().clone() {
-                    break c;
-                }
-                if conn_rx.changed().await.is_err() {
-                    return;
-                }
+            let Some(conn) = next_connection(&mut conn_rx).await else {
+                return;
             };
             if let Err(e) = self.offset_stream(&conn, &peer).await {
                 tracing::debug!(%peer, error = %e, "offset sync interrupted");

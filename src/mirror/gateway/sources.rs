@@ -137,13 +137,8 @@ impl Gateway {
                 tracing::info!(%peer, %topic, partition, "no longer shipped from here (failover)");
                 return;
             }
-            let conn = loop {
-                if let Some(c) = conn_rx.borrow_and_update().clone() {
-                    break c;
-                }
-                if conn_rx.changed().await.is_err() {
-                    return;
-                }
+            let Some(conn) = next_connection(&mut conn_rx).await else {
+                return;
             };
             if let Err(e) = self
                 .source_stream(&conn, copies_rx.clone(), &peer, &topic, partition, count)
