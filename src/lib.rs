@@ -5,6 +5,7 @@
 //! ## Layout
 //! - [`batch`]: the Kafka RecordBatch v2 header: parse, validate (CRC-32C), set offsets.
 //! - [`log`]: the partition log: segments, sparse indexes, recovery, retention.
+//! - [`cluster`]: region clusters: metadata in etcd, the controller's decisions.
 //! - [`broker`]: topics and partitions, idempotent producers, the group commit writer, the
 //!   async shell of the group coordinator with its durable `__consumer_offsets` log.
 //! - [`group`]: the consumer group coordinator (a state machine) and the offsets record format.
@@ -23,6 +24,7 @@ pub mod batch;
 pub mod broker;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod clock;
 pub mod config;
 pub mod durable;
