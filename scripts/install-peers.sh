@@ -3,6 +3,8 @@
 #
 # Installs every real Kafka peer our tests and benchmarks use, through the shared
 # peers scripts (shared/ sits beside the repo checkout; override with FERRY_SHARED):
+#   0. scripts/install-build-deps.sh --etcd : protoc (the build needs it) and etcd (Debian's
+#      etcd-server: region clusters and their tests)
 #   1. shared/peers/install-clients.sh : kcat, confluent-kafka, kafka-python, aiokafka,
 #      rdkafka_performance
 #   2. Apache Kafka $KAFKA_VERSION (default 4.4.0): broker+controller, kafka-tools (perf
@@ -26,6 +28,9 @@ say() { printf '[install-peers] %s\n' "$*" >&2; }
 
 FORCE=()
 [ "${1:-}" = "--force" ] && FORCE=(--force)
+
+say "build deps and etcd: scripts/install-build-deps.sh --etcd"
+"$REPO/scripts/install-build-deps.sh" --etcd
 
 if [ "${FERRY_SKIP_CLIENTS:-0}" != 1 ]; then
   say "clients: $PEERS_DIR/install-clients.sh"

@@ -54,10 +54,7 @@ pub fn round_robin(
     sorted.dedup();
     let n = sorted.len();
     if factor < 1 || factor as usize > n {
-        return Err(AssignError::ReplicationFactor {
-            factor,
-            brokers: n,
-        });
+        return Err(AssignError::ReplicationFactor { factor, brokers: n });
     }
     let mut out = Vec::with_capacity(count as usize);
     for p in first..first + count {
@@ -140,7 +137,10 @@ mod tests {
             e.to_string(),
             "replication factor 4 is larger than the 3 available brokers"
         );
-        assert_eq!(round_robin(0, 0, 1, &[1], 0, 0).unwrap_err().kafka_code(), 37);
+        assert_eq!(
+            round_robin(0, 0, 1, &[1], 0, 0).unwrap_err().kafka_code(),
+            37
+        );
     }
 
     #[test]

@@ -365,7 +365,11 @@ impl Controller {
             let Some(topic) = self.image.topics.get(&key.0) else {
                 continue;
             };
-            let first = topic.value.replicas.get(key.1 as usize).and_then(|r| r.first());
+            let first = topic
+                .value
+                .replicas
+                .get(key.1 as usize)
+                .and_then(|r| r.first());
             if first.is_some_and(|b| over.contains(b))
                 && preferred(&topic.value, key.1, &st.value, &alive).is_ok()
             {

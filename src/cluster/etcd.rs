@@ -146,8 +146,7 @@ impl Store {
     /// Renew `lease` once. A lease etcd no longer knows is [`StoreError::LeaseExpired`].
     pub async fn renew(&self, lease: i64) -> Result<(), StoreError> {
         let mut c = self.client.clone();
-        let (mut keeper, mut answers) =
-            bounded(&self.endpoints, c.lease_keep_alive(lease)).await?;
+        let (mut keeper, mut answers) = bounded(&self.endpoints, c.lease_keep_alive(lease)).await?;
         bounded(&self.endpoints, keeper.keep_alive()).await?;
         match bounded(&self.endpoints, answers.message()).await? {
             Some(a) if a.ttl() > 0 => Ok(()),
@@ -183,11 +182,7 @@ impl Store {
     pub async fn campaign(&self, id: BrokerId, lease: i64) -> Result<bool, StoreError> {
         let key = self.keys.controller();
         let txn = Txn::new()
-            .when([Compare::create_revision(
-                key.clone(),
-                CompareOp::Equal,
-                0,
-            )])
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(
                 key,
                 id.to_string(),

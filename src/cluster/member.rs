@@ -172,7 +172,10 @@ impl Run {
                 Ok(r) => {
                     revision = r;
                     backoff = Duration::from_millis(100);
-                    info!(broker = self.cfg.id, "cluster metadata resumed at revision {r}");
+                    info!(
+                        broker = self.cfg.id,
+                        "cluster metadata resumed at revision {r}"
+                    );
                 }
                 Err(e) => warn!(broker = self.cfg.id, "etcd still unreachable: {e}"),
             }
@@ -209,15 +212,17 @@ impl Run {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), StoreError> {
         let mut watch = self.store.watch(revision).await?;
-        let renew_every = Duration::from_millis((self.cfg.session_ttl_s as u64 * 1000 / 3).max(200));
+        let renew_every =
+            Duration::from_millis((self.cfg.session_ttl_s as u64 * 1000 / 3).max(200));
         let mut renew = tokio::time::interval(renew_every);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.campaign_if_free().await?;
         loop {
             self.drive().await?;
-            let timer = self.controller.poll_timeout().map(|t| {
-                self.started + Duration::from_millis(t)
-            });
+            let timer = self
+                .controller
+                .poll_timeout()
+                .map(|t| self.started + Duration::from_millis(t));
             tokio::select! {
                 _ = shutdown.changed() => {
                     if *shutdown.borrow() {
@@ -271,10 +276,13 @@ impl Run {
     }
 
     async fn campaign_if_free(&mut self) -> Result<(), StoreError> {
-        if self.controller.is_active() || self.image.borrow().controller.is_some() {
+        if self.controller.is_active() {
             return Ok(());
         }
-        if self.store.campaign(self.cfg.id, self.lease).await? {
+        let holder = self.image.borrow().controller;
+        // Still ours after a pause (the key lives as long as our lease): take up again.
+        let ours = holder == Some(self.cfg.id);
+        if ours || (holder.is_none() && self.store.campaign(self.cfg.id, self.lease).await?) {
             // Read after winning: the image the decisions start from is at least as new as
             // the key, so nothing that happened before the election is missed.
             let (image, _) = self.store.read().await?;

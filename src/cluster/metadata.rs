@@ -322,7 +322,10 @@ mod tests {
             s(1, &[1, 4]).check(&r),
             Err(StateError::NotAReplica(4, r.to_vec()))
         );
-        assert_eq!(s(1, &[1, 1]).check(&r), Err(StateError::Duplicate(vec![1, 1])));
+        assert_eq!(
+            s(1, &[1, 1]).check(&r),
+            Err(StateError::Duplicate(vec![1, 1]))
+        );
         assert_eq!(s(NO_LEADER, &[]).check(&r), Err(StateError::EmptyIsr));
         assert_eq!(s(NO_LEADER, &[3]).check(&r), Ok(()));
     }
@@ -382,6 +385,12 @@ mod tests {
             },
         ));
         st.leader_epoch = 2;
-        img.apply(Change::Partition(key, Versioned { value: st, version: 2 }));
+        img.apply(Change::Partition(
+            key,
+            Versioned {
+                value: st,
+                version: 2,
+            },
+        ));
     }
 }

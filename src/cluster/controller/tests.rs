@@ -82,14 +82,20 @@ fn state(c: &Controller, p: i32) -> PartitionState {
 #[test]
 fn a_gone_leader_is_replaced_by_the_first_alive_isr_member_at_a_new_epoch() {
     let mut c = cluster(3, vec![vec![1, 2, 3]], false);
-    assert!(settle(&mut c).is_empty(), "a healthy cluster needs no writes");
+    assert!(
+        settle(&mut c).is_empty(),
+        "a healthy cluster needs no writes"
+    );
     c.on_change(Change::BrokerGone(1));
     let ws = settle(&mut c);
     assert_eq!(ws.len(), 1);
     assert_eq!(ws[0].why, Why::LeaderGone { old: 1 });
     assert_eq!(ws[0].expected_version, 1);
     let s = state(&c, 0);
-    assert_eq!((s.leader, s.leader_epoch, s.isr.clone()), (2, 1, vec![2, 3]));
+    assert_eq!(
+        (s.leader, s.leader_epoch, s.isr.clone()),
+        (2, 1, vec![2, 3])
+    );
     assert_eq!(s.partition_epoch, 1);
 }
 
@@ -306,7 +312,10 @@ fn isr_changes_from_a_leader_are_checked() {
     let r = [1, 2, 3];
     let alive: BTreeSet<_> = [1, 2, 3].into();
     let ok = alter_isr(&r, &st, 1, 4, 7, &[1], &alive).unwrap();
-    assert_eq!((ok.isr, ok.partition_epoch, ok.leader_epoch), (vec![1], 8, 4));
+    assert_eq!(
+        (ok.isr, ok.partition_epoch, ok.leader_epoch),
+        (vec![1], 8, 4)
+    );
     assert_eq!(
         alter_isr(&r, &st, 2, 4, 7, &[2], &alive),
         Err(AlterError::NotLeader(2, 4))
