@@ -9,6 +9,7 @@
 //! - [`broker`]: topics and partitions, idempotent producers, the group commit writer, the
 //!   async shell of the group coordinator with its durable `__consumer_offsets` log.
 //! - [`group`]: the consumer group coordinator (a state machine) and the offsets record format.
+//! - [`replica`]: replication inside a region cluster (high watermark, ISR).
 //! - [`mirror`]: the mirroring gateway: frames, source and sink streams per partition.
 //! - [`kafka`]: the Kafka wire protocol server, one file per API.
 //! - [`config`]: broker settings from a file and flags.
@@ -34,6 +35,7 @@ pub mod kafka;
 pub mod limits;
 pub mod log;
 pub mod mirror;
+pub mod replica;
 pub mod sim;
 pub mod telemetry;
 pub mod topology;

@@ -97,6 +97,9 @@ impl Default for Rebalance {
 /// The controller state machine.
 #[derive(Debug)]
 pub struct Controller {
+    /// This region's position in the topology: the low byte of every leader epoch it gives
+    /// (see [`next_leader_epoch`]).
+    region: usize,
     image: Image,
     active: bool,
     /// Brokers as last seen, with their incarnation (to tell a restart).
@@ -116,8 +119,9 @@ pub struct Controller {
 }
 
 impl Controller {
-    pub fn new(rebalance: Option<Rebalance>) -> Controller {
+    pub fn new(region: usize, rebalance: Option<Rebalance>) -> Controller {
         Controller {
+            region,
             image: Image::default(),
             active: false,
             incarnations: BTreeMap::new(),
@@ -224,7 +228,7 @@ impl Controller {
     /// Ask for the preferred replica to lead `key` (ElectLeaders). Errors as Kafka answers them.
     pub fn elect_preferred(&mut self, key: &PartitionKey) -> Result<(), ElectError> {
         let (topic, st) = self.lookup(key)?;
-        preferred(topic, key.1, &st.value, &self.alive())?;
+        preferred(topic, key.1, &st.value, &self.alive(), self.region)?;
         self.wanted_preferred.insert(key.clone());
         Ok(())
     }
@@ -272,16 +276,16 @@ impl Controller {
             if let Some(b) = self.bounced.get(key) {
                 view.retain(|id| !b.contains(id));
             }
-            let mut decision = decide(&topic.value, replicas, &st.value, &view);
+            let mut decision = decide(&topic.value, replicas, &st.value, &view, self.region);
             if decision.is_none() && self.bounced.contains_key(key) {
                 // The restart changes nothing here (the partition was offline or the broker
                 // out of sync already): the broker counts as alive again at once.
                 settled.push(key.clone());
                 view = alive.clone();
-                decision = decide(&topic.value, replicas, &st.value, &view);
+                decision = decide(&topic.value, replicas, &st.value, &view, self.region);
             }
             if decision.is_none() && self.wanted_preferred.contains(key) {
-                decision = preferred(&topic.value, key.1, &st.value, &view)
+                decision = preferred(&topic.value, key.1, &st.value, &view, self.region)
                     .ok()
                     .map(|s| (s, Why::Preferred));
                 settled.push(key.clone());
@@ -371,12 +375,22 @@ impl Controller {
                 .get(key.1 as usize)
                 .and_then(|r| r.first());
             if first.is_some_and(|b| over.contains(b))
-                && preferred(&topic.value, key.1, &st.value, &alive).is_ok()
+                && preferred(&topic.value, key.1, &st.value, &alive, self.region).is_ok()
             {
                 self.wanted_preferred.insert(key.clone());
             }
         }
     }
+}
+
+/// The leader epoch after `current` in region `region`: the next block of 256 with the
+/// region's position as its low byte, the form region epochs take
+/// ([`crate::failover::next_epoch`]). Leader epochs are stamped into the batches a leader
+/// writes, and batches cross regions byte for byte: so an epoch names the one region (and
+/// term) that wrote it, whatever the regions' clusters did, and epoch histories compared
+/// across regions stay exact.
+pub fn next_leader_epoch(current: i32, region: usize) -> i32 {
+    crate::failover::next_epoch(current, region)
 }
 
 /// The change a partition needs given which brokers are alive, if any (the rules in the
@@ -386,6 +400,7 @@ pub fn decide(
     replicas: &[BrokerId],
     st: &PartitionState,
     alive: &BTreeSet<BrokerId>,
+    region: usize,
 ) -> Option<(PartitionState, Why)> {
     let isr_alive: Vec<BrokerId> = st
         .isr
@@ -395,7 +410,11 @@ pub fn decide(
         .collect();
     let next = |leader: BrokerId, isr: Vec<BrokerId>, bump: bool| PartitionState {
         leader,
-        leader_epoch: st.leader_epoch + i32::from(bump),
+        leader_epoch: if bump {
+            next_leader_epoch(st.leader_epoch, region)
+        } else {
+            st.leader_epoch
+        },
         isr,
         partition_epoch: st.partition_epoch + 1,
     };
@@ -465,6 +484,7 @@ pub fn preferred(
     partition: i32,
     st: &PartitionState,
     alive: &BTreeSet<BrokerId>,
+    region: usize,
 ) -> Result<PartitionState, ElectError> {
     let first = topic
         .replicas
@@ -480,7 +500,7 @@ pub fn preferred(
     }
     Ok(PartitionState {
         leader: first,
-        leader_epoch: st.leader_epoch + 1,
+        leader_epoch: next_leader_epoch(st.leader_epoch, region),
         isr: st.isr.clone(),
         partition_epoch: st.partition_epoch + 1,
     })

@@ -39,6 +39,8 @@ pub struct MemberConfig {
     /// `broker.session.timeout.ms`, 9 s there).
     pub session_ttl_s: i64,
     pub rebalance: Option<Rebalance>,
+    /// The region's position in the topology (the low byte of the leader epochs it gives).
+    pub region_index: usize,
 }
 
 /// What the rest of the broker holds of its membership.
@@ -117,7 +119,7 @@ pub async fn join(
         store: store.clone(),
     };
     let mut run = Run {
-        controller: Controller::new(cfg.rebalance),
+        controller: Controller::new(cfg.region_index, cfg.rebalance),
         cfg,
         store,
         info,

@@ -373,6 +373,42 @@ impl PartitionLog {
         Ok(None)
     }
 
+    /// Like [`PartitionLog::read`], but nothing at or past `below`: a leader's high watermark,
+    /// so consumers see only what every in-sync replica holds. An offset between `below` and
+    /// the log end reads as nothing yet (not out of range), as in Kafka. A `below` inside a
+    /// batch stops before that batch.
+    pub fn read_below(
+        &self,
+        offset: i64,
+        max_bytes: usize,
+        below: i64,
+    ) -> Result<Option<ReadSlice>, LogError> {
+        let end = self.next_offset();
+        if offset >= below && offset >= self.start_offset() && offset <= end {
+            return Ok(None);
+        }
+        let Some(mut slice) = self.read(offset, max_bytes)? else {
+            return Ok(None);
+        };
+        if below >= end {
+            return Ok(Some(slice));
+        }
+        let i = self
+            .segments
+            .partition_point(|s| s.base_offset <= below)
+            .saturating_sub(1);
+        let seg = &self.segments[i];
+        if Arc::ptr_eq(&seg.file(), &slice.file) {
+            if let Some(b) = seg.find_batch(below).map_err(io_err(&self.dir))? {
+                if b.position <= slice.position {
+                    return Ok(None);
+                }
+                slice.len = slice.len.min((b.position - slice.position) as usize);
+            }
+        }
+        Ok(Some(slice))
+    }
+
     /// The offset and timestamp of the first record whose timestamp is at or after `timestamp`
     /// (found through the time index, then within the batch); `None` when every record is older.
     pub fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<(i64, i64)>, LogError> {
@@ -608,6 +644,37 @@ mod tests {
         // By timestamp: the first batch at or after.
         assert_eq!(log.offset_for_timestamp(1005).unwrap().unwrap().0, 10);
         assert!(log.offset_for_timestamp(5000).unwrap().is_none());
+    }
+
+    #[test]
+    fn reads_below_the_watermark_stop_at_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = PartitionLog::open(dir.path(), small()).unwrap();
+        for i in 0..20 {
+            append_values(&mut log, 1000 + i, &[b"value-aaaaaaaaaaaaaaaaaaaa", b"v2"]);
+        }
+        for below in [0i64, 2, 6, 13, 22, 40] {
+            for o in 0..40 {
+                let got = log.read_below(o, 1 << 20, below).unwrap();
+                // Batches hold two records: the one holding `o` ends at o | 1.
+                if (o | 1) >= below {
+                    assert!(got.is_none(), "at {o}, below {below}");
+                    continue;
+                }
+                let bytes = got.expect("data below the watermark").read().unwrap();
+                let last = batch::split(&bytes::Bytes::from(bytes))
+                    .unwrap()
+                    .last()
+                    .map(|(_, h)| h.last_offset())
+                    .unwrap();
+                assert!(last >= o, "holds {o}");
+                // An odd watermark falls inside a batch: that batch is not read.
+                assert!(last < below, "at {o}: read {last}, below {below}");
+            }
+        }
+        // Between the watermark and the end is nothing yet; past the end is out of range.
+        assert!(log.read_below(40, 100, 30).unwrap().is_none());
+        assert!(log.read_below(41, 100, 30).is_err());
     }
 
     #[test]

@@ -49,7 +49,7 @@ fn cluster(n: i32, replicas: Vec<Vec<BrokerId>>, unclean: bool) -> Controller {
             version: 1,
         },
     );
-    let mut c = Controller::new(None);
+    let mut c = Controller::new(0, None);
     c.activate(img, 0);
     c
 }
@@ -94,9 +94,21 @@ fn a_gone_leader_is_replaced_by_the_first_alive_isr_member_at_a_new_epoch() {
     let s = state(&c, 0);
     assert_eq!(
         (s.leader, s.leader_epoch, s.isr.clone()),
-        (2, 1, vec![2, 3])
+        (2, 256, vec![2, 3])
     );
     assert_eq!(s.partition_epoch, 1);
+}
+
+#[test]
+fn leader_epochs_name_the_region_that_gave_them() {
+    let mut c = cluster(3, vec![vec![1, 2, 3]], false);
+    c.region = 2;
+    c.on_change(Change::BrokerGone(1));
+    settle(&mut c);
+    assert_eq!(state(&c, 0).leader_epoch, 256 + 2);
+    c.on_change(Change::BrokerGone(2));
+    settle(&mut c);
+    assert_eq!(state(&c, 0).leader_epoch, 512 + 2);
 }
 
 #[test]
@@ -127,14 +139,14 @@ fn with_no_isr_member_alive_the_partition_is_offline_until_one_returns() {
     assert_eq!(ws[0].why, Why::Offline { old: 1 });
     let s = state(&c, 0);
     assert_eq!((s.leader, s.isr.clone()), (NO_LEADER, vec![1]));
-    assert_eq!(s.leader_epoch, 1);
+    assert_eq!(s.leader_epoch, 256);
     // 3 is alive but was never in sync: it does not lead.
     assert!(settle(&mut c).is_empty());
     c.on_change(Change::Broker(broker(1, 1)));
     let ws = settle(&mut c);
     assert_eq!(ws[0].why, Why::Revived);
     let s = state(&c, 0);
-    assert_eq!((s.leader, s.leader_epoch, s.isr), (1, 2, vec![1]));
+    assert_eq!((s.leader, s.leader_epoch, s.isr), (1, 512, vec![1]));
 }
 
 #[test]
@@ -153,7 +165,7 @@ fn unclean_election_only_where_the_topic_allows_it_and_it_is_reported() {
         vec![Report::Unclean {
             key: ("t".into(), 0),
             leader: 2,
-            leader_epoch: 1,
+            leader_epoch: 256,
             old_isr: vec![1]
         }]
     );
@@ -167,7 +179,7 @@ fn a_restarted_leader_gives_up_leadership_and_rejoins_as_a_follower() {
     c.on_change(Change::Broker(broker(1, 2)));
     let ws = settle(&mut c);
     let s0 = state(&c, 0);
-    assert_eq!((s0.leader, s0.leader_epoch, s0.isr), (2, 1, vec![2, 3]));
+    assert_eq!((s0.leader, s0.leader_epoch, s0.isr), (2, 256, vec![2, 3]));
     let s1 = state(&c, 1);
     assert_eq!((s1.leader, s1.leader_epoch, s1.isr), (2, 0, vec![2, 3]));
     assert_eq!(ws.len(), 2);
@@ -184,7 +196,7 @@ fn a_restarted_sole_isr_member_leads_again_at_a_new_epoch() {
     assert_eq!(ws[0].why, Why::Offline { old: 1 });
     assert_eq!(ws[1].why, Why::Revived);
     let s = state(&c, 0);
-    assert_eq!((s.leader, s.leader_epoch, s.isr), (1, 2, vec![1]));
+    assert_eq!((s.leader, s.leader_epoch, s.isr), (1, 512, vec![1]));
 }
 
 #[test]
@@ -270,16 +282,19 @@ fn preferred_leader_elections_answer_as_kafka_does() {
     assert_eq!(ws.len(), 1);
     assert_eq!(ws[0].why, Why::Preferred);
     let s = state(&c, 0);
-    assert_eq!((s.leader, s.leader_epoch), (1, 2));
+    assert_eq!((s.leader, s.leader_epoch), (1, 512));
     assert_eq!(ElectError::NotNeeded.kafka_code(), 84);
 }
 
 #[test]
 fn the_automatic_rebalance_moves_leaders_back_when_due() {
-    let mut c = Controller::new(Some(Rebalance {
-        interval_ms: 1000,
-        imbalance_percent: 10,
-    }));
+    let mut c = Controller::new(
+        0,
+        Some(Rebalance {
+            interval_ms: 1000,
+            imbalance_percent: 10,
+        }),
+    );
     let base = cluster(2, vec![vec![1, 2], vec![2, 1]], false);
     let mut img = base.image().clone();
     // Partition 0 is led by 2 (after some failure), both in sync.
