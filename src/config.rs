@@ -70,6 +70,45 @@ pub struct BrokerConfig {
     pub topology: Option<std::sync::Arc<crate::topology::Topology>>,
     /// This broker's region in the topology.
     pub region: Option<String>,
+    /// Membership in a region cluster (several brokers, metadata in etcd); `None` for a region
+    /// of one broker.
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// How a broker takes part in its region's cluster (see docs/cluster.md).
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    /// etcd client URLs (`http://127.0.0.1:2379`, ...).
+    pub etcd: Vec<String>,
+    /// The cluster's name: its metadata lives under `/ferry/<name>/` in etcd.
+    pub name: String,
+    /// A broker silent this long is dead (its etcd lease ends; Kafka's
+    /// `broker.session.timeout.ms`).
+    pub session_timeout: Duration,
+    /// A follower not caught up for this long leaves the ISR (Kafka's
+    /// `replica.lag.time.max.ms`, 30 s there).
+    pub replica_lag_max: Duration,
+    /// Replicas of topics created without a replication factor (Kafka's
+    /// `default.replication.factor`).
+    pub default_replication_factor: i32,
+    /// `min.insync.replicas` of topics that do not set it.
+    pub min_insync_replicas: usize,
+    /// The region's position in its topology (the low byte of its leader epochs).
+    pub region_index: usize,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings {
+            etcd: Vec::new(),
+            name: "ferry".into(),
+            session_timeout: Duration::from_secs(6),
+            replica_lag_max: Duration::from_secs(30),
+            default_replication_factor: 3,
+            min_insync_replicas: 1,
+            region_index: 0,
+        }
+    }
 }
 
 impl Default for BrokerConfig {
@@ -93,6 +132,7 @@ impl Default for BrokerConfig {
             metrics: None,
             topology: None,
             region: None,
+            cluster: None,
         }
     }
 }
@@ -153,6 +193,20 @@ impl BrokerConfig {
         ] {
             if n == 0 {
                 return Err(val(field, "must be 1 or more".into()));
+            }
+        }
+        if let Some(cs) = &self.cluster {
+            if cs.etcd.is_empty() {
+                return Err(val("etcd", "a cluster needs at least one etcd URL".into()));
+            }
+            if cs.default_replication_factor < 1 || cs.min_insync_replicas < 1 {
+                return Err(val(
+                    "replication_factor/min_insync_replicas",
+                    "must be 1 or more".into(),
+                ));
+            }
+            if self.node_id < 0 {
+                return Err(val("node_id", "must be 0 or more in a cluster".into()));
             }
         }
         if self.limits.idle_timeout.is_zero() || self.limits.request_read_timeout.is_zero() {

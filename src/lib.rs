@@ -9,6 +9,7 @@
 //! - [`broker`]: topics and partitions, idempotent producers, the group commit writer, the
 //!   async shell of the group coordinator with its durable `__consumer_offsets` log.
 //! - [`group`]: the consumer group coordinator (a state machine) and the offsets record format.
+//! - [`follower`]: a cluster broker's replica fetchers (Fetch from each leader it follows).
 //! - [`replica`]: replication inside a region cluster (high watermark, ISR).
 //! - [`mirror`]: the mirroring gateway: frames, source and sink streams per partition.
 //! - [`kafka`]: the Kafka wire protocol server, one file per API.
@@ -30,6 +31,7 @@ pub mod cluster;
 pub mod config;
 pub mod durable;
 pub mod failover;
+pub mod follower;
 pub mod group;
 pub mod kafka;
 pub mod limits;

@@ -5,6 +5,7 @@
 //! id allocation, retention scheduling, and the group commit [`writer`]. Does not own: the Kafka
 //! wire format ([`crate::kafka`]) or the bytes layout of a partition ([`crate::log`]).
 
+pub mod cluster;
 pub mod groups;
 pub mod producer;
 pub mod quarantine;
@@ -23,6 +24,7 @@ use uuid::Uuid;
 use crate::config::BrokerConfig;
 use crate::failover::{self, Placement, RegionState, RuleState};
 use crate::log::{LogConfig, LogError, PartitionLog};
+use crate::replica::Replica;
 use crate::units::{parse_duration, parse_size};
 use producer::ProducerStates;
 use writer::Writer;
@@ -35,6 +37,15 @@ pub struct PartitionState {
     /// Whether clients may write here, and at which region epoch. Checked by the writer under
     /// this lock, so a fence takes effect between two appends, never in the middle of one.
     pub gate: Gate,
+    /// Its part in the region's cluster (leader, follower, ...), and so its high watermark.
+    pub replica: Replica,
+}
+
+impl PartitionState {
+    /// What consumers may read up to.
+    pub fn high_watermark(&self) -> i64 {
+        self.replica.high_watermark(self.log.next_offset())
+    }
 }
 
 /// The write gate of a partition (see [`crate::failover`]).
@@ -57,6 +68,8 @@ pub struct Partition {
     pub mirror_acks: Mutex<BTreeMap<String, i64>>,
     /// Notified whenever a mirror acknowledgement moves.
     pub mirror_acked: Notify,
+    /// Notified whenever the high watermark moves (`acks=all` produces in a cluster wait on it).
+    pub replicated: Notify,
 }
 
 impl Partition {
@@ -149,6 +162,10 @@ pub enum TopicError {
     #[error("topic '{0}' is a mirror of its primary region {1}: change its configuration there")]
     Mirror(String, String),
     #[error(transparent)]
+    Assignment(#[from] crate::cluster::assignment::AssignError),
+    #[error("the cluster's metadata store: {0}")]
+    Cluster(String),
+    #[error(transparent)]
     Log(#[from] LogError),
     #[error("I/O error on {path}: {source}")]
     Io {
@@ -168,6 +185,8 @@ impl TopicError {
             TopicError::InvalidReplicationFactor(_) => 38,
             TopicError::InvalidConfig(..) => 40,
             TopicError::Mirror(..) => 44,
+            TopicError::Assignment(e) => e.kafka_code(),
+            TopicError::Cluster(_) => 7, // REQUEST_TIMED_OUT: retriable
             TopicError::Log(_) | TopicError::Io { .. } => 56,
         }
     }
@@ -304,6 +323,8 @@ pub struct Broker {
     failover: RwLock<RegionState>,
     /// The write lease the gateway renews under lease fencing: (armed, valid until).
     lease: Mutex<(bool, Option<std::time::Instant>)>,
+    /// The region cluster this broker is part of (set once it joined).
+    cluster: std::sync::OnceLock<Arc<cluster::ClusterLink>>,
 }
 
 impl Broker {
@@ -333,6 +354,7 @@ impl Broker {
             meta_dir,
             groups: std::sync::OnceLock::new(),
             admin: Mutex::new(()),
+            cluster: std::sync::OnceLock::new(),
             config,
         };
         let mut names: Vec<String> = Vec::new();
@@ -384,12 +406,55 @@ impl Broker {
         Ok(Arc::new(broker))
     }
 
+    /// The region cluster this broker is part of, once joined (`None` alone in a region).
+    pub fn cluster(&self) -> Option<&Arc<cluster::ClusterLink>> {
+        self.cluster.get()
+    }
+
+    fn set_cluster(&self, link: Arc<cluster::ClusterLink>) {
+        let _ = self.cluster.set(link);
+    }
+
+    /// Open (or create) this broker's copy of a topic the cluster has.
+    fn open_cluster_topic(
+        &self,
+        t: &crate::cluster::metadata::TopicAssignment,
+    ) -> Result<Arc<Topic>, TopicError> {
+        let _admin = self.admin.lock().expect("admin lock");
+        if let Some(local) = self.topic(&t.name) {
+            if local.id == t.id {
+                return Ok(local);
+            }
+        }
+        let n = t.replicas.len() as i32;
+        for i in 0..n {
+            let dir = self.config.data_dir.join(format!("{}-{i}", t.name));
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+            }
+        }
+        let topic = self.open_topic(&t.name, t.id, n, t.configs.clone())?;
+        // Every partition starts unserved until its part is applied.
+        for p in topic.partitions.read().expect("topic lock").iter() {
+            let mut st = p.state.lock().expect("partition lock");
+            st.replica = Replica::offline();
+            st.gate = cluster::gate_of(st.gate, &st.replica);
+        }
+        self.write_meta(&topic)?;
+        self.topics
+            .write()
+            .expect("topics lock")
+            .insert(t.name.clone(), topic.clone());
+        tracing::info!(topic = %t.name, partitions = n, id = %t.id, "opened the cluster's topic here");
+        Ok(topic)
+    }
+
     /// The group coordinator.
     pub fn groups(&self) -> &Arc<groups::GroupService> {
         self.groups.get().expect("set on open")
     }
 
-    fn topic_log_config(
+    pub(crate) fn topic_log_config(
         &self,
         configs: &BTreeMap<String, String>,
     ) -> Result<LogConfig, TopicError> {
@@ -420,6 +485,19 @@ impl Broker {
                     }
                 }
                 "segment.ms" => c.segment_age = parse_duration(v).map_err(|m| bad(k, m))?,
+                "min.insync.replicas" => {
+                    let n: i64 = v
+                        .parse()
+                        .map_err(|_| bad(k, format!("`{v}` is not a number")))?;
+                    if n < 1 {
+                        return Err(bad(k, "must be at least 1".into()));
+                    }
+                }
+                "unclean.leader.election.enable" => {
+                    if v != "true" && v != "false" {
+                        return Err(bad(k, format!("`{v}` is not true or false")));
+                    }
+                }
                 "max.message.bytes" => {
                     let _: u64 = v
                         .parse()
@@ -473,9 +551,11 @@ impl Broker {
                 log,
                 producers,
                 gate,
+                replica: Replica::Solo,
             }),
             mirror_acks: Mutex::new(BTreeMap::new()),
             mirror_acked: Notify::new(),
+            replicated: Notify::new(),
         }))
     }
 
@@ -655,7 +735,8 @@ impl Broker {
         for topic in self.topics() {
             let gate = self.gate_for(&topic.name);
             for p in topic.partitions.read().expect("topic lock").iter() {
-                p.state.lock().expect("partition lock").gate = gate;
+                let mut st = p.state.lock().expect("partition lock");
+                st.gate = cluster::gate_of(gate, &st.replica);
             }
         }
         if changed {

@@ -326,6 +326,13 @@ fn append_one(
     match st.log.append(bytes, epoch) {
         Ok(base_offset) => {
             st.producers.record(header, base_offset);
+            let end = st.log.next_offset();
+            if let crate::replica::Replica::Leader(l) = &mut st.replica {
+                // A leader alone in its ISR acknowledges at once.
+                if l.on_append(end).is_some() {
+                    partition.replicated.notify_waiters();
+                }
+            }
             let file = st.log.active_file();
             (
                 Ok(AppendOk {

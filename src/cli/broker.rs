@@ -62,6 +62,25 @@ pub struct BrokerArgs {
     /// Create topics when clients ask for unknown ones.
     #[arg(long, value_name = "true|false", action = clap::ArgAction::Set)]
     pub auto_create: Option<bool>,
+    /// Join a region cluster whose metadata is in this etcd (client URLs, comma-separated;
+    /// docs/cluster.md). Without it the broker is alone in its region.
+    #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// The region cluster's name (its keys in etcd are under /ferry/NAME/).
+    #[arg(long, value_name = "NAME", requires = "etcd")]
+    pub cluster: Option<String>,
+    /// Replicas of topics created without a replication factor (default 3).
+    #[arg(long, value_name = "N", requires = "etcd")]
+    pub replication_factor: Option<i32>,
+    /// min.insync.replicas of topics that do not set it (default 1).
+    #[arg(long, value_name = "N", requires = "etcd")]
+    pub min_insync_replicas: Option<usize>,
+    /// A follower not caught up for this long leaves the ISR (default 30s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "etcd")]
+    pub replica_lag_max: Option<std::time::Duration>,
+    /// A broker silent this long is dead to the cluster (default 6s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "etcd")]
+    pub session_timeout: Option<std::time::Duration>,
 }
 
 impl BrokerArgs {
@@ -130,6 +149,28 @@ impl BrokerArgs {
         if let Some(a) = &self.advertised {
             c.advertised = Some(parse_host_port(a).map_err(anyhow::Error::msg)?);
         }
+        if !self.etcd.is_empty() {
+            let mut cs = c.cluster.take().unwrap_or_default();
+            cs.etcd = self.etcd.clone();
+            if let Some(n) = &self.cluster {
+                cs.name = n.clone();
+            } else if let Some(r) = &c.region {
+                cs.name = r.clone();
+            }
+            if let Some(n) = self.replication_factor {
+                cs.default_replication_factor = n;
+            }
+            if let Some(n) = self.min_insync_replicas {
+                cs.min_insync_replicas = n;
+            }
+            if let Some(d) = self.replica_lag_max {
+                cs.replica_lag_max = d;
+            }
+            if let Some(d) = self.session_timeout {
+                cs.session_timeout = d;
+            }
+            c.cluster = Some(cs);
+        }
         c.validate()?;
         Ok(c)
     }
@@ -180,10 +221,30 @@ pub async fn serve(config: BrokerConfig) -> anyhow::Result<()> {
         .with_context(|| format!("binding the Kafka listener {listen}"))?;
     let (host, port) = broker.config.advertised();
     tracing::info!(%listen, advertised = %format!("{host}:{port}"), "ferry broker listening on {listen}");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    if let Some(cs) = &broker.config.cluster {
+        let link = crate::broker::cluster::join(&broker, stopped)
+            .await
+            .with_context(|| {
+                format!(
+                    "joining region cluster '{}' through etcd at {}",
+                    cs.name,
+                    cs.etcd.join(",")
+                )
+            })?;
+        crate::follower::spawn(broker.clone(), link);
+        tracing::info!(cluster = %cs.name, node_id = broker.config.node_id, "joined the region cluster");
+    }
     spawn_retention(broker.clone());
     broker.groups().spawn_ticker();
     crate::telemetry::spawn_gauges(broker.clone(), std::time::Duration::from_secs(5));
     crate::kafka::server::run(listener, broker.clone(), shutdown_signal()).await?;
+    // Leave the cluster at once (the lease is revoked): leaderships move now, not after the
+    // session timeout.
+    let _ = stop.send(true);
+    if let Some(link) = broker.cluster() {
+        link.left().await;
+    }
     tracing::info!("shutting down: syncing partitions");
     tokio::task::block_in_place(|| broker.sync_all());
     Ok(())

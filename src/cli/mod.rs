@@ -45,6 +45,8 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the size of the largest variant (the broker's flags) costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run every process of a topology on this machine until Ctrl-C.
     Up(up::UpArgs),

@@ -9,6 +9,12 @@
 //! `sendfile` (see [`super::fetch_wire`]).
 //! Fetch sessions (KIP-227) are not kept: the answer's session id is 0, so clients send full
 //! fetches.
+//!
+//! In a region cluster only a partition's leader serves it (NOT_LEADER_OR_FOLLOWER elsewhere,
+//! FENCED_LEADER_EPOCH / UNKNOWN_LEADER_EPOCH for a client's stale or future leader epoch), and
+//! consumers read only below the high watermark. A fetch with a replica id is a follower's: it
+//! reads past the watermark, its fetch offset moves the watermark, and when its last fetched
+//! epoch shows its log left the leader's, the answer names the diverging epoch instead of data.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +27,9 @@ use kafka_protocol::messages::BrokerId;
 
 use super::code;
 use crate::broker::Broker;
+use crate::log::epochs::end_offset_for;
 use crate::log::{LogError, ReadSlice};
+use crate::replica::Replica;
 
 /// Longest wait honoured, whatever the client asks.
 const MAX_WAIT_CAP: Duration = Duration::from_secs(30);
@@ -41,7 +49,31 @@ pub struct FetchAnswer {
     pub records: Vec<Vec<Option<ReadSlice>>>,
 }
 
+/// Whether this broker serves a fetch of a partition in this part: `0`, or the Kafka error
+/// (not the leader; or a client's `current_leader_epoch` older or newer than the leader's).
+fn leader_check(replica: &Replica, current_leader_epoch: i32, version: i16) -> i16 {
+    match replica {
+        Replica::Solo => 0,
+        Replica::Leader(l) if version >= 9 && current_leader_epoch >= 0 => {
+            if current_leader_epoch < l.leader_epoch() {
+                code::FENCED_LEADER_EPOCH
+            } else if current_leader_epoch > l.leader_epoch() {
+                code::UNKNOWN_LEADER_EPOCH
+            } else {
+                0
+            }
+        }
+        Replica::Leader(_) => 0,
+        _ => code::NOT_LEADER_OR_FOLLOWER,
+    }
+}
+
 fn collect(broker: &Broker, req: &FetchRequest, version: i16) -> Collected {
+    // A fetch from a follower of this broker's cluster (its replica id), with the time.
+    let follower = broker
+        .cluster()
+        .filter(|_| req.replica_id.0 >= 0)
+        .map(|c| (req.replica_id.0, c.now()));
     let mut resp = FetchResponse::default();
     let mut budget = req.max_bytes.max(0) as usize;
     let mut total = 0usize;
@@ -71,22 +103,75 @@ fn collect(broker: &Broker, req: &FetchRequest, version: i16) -> Collected {
                 trecs.push(None);
                 continue;
             };
-            let (slice, start, end) = {
-                let st = partition.state.lock().expect("partition lock");
+            let mut moved = false;
+            let (slice, start, hw) = {
+                let mut st = partition.state.lock().expect("partition lock");
+                let end = st.log.next_offset();
                 let limit = (fp.partition_max_bytes.max(0) as usize).min(budget);
                 // KIP-74: the first data of the response ignores the limits.
                 let limit = if total == 0 { limit.max(1) } else { limit };
-                let r = if limit == 0 {
-                    Ok(None)
-                } else {
-                    st.log.read(fp.fetch_offset, limit)
-                };
-                (r, st.log.start_offset(), st.log.next_offset())
+                let mut err = leader_check(&st.replica, fp.current_leader_epoch, version);
+                if err == 0 && follower.is_some() && !matches!(st.replica, Replica::Leader(_)) {
+                    err = code::NOT_LEADER_OR_FOLLOWER;
+                }
+                let mut r = Ok(None);
+                if err == 0 {
+                    // Where the follower's last fetched epoch ends in this log.
+                    let (e, e_end) = if fp.last_fetched_epoch >= 0 {
+                        end_offset_for(st.log.epochs(), end, fp.last_fetched_epoch)
+                    } else {
+                        (fp.last_fetched_epoch, fp.fetch_offset)
+                    };
+                    let crate::broker::PartitionState { log, replica, .. } = &mut *st;
+                    if let (Some((id, now)), Replica::Leader(l)) = (follower, replica) {
+                        // A follower: it reads past the high watermark, and its fetch offset
+                        // says what it holds, unless its log left ours (then it truncates).
+                        if !l.is_follower(id) {
+                            err = code::NOT_LEADER_OR_FOLLOWER;
+                        } else if fp.last_fetched_epoch >= 0
+                            && (e_end < fp.fetch_offset || e < fp.last_fetched_epoch)
+                        {
+                            pd.diverging_epoch.epoch = e;
+                            pd.diverging_epoch.end_offset = e_end;
+                        } else {
+                            moved = l.on_fetch(id, fp.fetch_offset, end, now).is_some();
+                            if limit > 0 {
+                                r = log.read(fp.fetch_offset, limit);
+                            }
+                        }
+                    } else if limit > 0 {
+                        let hw = st.high_watermark();
+                        r = st.log.read_below(fp.fetch_offset, limit, hw);
+                    }
+                }
+                if err != 0 {
+                    pd.error_code = err;
+                    if version >= 12 {
+                        if let (Some(leader), Some(epoch)) = (
+                            st.replica.leader(broker.config.node_id),
+                            st.replica.leader_epoch(),
+                        ) {
+                            pd.current_leader.leader_id = BrokerId(leader);
+                            pd.current_leader.leader_epoch = epoch;
+                        }
+                    }
+                    any_error = true;
+                }
+                (r, st.log.start_offset(), st.high_watermark())
             };
-            pd.high_watermark = end;
-            pd.last_stable_offset = end;
+            if moved {
+                partition.replicated.notify_waiters();
+                broker.appended.notify_waiters();
+            }
+            pd.high_watermark = hw;
+            pd.last_stable_offset = hw;
             if version >= 5 {
                 pd.log_start_offset = start;
+            }
+            if pd.error_code != 0 {
+                trecs.push(None);
+                tr.partitions.push(pd);
+                continue;
             }
             let mut rec = None;
             match slice {

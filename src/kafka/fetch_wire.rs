@@ -4,8 +4,8 @@
 //! The crate's encoder needs the records in memory. This writer produces the same bytes, but as
 //! pieces: encoded framing in memory, and file ranges for each partition's records, which the
 //! connection sends with `sendfile`. It covers the versions the broker serves (4-12) and only the
-//! fields the broker sets (no aborted transactions, no diverging epochs, no tagged fields at
-//! non-default values); a test checks it against the crate's encoder byte for byte.
+//! fields the broker sets (no aborted transactions; of the tagged fields, the diverging epoch
+//! and the current leader); a test checks it against the crate's encoder byte for byte.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::fetch_response::FetchResponse;
@@ -117,7 +117,26 @@ pub fn encode(
                 }
             }
             if flexible {
-                b.put_u8(0); // partition tagged fields
+                // Partition tagged fields: the diverging epoch (0) a follower truncates to, and
+                // the current leader (1), when set.
+                let diverging = p.diverging_epoch.epoch != -1 || p.diverging_epoch.end_offset != -1;
+                let leader =
+                    p.current_leader.leader_id.0 != -1 || p.current_leader.leader_epoch != -1;
+                b.put_u8(u8::from(diverging) + u8::from(leader));
+                if diverging {
+                    b.put_u8(0);
+                    b.put_u8(13);
+                    b.put_i32(p.diverging_epoch.epoch);
+                    b.put_i64(p.diverging_epoch.end_offset);
+                    b.put_u8(0);
+                }
+                if leader {
+                    b.put_u8(1);
+                    b.put_u8(9);
+                    b.put_i32(p.current_leader.leader_id.0);
+                    b.put_i32(p.current_leader.leader_epoch);
+                    b.put_u8(0);
+                }
             }
         }
         if flexible {
@@ -197,6 +216,14 @@ mod tests {
                     };
                     if pi == 1 && ti == 1 {
                         p.error_code = 1;
+                    }
+                    if version >= 12 && pi == 2 {
+                        p.diverging_epoch.epoch = 513;
+                        p.diverging_epoch.end_offset = 77;
+                    }
+                    if version >= 12 && ti == 1 {
+                        p.current_leader.leader_id = BrokerId(3);
+                        p.current_leader.leader_epoch = 768;
                     }
                     p.records = s.as_ref().map(|s| Bytes::from(s.read().unwrap()));
                     p.aborted_transactions = None;

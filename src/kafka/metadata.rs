@@ -3,6 +3,11 @@
 //! so producers bootstrapped in the old primary follow the switchover without a configuration
 //! change). Requested topics that do not exist are created when auto-creation is on and the
 //! client allows it (`allow_auto_topic_creation`).
+//!
+//! In a region cluster the answer comes from the cluster's metadata (etcd, as this broker last
+//! saw it): every live broker, the controller, and per partition its leader, leader epoch,
+//! replicas and ISR. A topic being auto-created answers LEADER_NOT_AVAILABLE until it exists,
+//! as in Kafka.
 
 use kafka_protocol::messages::metadata_request::MetadataRequest;
 use kafka_protocol::messages::metadata_response::{
@@ -10,8 +15,12 @@ use kafka_protocol::messages::metadata_response::{
 };
 use kafka_protocol::messages::{BrokerId, TopicName};
 
+use std::sync::Arc;
+
 use super::{code, sb};
+use crate::broker::cluster::ClusterLink;
 use crate::broker::{Broker, Topic};
+use crate::cluster::metadata::{Image, NO_LEADER};
 
 /// The broker that leads `topic` for clients of this region: this one, or (in a region a
 /// failover demoted) the first broker of the primary region, with its address.
@@ -65,7 +74,10 @@ pub fn topic_entry(broker: &Broker, t: &Topic, version: i16) -> MetadataResponse
     mt
 }
 
-pub fn handle(broker: &Broker, req: MetadataRequest, version: i16) -> MetadataResponse {
+pub fn handle(broker: &Arc<Broker>, req: MetadataRequest, version: i16) -> MetadataResponse {
+    if let Some(link) = broker.cluster() {
+        return cluster(broker, link, req, version);
+    }
     let mut resp = MetadataResponse::default();
     let (host, port) = broker.config.advertised();
     let mut b = MetadataResponseBroker::default();
@@ -157,4 +169,135 @@ fn topics(
         }
     }
     resp
+}
+
+/// The answer in a region cluster.
+fn cluster(
+    broker: &Arc<Broker>,
+    link: &Arc<ClusterLink>,
+    req: MetadataRequest,
+    version: i16,
+) -> MetadataResponse {
+    let img = link.member.image();
+    let mut resp = MetadataResponse::default();
+    for b in img.brokers.values() {
+        let mut mb = MetadataResponseBroker::default();
+        mb.node_id = BrokerId(b.id);
+        mb.host = sb(&b.host);
+        mb.port = b.port as i32;
+        if version >= 1 {
+            mb.rack = b.rack.as_deref().map(sb);
+        }
+        resp.brokers.push(mb);
+    }
+    if version >= 2 {
+        resp.cluster_id = Some(sb(&broker.config.cluster_id));
+    }
+    resp.controller_id = BrokerId(img.controller.unwrap_or(-1));
+    resp.cluster_authorized_operations = i32::MIN;
+    let all = match &req.topics {
+        None => true,
+        Some(t) if t.is_empty() && version == 0 => true,
+        _ => false,
+    };
+    if all {
+        resp.topics = img
+            .topics
+            .keys()
+            .map(|name| cluster_topic(&img, name, version))
+            .collect();
+        return resp;
+    }
+    let allow_create =
+        (version < 4 || req.allow_auto_topic_creation) && broker.config.auto_create_topics;
+    for rt in req.topics.unwrap_or_default() {
+        let name = match (&rt.name, rt.topic_id.is_nil()) {
+            (Some(n), _) => Some(n.0.to_string()),
+            (None, false) => img
+                .topics
+                .values()
+                .find(|t| t.value.id == rt.topic_id)
+                .map(|t| t.value.name.clone()),
+            (None, true) => None,
+        };
+        let mut mt = MetadataResponseTopic::default();
+        match name {
+            Some(n) if img.topics.contains_key(&n) => {
+                resp.topics.push(cluster_topic(&img, &n, version));
+                continue;
+            }
+            Some(n) => {
+                mt.name = Some(TopicName(sb(&n)));
+                if allow_create && crate::broker::validate_topic_name(&n).is_ok() {
+                    mt.error_code = code::LEADER_NOT_AVAILABLE;
+                    let (b, l) = (broker.clone(), link.clone());
+                    tokio::spawn(async move {
+                        let (partitions, configs) = b.topic_defaults(&n);
+                        let new = crate::broker::cluster::NewTopic {
+                            name: n.clone(),
+                            partitions,
+                            configs,
+                            ..Default::default()
+                        };
+                        match crate::broker::cluster::create_topic(&b, &l, new).await {
+                            Ok(_) | Err(crate::broker::TopicError::AlreadyExists(_)) => {}
+                            Err(e) => {
+                                tracing::warn!(topic = %n, error = %e, "auto-creation failed")
+                            }
+                        }
+                    });
+                } else {
+                    mt.error_code = code::UNKNOWN_TOPIC_OR_PARTITION;
+                }
+            }
+            None => {
+                mt.error_code = if rt.topic_id.is_nil() {
+                    code::INVALID_REQUEST
+                } else {
+                    code::UNKNOWN_TOPIC_ID
+                };
+            }
+        }
+        if version >= 10 {
+            mt.topic_id = rt.topic_id;
+        }
+        resp.topics.push(mt);
+    }
+    resp
+}
+
+fn cluster_topic(img: &Image, name: &str, version: i16) -> MetadataResponseTopic {
+    let t = &img.topics[name].value;
+    let mut mt = MetadataResponseTopic::default();
+    mt.name = Some(TopicName(sb(name)));
+    if version >= 10 {
+        mt.topic_id = t.id;
+    }
+    mt.topic_authorized_operations = i32::MIN;
+    for (p, replicas) in t.replicas.iter().enumerate() {
+        let mut mp = MetadataResponsePartition::default();
+        mp.partition_index = p as i32;
+        let st = img.partitions.get(&(name.to_string(), p as i32));
+        let (leader, epoch, isr) = st.map_or((NO_LEADER, -1, Vec::new()), |s| {
+            (s.value.leader, s.value.leader_epoch, s.value.isr.clone())
+        });
+        mp.leader_id = BrokerId(leader);
+        if leader == NO_LEADER {
+            mp.error_code = code::LEADER_NOT_AVAILABLE;
+        }
+        if version >= 7 {
+            mp.leader_epoch = epoch;
+        }
+        mp.replica_nodes = replicas.iter().map(|b| BrokerId(*b)).collect();
+        mp.isr_nodes = isr.into_iter().map(BrokerId).collect();
+        if version >= 5 {
+            mp.offline_replicas = replicas
+                .iter()
+                .filter(|b| !img.brokers.contains_key(b))
+                .map(|b| BrokerId(*b))
+                .collect();
+        }
+        mt.partitions.push(mp);
+    }
+    mt
 }

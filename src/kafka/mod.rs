@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod api_versions;
+pub mod cluster_admin;
 pub mod control;
 pub mod coordinator;
 pub mod fetch;
@@ -48,6 +49,11 @@ pub mod code {
     pub const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 = 53;
     pub const CLUSTER_AUTHORIZATION_FAILED: i16 = 31;
     pub const FENCED_LEADER_EPOCH: i16 = 74;
+    pub const UNKNOWN_LEADER_EPOCH: i16 = 75;
+    pub const NOT_LEADER_OR_FOLLOWER: i16 = 6;
+    pub const LEADER_NOT_AVAILABLE: i16 = 5;
+    pub const NOT_ENOUGH_REPLICAS: i16 = 19;
+    pub const NOT_ENOUGH_REPLICAS_AFTER_APPEND: i16 = 20;
     pub const INVALID_CONFIG: i16 = 40;
 }
 

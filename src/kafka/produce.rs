@@ -1,6 +1,7 @@
 //! Produce: check each partition's batches (v2 magic, CRC-32C, sizes), queue them for the group
 //! commit writer in arrival order, then answer when the writer has them in the log (`acks=1`)
-//! or on disk (`acks=all`). `acks=0` gets no answer. A partition whose records fail a check gets
+//! or on disk (`acks=all`; in a region cluster also on the disk of every in-sync replica, with
+//! `min.insync.replicas` enforced). `acks=0` gets no answer. A partition whose records fail a check gets
 //! its error and nothing of it is written; the other partitions are unaffected.
 
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use super::{code, sb};
 use crate::batch;
 use crate::broker::writer::{AppendRequest, AppendResult};
 use crate::broker::Broker;
+use crate::replica::Replica;
 
 enum Outcome {
     Done(i16, Option<String>),
@@ -23,11 +25,113 @@ enum Outcome {
     Waiting(Vec<(oneshot::Receiver<AppendResult>, i64)>, SyncWait),
 }
 
-/// What an `acks=all` produce to a synchronously mirrored topic must also wait for.
+/// What an `acks=all` produce must also wait for: the synchronous mirror regions of its topic,
+/// and in a region cluster every in-sync replica (the high watermark).
 #[derive(Clone)]
 struct SyncWait {
     partition: Option<Arc<crate::broker::Partition>>,
     regions: Vec<String>,
+    /// The leader epoch the records were written at and `min.insync.replicas`.
+    replicated: Option<(i32, usize)>,
+}
+
+/// In a region cluster, may this broker take the produce for `partition`? The epoch to stamp,
+/// and for `acks=all` what to wait for; or the Kafka error (not the leader; fewer in-sync
+/// replicas than `min.insync.replicas`).
+#[allow(clippy::type_complexity)]
+fn replica_check(
+    broker: &Broker,
+    partition: &crate::broker::Partition,
+    topic: &crate::broker::Topic,
+    acks: i16,
+    region_epoch: i32,
+) -> Result<(i32, Option<(i32, usize)>), (i16, String)> {
+    let st = partition.state.lock().expect("partition lock");
+    match &st.replica {
+        Replica::Solo => Ok((region_epoch, None)),
+        Replica::Leader(l) => {
+            let min_isr = topic
+                .configs()
+                .get("min.insync.replicas")
+                .and_then(|v| v.parse::<usize>().ok())
+                .or_else(|| broker.cluster().map(|c| c.settings.min_insync_replicas))
+                .unwrap_or(1);
+            if acks == -1 && l.isr().len() < min_isr {
+                return Err((
+                    code::NOT_ENOUGH_REPLICAS,
+                    format!(
+                        "{}-{} has {} in-sync replicas ({:?}), min.insync.replicas is {min_isr}",
+                        partition.topic,
+                        partition.index,
+                        l.isr().len(),
+                        l.isr()
+                    ),
+                ));
+            }
+            Ok((
+                l.leader_epoch(),
+                (acks == -1).then_some((l.leader_epoch(), min_isr)),
+            ))
+        }
+        other => Err((
+            code::NOT_LEADER_OR_FOLLOWER,
+            format!(
+                "broker {} does not lead {}-{} (leader: {})",
+                broker.config.node_id,
+                partition.topic,
+                partition.index,
+                other.leader(broker.config.node_id).unwrap_or(-1)
+            ),
+        )),
+    }
+}
+
+/// Wait until the high watermark of `partition` passes `end` while this broker still leads it
+/// at `epoch`, or `timeout`. The error to answer with otherwise.
+async fn wait_replicated(
+    partition: &crate::broker::Partition,
+    epoch: i32,
+    min_isr: usize,
+    end: i64,
+    timeout: std::time::Duration,
+) -> Result<(), (i16, String)> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let notified = partition.replicated.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        {
+            let st = partition.state.lock().expect("partition lock");
+            match &st.replica {
+                Replica::Leader(l) if l.leader_epoch() == epoch => {
+                    if l.high_watermark() >= end {
+                        if l.isr().len() < min_isr {
+                            return Err((
+                                code::NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+                                format!(
+                                    "written, but the ISR shrank to {:?}, below min.insync.replicas {min_isr}",
+                                    l.isr()
+                                ),
+                            ));
+                        }
+                        return Ok(());
+                    }
+                }
+                _ => {
+                    return Err((
+                        code::NOT_LEADER_OR_FOLLOWER,
+                        "the leadership moved before every in-sync replica had the records".into(),
+                    ))
+                }
+            }
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return Err((
+                code::REQUEST_TIMED_OUT,
+                "not yet in every in-sync replica".into(),
+            ));
+        }
+    }
 }
 
 /// (topic name, topic id, per partition: index and outcome).
@@ -64,72 +168,83 @@ pub async fn start(broker: &Arc<Broker>, req: ProduceRequest, version: i16) -> W
             } else {
                 match topic.as_ref().and_then(|t| t.partition(pd.index)) {
                     None => Outcome::Done(code::UNKNOWN_TOPIC_OR_PARTITION, None),
-                    Some(partition) => {
-                        let records = pd.records.unwrap_or_default();
-                        match batch::split(&records) {
-                            Err(e) => {
-                                tracing::warn!(topic = %td.name.0.as_str(), partition = pd.index, error = %e, "refused produce: corrupt batch");
-                                metrics::counter!("ferry_produce_rejected_total", "reason" => "corrupt").increment(1);
-                                Outcome::Done(code::CORRUPT_MESSAGE, Some(e.to_string()))
-                            }
-                            Ok(batches) if batches.is_empty() => {
-                                Outcome::Done(code::INVALID_RECORD, Some("no record batch".into()))
-                            }
-                            Ok(batches)
-                                if batches
-                                    .iter()
-                                    .any(|(r, _)| r.len() > broker.config.batch_bytes_max) =>
-                            {
-                                Outcome::Done(code::MESSAGE_TOO_LARGE, None)
-                            }
-                            Ok(batches)
-                                if batches
-                                    .iter()
-                                    .any(|(_, h)| h.is_transactional() || h.is_control()) =>
-                            {
-                                Outcome::Done(
-                                    code::INVALID_RECORD,
-                                    Some(
-                                        "transactional and control batches are not supported"
-                                            .into(),
-                                    ),
-                                )
-                            }
-                            Ok(batches) => {
-                                let mut rxs = Vec::with_capacity(batches.len());
-                                let sync = SyncWait {
-                                    partition: Some(partition.clone()),
-                                    regions: if acks == -1 {
-                                        broker.sync_mirrors(td.name.0.as_str())
-                                    } else {
-                                        Vec::new()
-                                    },
-                                };
-                                let topic_label = td.name.0.to_string();
-                                for (range, header) in batches {
-                                    metrics::counter!("ferry_bytes_in_total", "topic" => topic_label.clone())
-                                        .increment(range.len() as u64);
-                                    metrics::counter!("ferry_records_in_total", "topic" => topic_label.clone())
-                                        .increment(header.record_count.max(0) as u64);
-                                    let (tx, rx) = oneshot::channel();
-                                    let req = AppendRequest {
-                                        partition: partition.clone(),
-                                        bytes: records.slice(range),
-                                        header,
-                                        acks,
-                                        epoch: Some(*write.as_ref().unwrap_or(&0)),
-                                        exact: false,
-                                        reply: if acks == 0 { None } else { Some(tx) },
-                                    };
-                                    if broker.writer().submit(req).await.is_err() {
-                                        break;
-                                    }
-                                    rxs.push((rx, header.last_offset_delta as i64 + 1));
+                    Some(partition) => match replica_check(
+                        broker,
+                        &partition,
+                        topic.as_ref().expect("found"),
+                        acks,
+                        *write.as_ref().unwrap_or(&0),
+                    ) {
+                        Err((code, message)) => Outcome::Done(code, Some(message)),
+                        Ok((epoch, replicated)) => {
+                            let records = pd.records.unwrap_or_default();
+                            match batch::split(&records) {
+                                Err(e) => {
+                                    tracing::warn!(topic = %td.name.0.as_str(), partition = pd.index, error = %e, "refused produce: corrupt batch");
+                                    metrics::counter!("ferry_produce_rejected_total", "reason" => "corrupt").increment(1);
+                                    Outcome::Done(code::CORRUPT_MESSAGE, Some(e.to_string()))
                                 }
-                                Outcome::Waiting(rxs, sync)
+                                Ok(batches) if batches.is_empty() => Outcome::Done(
+                                    code::INVALID_RECORD,
+                                    Some("no record batch".into()),
+                                ),
+                                Ok(batches)
+                                    if batches
+                                        .iter()
+                                        .any(|(r, _)| r.len() > broker.config.batch_bytes_max) =>
+                                {
+                                    Outcome::Done(code::MESSAGE_TOO_LARGE, None)
+                                }
+                                Ok(batches)
+                                    if batches
+                                        .iter()
+                                        .any(|(_, h)| h.is_transactional() || h.is_control()) =>
+                                {
+                                    Outcome::Done(
+                                        code::INVALID_RECORD,
+                                        Some(
+                                            "transactional and control batches are not supported"
+                                                .into(),
+                                        ),
+                                    )
+                                }
+                                Ok(batches) => {
+                                    let mut rxs = Vec::with_capacity(batches.len());
+                                    let sync = SyncWait {
+                                        partition: Some(partition.clone()),
+                                        regions: if acks == -1 {
+                                            broker.sync_mirrors(td.name.0.as_str())
+                                        } else {
+                                            Vec::new()
+                                        },
+                                        replicated,
+                                    };
+                                    let topic_label = td.name.0.to_string();
+                                    for (range, header) in batches {
+                                        metrics::counter!("ferry_bytes_in_total", "topic" => topic_label.clone())
+                                        .increment(range.len() as u64);
+                                        metrics::counter!("ferry_records_in_total", "topic" => topic_label.clone())
+                                        .increment(header.record_count.max(0) as u64);
+                                        let (tx, rx) = oneshot::channel();
+                                        let req = AppendRequest {
+                                            partition: partition.clone(),
+                                            bytes: records.slice(range),
+                                            header,
+                                            acks,
+                                            epoch: Some(epoch),
+                                            exact: false,
+                                            reply: if acks == 0 { None } else { Some(tx) },
+                                        };
+                                        if broker.writer().submit(req).await.is_err() {
+                                            break;
+                                        }
+                                        rxs.push((rx, header.last_offset_delta as i64 + 1));
+                                    }
+                                    Outcome::Waiting(rxs, sync)
+                                }
                             }
                         }
-                    }
+                    },
                 }
             };
             parts.push((pd.index, outcome));
@@ -190,6 +305,20 @@ impl Waiting {
                                 Err(_) => pr.error_code = code::UNKNOWN_SERVER_ERROR,
                             }
                             first = false;
+                        }
+                        if let (0, Some((epoch, min_isr)), Some(part)) =
+                            (pr.error_code, sync.replicated, sync.partition.as_ref())
+                        {
+                            if end >= 0 {
+                                if let Err((code, message)) =
+                                    wait_replicated(part, epoch, min_isr, end, self.timeout).await
+                                {
+                                    pr.error_code = code;
+                                    if self.version >= 8 {
+                                        pr.error_message = Some(sb(&message));
+                                    }
+                                }
+                            }
                         }
                         if pr.error_code == 0 && !sync.regions.is_empty() && end >= 0 {
                             let part = sync.partition.as_ref().expect("set with regions");

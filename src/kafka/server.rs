@@ -534,6 +534,20 @@ async fn request(
             version,
             &list_offsets::handle(&b, r, version),
         )),
+        RequestKind::CreateTopics(r) if b.cluster().is_some() => Box::pin(async move {
+            let link = b.cluster().expect("checked").clone();
+            let resp = super::cluster_admin::create_topics(&b, &link, r, version).await;
+            encode_response(cid, version, &resp)
+                .ok()
+                .map(|b| vec![Piece::Bytes(b)])
+        }),
+        RequestKind::DeleteTopics(r) if b.cluster().is_some() => Box::pin(async move {
+            let link = b.cluster().expect("checked").clone();
+            let resp = super::cluster_admin::delete_topics(&b, &link, r, version).await;
+            encode_response(cid, version, &resp)
+                .ok()
+                .map(|b| vec![Piece::Bytes(b)])
+        }),
         RequestKind::CreateTopics(r) => ready(encode_response(
             cid,
             version,

@@ -130,6 +130,18 @@ fn parse(text: &str) -> Option<Vec<EpochEntry>> {
     Some(out)
 }
 
+/// Kafka's answer to "where does epoch `epoch` end in this log?" (OffsetForLeaderEpoch, and a
+/// leader's check of a follower's fetch): the largest epoch of `entries` at or below `epoch`,
+/// and the start of the next epoch (or `log_end` when it is the last). `(-1, -1)` when the log
+/// holds no epoch at or below `epoch` (UNDEFINED_EPOCH, UNDEFINED_EPOCH_OFFSET).
+pub fn end_offset_for(entries: &[EpochEntry], log_end: i64, epoch: i32) -> (i32, i64) {
+    let Some(i) = entries.iter().rposition(|e| e.epoch <= epoch) else {
+        return (-1, -1);
+    };
+    let end = entries.get(i + 1).map_or(log_end, |n| n.start_offset);
+    (entries[i].epoch, end)
+}
+
 /// Where a receiver's copy of a partition leaves the sender's history: the offset up to which
 /// the receiver's log (`theirs`, ending at `their_end`) holds the same batches as the sender's
 /// (`ours`, ending at `our_end`). Records of the receiver at and past the returned offset are
@@ -179,6 +191,27 @@ mod tests {
             epoch,
             start_offset,
         }
+    }
+
+    #[test]
+    fn the_end_of_an_epoch_is_where_the_next_begins() {
+        let h = history(&[(0, 0), (256, 40), (513, 90)]);
+        assert_eq!(end_offset_for(&h, 120, 0), (0, 40));
+        assert_eq!(end_offset_for(&h, 100, 0), (0, 40));
+        assert_eq!(
+            end_offset_for(&h, 120, 300),
+            (256, 90),
+            "largest at or below"
+        );
+        assert_eq!(
+            end_offset_for(&h, 120, 513),
+            (513, 120),
+            "the last runs to the end"
+        );
+        assert_eq!(end_offset_for(&h, 120, 9999), (513, 120));
+        let later = history(&[(5, 0)]);
+        assert_eq!(end_offset_for(&later, 10, 4), (-1, -1));
+        assert_eq!(end_offset_for(&[], 0, 4), (-1, -1));
     }
 
     #[test]
