@@ -1,0 +1,291 @@
+"""A region cluster: three `ferry broker --etcd` processes and a real etcd (Debian's etcd-server),
+driven by confluent-kafka (librdkafka). One cluster for the module; tests that kill brokers bring
+them back before they end.
+
+Shows: replicated topics (leader, replicas and ISR in Metadata); a SIGKILLed leader under acks=all
+loses no acknowledged record and the replicas end byte-identical; min.insync.replicas refuses with
+NOT_ENOUGH_REPLICAS, never a false acknowledgement; an etcd SIGKILL leaves the data path serving
+while metadata changes wait, and they resume when etcd returns.
+
+Needs etcd on PATH: skipped without it unless FERRY_REQUIRE_ETCD=1 (CI sets it).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import FERRY_BIN, EXTERNAL, FerryBroker, free_port, port_open
+from helpers import ck_admin, ck_consumer, ck_producer, topic_name, wait_until
+
+ETCD = shutil.which("etcd")
+if ETCD is None:
+    if os.environ.get("FERRY_REQUIRE_ETCD") == "1":
+        raise RuntimeError("etcd is not on PATH and FERRY_REQUIRE_ETCD=1 (apt-get install etcd-server)")
+    pytest.skip("etcd is not on PATH (apt-get install etcd-server)", allow_module_level=True)
+if EXTERNAL:
+    pytest.skip("starts its own cluster of ferry brokers", allow_module_level=True)
+
+SESSION = "3s"  # a broker silent this long is dead (its etcd lease ends)
+
+
+class Etcd:
+    def __init__(self, root: Path):
+        self.dir = root / "etcd"
+        self.client = free_port()
+        self.peer = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.client}"
+
+    def start(self):
+        peer = f"http://127.0.0.1:{self.peer}"
+        with open(self.dir.with_suffix(".log"), "ab") as log:
+            self.proc = subprocess.Popen(
+                [ETCD, "--name", "n1", "--data-dir", str(self.dir), "--listen-client-urls", self.url,
+                 "--advertise-client-urls", self.url, "--listen-peer-urls", peer,
+                 "--initial-advertise-peer-urls", peer, "--initial-cluster", f"n1={peer}"],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+        wait_until(lambda: port_open(self.client), 20, "etcd to listen")
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=20)
+
+
+class Cluster:
+    def __init__(self, root: Path):
+        self.etcd = Etcd(root)
+        self.brokers: dict[int, FerryBroker] = {}
+        for i in (1, 2, 3):
+            port = free_port()
+            self.brokers[i] = FerryBroker(root / f"b{i}", port, [
+                "--node-id", str(i), "--etcd", self.etcd.url, "--cluster", "e2e",
+                "--session-timeout", SESSION, "--replica-lag-max", "10s"], None)
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(b.bootstrap for b in self.brokers.values())
+
+    def up(self):
+        """Every broker running, registered, and every partition's ISR full."""
+        for b in self.brokers.values():
+            if not b.alive():
+                b.start()
+        wait_until(lambda: len(self.metadata().brokers) == 3, 30, "three registered brokers")
+
+        def isr_full():
+            md = self.metadata()
+            return all(len(p.isrs) == len(p.replicas) and p.leader >= 0
+                       for t in md.topics.values() if not t.topic.startswith("__")
+                       for p in t.partitions.values())
+        wait_until(isr_full, 45, "every ISR full")
+
+    def metadata(self, topic: str | None = None):
+        return ck_admin(self.bootstrap).list_topics(topic=topic, timeout=10)
+
+    def create(self, name: str, partitions: int, rf: int = 3, **config):
+        from confluent_kafka.admin import NewTopic
+        admin = ck_admin(self.bootstrap)  # kept alive until the result is in
+        f = admin.create_topics(
+            [NewTopic(name, num_partitions=partitions, replication_factor=rf, config=config)])
+        f[name].result(timeout=30)
+        wait_until(lambda: all(p.leader >= 0 for p in self.metadata(name).topics[name].partitions.values()),
+                   20, f"leaders for {name}")
+
+    def leader(self, topic: str, partition: int) -> int:
+        return self.metadata(topic).topics[topic].partitions[partition].leader
+
+    def logs(self) -> str:
+        return "\n".join(f"--- broker {i}\n{b.log_tail(60)}" for i, b in self.brokers.items())
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if not FERRY_BIN.exists():
+        pytest.fail(f"ferry binary not found at {FERRY_BIN}")
+    c = Cluster(tmp_path_factory.mktemp("cluster"))
+    c.etcd.start()
+    try:
+        c.up()
+        yield c
+    finally:
+        for b in c.brokers.values():
+            b.kill()
+        c.etcd.kill()
+
+
+def produce_during(cluster: Cluster, topic: str, seconds: float, during=None, **conf):
+    """Produce numbered records for `seconds` with delivery reports; call `during()` halfway.
+    Returns ({(partition, offset): value} acknowledged, [errors])."""
+    p = ck_producer(cluster.bootstrap, **conf)
+    acked, errors = {}, []
+
+    def cb(err, msg):
+        if err is not None:
+            errors.append(err)
+        else:
+            acked[(msg.partition(), msg.offset())] = msg.value()
+
+    start, i, done = time.monotonic(), 0, False
+    while time.monotonic() - start < seconds:
+        try:
+            p.produce(topic, key=b"k%d" % i, value=b"v%08d" % i, on_delivery=cb)
+            i += 1
+        except BufferError:
+            p.poll(0.05)
+            continue
+        p.poll(0)
+        if i % 200 == 0:
+            time.sleep(0.01)
+        if during is not None and not done and time.monotonic() - start > seconds / 3:
+            during()
+            done = True
+    assert p.flush(90) == 0, "records still undelivered"
+    return acked, errors
+
+
+def read_all(cluster: Cluster, topic: str, partitions: int, expect: int, timeout: float = 60) -> dict:
+    from confluent_kafka import KafkaError, TopicPartition
+    c = ck_consumer(cluster.bootstrap)
+    got, eof = {}, set()
+    try:
+        c.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not (len(got) >= expect and len(eof) == partitions):
+            m = c.poll(0.5)
+            if m is None:
+                continue
+            if m.error():
+                if m.error().code() == KafkaError._PARTITION_EOF:
+                    eof.add(m.partition())
+                    continue
+                raise AssertionError(f"consumer error: {m.error()}")
+            eof.discard(m.partition())
+            key = (m.partition(), m.offset())
+            assert key not in got, f"offset {key} read twice"
+            got[key] = m.value()
+    finally:
+        c.close()
+    return got
+
+
+def segment_bytes(broker: FerryBroker, topic: str, partition: int) -> bytes:
+    d = broker.data_dir / f"{topic}-{partition}"
+    return b"".join(f.read_bytes() for f in sorted(d.glob("*.log")))
+
+
+def test_metadata_names_each_partitions_leader_replicas_and_isr(cluster):
+    t = topic_name("rf3")
+    cluster.create(t, 3)
+    parts = cluster.metadata(t).topics[t].partitions
+    assert sorted(parts) == [0, 1, 2]
+    for p in parts.values():
+        assert sorted(p.replicas) == [1, 2, 3]
+        assert sorted(p.isrs) == [1, 2, 3]
+        assert p.leader == p.replicas[0]
+    assert sorted(p.leader for p in parts.values()) == [1, 2, 3], "leaders spread over the brokers"
+    # A replication factor above the broker count is refused with Kafka's error.
+    from confluent_kafka.admin import NewTopic
+    admin = ck_admin(cluster.bootstrap)
+    f = admin.create_topics([NewTopic(topic_name("rf4"), 1, replication_factor=4)])
+    with pytest.raises(Exception) as e:
+        list(f.values())[0].result(timeout=30)
+    assert "INVALID_REPLICATION_FACTOR" in str(e.value) or "replication factor 4" in str(e.value)
+
+
+def test_a_sigkilled_leader_under_acks_all_loses_no_acknowledged_record(cluster):
+    cluster.up()
+    t = topic_name("kill")
+    cluster.create(t, 2, **{"min.insync.replicas": "2"})
+    victim = cluster.leader(t, 0)
+    acked, errors = produce_during(cluster, t, 9, during=lambda: cluster.brokers[victim].kill(),
+                                   acks="all", enable_idempotence=True, linger_ms=2,
+                                   message_timeout_ms=60000)
+    assert not errors, f"delivery errors: {errors[:5]}"
+    assert len(acked) > 1000, len(acked)
+    new = cluster.leader(t, 0)
+    assert new not in (victim, -1), f"partition 0 still led by {new}"
+    got = read_all(cluster, t, 2, len(acked))
+    missing = [k for k, v in acked.items() if got.get(k) != v]
+    assert not missing, f"{len(missing)} acknowledged records not read at their offsets: {missing[:5]}"
+    values = list(got.values())
+    assert len(values) == len(set(values)), "a record was written twice"
+    # The victim comes back, truncates to the new leader's history and catches up: every
+    # replica then holds the same bytes.
+    cluster.up()
+    for p in (0, 1):
+        wait_until(lambda: len({segment_bytes(b, t, p) for b in cluster.brokers.values()}) == 1,
+                   45, f"identical replicas of {t}-{p}")
+
+
+def test_min_insync_replicas_refuses_instead_of_acknowledging(cluster):
+    cluster.up()
+    t = topic_name("minisr")
+    cluster.create(t, 1, **{"min.insync.replicas": "2"})
+    leader = cluster.leader(t, 0)
+    followers = [i for i in (1, 2, 3) if i != leader]
+    cluster.brokers[followers[0]].kill()
+    wait_until(lambda: len(cluster.metadata(t).topics[t].partitions[0].isrs) == 2, 30,
+               "the dead follower to leave the ISR")
+    acked, errors = produce_during(cluster, t, 2, acks="all", enable_idempotence=True)
+    assert acked and not errors, errors[:3]
+    cluster.brokers[leader].kill()
+    wait_until(lambda: cluster.metadata(t).topics[t].partitions[0].leader == followers[1], 30,
+               "the last in-sync replica to lead")
+    assert cluster.metadata(t).topics[t].partitions[0].isrs == [followers[1]]
+    # No retries, so the broker's own error reaches the delivery report (librdkafka would
+    # otherwise retry this retriable error until its message timeout).
+    acked2, errors2 = produce_during(cluster, t, 2, acks="all", retries=0, message_timeout_ms=4000)
+    assert not acked2, f"{len(acked2)} records acknowledged with one in-sync replica"
+    assert errors2 and all("NOT_ENOUGH_REPLICAS" in e.name() for e in errors2), \
+        {e.name() for e in errors2}
+    # acks=1 asks only the leader.
+    acked3, errors3 = produce_during(cluster, t, 1, acks=1)
+    assert acked3 and not errors3
+    got = read_all(cluster, t, 1, len(acked) + len(acked3))
+    for k, v in list(acked.items()) + list(acked3.items()):
+        assert got.get(k) == v, f"acknowledged record at {k} not read back"
+    cluster.up()
+
+
+def test_an_etcd_sigkill_leaves_the_data_path_serving_and_metadata_resumes(cluster):
+    cluster.up()
+    t = topic_name("etcd")
+    cluster.create(t, 1)
+    cluster.etcd.kill()
+    try:
+        acked, errors = produce_during(cluster, t, 2, acks="all")
+        assert acked and not errors, errors[:3]
+        got = read_all(cluster, t, 1, len(acked))
+        assert all(got.get(k) == v for k, v in acked.items())
+        # A metadata change waits for etcd: a clear, retriable error, not a hang.
+        from confluent_kafka.admin import NewTopic
+        admin = ck_admin(cluster.bootstrap)
+        f = admin.create_topics([NewTopic(topic_name("while-down"), 1, 3)], request_timeout=30)
+        with pytest.raises(Exception) as e:
+            list(f.values())[0].result(timeout=40)
+        assert "metadata store" in str(e.value) or "TIMED_OUT" in str(e.value), str(e.value)
+    finally:
+        cluster.etcd.start()
+    # Back: metadata changes resume.
+    t2 = topic_name("after")
+    wait_until(lambda: _try_create(cluster, t2), 60, "topic creation after etcd returned", interval=1)
+    acked, errors = produce_during(cluster, t2, 1, acks="all")
+    assert acked and not errors
+
+
+def _try_create(cluster: Cluster, name: str) -> bool:
+    try:
+        cluster.create(name, 1)
+        return True
+    except Exception:
+        return False
