@@ -29,11 +29,11 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// What went wrong talking to etcd.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("etcd at {endpoints}: {source}")]
+    /// (The cause is in the message, not chained: printed with its chain it would repeat.)
+    #[error("etcd at {endpoints}: {cause}")]
     Etcd {
         endpoints: String,
-        #[source]
-        source: etcd_client::Error,
+        cause: etcd_client::Error,
     },
     #[error("etcd at {0} did not answer within {CALL_TIMEOUT:?}")]
     Timeout(String),
@@ -299,7 +299,7 @@ impl Watch {
                 .await
                 .map_err(|e| StoreError::Etcd {
                     endpoints: self.endpoints.clone(),
-                    source: e,
+                    cause: e,
                 })?
                 .ok_or_else(|| StoreError::WatchEnded("the stream closed".into()))?;
             if resp.canceled() {
@@ -342,9 +342,9 @@ async fn bounded<T>(
 ) -> Result<T, StoreError> {
     match tokio::time::timeout(CALL_TIMEOUT, call).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(source)) => Err(StoreError::Etcd {
+        Ok(Err(cause)) => Err(StoreError::Etcd {
             endpoints: endpoints.to_string(),
-            source,
+            cause,
         }),
         Err(_) => Err(StoreError::Timeout(endpoints.to_string())),
     }

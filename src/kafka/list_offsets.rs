@@ -32,20 +32,31 @@ pub fn handle(broker: &Broker, req: ListOffsetsRequest, version: i16) -> ListOff
                 None => pr.error_code = code::UNKNOWN_TOPIC_OR_PARTITION,
                 Some(part) => {
                     let st = part.state.lock().expect("partition lock");
+                    if !st.replica.leads() {
+                        // In a region cluster only the leader answers (clients move).
+                        pr.error_code = code::NOT_LEADER_OR_FOLLOWER;
+                        tr.partitions.push(pr);
+                        continue;
+                    }
+                    if version >= 4 {
+                        pr.leader_epoch = st.replica.leader_epoch().unwrap_or(0);
+                    }
+                    // Consumers see only up to the high watermark (the log end alone in a region).
+                    let hw = st.high_watermark();
                     let found = match p.timestamp {
-                        LATEST => Ok(Some((-1, st.log.next_offset()))),
+                        LATEST => Ok(Some((-1, hw))),
                         EARLIEST => Ok(Some((-1, st.log.start_offset()))),
                         MAX_TIMESTAMP => st.log.max_timestamp(),
                         ts if ts >= 0 => st
                             .log
                             .offset_for_timestamp(ts)
-                            .map(|o| o.map(|(off, t)| (t, off))),
+                            .map(|o| o.map(|(off, t)| (t, off)).filter(|(_, off)| *off < hw)),
                         _ => {
                             // -4 (earliest local), -5 (latest tiered): one tier here.
                             if p.timestamp == -4 {
                                 Ok(Some((-1, st.log.start_offset())))
                             } else {
-                                Ok(Some((-1, st.log.next_offset())))
+                                Ok(Some((-1, hw)))
                             }
                         }
                     };
