@@ -20,6 +20,7 @@ pub mod fetch;
 pub mod fetch_wire;
 pub mod list_offsets;
 pub mod metadata;
+pub mod offset_for_leader_epoch;
 pub mod mirror_append;
 pub mod produce;
 pub mod producer_id;
@@ -84,6 +85,7 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::DescribeCluster, 0, 1),
     (ApiKey::DeleteGroups, 0, 2),
     (ApiKey::OffsetDelete, 0, 0),
+    (ApiKey::OffsetForLeaderEpoch, 2, 4),
 ];
 
 /// Versions advertised in ApiVersions where they differ from those served. Produce is listed

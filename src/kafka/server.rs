@@ -529,6 +529,11 @@ async fn request(
                 &answer.records,
             ))
         }),
+        RequestKind::OffsetForLeaderEpoch(r) => ready(encode_response(
+            cid,
+            version,
+            &super::offset_for_leader_epoch::handle(&b, r),
+        )),
         RequestKind::ListOffsets(r) => ready(encode_response(
             cid,
             version,

@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pytest
 
+import struct
+
+import kproto
 from conftest import FERRY_BIN, EXTERNAL, FerryBroker, free_port, port_open
 from helpers import ck_admin, ck_consumer, ck_producer, topic_name, wait_until
 
@@ -178,6 +181,26 @@ def read_all(cluster: Cluster, topic: str, partitions: int, expect: int, timeout
     return got
 
 
+def offset_for_leader_epoch(bootstrap: str, topic: str, partition: int, current: int,
+                            epoch: int) -> tuple[int, int, int]:
+    """OffsetForLeaderEpoch v3, built by hand: (error code, leader epoch, end offset)."""
+    body = (kproto.i32(-1) + kproto.i32(1) + kproto.string(topic) + kproto.i32(1)
+            + kproto.i32(partition) + kproto.i32(current) + kproto.i32(epoch))
+    s = kproto.connect(bootstrap)
+    try:
+        s.sendall(kproto.request_frame(23, 3, 7, body))
+        r = kproto.recv_frame(s)
+    finally:
+        s.close()
+    corr, _throttle, ntopics = struct.unpack(">iii", r[:12])
+    assert corr == 7 and ntopics == 1
+    (nlen,) = struct.unpack(">h", r[12:14])
+    at = 14 + nlen
+    nparts, err, part, leader_epoch, end = struct.unpack(">ihiiq", r[at:at + 22])
+    assert nparts == 1 and part == partition
+    return err, leader_epoch, end
+
+
 def segment_bytes(broker: FerryBroker, topic: str, partition: int) -> bytes:
     d = broker.data_dir / f"{topic}-{partition}"
     return b"".join(f.read_bytes() for f in sorted(d.glob("*.log")))
@@ -219,6 +242,22 @@ def test_a_sigkilled_leader_under_acks_all_loses_no_acknowledged_record(cluster)
     assert not missing, f"{len(missing)} acknowledged records not read at their offsets: {missing[:5]}"
     values = list(got.values())
     assert len(values) == len(set(values)), "a record was written twice"
+    # OffsetForLeaderEpoch on the new leader: the first leader's epoch (0) ends where the new
+    # leader's began, at or below what was acknowledged in it; the new epoch runs to the log end.
+    # A client still naming the old leader epoch is fenced; the old leader's peers refuse.
+    md = cluster.metadata(t).topics[t].partitions[0]
+    lead = cluster.brokers[md.leader].bootstrap
+    p0 = sorted(o for (p, o) in got if p == 0)
+    err, e, end = offset_for_leader_epoch(lead, t, 0, -1, 0)
+    assert (err, e) == (0, 0) and 0 < end <= p0[-1] + 1, (err, e, end)
+    err, e, end_new = offset_for_leader_epoch(lead, t, 0, -1, 1 << 30)
+    assert err == 0 and e >= 256 and end_new == p0[-1] + 1, (err, e, end_new, p0[-1])
+    err, _, _ = offset_for_leader_epoch(lead, t, 0, 0, 0)
+    assert err == 74, f"FENCED_LEADER_EPOCH expected, got {err}"
+    other = next(b for i, b in cluster.brokers.items() if i != md.leader and b.alive())
+    err, _, _ = offset_for_leader_epoch(other.bootstrap, t, 0, -1, 0)
+    assert err == 6, f"NOT_LEADER_OR_FOLLOWER expected, got {err}"
+
     # The victim comes back, truncates to the new leader's history and catches up: every
     # replica then holds the same bytes.
     cluster.up()
