@@ -33,7 +33,6 @@ use crate::broker::writer::AppendRequest;
 use crate::broker::Broker;
 use crate::client::Client;
 use crate::cluster::metadata::BrokerId;
-use crate::log::epochs::end_offset_for;
 use crate::replica::Replica;
 
 /// Fetch version: 12 names topics (13 and later only by id) and carries the last fetched epoch.
@@ -242,12 +241,12 @@ async fn apply(
                     continue;
                 }
                 let end = st.log.next_offset();
-                let (mine, my_end) = end_offset_for(st.log.epochs(), end, pd.diverging_epoch.epoch);
-                let cut = if mine == -1 {
-                    st.log.start_offset()
-                } else {
-                    my_end.min(pd.diverging_epoch.end_offset)
-                };
+                let cut = crate::replica::truncation_point(
+                    st.log.epochs(),
+                    end,
+                    st.log.start_offset(),
+                    (pd.diverging_epoch.epoch, pd.diverging_epoch.end_offset),
+                );
                 match st.log.truncate_to(cut) {
                     Ok(new_end) => {
                         warn!(topic = %topic, partition = pd.partition_index, leader, from = end, to = new_end, "truncated to the leader's history (records past it were never acknowledged)");

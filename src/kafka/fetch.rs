@@ -27,7 +27,6 @@ use kafka_protocol::messages::BrokerId;
 
 use super::code;
 use crate::broker::Broker;
-use crate::log::epochs::end_offset_for;
 use crate::log::{LogError, ReadSlice};
 use crate::replica::Replica;
 
@@ -116,21 +115,20 @@ fn collect(broker: &Broker, req: &FetchRequest, version: i16) -> Collected {
                 }
                 let mut r = Ok(None);
                 if err == 0 {
-                    // Where the follower's last fetched epoch ends in this log.
-                    let (e, e_end) = if fp.last_fetched_epoch >= 0 {
-                        end_offset_for(st.log.epochs(), end, fp.last_fetched_epoch)
-                    } else {
-                        (fp.last_fetched_epoch, fp.fetch_offset)
-                    };
+                    // Whether the follower's log left this one.
+                    let parted = crate::replica::diverging(
+                        st.log.epochs(),
+                        end,
+                        fp.fetch_offset,
+                        fp.last_fetched_epoch,
+                    );
                     let crate::broker::PartitionState { log, replica, .. } = &mut *st;
                     if let (Some((id, now)), Replica::Leader(l)) = (follower, replica) {
                         // A follower: it reads past the high watermark, and its fetch offset
                         // says what it holds, unless its log left ours (then it truncates).
                         if !l.is_follower(id) {
                             err = code::NOT_LEADER_OR_FOLLOWER;
-                        } else if fp.last_fetched_epoch >= 0
-                            && (e_end < fp.fetch_offset || e < fp.last_fetched_epoch)
-                        {
+                        } else if let Some((e, e_end)) = parted {
                             pd.diverging_epoch.epoch = e;
                             pd.diverging_epoch.end_offset = e_end;
                         } else {

@@ -12,7 +12,43 @@
 pub mod leader;
 
 use crate::cluster::metadata::{BrokerId, NO_LEADER};
+use crate::log::epochs::end_offset_for;
+use crate::log::EpochEntry;
 use leader::Leadership;
+
+/// The leader's check of a follower's fetch (Fetch v12's `last_fetched_epoch`): `None` when
+/// the follower's log is a prefix of the leader's up to `fetch_offset`, otherwise the epoch and
+/// end offset where they part (the answer's `diverging_epoch`), as Kafka's leader computes it.
+pub fn diverging(
+    leader_epochs: &[EpochEntry],
+    leader_end: i64,
+    fetch_offset: i64,
+    last_fetched_epoch: i32,
+) -> Option<(i32, i64)> {
+    if last_fetched_epoch < 0 {
+        return None;
+    }
+    let (e, end) = end_offset_for(leader_epochs, leader_end, last_fetched_epoch);
+    (end < fetch_offset || e < last_fetched_epoch).then_some((e, end))
+}
+
+/// Where a follower cuts its log when the leader names a diverging `(epoch, end)`: the end of
+/// that epoch in the follower's own log, or the leader's end for it if smaller; the log start
+/// when the follower holds no epoch at or below it. (The next fetch checks again, so a follower
+/// that parted earlier cuts further.)
+pub fn truncation_point(
+    epochs: &[EpochEntry],
+    log_end: i64,
+    log_start: i64,
+    diverging: (i32, i64),
+) -> i64 {
+    let (mine, my_end) = end_offset_for(epochs, log_end, diverging.0);
+    if mine == -1 {
+        log_start
+    } else {
+        my_end.min(diverging.1)
+    }
+}
 
 /// The part a partition plays on this broker.
 #[derive(Debug, Clone)]
