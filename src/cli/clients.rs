@@ -121,11 +121,17 @@ pub struct TopicsArgs {
 pub enum TopicsCommand {
     /// List topics with partitions and end offsets.
     List,
+    /// Each partition's leader, leader epoch, replicas and in-sync replicas (all topics, or
+    /// the one named).
+    Describe { name: Option<String> },
     /// Create a topic.
     Create {
         name: String,
         #[arg(long, default_value_t = 1)]
         partitions: i32,
+        /// Replicas per partition in a region cluster (default: the cluster's).
+        #[arg(long, default_value_t = -1)]
+        replication_factor: i16,
         /// A topic config `name=value` (repeatable), e.g. retention.ms=86400000.
         #[arg(long = "config", value_name = "NAME=VALUE")]
         configs: Vec<String>,
@@ -434,13 +440,50 @@ pub fn topics(args: TopicsArgs) -> anyhow::Result<()> {
                     println!("{name:<40} {n:>10} {total:>16}");
                 }
             }
-            TopicsCommand::Create { name, partitions, configs } => {
+            TopicsCommand::Describe { name } => {
+                let mut req = MetadataRequest::default();
+                req.topics = name.map(|n| {
+                    let mut t = kafka_protocol::messages::metadata_request::MetadataRequestTopic::default();
+                    t.name = Some(TopicName(sb(&n)));
+                    vec![t]
+                });
+                let resp = c.send(&req, 9).await?;
+                println!(
+                    "{:<40} {:>9} {:>6} {:>12} {:<16} {:<16} OFFLINE",
+                    "TOPIC", "PARTITION", "LEADER", "LEADER EPOCH", "REPLICAS", "ISR"
+                );
+                let ids = |v: &[kafka_protocol::messages::BrokerId]| {
+                    v.iter().map(|b| b.0.to_string()).collect::<Vec<_>>().join(",")
+                };
+                let mut topics: Vec<_> = resp.topics.into_iter().collect();
+                topics.sort_by(|a, b| a.name.cmp(&b.name));
+                for t in topics {
+                    let tname = t.name.map(|n| n.0.to_string()).unwrap_or_default();
+                    if t.error_code != 0 {
+                        bail!("describe {tname}: {}", error_name(t.error_code));
+                    }
+                    let mut parts = t.partitions;
+                    parts.sort_by_key(|p| p.partition_index);
+                    for p in parts {
+                        println!(
+                            "{tname:<40} {:>9} {:>6} {:>12} {:<16} {:<16} {}",
+                            p.partition_index,
+                            p.leader_id.0,
+                            p.leader_epoch,
+                            ids(&p.replica_nodes),
+                            ids(&p.isr_nodes),
+                            ids(&p.offline_replicas)
+                        );
+                    }
+                }
+            }
+            TopicsCommand::Create { name, partitions, replication_factor, configs } => {
                 let mut req = CreateTopicsRequest::default();
                 req.timeout_ms = 30_000;
                 let mut t = CreatableTopic::default();
                 t.name = TopicName(sb(&name));
                 t.num_partitions = partitions;
-                t.replication_factor = -1;
+                t.replication_factor = replication_factor;
                 for c in configs {
                     let (k, v) = c.split_once('=').context("--config NAME=VALUE")?;
                     let mut cc = kafka_protocol::messages::create_topics_request::CreatableTopicConfig::default();

@@ -216,6 +216,15 @@ def test_metadata_names_each_partitions_leader_replicas_and_isr(cluster):
         assert sorted(p.isrs) == [1, 2, 3]
         assert p.leader == p.replicas[0]
     assert sorted(p.leader for p in parts.values()) == [1, 2, 3], "leaders spread over the brokers"
+    # `ferry topics describe` shows the same, from any broker.
+    out = subprocess.run([str(FERRY_BIN), "topics", "-b", cluster.brokers[2].bootstrap, "describe", t],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert [(r[0], r[1]) for r in rows] == [(t, "0"), (t, "1"), (t, "2")], out
+    for r in rows:
+        p = parts[int(r[1])]
+        assert (int(r[2]), r[4]) == (p.leader, ",".join(map(str, p.replicas))), out
+        assert sorted(r[5].split(",")) == ["1", "2", "3"], out
     # A replication factor above the broker count is refused with Kafka's error.
     from confluent_kafka.admin import NewTopic
     admin = ck_admin(cluster.bootstrap)
