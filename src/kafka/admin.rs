@@ -281,6 +281,24 @@ pub fn describe_cluster(broker: &Broker) -> DescribeClusterResponse {
     resp.controller_id = BrokerId(broker.config.node_id);
     resp.endpoint_type = 1;
     resp.cluster_authorized_operations = i32::MIN;
+    if let Some(link) = broker.cluster() {
+        // A region cluster: every registered broker, and the controller.
+        let img = link.member.image();
+        resp.controller_id = BrokerId(img.controller.unwrap_or(-1));
+        resp.brokers = img
+            .brokers
+            .values()
+            .map(|i| {
+                let mut b = DescribeClusterBroker::default();
+                b.broker_id = BrokerId(i.id);
+                b.host = sb(&i.host);
+                b.port = i.port as i32;
+                b.rack = i.rack.as_deref().map(sb);
+                b
+            })
+            .collect();
+        return resp;
+    }
     let mut b = DescribeClusterBroker::default();
     b.broker_id = BrokerId(broker.config.node_id);
     b.host = sb(&host);

@@ -19,6 +19,7 @@ pub mod coordinator;
 pub mod fetch;
 pub mod fetch_wire;
 pub mod list_offsets;
+pub mod log_dirs;
 pub mod metadata;
 pub mod mirror_append;
 pub mod offset_for_leader_epoch;
@@ -86,6 +87,7 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::DeleteGroups, 0, 2),
     (ApiKey::OffsetDelete, 0, 0),
     (ApiKey::OffsetForLeaderEpoch, 2, 4),
+    (ApiKey::DescribeLogDirs, 1, 4),
 ];
 
 /// Versions advertised in ApiVersions where they differ from those served. Produce is listed

@@ -529,6 +529,11 @@ async fn request(
                 &answer.records,
             ))
         }),
+        RequestKind::DescribeLogDirs(r) => ready(encode_response(
+            cid,
+            version,
+            &super::log_dirs::handle(&b, r, version),
+        )),
         RequestKind::OffsetForLeaderEpoch(r) => ready(encode_response(
             cid,
             version,

@@ -24,7 +24,8 @@ import struct
 
 import kproto
 from conftest import FERRY_BIN, EXTERNAL, FerryBroker, free_port, port_open
-from helpers import ck_admin, ck_consumer, ck_producer, topic_name, wait_until
+from helpers import (JavaTools, ck_admin, ck_consumer, ck_producer, kafka_installed, topic_name,
+                     wait_until)
 
 ETCD = shutil.which("etcd")
 if ETCD is None:
@@ -337,3 +338,32 @@ def _try_create(cluster: Cluster, name: str) -> bool:
         return True
     except Exception:
         return False
+
+
+def test_kafka_log_dirs_tool_sizes_every_replica(cluster):
+    """Kafka 4.4's kafka-log-dirs (LogDirsCommand) asks every broker with DescribeLogDirs."""
+    if not kafka_installed():
+        if os.environ.get("FERRY_REQUIRE_JAVA") == "1":
+            pytest.fail("Apache Kafka's Java tools are not installed (scripts/install-peers.sh)")
+        pytest.skip("Apache Kafka's Java tools are not installed")
+    import json
+    cluster.up()
+    t = topic_name("logdirs")
+    cluster.create(t, 2)
+    acked, errors = produce_during(cluster, t, 1, acks="all")
+    assert acked and not errors
+    for p in (0, 1):
+        wait_until(lambda: len({segment_bytes(b, t, p) for b in cluster.brokers.values()}) == 1,
+                   30, f"identical replicas of {t}-{p}")
+    java = JavaTools()
+    java.env["LOG_DIRS"] = "org.apache.kafka.tools.LogDirsCommand"
+    out = java.run("LOG_DIRS", "--bootstrap-server", cluster.bootstrap, "--describe",
+                   "--topic-list", t).stdout.decode()
+    data = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+    brokers = {b["broker"]: b for b in data["brokers"]}
+    assert sorted(brokers) == [1, 2, 3], out
+    for i, b in brokers.items():
+        (d,) = b["logDirs"]
+        assert d["error"] is None and d["logDir"] == str(cluster.brokers[i].data_dir), d
+        sizes = {x["partition"]: x["size"] for x in d["partitions"]}
+        assert sizes == {f"{t}-{p}": len(segment_bytes(cluster.brokers[i], t, p)) for p in (0, 1)}, d
