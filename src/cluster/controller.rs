@@ -462,7 +462,7 @@ pub fn decide(
 pub enum ElectError {
     #[error("the preferred replica already leads")]
     NotNeeded,
-    #[error("the preferred replica is not alive and in sync")]
+    #[error("no eligible replica is alive (the preferred one must be alive and in sync)")]
     NotAvailable,
     #[error("no such topic or partition")]
     UnknownPartition,
@@ -502,6 +502,36 @@ pub fn preferred(
         leader: first,
         leader_epoch: next_leader_epoch(st.leader_epoch, region),
         isr: st.isr.clone(),
+        partition_epoch: st.partition_epoch + 1,
+    })
+}
+
+/// The state after an operator's unclean election (ElectLeaders with election type UNCLEAN):
+/// only for an offline partition with no ISR member alive, the first alive replica leads alone.
+/// Records acknowledged by the old ISR beyond its log end are lost; the caller reports it.
+pub fn unclean(
+    topic: &TopicAssignment,
+    partition: i32,
+    st: &PartitionState,
+    alive: &BTreeSet<BrokerId>,
+    region: usize,
+) -> Result<PartitionState, ElectError> {
+    let replicas = topic
+        .replicas
+        .get(usize::try_from(partition).map_err(|_| ElectError::UnknownPartition)?)
+        .ok_or(ElectError::UnknownPartition)?;
+    if st.leader != NO_LEADER || st.isr.iter().any(|b| alive.contains(b)) {
+        return Err(ElectError::NotNeeded);
+    }
+    let c = replicas
+        .iter()
+        .copied()
+        .find(|r| alive.contains(r))
+        .ok_or(ElectError::NotAvailable)?;
+    Ok(PartitionState {
+        leader: c,
+        leader_epoch: next_leader_epoch(st.leader_epoch, region),
+        isr: vec![c],
         partition_epoch: st.partition_epoch + 1,
     })
 }

@@ -1,6 +1,8 @@
 //! Topic administration in a region cluster: CreateTopics (with Kafka's replica-assignment
 //! fields) and DeleteTopics go to etcd through [`crate::broker::cluster`], and are answered
 //! once this broker has applied them. The single-broker forms are in [`super::admin`].
+//! ElectLeaders (preferred or unclean) is a compare-and-swap of each partition's state, decided
+//! by [`crate::cluster::controller::preferred`] and [`crate::cluster::controller::unclean`].
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,6 +14,10 @@ use kafka_protocol::messages::create_topics_response::{
 use kafka_protocol::messages::delete_topics_request::DeleteTopicsRequest;
 use kafka_protocol::messages::delete_topics_response::{
     DeletableTopicResult, DeleteTopicsResponse,
+};
+use kafka_protocol::messages::elect_leaders_request::ElectLeadersRequest;
+use kafka_protocol::messages::elect_leaders_response::{
+    ElectLeadersResponse, PartitionResult, ReplicaElectionResult,
 };
 use kafka_protocol::messages::TopicName;
 
@@ -148,6 +154,110 @@ pub async fn delete_topics(
             }
         }
         resp.responses.push(r);
+    }
+    resp
+}
+
+/// ElectLeaders: type 0 (PREFERRED) moves each partition's leadership back to its first replica
+/// when that one is alive and in sync; type 1 (UNCLEAN) elects an out-of-sync replica for an
+/// offline partition (the loss is logged). `topic_partitions` null means every partition, and
+/// then only the partitions an election changed are listed, as Kafka does.
+pub async fn elect_leaders(
+    broker: &Broker,
+    req: ElectLeadersRequest,
+    version: i16,
+) -> ElectLeadersResponse {
+    use crate::cluster::controller::{preferred, unclean, ElectError};
+    let mut resp = ElectLeadersResponse::default();
+    let all = req.topic_partitions.is_none();
+    let Some(link) = broker.cluster() else {
+        // Alone in a region: this broker leads everything already.
+        for t in req.topic_partitions.unwrap_or_default() {
+            let mut r = ReplicaElectionResult::default();
+            r.topic = t.topic.clone();
+            for p in t.partitions {
+                let mut pr = PartitionResult::default();
+                pr.partition_id = p;
+                pr.error_code = ElectError::NotNeeded.kafka_code();
+                r.partition_result.push(pr);
+            }
+            resp.replica_election_results.push(r);
+        }
+        return resp;
+    };
+    if version == 0 && req.election_type != 0 || !(0..=1).contains(&req.election_type) {
+        resp.error_code = code::INVALID_REQUEST;
+        return resp;
+    }
+    let img = link.member.image();
+    let alive: std::collections::BTreeSet<i32> = img.brokers.keys().copied().collect();
+    let wanted: Vec<(String, Vec<i32>)> = match req.topic_partitions {
+        Some(ts) => ts
+            .into_iter()
+            .map(|t| (t.topic.0.to_string(), t.partitions))
+            .collect(),
+        None => img
+            .topics
+            .iter()
+            .map(|(n, t)| (n.clone(), (0..t.value.replicas.len() as i32).collect()))
+            .collect(),
+    };
+    let region = link.settings.region_index;
+    for (topic, parts) in wanted {
+        let mut r = ReplicaElectionResult::default();
+        r.topic = TopicName(sb(&topic));
+        for p in parts {
+            let key = (topic.clone(), p);
+            let decided = match (img.topics.get(&topic), img.partitions.get(&key)) {
+                (Some(t), Some(st)) => {
+                    let next = if req.election_type == 0 {
+                        preferred(&t.value, p, &st.value, &alive, region)
+                    } else {
+                        unclean(&t.value, p, &st.value, &alive, region)
+                    };
+                    next.map(|n| (n, st.version))
+                }
+                _ => Err(ElectError::UnknownPartition),
+            };
+            let outcome = match decided {
+                Err(e) => Err((e.kafka_code(), e.to_string())),
+                Ok((next, version)) => {
+                    match link
+                        .member
+                        .store()
+                        .swap_partition(&topic, p, version, &next)
+                        .await
+                    {
+                        Ok(crate::cluster::etcd::Outcome::Written(_)) => {
+                            if req.election_type == 1 {
+                                tracing::warn!(topic = %topic, partition = p, leader = next.leader, "UNCLEAN leader election by request: records acknowledged by the old ISR beyond the new leader's log end are lost");
+                            } else {
+                                tracing::info!(topic = %topic, partition = p, leader = next.leader, "preferred leader elected");
+                            }
+                            Ok(())
+                        }
+                        Ok(crate::cluster::etcd::Outcome::Stale) => Err((
+                            code::REQUEST_TIMED_OUT,
+                            "the partition changed meanwhile: try again".into(),
+                        )),
+                        Err(e) => Err((code::REQUEST_TIMED_OUT, e.to_string())),
+                    }
+                }
+            };
+            if all && matches!(&outcome, Err((c, _)) if *c == ElectError::NotNeeded.kafka_code()) {
+                continue;
+            }
+            let mut pr = PartitionResult::default();
+            pr.partition_id = p;
+            if let Err((c, m)) = outcome {
+                pr.error_code = c;
+                pr.error_message = Some(sb(&m));
+            }
+            r.partition_result.push(pr);
+        }
+        if !r.partition_result.is_empty() {
+            resp.replica_election_results.push(r);
+        }
     }
     resp
 }

@@ -529,6 +529,12 @@ async fn request(
                 &answer.records,
             ))
         }),
+        RequestKind::ElectLeaders(r) => Box::pin(async move {
+            let resp = super::cluster_admin::elect_leaders(&b, r, version).await;
+            encode_response(cid, version, &resp)
+                .ok()
+                .map(|b| vec![Piece::Bytes(b)])
+        }),
         RequestKind::DescribeLogDirs(r) => ready(encode_response(
             cid,
             version,

@@ -367,3 +367,30 @@ def test_kafka_log_dirs_tool_sizes_every_replica(cluster):
         assert d["error"] is None and d["logDir"] == str(cluster.brokers[i].data_dir), d
         sizes = {x["partition"]: x["size"] for x in d["partitions"]}
         assert sizes == {f"{t}-{p}": len(segment_bytes(cluster.brokers[i], t, p)) for p in (0, 1)}, d
+
+
+def test_kafka_leader_election_tool_moves_leadership_back_to_the_preferred_replica(cluster):
+    """Kafka 4.4's kafka-leader-election (LeaderElectionCommand) sends ElectLeaders."""
+    if not kafka_installed():
+        if os.environ.get("FERRY_REQUIRE_JAVA") == "1":
+            pytest.fail("Apache Kafka's Java tools are not installed (scripts/install-peers.sh)")
+        pytest.skip("Apache Kafka's Java tools are not installed")
+    cluster.up()
+    t = topic_name("elect")
+    cluster.create(t, 1)
+    preferred = cluster.metadata(t).topics[t].partitions[0].replicas[0]
+    assert cluster.leader(t, 0) == preferred
+    cluster.brokers[preferred].kill()
+    wait_until(lambda: cluster.leader(t, 0) not in (preferred, -1), 30, "a new leader")
+    cluster.up()  # back, and in sync again
+    assert cluster.leader(t, 0) != preferred
+    java = JavaTools()
+    java.env["LEADER_ELECTION"] = "org.apache.kafka.tools.LeaderElectionCommand"
+    out = java.run("LEADER_ELECTION", "--bootstrap-server", cluster.bootstrap,
+                   "--election-type", "PREFERRED", "--topic", t, "--partition", "0").stdout.decode()
+    assert "Successfully completed leader election" in out, out
+    wait_until(lambda: cluster.leader(t, 0) == preferred, 20, "the preferred replica leading")
+    # Asked again, nothing to do: Kafka's ELECTION_NOT_NEEDED.
+    out = java.run("LEADER_ELECTION", "--bootstrap-server", cluster.bootstrap,
+                   "--election-type", "PREFERRED", "--topic", t, "--partition", "0").stdout.decode()
+    assert "Valid replica already elected" in out, out

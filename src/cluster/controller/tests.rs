@@ -287,6 +287,33 @@ fn preferred_leader_elections_answer_as_kafka_does() {
 }
 
 #[test]
+fn an_unclean_election_by_request_only_for_an_offline_partition() {
+    let mut c = cluster(2, vec![vec![1, 2]], false);
+    let t = c.image().topics["t"].value.clone();
+    let alive: BTreeSet<_> = [1, 2].into();
+    assert_eq!(
+        unclean(&t, 0, &state(&c, 0), &alive, 0),
+        Err(ElectError::NotNeeded)
+    );
+    c.on_change(Change::BrokerGone(2));
+    settle(&mut c);
+    c.on_change(Change::BrokerGone(1));
+    settle(&mut c);
+    c.on_change(Change::Broker(broker(2, 1)));
+    settle(&mut c);
+    let st = state(&c, 0);
+    assert_eq!((st.leader, st.isr.clone()), (NO_LEADER, vec![1]));
+    let only2: BTreeSet<_> = [2].into();
+    let n = unclean(&t, 0, &st, &only2, 0).unwrap();
+    assert_eq!((n.leader, n.isr), (2, vec![2]));
+    assert!(n.leader_epoch > st.leader_epoch);
+    assert_eq!(
+        unclean(&t, 0, &st, &BTreeSet::new(), 0),
+        Err(ElectError::NotAvailable)
+    );
+}
+
+#[test]
 fn the_automatic_rebalance_moves_leaders_back_when_due() {
     let mut c = Controller::new(
         0,
