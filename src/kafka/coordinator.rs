@@ -51,11 +51,25 @@ fn opt(s: &Option<String>) -> Option<kafka_protocol::protocol::StrBytes> {
     s.as_ref().map(|s| sb(s))
 }
 
-pub fn find(broker: &Broker, req: FindCoordinatorRequest, version: i16) -> FindCoordinatorResponse {
+/// The group coordinator for clients of this broker: itself, or in a region cluster the live
+/// broker with the lowest id, so that every member of a group meets on one broker. (Until the
+/// coordinator follows a replicated `__consumer_offsets`, docs/cluster.md: its committed offsets
+/// stay on that broker.)
+fn coordinator_node(broker: &Broker) -> (i32, String, u16) {
+    if let Some(link) = broker.cluster() {
+        if let Some(b) = link.member.image().brokers.values().next() {
+            return (b.id, b.host.clone(), b.port);
+        }
+    }
     let (host, port) = broker.config.advertised();
+    (broker.config.node_id, host, port)
+}
+
+pub fn find(broker: &Broker, req: FindCoordinatorRequest, version: i16) -> FindCoordinatorResponse {
+    let (node, host, port) = coordinator_node(broker);
     let mut resp = FindCoordinatorResponse::default();
     if version < 4 {
-        resp.node_id = BrokerId(broker.config.node_id);
+        resp.node_id = BrokerId(node);
         resp.host = sb(&host);
         resp.port = port as i32;
         if req.key_type != 0 {
@@ -70,7 +84,7 @@ pub fn find(broker: &Broker, req: FindCoordinatorRequest, version: i16) -> FindC
     for key in req.coordinator_keys {
         let mut c = Coordinator::default();
         c.key = key;
-        c.node_id = BrokerId(broker.config.node_id);
+        c.node_id = BrokerId(node);
         c.host = sb(&host);
         c.port = port as i32;
         if req.key_type != 0 {

@@ -394,3 +394,44 @@ def test_kafka_leader_election_tool_moves_leadership_back_to_the_preferred_repli
     out = java.run("LEADER_ELECTION", "--bootstrap-server", cluster.bootstrap,
                    "--election-type", "PREFERRED", "--topic", t, "--partition", "0").stdout.decode()
     assert "Valid replica already elected" in out, out
+
+
+def test_members_bootstrapped_at_different_brokers_meet_in_one_group(cluster):
+    """Every broker names the same group coordinator, so a group's members meet there whichever
+    broker they bootstrap from (partitions split, none twice)."""
+    from confluent_kafka import Consumer
+    cluster.up()
+    t = topic_name("group")
+    cluster.create(t, 2)
+    group = "g-" + t
+    # FindCoordinator v1 asked of each broker, built by hand: one answer.
+    named = set()
+    for b in cluster.brokers.values():
+        sock = kproto.connect(b.bootstrap)
+        try:
+            sock.sendall(kproto.request_frame(10, 1, 3, kproto.string(group) + kproto.i8(0)))
+            r = kproto.recv_frame(sock)
+        finally:
+            sock.close()
+        corr, _throttle, err, mlen = struct.unpack(">iihh", r[:12])
+        at = 12 + max(mlen, 0)
+        (node,) = struct.unpack(">i", r[at:at + 4])
+        assert (corr, err) == (3, 0), (corr, err)
+        named.add(node)
+    assert named == {1}, f"brokers name different coordinators: {named}"
+    consumers = [Consumer({"bootstrap.servers": cluster.brokers[i].bootstrap, "group.id": group,
+                           "auto.offset.reset": "earliest", "session.timeout.ms": 10000})
+                 for i in (2, 3)]
+    try:
+        for c in consumers:
+            c.subscribe([t])
+
+        def split():
+            for c in consumers:
+                c.poll(0.2)
+            owned = [sorted(tp.partition for tp in c.assignment()) for c in consumers]
+            return owned if sorted(owned) == [[0], [1]] else None
+        wait_until(split, 60, "the two members to share the two partitions")
+    finally:
+        for c in consumers:
+            c.close()
