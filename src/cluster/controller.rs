@@ -478,6 +478,14 @@ impl ElectError {
     }
 }
 
+fn replica_set(topic: &TopicAssignment, partition: i32) -> Result<&[BrokerId], ElectError> {
+    usize::try_from(partition)
+        .ok()
+        .and_then(|p| topic.replicas.get(p))
+        .map(|r| r.as_slice())
+        .ok_or(ElectError::UnknownPartition)
+}
+
 /// The state with the preferred replica (the first) leading, if it may.
 pub fn preferred(
     topic: &TopicAssignment,
@@ -486,11 +494,8 @@ pub fn preferred(
     alive: &BTreeSet<BrokerId>,
     region: usize,
 ) -> Result<PartitionState, ElectError> {
-    let first = topic
-        .replicas
-        .get(usize::try_from(partition).map_err(|_| ElectError::UnknownPartition)?)
-        .and_then(|r| r.first())
-        .copied()
+    let first = *replica_set(topic, partition)?
+        .first()
         .ok_or(ElectError::UnknownPartition)?;
     if st.leader == first {
         return Err(ElectError::NotNeeded);
@@ -516,10 +521,7 @@ pub fn unclean(
     alive: &BTreeSet<BrokerId>,
     region: usize,
 ) -> Result<PartitionState, ElectError> {
-    let replicas = topic
-        .replicas
-        .get(usize::try_from(partition).map_err(|_| ElectError::UnknownPartition)?)
-        .ok_or(ElectError::UnknownPartition)?;
+    let replicas = replica_set(topic, partition)?;
     if st.leader != NO_LEADER || st.isr.iter().any(|b| alive.contains(b)) {
         return Err(ElectError::NotNeeded);
     }

@@ -192,6 +192,17 @@ impl Store {
         Ok(bounded(&self.endpoints, c.txn(txn)).await?.succeeded())
     }
 
+    /// Run a compare-and-swap transaction: written at a revision, or stale.
+    async fn swap(&self, txn: Txn) -> Result<Outcome, StoreError> {
+        let mut c = self.client.clone();
+        let resp = bounded(&self.endpoints, c.txn(txn)).await?;
+        Ok(if resp.succeeded() {
+            Outcome::Written(resp.header().map(|h| h.revision()).unwrap_or(0))
+        } else {
+            Outcome::Stale
+        })
+    }
+
     /// Make a controller write: compare-and-swap on the version it was decided from.
     pub async fn write_partition(&self, w: &Write) -> Result<Outcome, StoreError> {
         self.swap_partition(&w.key.0, w.key.1, w.expected_version, &w.state)
@@ -215,13 +226,7 @@ impl Store {
                 expected,
             )])
             .and_then([TxnOp::put(key, value, None)]);
-        let mut c = self.client.clone();
-        let resp = bounded(&self.endpoints, c.txn(txn)).await?;
-        Ok(if resp.succeeded() {
-            Outcome::Written(resp.header().map(|h| h.revision()).unwrap_or(0))
-        } else {
-            Outcome::Stale
-        })
+        self.swap(txn).await
     }
 
     /// Create a topic with every partition's initial state, in one transaction; `Stale` if the
@@ -243,13 +248,7 @@ impl Store {
         let txn = Txn::new()
             .when([Compare::create_revision(key, CompareOp::Equal, 0)])
             .and_then(ops);
-        let mut c = self.client.clone();
-        let resp = bounded(&self.endpoints, c.txn(txn)).await?;
-        Ok(if resp.succeeded() {
-            Outcome::Written(resp.header().map(|h| h.revision()).unwrap_or(0))
-        } else {
-            Outcome::Stale
-        })
+        self.swap(txn).await
     }
 
     /// Delete a topic and its partition states in one transaction, if it still has `version`.
@@ -271,13 +270,7 @@ impl Store {
                     Some(etcd_client::DeleteOptions::new().with_prefix()),
                 ),
             ]);
-        let mut c = self.client.clone();
-        let resp = bounded(&self.endpoints, c.txn(txn)).await?;
-        Ok(if resp.succeeded() {
-            Outcome::Written(resp.header().map(|h| h.revision()).unwrap_or(0))
-        } else {
-            Outcome::Stale
-        })
+        self.swap(txn).await
     }
 }
 

@@ -113,13 +113,12 @@ pub fn create_topics(
     resp
 }
 
-pub fn delete_topics(
-    broker: &Broker,
+/// The topics a DeleteTopics request names: by name (every version) or by id (v6+).
+pub(super) fn delete_targets(
     req: DeleteTopicsRequest,
     version: i16,
-) -> DeleteTopicsResponse {
-    let mut resp = DeleteTopicsResponse::default();
-    let targets: Vec<(Option<String>, uuid::Uuid)> = if version >= 6 {
+) -> Vec<(Option<String>, uuid::Uuid)> {
+    if version >= 6 {
         req.topics
             .into_iter()
             .map(|t| (t.name.map(|n| n.0.to_string()), t.topic_id))
@@ -129,7 +128,16 @@ pub fn delete_topics(
             .into_iter()
             .map(|n| (Some(n.0.to_string()), uuid::Uuid::nil()))
             .collect()
-    };
+    }
+}
+
+pub fn delete_topics(
+    broker: &Broker,
+    req: DeleteTopicsRequest,
+    version: i16,
+) -> DeleteTopicsResponse {
+    let mut resp = DeleteTopicsResponse::default();
+    let targets = delete_targets(req, version);
     for (name, id) in targets {
         let mut r = DeletableTopicResult::default();
         if version >= 6 {

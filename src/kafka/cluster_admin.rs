@@ -115,17 +115,7 @@ pub async fn delete_topics(
 ) -> DeleteTopicsResponse {
     let mut resp = DeleteTopicsResponse::default();
     let img = link.member.image();
-    let targets: Vec<(Option<String>, uuid::Uuid)> = if version >= 6 {
-        req.topics
-            .into_iter()
-            .map(|t| (t.name.map(|n| n.0.to_string()), t.topic_id))
-            .collect()
-    } else {
-        req.topic_names
-            .into_iter()
-            .map(|n| (Some(n.0.to_string()), uuid::Uuid::nil()))
-            .collect()
-    };
+    let targets = super::admin::delete_targets(req, version);
     for (name, id) in targets {
         let mut r = DeletableTopicResult::default();
         if version >= 6 {

@@ -48,25 +48,6 @@ pub struct FetchAnswer {
     pub records: Vec<Vec<Option<ReadSlice>>>,
 }
 
-/// Whether this broker serves a fetch of a partition in this part: `0`, or the Kafka error
-/// (not the leader; or a client's `current_leader_epoch` older or newer than the leader's).
-fn leader_check(replica: &Replica, current_leader_epoch: i32, version: i16) -> i16 {
-    match replica {
-        Replica::Solo => 0,
-        Replica::Leader(l) if version >= 9 && current_leader_epoch >= 0 => {
-            if current_leader_epoch < l.leader_epoch() {
-                code::FENCED_LEADER_EPOCH
-            } else if current_leader_epoch > l.leader_epoch() {
-                code::UNKNOWN_LEADER_EPOCH
-            } else {
-                0
-            }
-        }
-        Replica::Leader(_) => 0,
-        _ => code::NOT_LEADER_OR_FOLLOWER,
-    }
-}
-
 fn collect(broker: &Broker, req: &FetchRequest, version: i16) -> Collected {
     // A fetch from a follower of this broker's cluster (its replica id), with the time.
     let follower = broker
@@ -109,7 +90,13 @@ fn collect(broker: &Broker, req: &FetchRequest, version: i16) -> Collected {
                 let limit = (fp.partition_max_bytes.max(0) as usize).min(budget);
                 // KIP-74: the first data of the response ignores the limits.
                 let limit = if total == 0 { limit.max(1) } else { limit };
-                let mut err = leader_check(&st.replica, fp.current_leader_epoch, version);
+                // `current_leader_epoch` came with v9.
+                let current = if version >= 9 {
+                    fp.current_leader_epoch
+                } else {
+                    -1
+                };
+                let mut err = super::leader_check(&st.replica, current);
                 if err == 0 && follower.is_some() && !matches!(st.replica, Replica::Leader(_)) {
                     err = code::NOT_LEADER_OR_FOLLOWER;
                 }

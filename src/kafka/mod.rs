@@ -110,6 +110,28 @@ pub fn supported(key: ApiKey) -> Option<(i16, i16)> {
         .map(|(_, lo, hi)| (*lo, *hi))
 }
 
+/// Whether this broker serves a partition in this part to a client that names
+/// `current_leader_epoch` (-1: none): `0`, or the Kafka error (NOT_LEADER_OR_FOLLOWER off the
+/// leader; FENCED_LEADER_EPOCH / UNKNOWN_LEADER_EPOCH for an older or newer epoch than the
+/// leader's). Fetch and OffsetForLeaderEpoch answer by it.
+pub fn leader_check(replica: &crate::replica::Replica, current_leader_epoch: i32) -> i16 {
+    use crate::replica::Replica;
+    match replica {
+        Replica::Solo => 0,
+        Replica::Leader(l) if current_leader_epoch >= 0 => {
+            if current_leader_epoch < l.leader_epoch() {
+                code::FENCED_LEADER_EPOCH
+            } else if current_leader_epoch > l.leader_epoch() {
+                code::UNKNOWN_LEADER_EPOCH
+            } else {
+                0
+            }
+        }
+        Replica::Leader(_) => 0,
+        _ => code::NOT_LEADER_OR_FOLLOWER,
+    }
+}
+
 pub fn sb(s: &str) -> StrBytes {
     StrBytes::from_string(s.to_string())
 }

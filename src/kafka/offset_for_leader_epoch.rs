@@ -12,7 +12,6 @@ use kafka_protocol::messages::offset_for_leader_epoch_response::{
 use super::code;
 use crate::broker::Broker;
 use crate::log::epochs::end_offset_for;
-use crate::replica::Replica;
 
 pub fn handle(broker: &Broker, req: OffsetForLeaderEpochRequest) -> OffsetForLeaderEpochResponse {
     let mut resp = OffsetForLeaderEpochResponse::default();
@@ -29,20 +28,7 @@ pub fn handle(broker: &Broker, req: OffsetForLeaderEpochRequest) -> OffsetForLea
                 None => r.error_code = code::UNKNOWN_TOPIC_OR_PARTITION,
                 Some(part) => {
                     let st = part.state.lock().expect("partition lock");
-                    r.error_code = match &st.replica {
-                        Replica::Solo => 0,
-                        Replica::Leader(l) if p.current_leader_epoch >= 0 => {
-                            if p.current_leader_epoch < l.leader_epoch() {
-                                code::FENCED_LEADER_EPOCH
-                            } else if p.current_leader_epoch > l.leader_epoch() {
-                                code::UNKNOWN_LEADER_EPOCH
-                            } else {
-                                0
-                            }
-                        }
-                        Replica::Leader(_) => 0,
-                        _ => code::NOT_LEADER_OR_FOLLOWER,
-                    };
+                    r.error_code = super::leader_check(&st.replica, p.current_leader_epoch);
                     if r.error_code == 0 {
                         let (e, end) =
                             end_offset_for(st.log.epochs(), st.log.next_offset(), p.leader_epoch);

@@ -202,6 +202,15 @@ def offset_for_leader_epoch(bootstrap: str, topic: str, partition: int, current:
     return err, leader_epoch, end
 
 
+def java_tools() -> JavaTools:
+    """Kafka 4.4's Java tools; missing ones fail under FERRY_REQUIRE_JAVA=1, else skip."""
+    if not kafka_installed():
+        if os.environ.get("FERRY_REQUIRE_JAVA") == "1":
+            pytest.fail("Apache Kafka's Java tools are not installed (scripts/install-peers.sh)")
+        pytest.skip("Apache Kafka's Java tools are not installed")
+    return JavaTools()
+
+
 def segment_bytes(broker: FerryBroker, topic: str, partition: int) -> bytes:
     d = broker.data_dir / f"{topic}-{partition}"
     return b"".join(f.read_bytes() for f in sorted(d.glob("*.log")))
@@ -342,10 +351,7 @@ def _try_create(cluster: Cluster, name: str) -> bool:
 
 def test_kafka_log_dirs_tool_sizes_every_replica(cluster):
     """Kafka 4.4's kafka-log-dirs (LogDirsCommand) asks every broker with DescribeLogDirs."""
-    if not kafka_installed():
-        if os.environ.get("FERRY_REQUIRE_JAVA") == "1":
-            pytest.fail("Apache Kafka's Java tools are not installed (scripts/install-peers.sh)")
-        pytest.skip("Apache Kafka's Java tools are not installed")
+    java = java_tools()
     import json
     cluster.up()
     t = topic_name("logdirs")
@@ -355,7 +361,6 @@ def test_kafka_log_dirs_tool_sizes_every_replica(cluster):
     for p in (0, 1):
         wait_until(lambda: len({segment_bytes(b, t, p) for b in cluster.brokers.values()}) == 1,
                    30, f"identical replicas of {t}-{p}")
-    java = JavaTools()
     java.env["LOG_DIRS"] = "org.apache.kafka.tools.LogDirsCommand"
     out = java.run("LOG_DIRS", "--bootstrap-server", cluster.bootstrap, "--describe",
                    "--topic-list", t).stdout.decode()
@@ -371,10 +376,7 @@ def test_kafka_log_dirs_tool_sizes_every_replica(cluster):
 
 def test_kafka_leader_election_tool_moves_leadership_back_to_the_preferred_replica(cluster):
     """Kafka 4.4's kafka-leader-election (LeaderElectionCommand) sends ElectLeaders."""
-    if not kafka_installed():
-        if os.environ.get("FERRY_REQUIRE_JAVA") == "1":
-            pytest.fail("Apache Kafka's Java tools are not installed (scripts/install-peers.sh)")
-        pytest.skip("Apache Kafka's Java tools are not installed")
+    java = java_tools()
     cluster.up()
     t = topic_name("elect")
     cluster.create(t, 1)
@@ -384,7 +386,6 @@ def test_kafka_leader_election_tool_moves_leadership_back_to_the_preferred_repli
     wait_until(lambda: cluster.leader(t, 0) not in (preferred, -1), 30, "a new leader")
     cluster.up()  # back, and in sync again
     assert cluster.leader(t, 0) != preferred
-    java = JavaTools()
     java.env["LEADER_ELECTION"] = "org.apache.kafka.tools.LeaderElectionCommand"
     out = java.run("LEADER_ELECTION", "--bootstrap-server", cluster.bootstrap,
                    "--election-type", "PREFERRED", "--topic", t, "--partition", "0").stdout.decode()
