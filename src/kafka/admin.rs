@@ -131,6 +131,24 @@ pub(super) fn delete_targets(
     }
 }
 
+/// Fill a DeleteTopics result from the outcome of one deletion (either mode).
+pub(super) fn deleted(
+    r: &mut DeletableTopicResult,
+    version: i16,
+    outcome: Result<uuid::Uuid, TopicError>,
+) {
+    match outcome {
+        Ok(id) if version >= 6 => r.topic_id = id,
+        Ok(_) => {}
+        Err(e) => {
+            r.error_code = e.kafka_code();
+            if version >= 5 {
+                r.error_message = Some(sb(&e.to_string()));
+            }
+        }
+    }
+}
+
 pub fn delete_topics(
     broker: &Broker,
     req: DeleteTopicsRequest,
@@ -153,16 +171,7 @@ pub fn delete_topics(
             }
             Some(n) => {
                 r.name = Some(TopicName(sb(&n)));
-                match broker.delete_topic(&n) {
-                    Ok(id) if version >= 6 => r.topic_id = id,
-                    Ok(_) => {}
-                    Err(e) => {
-                        r.error_code = e.kafka_code();
-                        if version >= 5 {
-                            r.error_message = Some(sb(&e.to_string()));
-                        }
-                    }
-                }
+                deleted(&mut r, version, broker.delete_topic(&n));
             }
         }
         resp.responses.push(r);

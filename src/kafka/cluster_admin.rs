@@ -131,16 +131,8 @@ pub async fn delete_topics(
             None => r.error_code = code::UNKNOWN_TOPIC_ID,
             Some(n) => {
                 r.name = Some(TopicName(sb(&n)));
-                match cluster::delete_topic(broker, link, &n).await {
-                    Ok(id) if version >= 6 => r.topic_id = id,
-                    Ok(_) => {}
-                    Err(e) => {
-                        r.error_code = e.kafka_code();
-                        if version >= 5 {
-                            r.error_message = Some(sb(&e.to_string()));
-                        }
-                    }
-                }
+                let outcome = cluster::delete_topic(broker, link, &n).await;
+                super::admin::deleted(&mut r, version, outcome);
             }
         }
         resp.responses.push(r);

@@ -436,3 +436,18 @@ def test_members_bootstrapped_at_different_brokers_meet_in_one_group(cluster):
     finally:
         for c in consumers:
             c.close()
+
+
+def test_a_topic_deleted_in_the_cluster_goes_from_every_broker(cluster):
+    cluster.up()
+    t = topic_name("delete")
+    cluster.create(t, 2)
+    admin = ck_admin(cluster.brokers[3].bootstrap)
+    admin.delete_topics([t])[t].result(timeout=30)
+    for b in cluster.brokers.values():
+        wait_until(lambda: not list(b.data_dir.glob(f"{t}-*")), 20, f"{t} removed from {b.data_dir}")
+    assert t not in cluster.metadata().topics
+    # Deleting it again is Kafka's UNKNOWN_TOPIC_OR_PARTITION, with the reason.
+    with pytest.raises(Exception) as e:
+        admin.delete_topics([t])[t].result(timeout=30)
+    assert "UNKNOWN_TOPIC" in str(e.value), str(e.value)
