@@ -32,6 +32,7 @@ use crate::cluster::member::{self, Member, MemberConfig};
 use crate::cluster::metadata::{BrokerId, Image, PartitionState, TopicAssignment, NO_LEADER};
 use crate::config::ClusterSettings;
 use crate::failover::lease::Millis;
+use crate::group::offsets;
 use crate::replica::leader::Leadership;
 use crate::replica::Replica;
 
@@ -190,6 +191,10 @@ pub fn apply(broker: &Arc<Broker>, link: &ClusterLink, prev: &Image, img: &Image
             };
             let state = img.partitions.get(&(name.clone(), p as i32));
             let role = set_role(link, &part, region, replicas, state.map(|v| &v.value));
+            if name == offsets::TOPIC && p == 0 {
+                let min_insync = min_insync(link, &t.configs);
+                broker.groups().on_role(&part, &role, min_insync);
+            }
             if let Replica::Follower {
                 leader,
                 leader_epoch,
@@ -222,6 +227,14 @@ pub fn apply(broker: &Arc<Broker>, link: &ClusterLink, prev: &Image, img: &Image
         *old = follow;
         changed
     });
+}
+
+/// `min.insync.replicas` of a topic with these configs: its own, else the cluster's.
+pub fn min_insync(link: &ClusterLink, configs: &BTreeMap<String, String>) -> usize {
+    configs
+        .get("min.insync.replicas")
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(link.settings.min_insync_replicas)
 }
 
 /// Give a partition its part from its state in the image; returns the part.

@@ -6,22 +6,30 @@
 //! start the log is replayed. When the log grows past `compact_bytes`, every live offset is
 //! written again at its end and the older segments are deleted, so the topic stays about as
 //! large as the set of live offsets.
+//!
+//! In a region cluster `__consumer_offsets` is a replicated cluster topic and this broker
+//! coordinates groups only while it leads its partition ([`GroupService::on_role`]): on taking
+//! the lead it replays the log into a fresh coordinator; on losing it, it drops every group
+//! (members learn NOT_COORDINATOR and find the new leader). A commit is answered once every
+//! in-sync replica has it (the high watermark passed it), so the next leader replays it. The
+//! local rewrite ("compaction") is off there: it would make the replicas differ.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 
 use super::writer::{AppendRequest, Writer};
-use super::Partition;
+use super::{NotReplicated, Partition};
 use crate::batch::{self, build};
 use crate::clock::now_ms;
 use crate::group::offsets::{self, OffsetRecord};
 use crate::group::{
     code, Committed, Coordinator, GroupConfig, JoinRequest, JoinResult, Reply, SyncResult, Token,
 };
+use crate::replica::Replica;
 
 enum Waiter {
     Join(oneshot::Sender<JoinResult>),
@@ -31,38 +39,134 @@ enum Waiter {
 /// Rewrite the offsets log when it is larger than this.
 pub const COMPACT_BYTES_DEFAULT: u64 = 64 << 20;
 
+/// How long a commit in a cluster waits for every in-sync replica (Kafka's
+/// `offsets.commit.timeout.ms`).
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether this broker coordinates groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serving {
+    /// Alone in its region: always, on its local log.
+    Solo,
+    /// In a cluster, while it leads the offsets partition at this leader epoch; commits wait
+    /// for `min_insync` in-sync replicas.
+    Leader { epoch: i32, min_insync: usize },
+    /// In a cluster, another broker (or none yet) leads the offsets partition.
+    No,
+}
+
+/// The offsets log and this broker's part in it.
+#[derive(Clone)]
+struct Seat {
+    log: Arc<Partition>,
+    serving: Serving,
+}
+
 pub struct GroupService {
     coord: Mutex<Coordinator>,
     waiters: Mutex<HashMap<Token, Waiter>>,
     next_token: AtomicU64,
-    log: Arc<Partition>,
+    seat: RwLock<Seat>,
     writer: Writer,
+    config: GroupConfig,
     pub compact_bytes: u64,
 }
 
+/// A coordinator with every commit of `log` replayed.
+fn replay(log: &Partition, config: &GroupConfig) -> Coordinator {
+    let mut coord = Coordinator::new(config.clone());
+    let mut n = 0u64;
+    for_each_offset_record(log, |(g, t, p, c)| {
+        coord.apply_commit(&g, &t, p, c);
+        n += 1;
+    });
+    coord.prune();
+    tracing::info!(
+        records = n,
+        groups = coord.groups().count(),
+        "replayed committed offsets"
+    );
+    coord
+}
+
 impl GroupService {
-    /// Replay the offsets log into a new coordinator.
-    pub fn open(log: Arc<Partition>, writer: Writer, config: GroupConfig) -> GroupService {
-        let mut coord = Coordinator::new(config);
-        let mut n = 0u64;
-        for_each_offset_record(&log, |(g, t, p, c)| {
-            coord.apply_commit(&g, &t, p, c);
-            n += 1;
-        });
-        coord.prune();
-        tracing::info!(
-            records = n,
-            groups = coord.groups().count(),
-            "replayed committed offsets"
-        );
+    /// Replay the offsets log into a new coordinator (alone in a region), or, with
+    /// `Serving::No`, wait for [`GroupService::on_role`] to name this broker the coordinator.
+    pub fn open(
+        log: Arc<Partition>,
+        writer: Writer,
+        config: GroupConfig,
+        serving: Serving,
+    ) -> GroupService {
+        let coord = if serving == Serving::Solo {
+            replay(&log, &config)
+        } else {
+            Coordinator::new(config.clone())
+        };
         GroupService {
             coord: Mutex::new(coord),
             waiters: Mutex::new(HashMap::new()),
             next_token: AtomicU64::new(1),
-            log,
+            seat: RwLock::new(Seat { log, serving }),
             writer,
-            compact_bytes: COMPACT_BYTES_DEFAULT,
+            compact_bytes: if serving == Serving::Solo {
+                COMPACT_BYTES_DEFAULT
+            } else {
+                u64::MAX
+            },
+            config,
         }
+    }
+
+    fn seat(&self) -> Seat {
+        self.seat.read().expect("seat lock").clone()
+    }
+
+    /// Whether this broker coordinates groups now.
+    pub fn serving(&self) -> bool {
+        self.seat().serving != Serving::No
+    }
+
+    /// NOT_COORDINATOR unless this broker coordinates groups now.
+    fn refuse(&self) -> Option<i16> {
+        (!self.serving()).then_some(code::NOT_COORDINATOR)
+    }
+
+    /// In a cluster: follow this broker's part in the offsets partition `log`. Taking the lead
+    /// (at a new leader epoch) replays the log into a fresh coordinator; losing it drops every
+    /// group and deferred answer here.
+    pub fn on_role(&self, log: &Arc<Partition>, role: &Replica, min_insync: usize) {
+        let want = match role {
+            Replica::Leader(l) => Serving::Leader {
+                epoch: l.leader_epoch(),
+                min_insync,
+            },
+            _ => Serving::No,
+        };
+        let cur = self.seat();
+        if cur.serving == want && Arc::ptr_eq(&cur.log, log) {
+            return;
+        }
+        let fresh = match want {
+            Serving::Leader { epoch, .. } => {
+                tracing::info!(leader_epoch = epoch, "coordinating consumer groups here");
+                replay(log, &self.config)
+            }
+            _ => {
+                if cur.serving != Serving::No {
+                    tracing::info!("no longer the group coordinator");
+                }
+                Coordinator::new(self.config.clone())
+            }
+        };
+        *self.coord.lock().expect("coordinator lock") = fresh;
+        // Deferred joins and syncs end (their clients see COORDINATOR_NOT_AVAILABLE and look
+        // the coordinator up again).
+        self.waiters.lock().expect("waiters lock").clear();
+        *self.seat.write().expect("seat lock") = Seat {
+            log: log.clone(),
+            serving: want,
+        };
     }
 
     /// Run the coordinator's clock (session expiry, rebalance deadlines) until the process ends.
@@ -108,6 +212,17 @@ impl GroupService {
     }
 
     pub async fn join(&self, req: JoinRequest) -> JoinResult {
+        if let Some(error) = self.refuse() {
+            return JoinResult {
+                error,
+                generation: -1,
+                protocol_type: None,
+                protocol_name: None,
+                leader: String::new(),
+                member_id: req.member_id,
+                members: Vec::new(),
+            };
+        }
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.waiters
@@ -144,6 +259,14 @@ impl GroupService {
         member: &str,
         assignments: Vec<(String, Vec<u8>)>,
     ) -> SyncResult {
+        if let Some(error) = self.refuse() {
+            return SyncResult {
+                error,
+                protocol_type: None,
+                protocol_name: None,
+                assignment: Vec::new(),
+            };
+        }
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.waiters
@@ -170,6 +293,9 @@ impl GroupService {
     }
 
     pub fn heartbeat(&self, group: &str, generation: i32, member: &str) -> i16 {
+        if let Some(error) = self.refuse() {
+            return error;
+        }
         self.coord
             .lock()
             .expect("coordinator lock")
@@ -177,6 +303,9 @@ impl GroupService {
     }
 
     pub fn leave(&self, group: &str, members: &[(String, Option<String>)]) -> Vec<i16> {
+        if let Some(error) = self.refuse() {
+            return vec![error; members.len().max(1)];
+        }
         let (r, replies) = {
             let mut c = self.coord.lock().expect("coordinator lock");
             let r = c.leave(now_ms(), group, members);
@@ -187,6 +316,9 @@ impl GroupService {
     }
 
     pub fn check_commit(&self, group: &str, generation: i32, member: &str) -> i16 {
+        if let Some(error) = self.refuse() {
+            return error;
+        }
         self.coord
             .lock()
             .expect("coordinator lock")
@@ -196,6 +328,12 @@ impl GroupService {
     /// Apply and durably write commits (or deletions, with `None`). Returns an error code for
     /// the whole write: NONE once the records are on disk.
     pub async fn write(&self, group: &str, entries: Vec<(String, i32, Option<Committed>)>) -> i16 {
+        let seat = self.seat();
+        let epoch = match seat.serving {
+            Serving::No => return code::NOT_COORDINATOR,
+            Serving::Solo => None,
+            Serving::Leader { epoch, .. } => Some(epoch),
+        };
         if entries.is_empty() {
             return code::NONE;
         }
@@ -212,27 +350,48 @@ impl GroupService {
         let bytes = build::batch(0, now_ms(), None, &records);
         let header = batch::validate(&bytes).expect("a batch we built");
         let (tx, rx) = oneshot::channel();
+        let last_delta = header.last_offset_delta as i64;
         let req = AppendRequest {
-            partition: self.log.clone(),
+            partition: seat.log.clone(),
             bytes: bytes.into(),
             header,
             acks: -1,
-            epoch: None,
+            epoch,
             exact: false,
             reply: Some(tx),
         };
         if self.writer.submit(req).await.is_err() {
             return code::COORDINATOR_NOT_AVAILABLE;
         }
-        match rx.await {
-            Ok(Ok(_)) => {}
+        let base = match rx.await {
+            Ok(Ok(ok)) => ok.base_offset,
             Ok(Err(e)) => {
-                tracing::error!(error = %e, "writing committed offsets failed");
-                return code::COORDINATOR_NOT_AVAILABLE;
+                tracing::warn!(error = %e, "writing committed offsets failed");
+                return if epoch.is_some() {
+                    code::NOT_COORDINATOR
+                } else {
+                    code::COORDINATOR_NOT_AVAILABLE
+                };
             }
             Err(_) => return code::COORDINATOR_NOT_AVAILABLE,
+        };
+        if let Serving::Leader { epoch, min_insync } = seat.serving {
+            // As Kafka maps them: the leadership moved, NOT_COORDINATOR; too few replicas or
+            // too slow, COORDINATOR_NOT_AVAILABLE (the client retries either way).
+            match seat
+                .log
+                .wait_replicated(epoch, min_insync, base + last_delta + 1, COMMIT_TIMEOUT)
+                .await
+            {
+                Ok(()) => {}
+                Err(NotReplicated::LeadershipMoved) => return code::NOT_COORDINATOR,
+                Err(e) => {
+                    tracing::warn!(group, error = %e, "committed offsets not replicated");
+                    return code::COORDINATOR_NOT_AVAILABLE;
+                }
+            }
         }
-        let size = self
+        let size = seat
             .log
             .state
             .lock()
@@ -247,6 +406,9 @@ impl GroupService {
 
     /// Delete a group without members and all its offsets.
     pub async fn delete_group(&self, group: &str) -> i16 {
+        if let Some(error) = self.refuse() {
+            return error;
+        }
         let keys = {
             let mut c = self.coord.lock().expect("coordinator lock");
             c.delete_group(group)
@@ -273,7 +435,11 @@ impl GroupService {
                 live.push(offsets::record(&g.id, t, *p, Some(v)));
             }
         }
-        let mut st = self.log.state.lock().expect("partition lock");
+        let seat = self.seat();
+        if seat.serving != Serving::Solo {
+            return;
+        }
+        let mut st = seat.log.state.lock().expect("partition lock");
         let result = (|| -> Result<usize, crate::log::LogError> {
             st.log.roll()?;
             let start = st.log.next_offset();

@@ -72,7 +72,52 @@ pub struct Partition {
     pub replicated: Notify,
 }
 
+/// Why records written at a leader were not (yet) in every in-sync replica.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotReplicated {
+    #[error("written, but the ISR shrank to {0:?}, below min.insync.replicas")]
+    BelowMinIsr(Vec<crate::cluster::metadata::BrokerId>),
+    #[error("the leadership moved before every in-sync replica had the records")]
+    LeadershipMoved,
+    #[error("not yet in every in-sync replica")]
+    TimedOut,
+}
+
 impl Partition {
+    /// Wait until the high watermark passes `end` while this broker still leads the partition
+    /// at `epoch` (and its ISR still has `min_isr` members), or `timeout`.
+    pub async fn wait_replicated(
+        &self,
+        epoch: i32,
+        min_isr: usize,
+        end: i64,
+        timeout: std::time::Duration,
+    ) -> Result<(), NotReplicated> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.replicated.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let st = self.state.lock().expect("partition lock");
+                match &st.replica {
+                    Replica::Leader(l) if l.leader_epoch() == epoch => {
+                        if l.high_watermark() >= end {
+                            if l.isr().len() < min_isr {
+                                return Err(NotReplicated::BelowMinIsr(l.isr().to_vec()));
+                            }
+                            return Ok(());
+                        }
+                    }
+                    _ => return Err(NotReplicated::LeadershipMoved),
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(NotReplicated::TimedOut);
+            }
+        }
+    }
+
     /// Record that `region` holds this partition below `offset`. Acknowledgements only grow.
     pub fn mirror_ack(&self, region: &str, offset: i64) {
         let mut acks = self.mirror_acks.lock().expect("mirror acks lock");
@@ -400,6 +445,12 @@ impl Broker {
                 initial_rebalance_delay_ms: broker.config.group_initial_rebalance_delay.as_millis()
                     as i64,
                 ..Default::default()
+            },
+            // In a cluster the coordinator waits to lead the cluster's offsets partition.
+            if broker.config.cluster.is_some() {
+                groups::Serving::No
+            } else {
+                groups::Serving::Solo
             },
         );
         let _ = broker.groups.set(Arc::new(service));

@@ -45,54 +45,94 @@ use kafka_protocol::messages::{BrokerId, GroupId, TopicName};
 use super::{code, sb};
 use crate::broker::Broker;
 use crate::clock::now_ms;
-use crate::group::{self, Committed, GroupState, JoinRequest};
+use crate::group::{self, offsets, Committed, GroupState, JoinRequest};
+use kafka_protocol::protocol::StrBytes;
 
 fn opt(s: &Option<String>) -> Option<kafka_protocol::protocol::StrBytes> {
     s.as_ref().map(|s| sb(s))
 }
 
-/// The group coordinator for clients of this broker: itself, or in a region cluster the live
-/// broker with the lowest id, so that every member of a group meets on one broker. (Until the
-/// coordinator follows a replicated `__consumer_offsets`, docs/cluster.md: its committed offsets
-/// stay on that broker.)
-fn coordinator_node(broker: &Broker) -> (i32, String, u16) {
-    if let Some(link) = broker.cluster() {
-        if let Some(b) = link.member.image().brokers.values().next() {
-            return (b.id, b.host.clone(), b.port);
+/// The group coordinator for clients of this broker: itself alone in a region; in a region
+/// cluster the leader of the offsets partition (`__consumer_offsets` is created, replicated, on
+/// the first lookup, as Kafka does). `Err` while there is none (COORDINATOR_NOT_AVAILABLE: the
+/// client retries).
+async fn coordinator_node(broker: &Arc<Broker>) -> Result<(i32, String, u16), String> {
+    let Some(link) = broker.cluster() else {
+        let (host, port) = broker.config.advertised();
+        return Ok((broker.config.node_id, host, port));
+    };
+    if !link.member.image().topics.contains_key(offsets::TOPIC) {
+        let made = crate::broker::cluster::create_topic(
+            broker,
+            link,
+            crate::broker::cluster::NewTopic {
+                name: offsets::TOPIC.to_string(),
+                partitions: Some(1),
+                ..Default::default()
+            },
+        )
+        .await;
+        match made {
+            Ok(_) | Err(crate::broker::TopicError::AlreadyExists(_)) => {}
+            Err(e) => return Err(format!("{} cannot be created yet: {e}", offsets::TOPIC)),
         }
     }
-    let (host, port) = broker.config.advertised();
-    (broker.config.node_id, host, port)
+    let img = link.member.image();
+    let leader = img
+        .partitions
+        .get(&(offsets::TOPIC.to_string(), 0))
+        .map(|s| s.value.leader);
+    match leader.and_then(|l| img.brokers.get(&l)) {
+        Some(b) => Ok((b.id, b.host.clone(), b.port)),
+        None => Err(format!("{}-0 has no leader yet", offsets::TOPIC)),
+    }
 }
 
-pub fn find(broker: &Broker, req: FindCoordinatorRequest, version: i16) -> FindCoordinatorResponse {
-    let (node, host, port) = coordinator_node(broker);
+pub async fn find(
+    broker: Arc<Broker>,
+    req: FindCoordinatorRequest,
+    version: i16,
+) -> FindCoordinatorResponse {
+    let node = if req.key_type == 0 {
+        coordinator_node(&broker).await
+    } else {
+        Err("transactions are not supported: there is no transaction coordinator".into())
+    };
+    if let Err(why) = &node {
+        tracing::debug!(why, "no coordinator to name");
+    }
+    let fill = |error: &mut i16, id: &mut BrokerId, host: &mut StrBytes, port: &mut i32| match &node
+    {
+        Ok((n, h, p)) => {
+            *id = BrokerId(*n);
+            *host = sb(h);
+            *port = *p as i32;
+        }
+        Err(_) => {
+            *error = code::COORDINATOR_NOT_AVAILABLE;
+            *id = BrokerId(-1);
+            *host = sb("");
+            *port = -1;
+        }
+    };
     let mut resp = FindCoordinatorResponse::default();
     if version < 4 {
-        resp.node_id = BrokerId(node);
-        resp.host = sb(&host);
-        resp.port = port as i32;
-        if req.key_type != 0 {
-            // Transactions are not supported: there is no transaction coordinator.
-            resp.error_code = code::COORDINATOR_NOT_AVAILABLE;
-            resp.node_id = BrokerId(-1);
-            resp.host = sb("");
-            resp.port = -1;
+        fill(
+            &mut resp.error_code,
+            &mut resp.node_id,
+            &mut resp.host,
+            &mut resp.port,
+        );
+        if version >= 1 {
+            resp.error_message = node.as_ref().err().map(|m| sb(m));
         }
         return resp;
     }
     for key in req.coordinator_keys {
         let mut c = Coordinator::default();
         c.key = key;
-        c.node_id = BrokerId(node);
-        c.host = sb(&host);
-        c.port = port as i32;
-        if req.key_type != 0 {
-            c.error_code = code::COORDINATOR_NOT_AVAILABLE;
-            c.node_id = BrokerId(-1);
-            c.host = sb("");
-            c.port = -1;
-        }
+        fill(&mut c.error_code, &mut c.node_id, &mut c.host, &mut c.port);
+        c.error_message = node.as_ref().err().map(|m| sb(m));
         resp.coordinators.push(c);
     }
     resp
@@ -314,7 +354,13 @@ pub fn fetch(broker: &Broker, req: OffsetFetchRequest, version: i16) -> OffsetFe
             None => (-1, -1, String::new()),
         }
     };
+    let serving = broker.groups().serving();
     if version < 8 {
+        if !serving {
+            // v0-1 have no top-level error: the client sees a failed fetch and looks again.
+            resp.error_code = group::code::NOT_COORDINATOR;
+            return resp;
+        }
         let group = req.group_id.0.to_string();
         let wanted = req.topics.map(|ts| {
             ts.into_iter()
@@ -343,6 +389,11 @@ pub fn fetch(broker: &Broker, req: OffsetFetchRequest, version: i16) -> OffsetFe
         let group = g.group_id.0.to_string();
         let mut gr = OffsetFetchResponseGroup::default();
         gr.group_id = g.group_id.clone();
+        if !serving {
+            gr.error_code = group::code::NOT_COORDINATOR;
+            resp.groups.push(gr);
+            continue;
+        }
         let wanted = g.topics.map(|ts| {
             ts.into_iter()
                 .map(|t| (t.name.0.to_string(), t.partition_indexes))
@@ -402,10 +453,16 @@ pub fn describe(
     version: i16,
 ) -> DescribeGroupsResponse {
     let mut resp = DescribeGroupsResponse::default();
+    let serving = broker.groups().serving();
     broker.groups().with(|c| {
         for id in req.groups {
             let mut d = DescribedGroup::default();
             d.group_id = id.clone();
+            if !serving {
+                d.error_code = group::code::NOT_COORDINATOR;
+                resp.groups.push(d);
+                continue;
+            }
             match c.group(id.0.as_str()) {
                 None => {
                     // Kafka answers an unknown group as Dead with no members.
@@ -468,6 +525,10 @@ pub async fn delete_groups(broker: Arc<Broker>, req: DeleteGroupsRequest) -> Del
 pub async fn offset_delete(broker: Arc<Broker>, req: OffsetDeleteRequest) -> OffsetDeleteResponse {
     let group = req.group_id.0.to_string();
     let mut resp = OffsetDeleteResponse::default();
+    if !broker.groups().serving() {
+        resp.error_code = group::code::NOT_COORDINATOR;
+        return resp;
+    }
     let (exists, empty) = broker.groups().with(|c| {
         c.group(&group)
             .map(|g| (true, g.is_empty()))

@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use super::{code, sb};
 use crate::batch;
 use crate::broker::writer::{AppendRequest, AppendResult};
-use crate::broker::Broker;
+use crate::broker::{Broker, NotReplicated};
 use crate::replica::Replica;
 
 enum Outcome {
@@ -50,11 +50,9 @@ fn replica_check(
     match &st.replica {
         Replica::Solo => Ok((region_epoch, None)),
         Replica::Leader(l) => {
-            let min_isr = topic
-                .configs()
-                .get("min.insync.replicas")
-                .and_then(|v| v.parse::<usize>().ok())
-                .or_else(|| broker.cluster().map(|c| c.settings.min_insync_replicas))
+            let min_isr = broker
+                .cluster()
+                .map(|c| crate::broker::cluster::min_insync(c, &topic.configs()))
                 .unwrap_or(1);
             if acks == -1 && l.isr().len() < min_isr {
                 return Err((
@@ -86,8 +84,8 @@ fn replica_check(
     }
 }
 
-/// Wait until the high watermark of `partition` passes `end` while this broker still leads it
-/// at `epoch`, or `timeout`. The error to answer with otherwise.
+/// Wait until every in-sync replica has the records below `end` ([`Partition::wait_replicated`]);
+/// the Kafka error to answer with otherwise.
 async fn wait_replicated(
     partition: &crate::broker::Partition,
     epoch: i32,
@@ -95,43 +93,17 @@ async fn wait_replicated(
     end: i64,
     timeout: std::time::Duration,
 ) -> Result<(), (i16, String)> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let notified = partition.replicated.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        {
-            let st = partition.state.lock().expect("partition lock");
-            match &st.replica {
-                Replica::Leader(l) if l.leader_epoch() == epoch => {
-                    if l.high_watermark() >= end {
-                        if l.isr().len() < min_isr {
-                            return Err((
-                                code::NOT_ENOUGH_REPLICAS_AFTER_APPEND,
-                                format!(
-                                    "written, but the ISR shrank to {:?}, below min.insync.replicas {min_isr}",
-                                    l.isr()
-                                ),
-                            ));
-                        }
-                        return Ok(());
-                    }
-                }
-                _ => {
-                    return Err((
-                        code::NOT_LEADER_OR_FOLLOWER,
-                        "the leadership moved before every in-sync replica had the records".into(),
-                    ))
-                }
-            }
-        }
-        if tokio::time::timeout_at(deadline, notified).await.is_err() {
-            return Err((
-                code::REQUEST_TIMED_OUT,
-                "not yet in every in-sync replica".into(),
-            ));
-        }
-    }
+    partition
+        .wait_replicated(epoch, min_isr, end, timeout)
+        .await
+        .map_err(|e| {
+            let c = match e {
+                NotReplicated::BelowMinIsr(_) => code::NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+                NotReplicated::LeadershipMoved => code::NOT_LEADER_OR_FOLLOWER,
+                NotReplicated::TimedOut => code::REQUEST_TIMED_OUT,
+            };
+            (c, e.to_string())
+        })
 }
 
 /// (topic name, topic id, per partition: index and outcome).

@@ -598,11 +598,12 @@ async fn request(
         RequestKind::InitProducerId(r) => {
             ready(encode_response(cid, version, &producer_id::handle(&b, r)))
         }
-        RequestKind::FindCoordinator(r) => ready(encode_response(
-            cid,
-            version,
-            &coordinator::find(&b, r, version),
-        )),
+        RequestKind::FindCoordinator(r) => Box::pin(async move {
+            let resp = coordinator::find(b, r, version).await;
+            encode_response(cid, version, &resp)
+                .ok()
+                .map(|b| vec![Piece::Bytes(b)])
+        }),
         RequestKind::JoinGroup(r) => Box::pin(async move {
             let resp = coordinator::join(b, r, version, client, peer).await;
             encode_response(cid, version, &resp)
