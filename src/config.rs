@@ -452,7 +452,21 @@ impl crate::topology::Topology {
                     .collect::<Vec<_>>()
                     .join(", "),
             })?;
+        let region_index = self
+            .regions
+            .iter()
+            .position(|x| x.name == region)
+            .unwrap_or(0);
+        let cluster = r.cluster.as_ref().map(|c| ClusterSettings {
+            etcd: c.etcd.endpoints(),
+            name: region.to_string(),
+            default_replication_factor: c.replication_factor,
+            min_insync_replicas: c.min_insync_replicas,
+            region_index,
+            ..ClusterSettings::default()
+        });
         Ok(BrokerConfig {
+            cluster,
             listen: b.listen,
             advertised: Some(b.advertised.clone()),
             node_id: self.node_id(region, b.id),

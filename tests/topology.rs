@@ -509,3 +509,120 @@ fn wire_fec_defaults_to_off_and_takes_a_percentage() {
     assert_eq!(e.line, line_of(&text, "wire_fec", 0));
     assert!(e.message.contains("out of range (0 to 100)"), "{e}");
 }
+
+/// `BASE` with east as a cluster of `n` brokers; `region_extra` goes into `[regions.east]`.
+fn east_cluster(n: usize, region_extra: &str, etcd: &str) -> String {
+    let mut t = format!("[regions.east]\n{region_extra}\n{etcd}\n");
+    for i in 1..=n {
+        t.push_str(&format!(
+            "[[regions.east.brokers]]\nid = {i}\nlisten = \"127.0.0.1:1{i}092\"\n\n"
+        ));
+    }
+    t.push_str(&BASE[BASE.find("[regions.west]").unwrap()..]);
+    t
+}
+
+const ETCD: &str =
+    "[regions.east.etcd]\nclient = \"127.0.0.1:12379\"\npeer = \"127.0.0.1:12380\"\n";
+
+#[test]
+fn clustered_example_loads_with_three_brokers_and_an_etcd_per_region() {
+    let t = load(&example("clustered.toml")).expect("clustered.toml is valid");
+    for r in &t.regions {
+        assert_eq!(r.brokers.len(), 3);
+        let c = r.cluster.as_ref().expect("a region cluster");
+        assert_eq!((c.replication_factor, c.min_insync_replicas), (3, 2));
+        assert!(matches!(c.etcd, ferry::topology::EtcdSpec::Managed { .. }));
+    }
+    // A broker of a cluster region joins it: etcd, the region's name and its defaults.
+    let b = t
+        .broker_config("west", 2, Path::new("/data"))
+        .expect("broker 2 of west");
+    let cs = b.cluster.expect("cluster settings");
+    assert_eq!(cs.etcd, vec!["http://127.0.0.1:22379".to_string()]);
+    assert_eq!(cs.name, "west");
+    assert_eq!(cs.region_index, 1);
+    assert_eq!(cs.default_replication_factor, 3);
+    assert_eq!(cs.min_insync_replicas, 2);
+    // The default topology stays one broker per region, without etcd.
+    assert!(Topology::local()
+        .regions
+        .iter()
+        .all(|r| r.cluster.is_none()));
+}
+
+#[test]
+fn several_brokers_without_an_etcd_are_refused() {
+    let text = east_cluster(3, "", "");
+    let errs = errors(&text);
+    let e = error_for(&errs, "regions.east.etcd");
+    assert!(e.message.contains("has 3 brokers"), "{e}");
+    assert!(
+        e.hint.as_deref().unwrap().contains("[regions.east.etcd]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_replication_factor_above_the_broker_count_is_refused() {
+    let text = east_cluster(2, "replication_factor = 3", ETCD);
+    let errs = errors(&text);
+    let e = error_for(&errs, "regions.east.replication_factor");
+    assert!(e.message.contains("more than the 2 broker(s)"), "{e}");
+    assert_eq!(e.line, line_of(&text, "replication_factor", 0));
+}
+
+#[test]
+fn min_insync_above_the_replication_factor_is_refused() {
+    let text = east_cluster(3, "replication_factor = 2\nmin_insync_replicas = 3", ETCD);
+    let errs1 = errors(&text);
+    let e = error_for(&errs1, "regions.east.min_insync_replicas");
+    assert!(
+        e.message.contains("no acks=all produce could ever succeed"),
+        "{e}"
+    );
+}
+
+#[test]
+fn replication_settings_without_a_cluster_are_refused() {
+    let text = east_cluster(1, "min_insync_replicas = 1", "");
+    let errs2 = errors(&text);
+    let e = error_for(&errs2, "regions.east.min_insync_replicas");
+    assert!(e.message.contains("has no etcd"), "{e}");
+}
+
+#[test]
+fn an_etcd_is_either_started_or_named_never_both() {
+    let both = "[regions.east.etcd]\nclient = \"127.0.0.1:12379\"\npeer = \"127.0.0.1:12380\"\nendpoints = [\"http://10.0.0.5:2379\"]\n";
+    let errs3 = errors(&east_cluster(3, "", both));
+    let e = error_for(&errs3, "regions.east.etcd.endpoints");
+    assert!(e.message.contains("exclude each other"), "{e}");
+    let half = "[regions.east.etcd]\nclient = \"127.0.0.1:12379\"\n";
+    let errs4 = errors(&east_cluster(3, "", half));
+    let e = error_for(&errs4, "regions.east.etcd");
+    assert!(e.message.contains("both `client` and `peer`"), "{e}");
+    let bad = "[regions.east.etcd]\nendpoints = [\"10.0.0.5:2379\"]\n";
+    let errs5 = errors(&east_cluster(3, "", bad));
+    let e = error_for(&errs5, "regions.east.etcd.endpoints[0]");
+    assert!(e.message.contains("not an etcd client URL"), "{e}");
+    // An etcd you run: its endpoints, and the default replication factor is min(3, brokers).
+    let ext =
+        "[regions.east.etcd]\nendpoints = [\"http://10.0.0.5:2379\", \"http://10.0.0.6:2379\"]\n";
+    let t = check(&east_cluster(2, "", ext)).expect("valid");
+    let c = t.regions[0].cluster.as_ref().unwrap();
+    assert_eq!(c.etcd.endpoints().len(), 2);
+    assert_eq!(c.replication_factor, 2);
+}
+
+#[test]
+fn an_etcd_port_clashing_with_a_broker_is_refused() {
+    let clash = "[regions.east.etcd]\nclient = \"127.0.0.1:11092\"\npeer = \"127.0.0.1:12380\"\n";
+    let text = east_cluster(3, "", clash);
+    let errs = errors(&text);
+    assert!(
+        errs.iter().any(|e| e
+            .message
+            .contains("address 127.0.0.1:11092 is already used")),
+        "{errs:?}"
+    );
+}

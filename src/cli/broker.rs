@@ -70,16 +70,16 @@ pub struct BrokerArgs {
     #[arg(long, value_name = "NAME", requires = "etcd")]
     pub cluster: Option<String>,
     /// Replicas of topics created without a replication factor (default 3).
-    #[arg(long, value_name = "N", requires = "etcd")]
+    #[arg(long, value_name = "N")]
     pub replication_factor: Option<i32>,
     /// min.insync.replicas of topics that do not set it (default 1).
-    #[arg(long, value_name = "N", requires = "etcd")]
+    #[arg(long, value_name = "N")]
     pub min_insync_replicas: Option<usize>,
     /// A follower not caught up for this long leaves the ISR (default 30s).
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "etcd")]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub replica_lag_max: Option<std::time::Duration>,
     /// A broker silent this long is dead to the cluster (default 6s).
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "etcd")]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub session_timeout: Option<std::time::Duration>,
 }
 
@@ -157,6 +157,9 @@ impl BrokerArgs {
             } else if let Some(r) = &c.region {
                 cs.name = r.clone();
             }
+            c.cluster = Some(cs);
+        }
+        if let Some(cs) = c.cluster.as_mut() {
             if let Some(n) = self.replication_factor {
                 cs.default_replication_factor = n;
             }
@@ -169,7 +172,16 @@ impl BrokerArgs {
             if let Some(d) = self.session_timeout {
                 cs.session_timeout = d;
             }
-            c.cluster = Some(cs);
+        } else if self.replication_factor.is_some()
+            || self.min_insync_replicas.is_some()
+            || self.replica_lag_max.is_some()
+            || self.session_timeout.is_some()
+        {
+            anyhow::bail!(
+                "--replication-factor, --min-insync-replicas, --replica-lag-max and \
+                 --session-timeout apply to a region cluster: add --etcd, or start a broker of a \
+                 topology region that has `[regions.R.etcd]`"
+            );
         }
         c.validate()?;
         Ok(c)

@@ -2,11 +2,13 @@
 //! (every region until Ctrl-C) and `ferry drill --spawn` (a region lost for real with SIGKILL,
 //! then restarted).
 //!
-//! Owns: each broker's and gateway's command line, starting one with its output appended to
-//! `<logs>/<region>-broker-<id>.log` or `<logs>/<region>-gateway.log`, waiting until each logs
+//! Owns: each broker's, gateway's and (for a region cluster whose topology says so) etcd's
+//! command line, starting one with its output appended to `<logs>/<region>-broker-<id>.log`,
+//! `<logs>/<region>-gateway.log` or `<logs>/<region>-etcd.log`, waiting until each logs
 //! that it listens (a port that accepts connections is not enough: another process may hold
 //! it), noticing a child that exits, SIGKILL of a region, and a clean stop of everything
-//! (SIGTERM, each broker syncs and exits; SIGKILL after a grace period).
+//! (SIGTERM, each broker syncs and exits; SIGKILL after a grace period; etcd last, so brokers
+//! can leave their cluster first). A region's etcd is ready before its brokers start.
 //! Does not own: certificates (made by the caller first), readiness of the cluster as a whole
 //! (the drill asks the gateways' admin APIs).
 
@@ -14,13 +16,29 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::topology::Topology;
+use crate::topology::{EtcdSpec, Topology};
 
 /// How long a stop waits for SIGTERM to end a process before SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(15);
 
 const BROKER_READY: &str = "ferry broker listening on";
 const GATEWAY_READY: &str = "ferry gateway listening on";
+const ETCD_READY: &str = "ready to serve client requests";
+
+/// Debian's etcd-server (or any etcd on PATH).
+fn etcd_binary() -> Result<PathBuf, String> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/local/bin")])
+        .map(|d| d.join("etcd"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            "etcd is not installed, and this topology has a region cluster whose etcd ferry up \
+             starts: install Debian's etcd-server (`apt-get install etcd-server`, or \
+             scripts/install-build-deps.sh --etcd)"
+                .to_string()
+        })
+}
 
 /// One child process.
 struct Proc {
@@ -70,6 +88,35 @@ impl Supervisor {
         let r = t
             .region(region)
             .ok_or_else(|| format!("no region `{region}`"))?;
+        if let Some(EtcdSpec::Managed { client, peer }) = r.cluster.as_ref().map(|c| &c.etcd) {
+            let exe = etcd_binary()?;
+            let dir = t
+                .region_dir(region, &self.data)
+                .map_err(|e| e.to_string())?
+                .join("etcd");
+            let (client, peer) = (format!("http://{client}"), format!("http://{peer}"));
+            let argv: Vec<std::ffi::OsString> = vec![
+                "--name".into(),
+                region.into(),
+                "--data-dir".into(),
+                dir.into(),
+                "--listen-client-urls".into(),
+                client.clone().into(),
+                "--advertise-client-urls".into(),
+                client.into(),
+                "--listen-peer-urls".into(),
+                peer.clone().into(),
+                "--initial-advertise-peer-urls".into(),
+                peer.clone().into(),
+                "--initial-cluster".into(),
+                format!("{region}={peer}").into(),
+            ];
+            let name = format!("{region}/etcd");
+            let log = self.logs.join(format!("{region}-etcd.log"));
+            self.spawn_exe(exe, name, region, &argv, log, ETCD_READY)?;
+            // The brokers join through it as they start.
+            self.wait_last_ready(Duration::from_secs(30))?;
+        }
         for b in &r.brokers {
             let argv: Vec<std::ffi::OsString> = vec![
                 "broker".into(),
@@ -113,6 +160,46 @@ impl Supervisor {
         log: PathBuf,
         marker: &'static str,
     ) -> Result<(), String> {
+        self.spawn_exe(self.exe.clone(), name, region, argv, log, marker)
+    }
+
+    /// Wait (blocking, at most `limit`) until the process started last logs its marker.
+    fn wait_last_ready(&mut self, limit: Duration) -> Result<(), String> {
+        let start = Instant::now();
+        let p = self.procs.last_mut().expect("a process was started");
+        loop {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                return Err(format!(
+                    "{} exited ({status}); see {}",
+                    p.name,
+                    p.log.display()
+                ));
+            }
+            let text = std::fs::read(&p.log).unwrap_or_default();
+            if String::from_utf8_lossy(&text[p.from.min(text.len())..]).contains(p.marker) {
+                p.ready = true;
+                return Ok(());
+            }
+            if start.elapsed() > limit {
+                return Err(format!(
+                    "{} was not ready within {limit:?}; see {}",
+                    p.name,
+                    p.log.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn spawn_exe(
+        &mut self,
+        exe: PathBuf,
+        name: String,
+        region: &str,
+        argv: &[std::ffi::OsString],
+        log: PathBuf,
+        marker: &'static str,
+    ) -> Result<(), String> {
         let err = |e: std::io::Error| format!("starting {name}: {}: {e}", log.display());
         let from = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0) as usize;
         let out = std::fs::OpenOptions::new()
@@ -120,7 +207,7 @@ impl Supervisor {
             .append(true)
             .open(&log)
             .map_err(err)?;
-        let child = Command::new(&self.exe)
+        let child = Command::new(&exe)
             .args(argv)
             .stdin(Stdio::null())
             .stdout(out.try_clone().map_err(err)?)
@@ -195,25 +282,34 @@ impl Supervisor {
 
     /// SIGTERM every process, then SIGKILL those still running after `grace`.
     pub fn stop(&mut self, grace: Duration) {
-        let mut all = std::mem::take(&mut self.procs);
-        for p in &all {
-            if let Some(pid) = rustix::process::Pid::from_raw(p.child.id() as i32) {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-            }
+        // etcd last: brokers revoke their leases on the way out.
+        let (etcd, others): (Vec<Proc>, Vec<Proc>) = std::mem::take(&mut self.procs)
+            .into_iter()
+            .partition(|p| p.marker == ETCD_READY);
+        stop_all(others, grace);
+        stop_all(etcd, grace);
+    }
+}
+
+/// SIGTERM every process, then SIGKILL those still running after `grace`.
+fn stop_all(mut all: Vec<Proc>, grace: Duration) {
+    for p in &all {
+        if let Some(pid) = rustix::process::Pid::from_raw(p.child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         }
-        let deadline = Instant::now() + grace;
-        for p in &mut all {
-            loop {
-                match p.child.try_wait() {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) if Instant::now() >= deadline => {
-                        eprintln!("{} did not stop in time: killing it", p.name);
-                        let _ = p.child.kill();
-                        let _ = p.child.wait();
-                        break;
-                    }
-                    Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+    }
+    let deadline = Instant::now() + grace;
+    for p in &mut all {
+        loop {
+            match p.child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() >= deadline => {
+                    eprintln!("{} did not stop in time: killing it", p.name);
+                    let _ = p.child.kill();
+                    let _ = p.child.wait();
+                    break;
                 }
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
             }
         }
     }

@@ -14,8 +14,10 @@
 //!
 //! Invariants of a [`Topology`] returned by [`load`] or [`parse`], checked there:
 //! - region names are unique, lowercase `[a-z][a-z0-9_-]*`, and so are their data directories;
-//! - broker ids are unique within a region; no two listeners (Kafka, metrics, QUIC, admin) share
-//!   an address anywhere in the file (an unspecified IP such as `0.0.0.0` overlaps every IP);
+//! - broker ids are unique within a region; a region of several brokers has an etcd, and its
+//!   replication factor is at most its broker count; no two listeners (Kafka, metrics, QUIC,
+//!   admin, etcd) share an address anywhere in the file (an unspecified IP such as `0.0.0.0`
+//!   overlaps every IP);
 //! - every `primary`, mirror and `witness` names a defined region; a mirror is never the primary;
 //! - no topic rule is shadowed by an earlier one, so a topic name never gets two primaries;
 //! - regions that send or receive mirrored topics have a gateway;
@@ -36,8 +38,13 @@ use toml::Spanned;
 use crate::units::parse_host_port;
 use crate::units::{format_duration, parse_duration};
 
+mod cluster;
+mod render;
+pub use cluster::{EtcdSpec, RegionCluster};
+pub use render::render_tables;
+
 /// The embedded default topology (`topology/local.toml`): `east` and `west` on loopback.
-pub const LOCAL_TOML: &str = include_str!("../topology/local.toml");
+pub const LOCAL_TOML: &str = include_str!("../../topology/local.toml");
 
 // ---------------------------------------------------------------------------------------------
 // Resolved types
@@ -66,6 +73,9 @@ pub struct Region {
     /// At least one, ids unique within the region.
     pub brokers: Vec<BrokerSpec>,
     pub gateway: Option<GatewaySpec>,
+    /// Set when the region's brokers form a cluster with their metadata in etcd (required for
+    /// several brokers; see docs/cluster.md).
+    pub cluster: Option<RegionCluster>,
     /// The region's directory under the data root; `None` means the region's name. An absolute
     /// path is used as is. See [`Topology::region_dir`].
     pub data_dir: Option<PathBuf>,
@@ -788,7 +798,14 @@ const LIMITS_KEYS: &[&str] = &[
     "request_read_timeout",
     "request_memory_max",
 ];
-const REGION_KEYS: &[&str] = &["brokers", "gateway", "data_dir"];
+const REGION_KEYS: &[&str] = &[
+    "brokers",
+    "gateway",
+    "data_dir",
+    "etcd",
+    "replication_factor",
+    "min_insync_replicas",
+];
 const BROKER_KEYS: &[&str] = &["id", "listen", "advertised", "metrics"];
 const GATEWAY_KEYS: &[&str] = &["quic", "advertised", "admin", "metrics"];
 const TOPIC_KEYS: &[&str] = &[
@@ -1003,6 +1020,19 @@ fn read_region(
         },
     }
 
+    // A cluster's etcd and replication defaults (only once the brokers are known to count).
+    let cluster = if ok {
+        match cluster::read(cx, &o, name, brokers.len(), listeners) {
+            Ok(c) => c,
+            Err(()) => {
+                ok = false;
+                None
+            }
+        }
+    } else {
+        None
+    };
+
     // Gateway.
     let gateway = match o.get("gateway") {
         None => None,
@@ -1019,6 +1049,7 @@ fn read_region(
                 name: name.to_string(),
                 brokers,
                 gateway,
+                cluster,
                 data_dir,
             },
             RegionAt {
@@ -1733,236 +1764,4 @@ fn read_tls(
         regions: out,
     })
     .filter(|_| ok)
-}
-
-// ---------------------------------------------------------------------------------------------
-// `ferry topology show`
-// ---------------------------------------------------------------------------------------------
-
-/// The resolved topology as plain-text tables: regions, processes and their addresses, topics
-/// and where they flow, failover and TLS.
-pub fn render_tables(t: &Topology) -> String {
-    let mut out = format!("topology {}\n\n", t.file.display());
-
-    out.push_str("REGIONS\n");
-    let rows: Vec<Vec<String>> = t
-        .regions
-        .iter()
-        .map(|r| {
-            let primary_for: Vec<&str> = t
-                .topics
-                .iter()
-                .filter(|x| x.primary == r.name)
-                .map(|x| x.pattern.as_str())
-                .collect();
-            let mirror_of: Vec<&str> = t
-                .topics
-                .iter()
-                .filter(|x| x.mirrors.contains(&r.name))
-                .map(|x| x.pattern.as_str())
-                .collect();
-            vec![
-                r.name.clone(),
-                r.brokers.len().to_string(),
-                if r.gateway.is_some() { "yes" } else { "no" }.to_string(),
-                r.data_dir
-                    .clone()
-                    .unwrap_or_else(|| PathBuf::from(&r.name))
-                    .display()
-                    .to_string(),
-                list_or_dash(&primary_for),
-                list_or_dash(&mirror_of),
-            ]
-        })
-        .collect();
-    out.push_str(&table(
-        &[
-            "REGION",
-            "BROKERS",
-            "GATEWAY",
-            "DATA DIR",
-            "PRIMARY FOR",
-            "MIRRORS",
-        ],
-        &rows,
-    ));
-
-    out.push_str("\nPROCESSES\n");
-    let mut rows = Vec::new();
-    for r in &t.regions {
-        for b in &r.brokers {
-            let p = format!("broker {}", b.id);
-            let adv = format!("{}:{}", b.advertised.0, b.advertised.1);
-            rows.push(vec![
-                r.name.clone(),
-                p.clone(),
-                "kafka".into(),
-                b.listen.to_string(),
-                adv,
-            ]);
-            if let Some(m) = b.metrics {
-                rows.push(vec![
-                    r.name.clone(),
-                    p,
-                    "metrics".into(),
-                    m.to_string(),
-                    "/metrics".into(),
-                ]);
-            }
-        }
-        if let Some(g) = &r.gateway {
-            let adv = format!("{}:{}", g.advertised.0, g.advertised.1);
-            let p = "gateway".to_string();
-            rows.push(vec![
-                r.name.clone(),
-                p.clone(),
-                "quic (udp)".into(),
-                g.quic.to_string(),
-                adv,
-            ]);
-            rows.push(vec![
-                r.name.clone(),
-                p.clone(),
-                "admin".into(),
-                g.admin.to_string(),
-                "-".into(),
-            ]);
-            if let Some(m) = g.metrics {
-                rows.push(vec![
-                    r.name.clone(),
-                    p,
-                    "metrics".into(),
-                    m.to_string(),
-                    "/metrics".into(),
-                ]);
-            }
-        }
-    }
-    out.push_str(&table(
-        &["REGION", "PROCESS", "ENDPOINT", "LISTEN", "ADVERTISED"],
-        &rows,
-    ));
-
-    out.push_str("\nTOPICS (first matching rule wins; internal `__` topics are never mirrored)\n");
-    if t.topics.is_empty() {
-        out.push_str("(no rules: every topic stays in the region it is written to)\n");
-    } else {
-        let rows: Vec<Vec<String>> = t
-            .topics
-            .iter()
-            .map(|r| {
-                let flow = if r.mirrors.is_empty() {
-                    format!("{} (not mirrored)", r.primary)
-                } else {
-                    format!("{} -> {}", r.primary, r.mirrors.join(", "))
-                };
-                vec![
-                    r.pattern.clone(),
-                    r.primary.clone(),
-                    flow,
-                    match r.mode {
-                        ReplicationMode::Async => "async",
-                        ReplicationMode::Sync => "sync",
-                    }
-                    .into(),
-                    r.partitions.map_or("default".into(), |p| p.to_string()),
-                    r.retention.map_or("default".into(), format_duration),
-                ]
-            })
-            .collect();
-        out.push_str(&table(
-            &[
-                "TOPIC",
-                "PRIMARY",
-                "FLOWS",
-                "MODE",
-                "PARTITIONS",
-                "RETENTION",
-            ],
-            &rows,
-        ));
-    }
-
-    let f = &t.failover;
-    out.push_str("\nFAILOVER\n");
-    out.push_str(&table(
-        &["FENCING", "LEASE", "HEARTBEAT", "PROMOTION", "WITNESS"],
-        &[vec![
-            match f.fencing {
-                Fencing::Lease => "lease",
-                Fencing::None => "none",
-            }
-            .into(),
-            format_duration(f.lease),
-            format_duration(f.heartbeat),
-            match f.promotion {
-                Promotion::Manual => "manual",
-                Promotion::Automatic => "automatic",
-            }
-            .into(),
-            f.witness.clone().unwrap_or_else(|| "-".into()),
-        ]],
-    ));
-
-    out.push_str("\nTLS\n");
-    match &t.tls {
-        None => out.push_str("(none configured)\n"),
-        Some(tls) => {
-            let mut rows = vec![vec![
-                "(all)".to_string(),
-                "ca".into(),
-                tls.ca.display().to_string(),
-            ]];
-            for r in &tls.regions {
-                rows.push(vec![
-                    r.region.clone(),
-                    "cert".into(),
-                    r.cert.display().to_string(),
-                ]);
-                rows.push(vec![
-                    r.region.clone(),
-                    "key".into(),
-                    r.key.display().to_string(),
-                ]);
-            }
-            out.push_str(&table(&["REGION", "FILE", "PATH"], &rows));
-        }
-    }
-    out
-}
-
-fn list_or_dash(items: &[&str]) -> String {
-    if items.is_empty() {
-        "-".into()
-    } else {
-        items.join(", ")
-    }
-}
-
-/// Left-aligned columns separated by two spaces.
-fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: Vec<&str>| {
-        let mut l = String::new();
-        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
-            if i + 1 == cells.len() {
-                l.push_str(c);
-            } else {
-                l.push_str(&format!("{c:<w$}  "));
-            }
-        }
-        out.push_str(l.trim_end());
-        out.push('\n');
-    };
-    line(headers.to_vec());
-    for row in rows {
-        line(row.iter().map(String::as_str).collect());
-    }
-    out
 }
