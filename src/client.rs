@@ -408,6 +408,59 @@ impl Client {
         Ok(())
     }
 
+    /// The `host:port` of the coordinator of consumer group `group`.
+    pub async fn find_coordinator(&mut self, group: &str) -> Result<String, ClientError> {
+        use kafka_protocol::messages::find_coordinator_request::FindCoordinatorRequest;
+        let mut req = FindCoordinatorRequest::default();
+        req.key = StrBytes::from_string(group.to_string());
+        let r = self.send(&req, 2).await?;
+        if r.error_code != 0 {
+            return Err(ClientError::Kafka(format!(
+                "coordinator of {group}: {} ({})",
+                error_name(r.error_code),
+                r.error_code
+            )));
+        }
+        Ok(format!("{}:{}", r.host.as_str(), r.port))
+    }
+
+    /// Where each partition of `topic` is led: partition → the leader's `host:port` (`None`
+    /// while it has none). An unknown topic is an error.
+    pub async fn leaders(
+        &mut self,
+        topic: &str,
+    ) -> Result<std::collections::BTreeMap<i32, Option<String>>, ClientError> {
+        use kafka_protocol::messages::metadata_request::{MetadataRequest, MetadataRequestTopic};
+        use kafka_protocol::messages::TopicName;
+        let mut req = MetadataRequest::default();
+        let mut t = MetadataRequestTopic::default();
+        t.name = Some(TopicName(StrBytes::from_string(topic.to_string())));
+        req.topics = Some(vec![t]);
+        req.allow_auto_topic_creation = false;
+        let resp = self.send(&req, 9).await?;
+        let nodes: std::collections::BTreeMap<i32, String> = resp
+            .brokers
+            .iter()
+            .map(|b| (b.node_id.0, format!("{}:{}", b.host.as_str(), b.port)))
+            .collect();
+        let t = resp
+            .topics
+            .into_iter()
+            .find(|t| t.name.as_ref().is_some_and(|n| n.0.as_str() == topic))
+            .ok_or_else(|| ClientError::Kafka(format!("no metadata for topic {topic}")))?;
+        if t.error_code != 0 {
+            return Err(ClientError::Kafka(format!(
+                "metadata of {topic}: {} ({})",
+                error_name(t.error_code),
+                t.error_code
+            )));
+        }
+        Ok(t.partitions
+            .into_iter()
+            .map(|p| (p.partition_index, nodes.get(&p.leader_id.0).cloned()))
+            .collect())
+    }
+
     /// Every non-internal topic with its partition count.
     pub async fn topics(&mut self) -> Result<std::collections::BTreeMap<String, i32>, ClientError> {
         use kafka_protocol::messages::metadata_request::MetadataRequest;

@@ -138,15 +138,19 @@ async fn reconcile_loop(
     }
 }
 
-/// The write gate of a partition given the region's gate for its topic and its part here: only
-/// a leader (or a broker alone in its region) takes client writes, stamped with its leader
-/// epoch in a cluster.
-pub fn gate_of(region: Gate, replica: &Replica) -> Gate {
+/// The write gate of a partition given the region's gate for its topic, its part here and the
+/// last epoch in its log (`-1`: none): only a leader (or a broker alone in its region) takes
+/// client writes, stamped with its leader epoch in a cluster, and only while that epoch is at
+/// least the region's epoch for the topic and the log's last (after a promotion the mirror's
+/// log holds the old primary's leader epochs: [`isr_loop`] has the leader epoch raised first).
+pub fn gate_of(region: Gate, replica: &Replica, log_epoch: i32) -> Gate {
     match replica {
         Replica::Solo => region,
         Replica::Leader(l) => Gate {
             epoch: l.leader_epoch(),
-            writable: region.writable,
+            writable: region.writable
+                && l.leader_epoch() >= region.epoch
+                && l.leader_epoch() >= log_epoch,
         },
         other => Gate {
             epoch: other.leader_epoch().unwrap_or(-1),
@@ -157,6 +161,15 @@ pub fn gate_of(region: Gate, replica: &Replica) -> Gate {
 
 /// Apply an image: topics created and deleted, every partition's part.
 pub fn apply(broker: &Arc<Broker>, link: &ClusterLink, prev: &Image, img: &Image) {
+    // The region's failover state first: the write gates below follow it.
+    if let Some(f) = &img.failover {
+        if prev.failover.as_ref() != Some(f) && broker.failover_state() != f.value {
+            match broker.adopt_failover(f.value.clone()) {
+                Ok(_) => info!(version = f.version, "took the cluster's failover state"),
+                Err(e) => warn!(error = %e, "could not store the cluster's failover state"),
+            }
+        }
+    }
     for name in prev.topics.keys() {
         if !img.topics.contains_key(name) && broker.topic(name).is_some() {
             match broker.delete_topic(name) {
@@ -218,7 +231,7 @@ pub fn apply(broker: &Arc<Broker>, link: &ClusterLink, prev: &Image, img: &Image
             if !matches!(st.replica, Replica::Absent { .. }) {
                 warn!(topic = %topic.name, partition = part.index, "stray partition: not in the cluster's metadata; kept on disk, not served");
                 st.replica = Replica::offline();
-                st.gate = gate_of(st.gate, &st.replica);
+                st.gate = gate_of(st.gate, &st.replica, -1);
             }
         }
     }
@@ -227,6 +240,11 @@ pub fn apply(broker: &Arc<Broker>, link: &ClusterLink, prev: &Image, img: &Image
         *old = follow;
         changed
     });
+}
+
+/// The epoch of the last batch in `log`, or -1.
+pub fn last_epoch(log: &crate::log::PartitionLog) -> i32 {
+    log.epochs().last().map_or(-1, |e| e.epoch)
 }
 
 /// `min.insync.replicas` of a topic with these configs: its own, else the cluster's.
@@ -317,7 +335,7 @@ fn set_role(
         },
     };
     st.replica = new.clone();
-    st.gate = gate_of(region, &st.replica);
+    st.gate = gate_of(region, &st.replica, last_epoch(&st.log));
     drop(st);
     // Produces waiting on the old part learn it ended.
     part.replicated.notify_waiters();
@@ -340,15 +358,27 @@ async fn isr_loop(
         }
         let now = link.now();
         let mut proposals = Vec::new();
+        let mut bumps = Vec::new();
         for topic in broker.topics() {
+            let region = broker.gate_for(&topic.name);
             for part in topic.partitions.read().expect("topic lock").iter() {
                 let mut st = part.state.lock().expect("partition lock");
+                let log_epoch = last_epoch(&st.log);
                 if let Replica::Leader(l) = &mut st.replica {
                     if let Some(p) = l.isr_change(now) {
                         proposals.push((part.clone(), l.leader_epoch(), p));
                     }
+                    // This region may write here, but not at this leader epoch (it is below
+                    // the region's epoch or the log's last: a promotion): raise it.
+                    let e = l.leader_epoch();
+                    if region.writable && (e < region.epoch || e < log_epoch) {
+                        bumps.push((part.clone(), e, e.max(region.epoch).max(log_epoch)));
+                    }
                 }
             }
+        }
+        for (part, epoch, above) in bumps {
+            raise_leader_epoch(&link, &part, epoch, above).await;
         }
         if proposals.is_empty() {
             continue;
@@ -400,6 +430,79 @@ async fn isr_loop(
             }
         }
     }
+}
+
+/// As the leader of `part` at `epoch`, take a new leader epoch (this region's form, above
+/// `above`) by compare-and-swap; the watch then makes this broker lead at it.
+async fn raise_leader_epoch(link: &ClusterLink, part: &Partition, epoch: i32, above: i32) {
+    let img = link.member.image();
+    let key = (part.topic.to_string(), part.index);
+    let Some(v) = img.partitions.get(&key) else {
+        return;
+    };
+    if v.value.leader != link.id() || v.value.leader_epoch != epoch {
+        return;
+    }
+    let mut new = v.value.clone();
+    new.leader_epoch =
+        crate::cluster::controller::next_leader_epoch(above, link.settings.region_index);
+    new.partition_epoch += 1;
+    match link
+        .member
+        .store()
+        .swap_partition(&key.0, key.1, v.version, &new)
+        .await
+    {
+        Ok(Outcome::Written(_)) => {
+            info!(topic = %key.0, partition = key.1, from = epoch, to = new.leader_epoch, "raised the leader epoch above the log's and the region's (this region took writes)")
+        }
+        Ok(Outcome::Stale) => {}
+        Err(e) => debug!(error = %e, "leader epoch not raised"),
+    }
+}
+
+/// Move a topic rule to `new` in the region's failover state, which in a cluster lives in etcd:
+/// a compare-and-swap of [`crate::failover::RegionState::apply`] on what etcd holds (or, before
+/// the first write, what this broker holds), then taken here at once; the other brokers take
+/// it from their watch. Returns whether anything changed.
+pub async fn apply_rule(
+    broker: &Arc<Broker>,
+    link: &ClusterLink,
+    pattern: &str,
+    new: crate::failover::RuleState,
+) -> Result<bool, String> {
+    let Some(t) = broker.config.topology.clone() else {
+        return Err("this broker runs without a topology".into());
+    };
+    let mut rx = link.member.subscribe();
+    for _ in 0..20 {
+        let img = rx.borrow_and_update().clone();
+        let (base, version) = match &img.failover {
+            Some(v) => (v.value.clone(), Some(v.version)),
+            None => (broker.failover_state(), None),
+        };
+        let mut next = base;
+        let changed = next
+            .apply(&t, pattern, new.clone())
+            .map_err(|e| e.to_string())?;
+        if !changed && version.is_some() {
+            broker.adopt_failover(next)?;
+            return Ok(false);
+        }
+        match link.member.store().swap_failover(version, &next).await {
+            Ok(Outcome::Written(_)) => {
+                broker.adopt_failover(next)?;
+                info!(%pattern, "failover state changed in the cluster");
+                return Ok(changed);
+            }
+            // Another broker wrote first: decide again on what it wrote.
+            Ok(Outcome::Stale) => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
+            }
+            Err(e) => return Err(format!("the cluster's metadata store: {e}")),
+        }
+    }
+    Err("the failover state kept changing under this change: try again".into())
 }
 
 /// A topic to create in the cluster.

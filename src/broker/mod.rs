@@ -308,16 +308,26 @@ struct ProducerIds {
 const PRODUCER_ID_BLOCK: i64 = 1000;
 
 /// Producer ids of the region at position `i` of the topology (file order) start at `i << 40`,
-/// so regions never hand out the same id; without a topology they start at 0.
+/// so regions never hand out the same id; without a topology they start at 0. In a region
+/// cluster broker `b` of the region starts at `(i << 40) + (b << 30)`.
 pub fn producer_id_base(config: &BrokerConfig) -> i64 {
-    match (&config.topology, &config.region) {
+    let region = match (&config.topology, &config.region) {
         (Some(t), Some(r)) => t
             .regions
             .iter()
             .position(|x| &x.name == r)
             .map_or(0, |i| (i as i64) << 40),
         _ => 0,
-    }
+    };
+    // In a region cluster every broker hands out ids (InitProducerId goes to any broker), and
+    // a partition's leader keeps every producer's sequences: each broker takes its own 2^30
+    // ids of the region's range (broker ids are below 1000, so 999 << 30 < 1 << 40).
+    let broker = if config.cluster.is_some() {
+        (config.node_id.rem_euclid(1000) as i64) << 30
+    } else {
+        0
+    };
+    region + broker
 }
 
 impl ProducerIds {
@@ -489,7 +499,7 @@ impl Broker {
         for p in topic.partitions.read().expect("topic lock").iter() {
             let mut st = p.state.lock().expect("partition lock");
             st.replica = Replica::offline();
-            st.gate = cluster::gate_of(st.gate, &st.replica);
+            st.gate = cluster::gate_of(st.gate, &st.replica, -1);
         }
         self.write_meta(&topic)?;
         self.topics
@@ -773,9 +783,21 @@ impl Broker {
         let Some(t) = self.config.topology.as_ref() else {
             return Err("this broker runs without a topology".into());
         };
-        let mut st = self.failover.write().expect("failover lock");
-        let mut next = st.clone();
+        let mut next = self.failover_state();
         let changed = next.apply(t, pattern, new).map_err(|e| e.to_string())?;
+        self.adopt_failover(next)?;
+        if changed {
+            tracing::info!(%pattern, "failover state changed");
+        }
+        Ok(changed)
+    }
+
+    /// Take `next` as the region's failover state: stored durably (when it changed), then every
+    /// partition's write gate set from it. In a region cluster `next` is what etcd holds, where
+    /// every change is a compare-and-swap of [`RegionState::apply`] (so epochs never go back).
+    pub fn adopt_failover(&self, next: RegionState) -> Result<bool, String> {
+        let mut st = self.failover.write().expect("failover lock");
+        let changed = *st != next;
         if changed {
             let path = self.meta_dir.join("failover.json");
             next.store(&path)
@@ -787,11 +809,9 @@ impl Broker {
             let gate = self.gate_for(&topic.name);
             for p in topic.partitions.read().expect("topic lock").iter() {
                 let mut st = p.state.lock().expect("partition lock");
-                st.gate = cluster::gate_of(gate, &st.replica);
+                let log_epoch = cluster::last_epoch(&st.log);
+                st.gate = cluster::gate_of(gate, &st.replica, log_epoch);
             }
-        }
-        if changed {
-            tracing::info!(%pattern, "failover state changed");
         }
         Ok(changed)
     }
@@ -1088,6 +1108,37 @@ impl Broker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_broker_of_every_clustered_region_hands_out_its_own_producer_ids() {
+        let t = crate::topology::load(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("topology/clustered.toml"),
+        )
+        .expect("clustered.toml");
+        let mut ranges = Vec::new();
+        for r in &t.regions {
+            for b in &r.brokers {
+                let mut c = t
+                    .broker_config(&r.name, b.id, Path::new("/data"))
+                    .expect("a broker of the file");
+                c.topology = Some(Arc::new(t.clone()));
+                c.region = Some(r.name.clone());
+                ranges.push(producer_id_base(&c));
+            }
+        }
+        let mut sorted = ranges.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 6, "{ranges:?}");
+        // Each range holds 2^30 ids and stays inside its region's 2^40.
+        assert!(
+            sorted.windows(2).all(|w| w[1] - w[0] >= 1 << 30),
+            "{sorted:?}"
+        );
+        assert!(ranges[3..]
+            .iter()
+            .all(|b| (1i64 << 40..2 << 40).contains(b)));
+    }
 
     fn topology(fencing: &str) -> crate::topology::Topology {
         let mut s = String::new();

@@ -6,7 +6,8 @@
 //! command line, starting one with its output appended to `<logs>/<region>-broker-<id>.log`,
 //! `<logs>/<region>-gateway.log` or `<logs>/<region>-etcd.log`, waiting until each logs
 //! that it listens (a port that accepts connections is not enough: another process may hold
-//! it), noticing a child that exits, SIGKILL of a region, and a clean stop of everything
+//! it), noticing a child that exits (a broker or etcd of a region cluster is started again, since
+//! its cluster rides out the loss; any other exit stops everything), SIGKILL of a region, and a clean stop of everything
 //! (SIGTERM, each broker syncs and exits; SIGKILL after a grace period; etcd last, so brokers
 //! can leave their cluster first). A region's etcd is ready before its brokers start.
 //! Does not own: certificates (made by the caller first), readiness of the cluster as a whole
@@ -24,6 +25,9 @@ pub const STOP_GRACE: Duration = Duration::from_secs(15);
 const BROKER_READY: &str = "ferry broker listening on";
 const GATEWAY_READY: &str = "ferry gateway listening on";
 const ETCD_READY: &str = "ready to serve client requests";
+
+/// A region cluster's member that exits is started again, at most this often.
+pub const RESTART_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Debian's etcd-server (or any etcd on PATH).
 fn etcd_binary() -> Result<PathBuf, String> {
@@ -51,6 +55,13 @@ struct Proc {
     from: usize,
     marker: &'static str,
     ready: bool,
+    /// How it was started (to start it again).
+    exe: PathBuf,
+    argv: Vec<std::ffi::OsString>,
+    /// A member of a region cluster (a broker or its etcd): when it exits it is started again,
+    /// because the cluster rides out the loss of one; any other child's exit stops everything.
+    restartable: bool,
+    started: Instant,
 }
 
 /// The children of one command.
@@ -114,6 +125,7 @@ impl Supervisor {
             let name = format!("{region}/etcd");
             let log = self.logs.join(format!("{region}-etcd.log"));
             self.spawn_exe(exe, name, region, &argv, log, ETCD_READY)?;
+            self.procs.last_mut().expect("just started").restartable = true;
             // The brokers join through it as they start.
             self.wait_last_ready(Duration::from_secs(30))?;
         }
@@ -134,6 +146,9 @@ impl Supervisor {
             let name = format!("{region}/broker-{}", b.id);
             let log = self.logs.join(format!("{region}-broker-{}.log", b.id));
             self.spawn(name, region, &argv, log, BROKER_READY)?;
+            if r.cluster.is_some() {
+                self.procs.last_mut().expect("just started").restartable = true;
+            }
         }
         if r.gateway.is_some() {
             let argv: Vec<std::ffi::OsString> = vec![
@@ -222,6 +237,10 @@ impl Supervisor {
             from,
             marker,
             ready: false,
+            exe,
+            argv: argv.to_vec(),
+            restartable: false,
+            started: Instant::now(),
         });
         Ok(())
     }
@@ -254,10 +273,55 @@ impl Supervisor {
         }
     }
 
-    /// The first child that exited, if any: its name, status and log.
+    /// Start again every member of a region cluster that exited (at most once every
+    /// [`RESTART_BACKOFF`] each); returns what was done, one line each.
+    pub fn restart_exited(&mut self) -> Vec<String> {
+        let mut done = Vec::new();
+        for p in self.procs.iter_mut().filter(|p| p.restartable) {
+            let Ok(Some(status)) = p.child.try_wait() else {
+                continue;
+            };
+            if p.started.elapsed() < RESTART_BACKOFF {
+                continue;
+            }
+            let from = std::fs::metadata(&p.log).map(|m| m.len()).unwrap_or(0) as usize;
+            let out = match std::fs::OpenOptions::new().append(true).open(&p.log) {
+                Ok(f) => f,
+                Err(e) => {
+                    done.push(format!("{} exited ({status}); not restarted: {e}", p.name));
+                    continue;
+                }
+            };
+            let child = out.try_clone().and_then(|err| {
+                Command::new(&p.exe)
+                    .args(&p.argv)
+                    .stdin(Stdio::null())
+                    .stdout(out)
+                    .stderr(err)
+                    .spawn()
+            });
+            match child {
+                Ok(c) => {
+                    p.child = c;
+                    p.from = from;
+                    p.ready = false;
+                    p.started = Instant::now();
+                    done.push(format!(
+                        "{} exited ({status}): started again (its region cluster rides out the loss)",
+                        p.name
+                    ));
+                }
+                Err(e) => done.push(format!("{} exited ({status}); not restarted: {e}", p.name)),
+            }
+        }
+        done
+    }
+
+    /// The first child that exited and is not restarted, if any: its name, status and log.
     pub fn exited(&mut self) -> Option<String> {
         self.procs
             .iter_mut()
+            .filter(|p| !p.restartable)
             .find_map(|p| match p.child.try_wait() {
                 Ok(Some(status)) => Some(format!(
                     "{} exited ({status}); see {}",

@@ -167,6 +167,9 @@ async fn supervise(
             biased;
             _ = &mut shutdown => break None,
             _ = tick.tick() => {
+                for line in procs.restart_exited() {
+                    eprintln!("{line}");
+                }
                 if let Some(why) = procs.exited() {
                     break Some(why);
                 }

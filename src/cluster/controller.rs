@@ -203,7 +203,7 @@ impl Controller {
                     self.forget(&k);
                 }
             }
-            Change::Topic(_) | Change::Controller(_) => {}
+            Change::Topic(_) | Change::Controller(_) | Change::Failover(_) => {}
         }
         self.image.apply(change);
     }

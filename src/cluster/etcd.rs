@@ -229,6 +229,27 @@ impl Store {
         self.swap(txn).await
     }
 
+    /// Write the region's failover state if it is still at `expected` (its version; `None`:
+    /// not written yet).
+    pub async fn swap_failover(
+        &self,
+        expected: Option<i64>,
+        state: &crate::failover::RegionState,
+    ) -> Result<Outcome, StoreError> {
+        let key = self.keys.failover();
+        let value = serde_json::to_vec(state).expect("failover state serializes");
+        let cmp = match expected {
+            Some(v) => Compare::mod_revision(key.clone(), CompareOp::Equal, v),
+            None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+        };
+        self.swap(
+            Txn::new()
+                .when([cmp])
+                .and_then([TxnOp::put(key, value, None)]),
+        )
+        .await
+    }
+
     /// Create a topic with every partition's initial state, in one transaction; `Stale` if the
     /// topic exists.
     pub async fn create_topic(&self, t: &TopicAssignment) -> Result<Outcome, StoreError> {

@@ -12,6 +12,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::failover::RegionState;
+
 /// A broker's id in its region (Kafka's `node.id`).
 pub type BrokerId = i32;
 
@@ -142,6 +144,9 @@ pub struct Image {
     pub partitions: BTreeMap<PartitionKey, Versioned<PartitionState>>,
     /// The broker that holds the controller key, if any.
     pub controller: Option<BrokerId>,
+    /// The region's failover state (who is primary for each topic rule, at which epoch),
+    /// shared by every broker of the cluster; `None` until first written.
+    pub failover: Option<Versioned<RegionState>>,
 }
 
 impl Image {
@@ -189,6 +194,7 @@ impl Image {
                 self.partitions.remove(&key);
             }
             Change::Controller(c) => self.controller = c,
+            Change::Failover(f) => self.failover = f,
         }
     }
 }
@@ -203,6 +209,8 @@ pub enum Change {
     Partition(PartitionKey, Versioned<PartitionState>),
     PartitionGone(PartitionKey),
     Controller(Option<BrokerId>),
+    /// The failover state written (or, `None`, deleted).
+    Failover(Option<Versioned<RegionState>>),
 }
 
 /// The etcd key layout of one region's cluster, under `/ferry/<cluster>/`.
@@ -210,7 +218,8 @@ pub enum Change {
 /// - `brokers/<id>`: [`BrokerInfo`] JSON, bound to the broker's lease;
 /// - `controller`: the active controller's id, bound to its lease;
 /// - `topics/<name>`: [`TopicAssignment`] JSON;
-/// - `partitions/<name>/<index>`: [`PartitionState`] JSON.
+/// - `partitions/<name>/<index>`: [`PartitionState`] JSON;
+/// - `failover`: the region's [`RegionState`] JSON (every rule's primary and epoch).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keys {
     root: String,
@@ -240,6 +249,9 @@ impl Keys {
     pub fn partition(&self, topic: &str, index: i32) -> String {
         format!("{}partitions/{topic}/{index}", self.root)
     }
+    pub fn failover(&self) -> String {
+        format!("{}failover", self.root)
+    }
 
     /// Decode a key and its value (None for a delete) into a change; None for keys that are
     /// not metadata. Errors name the key.
@@ -261,6 +273,15 @@ impl Keys {
                         .and_then(|s| s.trim().parse().ok())
                         .ok_or_else(|| format!("{key}: not a broker id"))?,
                 ),
+                None => None,
+            })));
+        }
+        if rest == "failover" {
+            return Ok(Some(Change::Failover(match value {
+                Some(v) => Some(Versioned {
+                    value: serde_json::from_slice(v).map_err(bad)?,
+                    version,
+                }),
                 None => None,
             })));
         }

@@ -93,6 +93,13 @@ pub enum StateError {
 /// take the same epoch, so each epoch is written by exactly one region, which is what
 /// [`crate::log::epochs::divergence`] relies on, and every region converges on the greater one
 /// (found by the simulator, docs/simulations.md, finding 6).
+/// The region (its position in the topology) that took `epoch` with [`next_epoch`] (in a region
+/// cluster also every leader epoch takes that form, so a batch's epoch names its region).
+/// Epoch 0, every rule's first, is the topology's first region's form.
+pub fn epoch_region(epoch: i32) -> usize {
+    (epoch & 0xff) as usize
+}
+
 pub fn next_epoch(current: i32, region_index: usize) -> i32 {
     assert!(region_index < 256, "at most 256 regions");
     let next = (((current >> 8) + 1) << 8) | region_index as i32;

@@ -32,7 +32,8 @@ pub enum Control {
     /// Renew the write lease for `ms` from now.
     RenewLease { ms: u64 },
     /// Log end offset and epoch history of partitions (all partitions of `topics`, or of every
-    /// topic a rule covers when `topics` is empty).
+    /// topic a rule covers when `topics` is empty); in a region cluster, of those the broker
+    /// leads.
     Offsets {
         #[serde(default)]
         topics: Vec<String>,
@@ -182,7 +183,12 @@ pub async fn handle(broker: Arc<Broker>, req: Control) -> Result<serde_json::Val
             lease_current: broker.lease_current(),
         })),
         Control::Apply { pattern, state } => {
-            let changed = broker.apply_rule(&pattern, state)?;
+            let changed = match broker.cluster() {
+                Some(link) => {
+                    crate::broker::cluster::apply_rule(&broker, link, &pattern, state).await?
+                }
+                None => broker.apply_rule(&pattern, state)?,
+            };
             Ok(serde_json::json!({ "changed": changed }))
         }
         Control::RenewLease { ms } => {
@@ -207,19 +213,21 @@ pub async fn handle(broker: Arc<Broker>, req: Control) -> Result<serde_json::Val
                     continue;
                 };
                 configs.insert(name.clone(), t.configs());
+                // In a region cluster each broker answers for the partitions it leads (the
+                // gateway asks them all); alone in a region, for all.
                 let parts = t
                     .partitions
                     .read()
                     .expect("topic lock")
                     .iter()
-                    .map(|p| {
+                    .filter_map(|p| {
                         let st = p.state.lock().expect("partition lock");
-                        PartitionOffsets {
+                        st.replica.leads().then(|| PartitionOffsets {
                             partition: p.index,
                             log_start: st.log.start_offset(),
                             log_end: st.log.next_offset(),
                             epochs: st.log.epochs().to_vec(),
-                        }
+                        })
                     })
                     .collect();
                 out.insert(name, parts);
@@ -235,6 +243,14 @@ pub async fn handle(broker: Arc<Broker>, req: Control) -> Result<serde_json::Val
             offset,
             region,
         } => {
+            if broker.cluster().is_some() {
+                // Its followers would keep the cut records, and its high watermark would go
+                // back: not done in a cluster yet (docs/cluster.md).
+                return Err(format!(
+                    "{topic}-{partition}: cutting a mirror's divergent tail is not supported in a \
+                     region cluster yet; the tail from offset {offset} stays (docs/cluster.md)"
+                ));
+            }
             let (quarantined, log_end) = broker
                 .quarantine_and_truncate(&topic, partition, offset, &region)
                 .await?;

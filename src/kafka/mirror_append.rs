@@ -8,7 +8,10 @@
 //! batch must be whole and CRC-valid; one wholly below the log end is a resend and skipped; the
 //! first new one must start exactly at the log end. The answer comes once the batches are on
 //! disk (fdatasync), and gives the offset after the request's last batch, or for a request
-//! without records the log end; either way durable.
+//! without records the log end; either way durable. In a region cluster only the partition's
+//! leader takes it (NOT_LEADER_OR_FOLLOWER elsewhere), the mirror topic is created through etcd
+//! with the region's replication factor, and "durable" means on the disk of every in-sync
+//! replica (the high watermark passed it; without records the answer is the high watermark).
 //!
 //! Response (header v0): `error_code: i16`, `log_end_offset: i64`, `message: i16 length + UTF-8`.
 //! Records: empty to only ensure the topic and learn the log end.
@@ -24,7 +27,11 @@ use tokio::sync::oneshot;
 use super::code;
 use crate::batch;
 use crate::broker::writer::AppendRequest;
-use crate::broker::{Broker, TopicError};
+use crate::broker::{Broker, NotReplicated, TopicError};
+use crate::replica::Replica;
+
+/// How long a MirrorAppend in a region cluster waits for every in-sync replica.
+const REPLICATED_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The API key (Kafka's own keys stay below 100).
 pub const KEY: i16 = 20_000;
@@ -150,9 +157,39 @@ pub async fn handle(broker: Arc<Broker>, req: MirrorAppend) -> (i16, i64, String
             format!("topic '{}' is not a mirror in this region", req.topic),
         );
     };
-    // Ensure the mirror topic with the source's partition count.
+    // Ensure the mirror topic with the source's partition count (in a region cluster through
+    // etcd, replicated as the region's defaults say).
     let topic = match broker.topic(&req.topic) {
         Some(t) => t,
+        None if broker.cluster().is_some() => {
+            let link = broker.cluster().expect("checked").clone();
+            let (_, configs) = broker.topic_defaults(&req.topic);
+            let made = crate::broker::cluster::create_topic(
+                &broker,
+                &link,
+                crate::broker::cluster::NewTopic {
+                    name: req.topic.clone(),
+                    partitions: Some(req.partition_count.max(1)),
+                    configs,
+                    ..Default::default()
+                },
+            )
+            .await;
+            match made {
+                Ok(_) | Err(TopicError::AlreadyExists(_)) => {}
+                Err(e) => return (e.kafka_code(), -1, e.to_string()),
+            }
+            match broker.topic(&req.topic) {
+                Some(t) => t,
+                None => {
+                    return (
+                        code::UNKNOWN_TOPIC_OR_PARTITION,
+                        -1,
+                        "the mirror topic is not here yet: try again".into(),
+                    )
+                }
+            }
+        }
         None => {
             let (_, configs) = broker.topic_defaults(&req.topic);
             match broker.create_topic(
@@ -177,6 +214,19 @@ pub async fn handle(broker: Arc<Broker>, req: MirrorAppend) -> (i16, i64, String
             }
         }
     };
+    if topic.partition_count() < req.partition_count && broker.cluster().is_some() {
+        return (
+            code::INVALID_PARTITIONS,
+            -1,
+            format!(
+                "'{}' has {} partitions here and {} in its primary: adding partitions in a region \
+                 cluster is not supported yet (docs/cluster.md)",
+                req.topic,
+                topic.partition_count(),
+                req.partition_count
+            ),
+        );
+    }
     if topic.partition_count() < req.partition_count {
         if let Err(e) = broker.create_partitions(&req.topic, req.partition_count, false) {
             if !matches!(e, TopicError::InvalidPartitions(_)) {
@@ -191,17 +241,53 @@ pub async fn handle(broker: Arc<Broker>, req: MirrorAppend) -> (i16, i64, String
             "no such partition".into(),
         );
     };
+    // In a region cluster only the partition's leader appends (its followers copy it), and the
+    // answer waits until every in-sync replica has the batches.
+    let replicated = {
+        let st = partition.state.lock().expect("partition lock");
+        match &st.replica {
+            Replica::Solo => None,
+            Replica::Leader(l) => Some((
+                l.leader_epoch(),
+                broker
+                    .cluster()
+                    .map(|c| crate::broker::cluster::min_insync(c, &topic.configs()))
+                    .unwrap_or(1),
+                st.high_watermark(),
+            )),
+            other => {
+                return (
+                    code::NOT_LEADER_OR_FOLLOWER,
+                    -1,
+                    format!(
+                        "broker {} does not lead {}-{} (leader: {})",
+                        broker.config.node_id,
+                        req.topic,
+                        req.partition,
+                        other.leader(broker.config.node_id).unwrap_or(-1)
+                    ),
+                )
+            }
+        }
+    };
     let batches = match batch::split(&req.records) {
         Ok(b) => b,
         Err(e) => return (code::CORRUPT_MESSAGE, partition.offsets().1, e.to_string()),
     };
     // A mirror holds only its primary's history: no batch may carry an epoch this region has
     // not adopted for the rule (every epoch up to the rule's is some primary's, written before
-    // this region learnt of the next; a newer one comes from no primary it knows).
-    if let Some((_, h)) = batches
-        .iter()
-        .find(|(_, h)| h.partition_leader_epoch > placement.epoch)
-    {
+    // this region learnt of the next; a newer one comes from no primary it knows), except,
+    // when the primary is a region cluster, a leader epoch of its own: those take the form of
+    // the primary's region epochs (`failover::epoch_region`), so no other region wrote them.
+    let primary_index = broker.config.topology.as_ref().and_then(|t| {
+        t.regions
+            .iter()
+            .position(|r| r.name == placement.primary && r.cluster.is_some())
+    });
+    if let Some((_, h)) = batches.iter().find(|(_, h)| {
+        h.partition_leader_epoch > placement.epoch
+            && Some(crate::failover::epoch_region(h.partition_leader_epoch)) != primary_index
+    }) {
         tracing::warn!(topic = %req.topic, partition = req.partition, batch_epoch = h.partition_leader_epoch,
             rule_epoch = placement.epoch, "refused a MirrorAppend: a batch from an epoch this region never adopted");
         return (
@@ -216,6 +302,11 @@ pub async fn handle(broker: Arc<Broker>, req: MirrorAppend) -> (i16, i64, String
     // The answer is where this request's batches end (all durable by then), not the log end:
     // a second copy of the stream may have appended further batches that are not synced yet.
     let Some(last_end) = batches.last().map(|(_, h)| h.next_offset()) else {
+        if let Some((_, _, hw)) = replicated {
+            // In a cluster what every in-sync replica holds: the high watermark (batches past
+            // it are resent by the source, skipped here as resends, and waited for).
+            return (code::NONE, hw, String::new());
+        }
         // No records: the log end, made durable first (it may hold batches another copy of
         // the stream appended and that are still waiting for their fsync).
         let (end, file) = {
@@ -250,6 +341,19 @@ pub async fn handle(broker: Arc<Broker>, req: MirrorAppend) -> (i16, i64, String
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return (e.kafka_code(), partition.offsets().1, e.to_string()),
             Err(_) => return (56, -1, "writer stopped".into()),
+        }
+    }
+    if let Some((epoch, min_isr, _)) = replicated {
+        if let Err(e) = partition
+            .wait_replicated(epoch, min_isr, last_end, REPLICATED_TIMEOUT)
+            .await
+        {
+            let c = match e {
+                NotReplicated::BelowMinIsr(_) => code::NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+                NotReplicated::LeadershipMoved => code::NOT_LEADER_OR_FOLLOWER,
+                NotReplicated::TimedOut => code::REQUEST_TIMED_OUT,
+            };
+            return (c, -1, e.to_string());
         }
     }
     (code::NONE, last_end, String::new())

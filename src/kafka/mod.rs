@@ -55,6 +55,7 @@ pub mod code {
     pub const NOT_LEADER_OR_FOLLOWER: i16 = 6;
     pub const LEADER_NOT_AVAILABLE: i16 = 5;
     pub const NOT_ENOUGH_REPLICAS: i16 = 19;
+    pub const INVALID_PARTITIONS: i16 = 37;
     pub const NOT_ENOUGH_REPLICAS_AFTER_APPEND: i16 = 20;
     pub const INVALID_CONFIG: i16 = 40;
 }

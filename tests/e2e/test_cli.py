@@ -709,7 +709,11 @@ def test_examples_check_and_show(example):
     for name, r in spec["regions"].items():
         primary_for = [x["pattern"] for x in rules if x["primary"] == name]
         mirror_of = [x["pattern"] for x in rules if name in x.get("mirrors", [])]
-        want.append([name, str(len(r["brokers"])), "yes" if "gateway" in r else "no", r.get("data_dir", name),
+        brokers = str(len(r["brokers"]))
+        if "etcd" in r:  # a region cluster: its replication defaults too
+            rf = r.get("replication_factor", min(3, len(r["brokers"])))
+            brokers += f" (RF {rf}, min ISR {r.get('min_insync_replicas', 1)})"
+        want.append([name, brokers, "yes" if "gateway" in r else "no", r.get("data_dir", name),
                      ", ".join(primary_for) or "-", ", ".join(mirror_of) or "-"])
     assert regions[1:] == want, out
 
@@ -718,6 +722,9 @@ def test_examples_check_and_show(example):
     assert kafka == {(name, b["listen"]) for name, r in spec["regions"].items() for b in r["brokers"]}, out
     admin = {(row[0], row[3]) for row in procs[1:] if row[2] == "admin"}
     assert admin == {(name, r["gateway"]["admin"]) for name, r in spec["regions"].items() if "gateway" in r}, out
+    etcd = {(row[0], row[2], row[3]) for row in procs[1:] if row[1] == "etcd"}
+    assert etcd == {(name, k, r["etcd"][k]) for name, r in spec["regions"].items()
+                    for k in ("client", "peer") if k in r.get("etcd", {})}, out
 
     topics = split_table(out, "TOPICS")
     assert topics[0] == ["TOPIC", "PRIMARY", "FLOWS", "MODE", "PARTITIONS", "RETENTION"], topics

@@ -97,7 +97,8 @@ impl Gateway {
         mut live: Liveness,
         mut rx: mpsc::Receiver<Command>,
     ) {
-        let mut client: Option<Client> = None;
+        // One connection per broker of the region (each gates its own writes by the lease).
+        let mut clients: Vec<Option<Client>> = Vec::new();
         loop {
             // The lease loop's deadline is the core's (`Liveness::poll_timeout`).
             let due = live.poll_timeout();
@@ -113,7 +114,7 @@ impl Gateway {
                     None => return,
                 },
                 _ = timer => {
-                    self.lease_tick(&mut live, &mut client).await;
+                    self.lease_tick(&mut live, &mut clients).await;
                     live.on_timeout(self.now());
                 }
             }
@@ -176,7 +177,7 @@ impl Gateway {
         }
     }
 
-    async fn lease_tick(&self, live: &mut Liveness, client: &mut Option<Client>) {
+    async fn lease_tick(&self, live: &mut Liveness, clients: &mut Vec<Option<Client>>) {
         let now = self.now();
         for p in live.promotions(&self.topology, &self.state(), now) {
             self.auto_promote(live, p).await;
@@ -200,29 +201,40 @@ impl Gateway {
         // task gives for at most a lease step. `ms` is taken just before it is sent, as
         // before: the broker counts it from when it reads the request.
         let step = self.topology.failover.heartbeat / 4;
+        let brokers = self.region_brokers();
+        clients.resize_with(brokers.len(), || None);
         let renewed = tokio::time::timeout(step, async {
-            if client.is_none() {
-                *client = self.broker_client().await.ok();
+            let mut failed = Vec::new();
+            for (addr, client) in brokers.iter().zip(clients.iter_mut()) {
+                if client.is_none() {
+                    *client = Client::connect_internal(addr, &self.internal).await.ok();
+                }
+                let ms = until.saturating_sub(self.now());
+                let r = match client.as_mut() {
+                    Some(c) => c
+                        .control(&Control::RenewLease { ms })
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    None => Err("not reachable".to_string()),
+                };
+                if let Err(e) = r {
+                    failed.push(format!("{addr}: {e}"));
+                    *client = None;
+                }
             }
-            let ms = until.saturating_sub(self.now());
-            match client.as_mut() {
-                Some(c) => c
-                    .control(&Control::RenewLease { ms })
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-                None => Err("the local broker is not reachable".to_string()),
-            }
+            failed
         })
         .await;
-        let failed = match renewed {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e),
-            Err(_) => Some(format!("no answer within {step:?}")),
-        };
-        if let Some(e) = failed {
-            tracing::debug!(error = %e, "renewing the broker's write lease");
-            *client = None;
+        match renewed {
+            Ok(failed) if failed.is_empty() => {}
+            Ok(failed) => {
+                tracing::debug!(errors = ?failed, "renewing the brokers' write lease");
+            }
+            Err(_) => {
+                tracing::debug!("renewing the brokers' write lease: no answer within {step:?}");
+                clients.iter_mut().for_each(|c| *c = None);
+            }
         }
     }
 
@@ -235,14 +247,23 @@ impl Gateway {
         // What it may cost, from our logs before the promotion (as `/v1/promote` reports a
         // forced one).
         let ours = self.offsets(Vec::new()).await.ok();
-        let expired = match self.broker_client().await {
-            Ok(mut c) => c
-                .control(&Control::RenewLease { ms: 0 })
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e),
-        };
+        // Every broker of the region: one that kept its lease could take writes under the new
+        // epoch before a majority knows it.
+        let mut expired = Ok(());
+        for c in self.every_broker().await {
+            let r = match c {
+                Ok(mut c) => c
+                    .control(&Control::RenewLease { ms: 0 })
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            if r.is_err() {
+                expired = r;
+                break;
+            }
+        }
         if let Err(e) = expired {
             tracing::warn!(pattern = %p.pattern, error = %e, "automatic promotion postponed: the broker's lease could not be ended");
             return;
@@ -286,14 +307,22 @@ impl Gateway {
             {
                 continue;
             }
-            let Ok(mut client) = self.broker_client().await else {
-                return;
-            };
             let req = Control::SetConfigs {
                 topic: topic.clone(),
                 configs: c.clone(),
             };
-            match client.control(&req).await {
+            // Topic configs are each broker's own: every broker of the region takes them.
+            let mut answer = Err(String::from("no broker answered"));
+            for client in self.every_broker().await {
+                let Ok(mut client) = client else {
+                    return;
+                };
+                answer = client.control(&req).await.map_err(|e| e.to_string());
+                if answer.is_err() {
+                    break;
+                }
+            }
+            match answer {
                 Ok(v) => {
                     if v.get("changed").and_then(|c| c.as_bool()) == Some(true) {
                         tracing::info!(%peer, %topic, configs = ?c, "mirror topic follows its primary's configs");

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 pub(crate) mod control;
 mod offset_sync;
+mod region;
 mod sinks;
 mod sources;
 
@@ -44,7 +45,8 @@ pub const OFFSET_SYNC_INTERVAL: Duration = Duration::from_millis(offsets::OFFSET
 pub struct Gateway {
     pub topology: Arc<Topology>,
     pub region: String,
-    /// The local broker's Kafka address.
+    /// The local broker's Kafka address (in a region cluster, the first of the topology's;
+    /// [`region`] finds the others and each partition's leader).
     pub broker: String,
     /// How to reach the broker's internal door (mutual TLS with this region's certificate):
     /// MirrorAppend, MirrorAck and FerryControl are served only there.
@@ -72,6 +74,8 @@ pub struct Gateway {
     /// Durable log ends of the partitions mirrored here, shared by the sinks of a stream's two
     /// copies (`wire_copies = 2`): each learns at once what the other appended.
     mirror_ends: Mutex<HashMap<(String, i32), watch::Sender<i64>>>,
+    /// In a region cluster: where each partition is led, as last learnt.
+    leaders: Mutex<HashMap<(String, i32), String>>,
 }
 
 impl Gateway {
@@ -100,6 +104,7 @@ impl Gateway {
             heartbeat_now: watch::channel(0).0,
             routes: Mutex::new(HashMap::new()),
             mirror_ends: Mutex::new(HashMap::new()),
+            leaders: Mutex::new(HashMap::new()),
         })
     }
 
@@ -177,13 +182,6 @@ impl Gateway {
         v.push(conn.clone());
     }
 
-    /// A client of the local broker's internal door (every API, Ferry's own included).
-    pub async fn broker_client(&self) -> Result<Client, String> {
-        Client::connect_internal(&self.broker, &self.internal)
-            .await
-            .map_err(|e| e.to_string())
-    }
-
     /// Move a rule to `new` in the local broker, and take the broker's state at once.
     pub async fn apply(&self, pattern: &str, new: RuleState) -> Result<bool, String> {
         let mut c = self.broker_client().await?;
@@ -214,13 +212,45 @@ impl Gateway {
         Ok(())
     }
 
-    /// Log ends and epoch histories of `topics` (every rule-covered topic when empty).
+    /// Log ends and epoch histories of `topics` (every rule-covered topic when empty). In a
+    /// region cluster each broker answers for the partitions it leads: the answers are merged,
+    /// and a broker that does not answer leaves its partitions out.
     pub async fn offsets(&self, topics: Vec<String>) -> Result<OffsetsAnswer, String> {
-        self.broker_client()
-            .await?
-            .control_as(&Control::Offsets { topics })
-            .await
-            .map_err(|e| e.to_string())
+        if !self.clustered() {
+            return self
+                .broker_client()
+                .await?
+                .control_as(&Control::Offsets { topics })
+                .await
+                .map_err(|e| e.to_string());
+        }
+        let mut merged: Option<OffsetsAnswer> = None;
+        let mut last = String::new();
+        for c in self.every_broker().await {
+            let answer = match c {
+                Ok(mut c) => c
+                    .control_as::<OffsetsAnswer>(&Control::Offsets {
+                        topics: topics.clone(),
+                    })
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            match (answer, merged.as_mut()) {
+                (Ok(a), None) => merged = Some(a),
+                (Ok(a), Some(m)) => {
+                    for (t, parts) in a.topics {
+                        let e = m.topics.entry(t).or_default();
+                        e.extend(parts);
+                        e.sort_by_key(|p| p.partition);
+                        e.dedup_by_key(|p| p.partition);
+                    }
+                    m.configs.extend(a.configs);
+                }
+                (Err(e), _) => last = e,
+            }
+        }
+        merged.ok_or(last)
     }
 
     /// Run until `shutdown` completes; then stop every task, close the QUIC endpoint (the

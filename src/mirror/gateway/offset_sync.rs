@@ -23,7 +23,7 @@ impl Gateway {
         mut rx: quinn::RecvStream,
     ) -> Result<(), String> {
         let e = |x: std::io::Error| x.to_string();
-        let mut client = self.broker_client().await?;
+        let mut client = self.coordinator_client("ferry-gateway").await?;
         let mut next = Some(first);
         loop {
             let f = match next.take() {
@@ -121,9 +121,8 @@ impl Gateway {
         use kafka_protocol::messages::GroupId;
         let e = |x: std::io::Error| x.to_string();
         let (mut tx, mut rx) = conn.open_bi().await.map_err(|x| x.to_string())?;
-        let mut client = Client::connect(&self.broker)
-            .await
-            .map_err(|x| x.to_string())?;
+        // Every group has one coordinator (one `__consumer_offsets` partition): any name finds it.
+        let mut client = self.coordinator_client("ferry-gateway").await?;
         loop {
             let groups = client
                 .send(&ListGroupsRequest::default(), 4)

@@ -383,7 +383,12 @@ impl Gateway {
             .await;
             return Err(msg);
         }
-        let mut client = self.broker_client().await?;
+        // The mirror partition's leader; before the mirror topic exists, any broker (its first
+        // MirrorAppend creates the topic, then the stream starts again at the leader).
+        let mut client = match self.leader_client(&topic, partition).await {
+            Ok(c) => c,
+            Err(_) => self.broker_client().await?,
+        };
         let mut req = MirrorAppend {
             topic: topic.clone(),
             partition,
@@ -404,6 +409,7 @@ impl Gateway {
                 },
             )
             .await;
+            self.forget_leader(&topic, partition);
             return Err(format!("{topic}-{partition}: {msg}"));
         }
         let topic_ref = &topic;
@@ -469,11 +475,12 @@ impl Gateway {
                         }
                         b.freeze()
                     };
-                    let (err, new_end, msg) = client
-                        .mirror_append(&req)
-                        .await
-                        .map_err(|x| x.to_string())?;
+                    let (err, new_end, msg) = client.mirror_append(&req).await.map_err(|x| {
+                        self.forget_leader(&topic, partition);
+                        x.to_string()
+                    })?;
                     if err != 0 {
+                        self.forget_leader(&topic, partition);
                         let _ = frame::write(&mut tx, &refuse(err, new_end.max(end), msg.clone()))
                             .await;
                         return Err(format!("{topic}-{partition}: append refused: {msg}"));

@@ -117,9 +117,7 @@ impl Gateway {
     }
 
     pub(super) async fn local_topics(&self) -> Result<BTreeMap<String, i32>, String> {
-        let mut c = Client::connect(&self.broker)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut c = self.plain_client().await?;
         c.topics().await.map_err(|e| e.to_string())
     }
 
@@ -145,6 +143,8 @@ impl Gateway {
                 .await
             {
                 tracing::info!(%peer, %topic, partition, error = %e, "mirror stream interrupted: resuming");
+                // In a region cluster the leader may have moved: look it up again.
+                self.forget_leader(&topic, partition);
             }
             tokio::time::sleep(RETRY).await;
         }
@@ -210,10 +210,11 @@ impl Gateway {
         // Pipelined from here on: the sender fetches and sends while earlier frames are still
         // being appended in the mirror, within `source::WINDOW`; the ack reader turns
         // the mirror's durable ends into sync-mode acknowledgements on the local broker.
-        let mut fetch_client = Client::connect(&self.broker)
-            .await
-            .map_err(|x| x.to_string())?;
-        let mut ack_client = self.broker_client().await?;
+        // From the partition's leader (in a region cluster), which answers reads below its
+        // high watermark only: what this region's in-sync replicas all hold.
+        let leader = self.leader_of(topic, partition).await?;
+        let mut fetch_client = Client::connect(&leader).await.map_err(|x| x.to_string())?;
+        let mut ack_client = self.leader_client(topic, partition).await?;
         let _ = ack_client.mirror_ack(topic, partition, peer, next).await;
         let labels = [
             ("peer", peer.to_string()),

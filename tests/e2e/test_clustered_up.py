@@ -1,0 +1,219 @@
+"""`ferry up --topology topology/clustered.toml`: two regions, three brokers and one etcd each
+(etcd from Debian's etcd-server), every process started by `ferry up`. The example file is used
+as shipped, with its loopback ports moved to free ones.
+
+Shows: both clusters form (three brokers, a controller, RF=3 topics); a SIGKILL of a partition's
+leader in east while librdkafka produces with acks=all and a consumer group reads loses no
+acknowledged record (each read at its acknowledged offset, once), the group reads every record,
+`ferry up` starts the killed broker again and it rejoins; west's mirror then holds the same
+records at the same offsets, and every replica in both regions the same bytes.
+
+Needs etcd on PATH: skipped without it unless FERRY_REQUIRE_ETCD=1 (CI sets it).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from cli_support import FerryUp, children_of, cmdline, ferry
+from conftest import EXTERNAL, FERRY_BIN, free_port
+from helpers import ck_admin, ck_consumer, topic_name, wait_until
+from test_cluster import produce_during, read_all
+
+if shutil.which("etcd") is None:
+    if os.environ.get("FERRY_REQUIRE_ETCD") == "1":
+        raise RuntimeError("etcd is not on PATH and FERRY_REQUIRE_ETCD=1 (apt-get install etcd-server)")
+    pytest.skip("etcd is not on PATH (apt-get install etcd-server)", allow_module_level=True)
+if EXTERNAL:
+    pytest.skip("starts its own regions", allow_module_level=True)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Region:
+    def __init__(self, name: str, bootstraps: list[str], data: Path):
+        self.name, self.bootstraps, self.data = name, bootstraps, data
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(self.bootstraps)
+
+    def metadata(self, topic: str | None = None):
+        return ck_admin(self.bootstrap).list_topics(topic=topic, timeout=10)
+
+    def segment_bytes(self, broker: int, topic: str, partition: int) -> bytes:
+        d = self.data / self.name / f"broker-{broker}" / f"{topic}-{partition}"
+        return b"".join(f.read_bytes() for f in sorted(d.glob("*.log")))
+
+
+class Up:
+    def __init__(self, tmp: Path):
+        text = (REPO / "topology" / "clustered.toml").read_text()
+        ports: dict[str, int] = {}
+
+        def move(m):
+            return f"127.0.0.1:{ports.setdefault(m.group(1), free_port())}"
+        text = re.sub(r"127\.0\.0\.1:(\d+)", move, text)
+        self.topology = tmp / "clustered.toml"
+        self.topology.write_text(text)
+        self.data = tmp / "data"
+        self.up = FerryUp(["--topology", self.topology, "--data-dir", self.data], tmp, tmp)
+        addr = lambda p: f"127.0.0.1:{ports[str(p)]}"
+        self.east = Region("east", [addr(19092), addr(19192), addr(19292)], self.data)
+        self.west = Region("west", [addr(29092), addr(29192), addr(29292)], self.data)
+
+    def broker_pid(self, region: str, broker: int) -> int:
+        for pid in children_of(self.up.proc.pid):
+            argv = cmdline(pid)
+            if len(argv) > 1 and argv[1] == "broker" and region in argv \
+                    and argv[argv.index("--broker") + 1] == str(broker):
+                return pid
+        raise AssertionError(f"no running {region} broker {broker}")
+
+    def etcd_pids(self) -> list[int]:
+        return [pid for pid in children_of(self.up.proc.pid)
+                if cmdline(pid)[:1] and cmdline(pid)[0].endswith("etcd")]
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory):
+    if not FERRY_BIN.exists():
+        pytest.fail(f"ferry binary not found at {FERRY_BIN}")
+    u = Up(tmp_path_factory.mktemp("clustered"))
+    u.up.start()
+    try:
+        u.up.wait_ready(expect_children=6, timeout=120)
+        for r in (u.east, u.west):
+            wait_until(lambda: len(r.metadata().brokers) == 3, 60, f"three brokers in {r.name}")
+        yield u
+    finally:
+        u.up.cleanup()
+
+
+def node(region_index: int, broker: int) -> int:
+    return region_index * 1000 + broker
+
+
+def test_up_starts_both_clusters_with_their_etcd(up):
+    assert len(up.etcd_pids()) == 2, "one etcd per region"
+    md = up.east.metadata()
+    assert sorted(md.brokers) == [1, 2, 3]
+    assert md.controller_id in (1, 2, 3)
+    assert sorted(up.west.metadata().brokers) == [1001, 1002, 1003]
+    shown = ferry("topology", "show", up.topology)
+    assert shown.returncode == 0, shown.stderr
+    assert "3 (RF 3, min ISR 2)" in shown.stdout, shown.stdout
+
+
+def test_a_leader_sigkilled_under_acks_all_and_a_group_reading_loses_nothing_in_either_region(up):
+    from confluent_kafka import Consumer, KafkaError
+    t = topic_name("clustered")
+    from confluent_kafka.admin import NewTopic
+    admin = ck_admin(up.east.bootstrap)
+    admin.create_topics([NewTopic(t, num_partitions=3)])[t].result(timeout=30)
+    wait_until(lambda: all(len(p.isrs) == 3 and p.leader >= 0
+                           for p in up.east.metadata(t).topics[t].partitions.values()), 30, "full ISRs")
+    victim = up.east.metadata(t).topics[t].partitions[0].leader
+    victim_pid = up.broker_pid("east", victim)
+
+    # A consumer group reads while the records arrive and the leader dies.
+    group = Consumer({"bootstrap.servers": up.east.bootstrap, "group.id": "g-" + t,
+                      "auto.offset.reset": "earliest", "enable.auto.commit": True,
+                      "session.timeout.ms": 10000})
+    group.subscribe([t])
+    seen: set[tuple[int, int]] = set()
+
+    def drain():
+        for m in group.consume(500, 0.2):
+            if m.error() is None:
+                seen.add((m.partition(), m.offset()))
+
+    def kill():
+        os.kill(victim_pid, signal.SIGKILL)
+        drain()
+
+    try:
+        acked, errors = produce_during(up.east, t, 8, during=kill, acks="all",
+                                       enable_idempotence=True, linger_ms=2, message_timeout_ms=60000)
+        assert not errors, f"delivery errors: {errors[:5]}"
+        assert len(acked) > 1000, len(acked)
+        got = read_all(up.east, t, 3, len(acked))
+        missing = [k for k, v in acked.items() if got.get(k) != v]
+        assert not missing, f"{len(missing)} acknowledged records not read at their offsets: {missing[:5]}"
+        assert len(set(got.values())) == len(got), "a record was written twice"
+        wait_until(lambda: (drain(), seen >= set(got))[1], 90, "the group to read every record")
+    finally:
+        group.close()
+
+    # ferry up started the killed broker again: it rejoins every ISR.
+    def restarted():
+        try:
+            return up.broker_pid("east", victim) != victim_pid
+        except AssertionError:
+            return False
+    wait_until(restarted, 30, "the broker started again")
+    assert "started again" in up.up.stderr()
+    wait_until(lambda: all(len(p.isrs) == 3
+                           for p in up.east.metadata(t).topics[t].partitions.values()), 60,
+               "the restarted broker back in every ISR")
+
+    # West mirrors the same records at the same offsets ...
+    def mirrored():
+        return read_all(up.west, t, 3, len(got), timeout=10) == got
+    wait_until(mirrored, 90, "west to hold every record at its offset")
+    # ... and every replica in both regions holds the same bytes.
+    for p in range(3):
+        def identical():
+            copies = {r.segment_bytes(b, t, p) for r in (up.east, up.west) for b in (1, 2, 3)}
+            return len(copies) == 1
+        wait_until(identical, 60, f"identical replicas of {t}-{p} in east and west")
+
+
+def test_a_switchover_between_clusters_writes_above_every_epoch_and_mirrors_back(up):
+    """A planned switchover moves the primary to west: west's leaders first raise their leader
+    epochs above the log's (east's leader epochs) in west's form, then take writes; east mirrors
+    them back at the same offsets, every replica in both regions byte-identical. Then back."""
+    from confluent_kafka.admin import NewTopic
+    t = topic_name("switch")
+    admin = ck_admin(up.east.bootstrap)
+    admin.create_topics([NewTopic(t, num_partitions=2)])[t].result(timeout=30)
+    wait_until(lambda: all(len(p.isrs) == 3 and p.leader >= 0
+                           for p in up.east.metadata(t).topics[t].partitions.values()), 30, "full ISRs")
+    first, errors = produce_during(up.east, t, 2, acks="all", enable_idempotence=True)
+    assert not errors, errors[:5]
+    wait_until(lambda: read_all(up.west, t, 2, len(first), timeout=10) == first, 60, "west mirrors east")
+
+    certs = up.data / "certs"
+    p = ferry("failover", "--topology", up.topology, "--certs", certs, "--to", "west", "--json", timeout=120)
+    out = __import__("json").loads(p.stdout)
+    assert out["rules"][0]["to"] == "west" and out["rules"][0]["loss"] == [], out
+    # Two idempotent producers, each first talking to a different broker: every broker of a
+    # cluster hands out producer ids of its own (the same id twice would make the second
+    # producer's sequences collide with the first's at the leader: a fatal error).
+    second = {}
+    for b in up.west.bootstraps[:2]:
+        more, errors = produce_during(Region("west", [b], up.data), t, 1, acks="all",
+                                      enable_idempotence=True)
+        assert not errors, errors[:5]
+        second.update(more)
+    both = {**first, **second}
+    assert len(both) == len(first) + len(second), "west wrote over offsets east had"
+    assert read_all(up.west, t, 2, len(both)) == both
+    wait_until(lambda: read_all(up.east, t, 2, len(both), timeout=10) == both, 60, "east mirrors west")
+    for p in range(2):
+        def identical():
+            return len({r.segment_bytes(b, t, p) for r in (up.east, up.west) for b in (1, 2, 3)}) == 1
+        wait_until(identical, 60, f"identical replicas of {t}-{p} in east and west")
+
+    p = ferry("failover", "--topology", up.topology, "--certs", certs, "--to", "east", "--json", timeout=120)
+    out = __import__("json").loads(p.stdout)
+    assert out["rules"][0]["to"] == "east", out
+    third, errors = produce_during(up.east, t, 1, acks="all", enable_idempotence=True)
+    assert not errors, errors[:5]
+    assert read_all(up.east, t, 2, len(both) + len(third)) == {**both, **third}
