@@ -182,7 +182,20 @@ pub fn apply(broker: &Arc<Broker>, link: &ClusterLink, prev: &Image, img: &Image
     for (name, t) in &img.topics {
         let t = &t.value;
         let topic = match broker.topic(name) {
-            Some(local) if local.id == t.id => local,
+            Some(local) if local.id == t.id => {
+                // Configs set in the cluster (AlterConfigs at any broker, or a mirror's primary).
+                if local.configs() != t.configs {
+                    match broker.alter_topic_configs(name, t.configs.clone(), false, true) {
+                        Ok(_) => {
+                            info!(topic = %name, configs = ?t.configs, "took the cluster's topic configs")
+                        }
+                        Err(e) => {
+                            warn!(topic = %name, error = %e, "could not take the cluster's topic configs")
+                        }
+                    }
+                }
+                local
+            }
             other => {
                 if other.is_some() {
                     // The same name, another topic: the old one was deleted and recreated.
@@ -582,6 +595,55 @@ pub async fn create_topic(
     })
     .await;
     Ok(t)
+}
+
+/// Set a topic's config overrides in the cluster (AlterConfigs; or, `from_primary`, a mirror
+/// topic following its primary): checked as alone in a region (a client may not change a
+/// mirror topic's; the values must be valid), then a compare-and-swap of the topic's record in
+/// etcd; returns once this broker took them (every broker takes them from its watch,
+/// [`apply`]).
+pub async fn alter_topic_configs(
+    broker: &Arc<Broker>,
+    link: &ClusterLink,
+    name: &str,
+    configs: BTreeMap<String, String>,
+    validate_only: bool,
+    from_primary: bool,
+) -> Result<bool, TopicError> {
+    // The local checks, without changing anything.
+    broker.alter_topic_configs(name, configs.clone(), true, from_primary)?;
+    if validate_only {
+        return Ok(false);
+    }
+    for _ in 0..20 {
+        let img = link.member.image();
+        let Some(t) = img.topics.get(name) else {
+            return Err(TopicError::Unknown(name.to_string()));
+        };
+        if t.value.configs == configs {
+            return Ok(false);
+        }
+        let mut new = t.value.clone();
+        new.configs = configs.clone();
+        match link.member.store().swap_topic(t.version, &new).await {
+            Ok(Outcome::Written(_)) => {
+                info!(topic = name, configs = ?configs, "topic configs changed in the cluster");
+                wait_applied(broker, link, |b| {
+                    b.topic(name).is_some_and(|l| l.configs() == configs)
+                })
+                .await;
+                return Ok(true);
+            }
+            Ok(Outcome::Stale) => {
+                let mut rx = link.member.subscribe();
+                let _ = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
+            }
+            Err(e) => return Err(TopicError::Cluster(e.to_string())),
+        }
+    }
+    Err(TopicError::Cluster(format!(
+        "topic '{name}' kept changing while its configs were set: try again"
+    )))
 }
 
 /// Delete a topic in the cluster; returns once this broker has applied it.

@@ -1050,6 +1050,18 @@ impl Broker {
                 "message.timestamp.type".to_string(),
                 "CreateTime".to_string(),
             ),
+            (
+                "min.insync.replicas".to_string(),
+                self.config
+                    .cluster
+                    .as_ref()
+                    .map_or(1, |c| c.min_insync_replicas)
+                    .to_string(),
+            ),
+            (
+                "unclean.leader.election.enable".to_string(),
+                "false".to_string(),
+            ),
         ];
         let overrides = topic.configs();
         for (k, v) in &overrides {

@@ -229,6 +229,24 @@ impl Store {
         self.swap(txn).await
     }
 
+    /// Replace a topic's record (its configs) if its version is still `expected`.
+    pub async fn swap_topic(
+        &self,
+        expected: i64,
+        t: &TopicAssignment,
+    ) -> Result<Outcome, StoreError> {
+        let key = self.keys.topic(&t.name);
+        let value = serde_json::to_vec(t).expect("topic serializes");
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                expected,
+            )])
+            .and_then([TxnOp::put(key, value, None)]);
+        self.swap(txn).await
+    }
+
     /// Write the region's failover state if it is still at `expected` (its version; `None`:
     /// not written yet).
     pub async fn swap_failover(

@@ -2,6 +2,7 @@
 //! AlterConfigs, IncrementalAlterConfigs and DescribeCluster.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use kafka_protocol::messages::create_partitions_request::CreatePartitionsRequest;
 use kafka_protocol::messages::create_partitions_response::{
@@ -333,8 +334,8 @@ enum ConfigOp {
 
 /// Apply one topic's config changes: `replace` starts from no overrides (AlterConfigs), else
 /// from the topic's current ones (IncrementalAlterConfigs). Returns (error code, message).
-fn alter_topic(
-    broker: &Broker,
+async fn alter_topic(
+    broker: &Arc<Broker>,
     topic: &str,
     ops: Vec<(String, ConfigOp)>,
     replace: bool,
@@ -361,7 +362,23 @@ fn alter_topic(
             }
         }
     }
-    match broker.alter_topic_configs(topic, configs, validate_only, false) {
+    // In a region cluster a topic's configs live in etcd with its assignment: every broker
+    // takes them from there.
+    let done = match broker.cluster() {
+        Some(link) => {
+            crate::broker::cluster::alter_topic_configs(
+                broker,
+                link,
+                topic,
+                configs,
+                validate_only,
+                false,
+            )
+            .await
+        }
+        None => broker.alter_topic_configs(topic, configs, validate_only, false),
+    };
+    match done {
         Ok(_) => (0, None),
         Err(e) => (e.kafka_code(), Some(e.to_string())),
     }
@@ -379,8 +396,8 @@ fn not_alterable(resource_type: i8) -> (i16, Option<String>) {
 
 /// IncrementalAlterConfigs (KIP-339) on topics: SET and DELETE; APPEND and SUBTRACT are for
 /// list-valued configs, which no topic config this broker knows is.
-pub fn incremental_alter_configs(
-    broker: &Broker,
+pub async fn incremental_alter_configs(
+    broker: Arc<Broker>,
     req: IncrementalAlterConfigsRequest,
 ) -> IncrementalAlterConfigsResponse {
     use kafka_protocol::messages::incremental_alter_configs_response::AlterConfigsResourceResponse;
@@ -410,13 +427,16 @@ pub fn incremental_alter_configs(
             }
             match bad {
                 Some(m) => (code::INVALID_CONFIG, Some(m)),
-                None => alter_topic(
-                    broker,
-                    res.resource_name.as_str(),
-                    ops,
-                    false,
-                    req.validate_only,
-                ),
+                None => {
+                    alter_topic(
+                        &broker,
+                        res.resource_name.as_str(),
+                        ops,
+                        false,
+                        req.validate_only,
+                    )
+                    .await
+                }
             }
         };
         r.error_code = code;
@@ -427,7 +447,7 @@ pub fn incremental_alter_configs(
 }
 
 /// AlterConfigs (the older API): the given configs replace all of a topic's overrides.
-pub fn alter_configs(broker: &Broker, req: AlterConfigsRequest) -> AlterConfigsResponse {
+pub async fn alter_configs(broker: Arc<Broker>, req: AlterConfigsRequest) -> AlterConfigsResponse {
     use kafka_protocol::messages::alter_configs_response::AlterConfigsResourceResponse;
     let mut resp = AlterConfigsResponse::default();
     for res in req.resources {
@@ -443,12 +463,13 @@ pub fn alter_configs(broker: &Broker, req: AlterConfigsRequest) -> AlterConfigsR
                 .filter_map(|c| Some((c.name.to_string(), ConfigOp::Set(c.value?.to_string()))))
                 .collect();
             alter_topic(
-                broker,
+                &broker,
                 res.resource_name.as_str(),
                 ops,
                 true,
                 req.validate_only,
             )
+            .await
         };
         r.error_code = code;
         r.error_message = msg.map(|m| sb(&m));

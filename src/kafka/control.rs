@@ -260,9 +260,17 @@ pub async fn handle(broker: Arc<Broker>, req: Control) -> Result<serde_json::Val
             }))
         }
         Control::SetConfigs { topic, configs } => {
-            let changed = broker
-                .alter_topic_configs(&topic, configs, false, true)
-                .map_err(|e| e.to_string())?;
+            let changed = match broker.cluster() {
+                // A mirror topic's configs, in etcd like any topic's: one write for the region.
+                Some(link) => crate::broker::cluster::alter_topic_configs(
+                    &broker, link, &topic, configs, false, true,
+                )
+                .await
+                .map_err(|e| e.to_string())?,
+                None => broker
+                    .alter_topic_configs(&topic, configs, false, true)
+                    .map_err(|e| e.to_string())?,
+            };
             Ok(serde_json::json!({ "changed": changed }))
         }
     }

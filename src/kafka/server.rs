@@ -584,14 +584,18 @@ async fn request(
             version,
             &admin::describe_configs(&b, r, version),
         )),
-        RequestKind::IncrementalAlterConfigs(r) => ready(encode_response(
-            cid,
-            version,
-            &admin::incremental_alter_configs(&b, r),
-        )),
-        RequestKind::AlterConfigs(r) => {
-            ready(encode_response(cid, version, &admin::alter_configs(&b, r)))
-        }
+        RequestKind::IncrementalAlterConfigs(r) => Box::pin(async move {
+            let resp = admin::incremental_alter_configs(b, r).await;
+            encode_response(cid, version, &resp)
+                .ok()
+                .map(|b| vec![Piece::Bytes(b)])
+        }),
+        RequestKind::AlterConfigs(r) => Box::pin(async move {
+            let resp = admin::alter_configs(b, r).await;
+            encode_response(cid, version, &resp)
+                .ok()
+                .map(|b| vec![Piece::Bytes(b)])
+        }),
         RequestKind::DescribeCluster(_) => {
             ready(encode_response(cid, version, &admin::describe_cluster(&b)))
         }

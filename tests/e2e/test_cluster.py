@@ -551,3 +551,31 @@ def test_a_topic_deleted_in_the_cluster_goes_from_every_broker(cluster):
     with pytest.raises(Exception) as e:
         admin.delete_topics([t])[t].result(timeout=30)
     assert "UNKNOWN_TOPIC" in str(e.value), str(e.value)
+
+
+def test_topic_configs_altered_at_any_broker_reach_every_broker(cluster):
+    """AlterConfigs in a cluster writes the topic's configs to etcd: every broker takes them
+    (DescribeConfigs asked of each), whichever broker the client altered them at."""
+    from confluent_kafka.admin import ConfigResource
+    cluster.up()
+    t = topic_name("configs")
+    cluster.create(t, 1)
+    res = ConfigResource(ConfigResource.Type.TOPIC, t,
+                         set_config={"retention.ms": "3600000", "min.insync.replicas": "2"})
+    leader = cluster.leader(t, 0)
+    other = next(i for i in cluster.brokers if i != leader)
+    admin = ck_admin(cluster.brokers[other].bootstrap)
+    admin.alter_configs([res])[res].result(timeout=30)
+    for i, b in cluster.brokers.items():
+        def described():
+            r = ConfigResource(ConfigResource.Type.TOPIC, t)
+            a = ck_admin(b.bootstrap)
+            got = a.describe_configs([r])[r].result(timeout=10)
+            return {k: got[k].value for k in ("retention.ms", "min.insync.replicas")}
+        wait_until(lambda: described() == {"retention.ms": "3600000", "min.insync.replicas": "2"},
+                   20, f"broker {i} to take the topic's configs")
+    # A bad value is refused with Kafka's error and changes nothing.
+    bad = ConfigResource(ConfigResource.Type.TOPIC, t, set_config={"retention.ms": "soon"})
+    with pytest.raises(Exception) as e:
+        admin.alter_configs([bad])[bad].result(timeout=30)
+    assert "INVALID_CONFIG" in str(e.value) or "retention.ms" in str(e.value), str(e.value)
