@@ -144,6 +144,9 @@ impl Default for BrokerConfig {
 pub struct InternalDoor {
     pub tls: std::sync::Arc<rustls::ServerConfig>,
     pub region: String,
+    /// The same certificate as a client: a broker of a region cluster asks another's internal
+    /// door (the group coordinator, to move commits back when a mirror's tail is cut).
+    pub client: crate::transport::trust::TlsTarget,
 }
 
 impl std::fmt::Debug for InternalDoor {

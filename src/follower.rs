@@ -208,6 +208,9 @@ fn request(broker: &Broker, me: BrokerId, set: &FollowSet) -> FetchRequest {
     req
 }
 
+/// Kafka's OFFSET_OUT_OF_RANGE.
+const OFFSET_OUT_OF_RANGE: i16 = 1;
+
 /// Apply a fetch answer; true when the leader refused every partition (back off until the
 /// metadata changes).
 async fn apply(
@@ -228,6 +231,28 @@ async fn apply(
                 continue;
             };
             let following = |r: &Replica| matches!(r, Replica::Follower { leader: l, leader_epoch: e, .. } if *l == leader && *e == epoch);
+            if pd.error_code == OFFSET_OUT_OF_RANGE {
+                // The leader's log starts past this one's end (retention deleted what this
+                // replica would fetch next): start again empty at the leader's log start.
+                let mut st = part.state.lock().expect("partition lock");
+                let end = st.log.next_offset();
+                if following(&st.replica) && pd.log_start_offset > end {
+                    match st.log.reset_to(pd.log_start_offset) {
+                        Ok(()) => {
+                            warn!(topic = %topic, partition = pd.partition_index, leader, from = end, to = pd.log_start_offset, "the leader's log starts past this replica's end: emptied it and start again at the leader's log start");
+                            st.producers = Default::default();
+                            if let Replica::Follower { high_watermark, .. } = &mut st.replica {
+                                *high_watermark = (*high_watermark).max(pd.log_start_offset);
+                            }
+                            idle = false;
+                        }
+                        Err(e) => {
+                            warn!(topic = %topic, partition = pd.partition_index, error = %e, "starting the log again at the leader's log start failed")
+                        }
+                    }
+                }
+                continue;
+            }
             if pd.error_code == 0 {
                 idle = false;
             } else {
@@ -249,7 +274,7 @@ async fn apply(
                 );
                 match st.log.truncate_to(cut) {
                     Ok(new_end) => {
-                        warn!(topic = %topic, partition = pd.partition_index, leader, from = end, to = new_end, "truncated to the leader's history (records past it were never acknowledged)");
+                        warn!(topic = %topic, partition = pd.partition_index, leader, from = end, to = new_end, "truncated to the leader's history (records past it were never acknowledged, or the leader moved them to the quarantine)");
                         if let Replica::Follower { high_watermark, .. } = &mut st.replica {
                             *high_watermark = (*high_watermark).min(new_end);
                         }

@@ -183,6 +183,17 @@ pub fn apply(broker: &Arc<Broker>, link: &ClusterLink, prev: &Image, img: &Image
         let t = &t.value;
         let topic = match broker.topic(name) {
             Some(local) if local.id == t.id => {
+                // Partitions added in the cluster (CreatePartitions at any broker).
+                if local.partition_count() < t.replicas.len() as i32 {
+                    match broker.create_partitions(name, t.replicas.len() as i32, false) {
+                        Ok(()) => {
+                            info!(topic = %name, partitions = t.replicas.len(), "took the cluster's new partitions")
+                        }
+                        Err(e) => {
+                            warn!(topic = %name, error = %e, "could not open the cluster's new partitions")
+                        }
+                    }
+                }
                 // Configs set in the cluster (AlterConfigs at any broker, or a mirror's primary).
                 if local.configs() != t.configs {
                     match broker.alter_topic_configs(name, t.configs.clone(), false, true) {
@@ -595,6 +606,89 @@ pub async fn create_topic(
     })
     .await;
     Ok(t)
+}
+
+/// Grow a topic to `count` partitions in the cluster (CreatePartitions; or a mirror topic
+/// following its primary): the new partitions' replica sets as `assignments` say (one per new
+/// partition, the topic's replication factor) or round robin over the live brokers, written in
+/// one compare-and-swap with their initial states; returns once this broker has opened them.
+pub async fn create_partitions(
+    broker: &Arc<Broker>,
+    link: &ClusterLink,
+    name: &str,
+    count: i32,
+    assignments: Vec<Vec<BrokerId>>,
+    validate_only: bool,
+) -> Result<(), TopicError> {
+    for _ in 0..20 {
+        let img = link.member.image();
+        let Some(t) = img.topics.get(name) else {
+            return Err(TopicError::Unknown(name.to_string()));
+        };
+        let have = t.value.replicas.len();
+        if count as i64 <= have as i64 {
+            return Err(TopicError::InvalidPartitions(format!(
+                "topic '{name}' has {have} partitions; the new count {count} must be larger"
+            )));
+        }
+        if count > 100_000 {
+            return Err(TopicError::InvalidPartitions(format!(
+                "{count}: at most 100000"
+            )));
+        }
+        let factor = t.value.replicas.first().map_or(1, |r| r.len()) as i32;
+        let brokers: Vec<BrokerId> = img.brokers.keys().copied().collect();
+        let added = count - have as i32;
+        let new_sets = if assignments.is_empty() {
+            let start = img.topics.keys().position(|n| n == name).unwrap_or(0);
+            assignment::round_robin(have as i32, added, factor, &brokers, start, start)?
+        } else {
+            if assignments.len() != added as usize {
+                return Err(TopicError::InvalidPartitions(format!(
+                    "{} replica assignments for {added} new partitions",
+                    assignments.len()
+                )));
+            }
+            assignment::check_explicit(&assignments, &brokers.iter().copied().collect())?;
+            if assignments[0].len() != factor as usize {
+                return Err(assignment::AssignError::Assignment(format!(
+                    "the new partitions have {} replicas, the topic's have {factor}",
+                    assignments[0].len()
+                ))
+                .into());
+            }
+            assignments.clone()
+        };
+        if validate_only {
+            return Ok(());
+        }
+        let mut grown = t.value.clone();
+        grown.replicas.extend(new_sets);
+        match link
+            .member
+            .store()
+            .add_partitions(t.version, have, &grown)
+            .await
+        {
+            Ok(Outcome::Written(_)) => {
+                info!(topic = name, from = have, to = count, replicas = ?&grown.replicas[have..], "added partitions in the cluster");
+                wait_applied(broker, link, |b| {
+                    b.topic(name)
+                        .is_some_and(|l| l.id == grown.id && l.partition_count() >= count)
+                })
+                .await;
+                return Ok(());
+            }
+            Ok(Outcome::Stale) => {
+                let mut rx = link.member.subscribe();
+                let _ = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
+            }
+            Err(e) => return Err(TopicError::Cluster(e.to_string())),
+        }
+    }
+    Err(TopicError::Cluster(format!(
+        "topic '{name}' kept changing while partitions were added: try again"
+    )))
 }
 
 /// Set a topic's config overrides in the cluster (AlterConfigs; or, `from_primary`, a mirror

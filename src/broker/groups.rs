@@ -25,7 +25,8 @@ use super::writer::{AppendRequest, Writer};
 use super::{NotReplicated, Partition};
 use crate::batch::{self, build};
 use crate::clock::now_ms;
-use crate::group::offsets::{self, OffsetRecord};
+use crate::group::offsets;
+use crate::group::snapshot;
 use crate::group::{
     code, Committed, Coordinator, GroupConfig, JoinRequest, JoinResult, Reply, SyncResult, Token,
 };
@@ -72,19 +73,26 @@ pub struct GroupService {
     pub compact_bytes: u64,
 }
 
-/// A coordinator with every commit of `log` replayed.
+/// A coordinator with every commit and group snapshot of `log` replayed, in log order.
 fn replay(log: &Partition, config: &GroupConfig) -> Coordinator {
     let mut coord = Coordinator::new(config.clone());
-    let mut n = 0u64;
-    for_each_offset_record(log, |(g, t, p, c)| {
-        coord.apply_commit(&g, &t, p, c);
-        n += 1;
+    let (mut n, mut groups) = (0u64, 0u64);
+    let now = now_ms();
+    for_each_record(log, |r| {
+        if let Some((g, t, p, c)) = offsets::parse(r) {
+            coord.apply_commit(&g, &t, p, c);
+            n += 1;
+        } else if let Some((g, sn)) = snapshot::parse(r) {
+            coord.load_group(now, &g, sn);
+            groups += 1;
+        }
     });
     coord.prune();
     tracing::info!(
         records = n,
+        group_records = groups,
         groups = coord.groups().count(),
-        "replayed committed offsets"
+        "replayed committed offsets and group metadata"
     );
     coord
 }
@@ -182,6 +190,19 @@ impl GroupService {
                     c.take_replies()
                 };
                 me.dispatch(replies);
+            }
+        });
+    }
+
+    /// Write the groups that came to rest, in order, every tick (a task of its own: a slow
+    /// write must not hold up session expiry).
+    pub fn spawn_snapshot_writer(self: &Arc<Self>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                me.write_snapshots().await;
             }
         });
     }
@@ -329,11 +350,9 @@ impl GroupService {
     /// the whole write: NONE once the records are on disk.
     pub async fn write(&self, group: &str, entries: Vec<(String, i32, Option<Committed>)>) -> i16 {
         let seat = self.seat();
-        let epoch = match seat.serving {
-            Serving::No => return code::NOT_COORDINATOR,
-            Serving::Solo => None,
-            Serving::Leader { epoch, .. } => Some(epoch),
-        };
+        if seat.serving == Serving::No {
+            return code::NOT_COORDINATOR;
+        }
         if entries.is_empty() {
             return code::NONE;
         }
@@ -346,6 +365,17 @@ impl GroupService {
                     offsets::record(group, t, *p, v.as_ref())
                 })
                 .collect()
+        };
+        self.append(&seat, records, group).await
+    }
+
+    /// Append `records` to the offsets log as one batch with `acks=all` (in a cluster: until
+    /// every in-sync replica has it). `what` names them in logs.
+    async fn append(&self, seat: &Seat, records: Vec<build::Record>, what: &str) -> i16 {
+        let epoch = match seat.serving {
+            Serving::No => return code::NOT_COORDINATOR,
+            Serving::Solo => None,
+            Serving::Leader { epoch, .. } => Some(epoch),
         };
         let bytes = build::batch(0, now_ms(), None, &records);
         let header = batch::validate(&bytes).expect("a batch we built");
@@ -386,7 +416,7 @@ impl GroupService {
                 Ok(()) => {}
                 Err(NotReplicated::LeadershipMoved) => return code::NOT_COORDINATOR,
                 Err(e) => {
-                    tracing::warn!(group, error = %e, "committed offsets not replicated");
+                    tracing::warn!(group = what, error = %e, "committed offsets not replicated");
                     return code::COORDINATOR_NOT_AVAILABLE;
                 }
             }
@@ -404,6 +434,33 @@ impl GroupService {
         code::NONE
     }
 
+    /// Write the groups that came to rest since the last call (their generation, members and
+    /// assignments), so a coordinator that takes over carries them on without a rebalance.
+    /// A failed write is not retried: a coordinator that loses it costs the group one
+    /// rebalance, as before snapshots existed.
+    async fn write_snapshots(&self) {
+        let seat = self.seat();
+        if seat.serving == Serving::No {
+            return;
+        }
+        let snaps = self
+            .coord
+            .lock()
+            .expect("coordinator lock")
+            .take_snapshots(now_ms());
+        if snaps.is_empty() {
+            return;
+        }
+        let records: Vec<build::Record> = snaps
+            .iter()
+            .map(|(g, sn)| snapshot::record(g, Some(sn)))
+            .collect();
+        let code = self.append(&seat, records, "group metadata").await;
+        if code != code::NONE {
+            tracing::warn!(code, groups = snaps.len(), "writing group metadata failed: a coordinator taking over would rebalance these groups");
+        }
+    }
+
     /// Delete a group without members and all its offsets.
     pub async fn delete_group(&self, group: &str) -> i16 {
         if let Some(error) = self.refuse() {
@@ -417,7 +474,13 @@ impl GroupService {
             Err(code) => code,
             Ok(keys) => {
                 let entries = keys.into_iter().map(|(t, p)| (t, p, None)).collect();
-                let r = self.write(group, entries).await;
+                let mut r = self.write(group, entries).await;
+                if r == code::NONE {
+                    // The group's membership goes too.
+                    r = self
+                        .append(&self.seat(), vec![snapshot::record(group, None)], group)
+                        .await;
+                }
                 self.coord.lock().expect("coordinator lock").prune();
                 r
             }
@@ -434,6 +497,9 @@ impl GroupService {
             for ((t, p), v) in &g.offsets {
                 live.push(offsets::record(&g.id, t, *p, Some(v)));
             }
+        }
+        for (g, sn) in c.snapshots(now_ms()) {
+            live.push(snapshot::record(&g, Some(&sn)));
         }
         let seat = self.seat();
         if seat.serving != Serving::Solo {
@@ -461,8 +527,8 @@ impl GroupService {
     }
 }
 
-/// Read every offset record of the log, in order.
-fn for_each_offset_record(p: &Partition, mut f: impl FnMut(OffsetRecord)) {
+/// Read every record of the log, in order.
+fn for_each_record(p: &Partition, mut f: impl FnMut(&crate::batch::RecordView<'_>)) {
     let st = p.state.lock().expect("partition lock");
     let mut offset = st.log.start_offset();
     let end = st.log.next_offset();
@@ -477,9 +543,7 @@ fn for_each_offset_record(p: &Partition, mut f: impl FnMut(OffsetRecord)) {
             match batch::records(&bytes[range]) {
                 Ok(rs) => {
                     for r in rs.iter().filter(|r| r.offset >= offset) {
-                        if let Some(rec) = offsets::parse(r) {
-                            f(rec);
-                        }
+                        f(r);
                     }
                 }
                 Err(e) => {

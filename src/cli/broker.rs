@@ -100,6 +100,10 @@ impl BrokerArgs {
                     c.internal = Some(crate::config::InternalDoor {
                         tls: crate::transport::trust::tcp_server_config(&m)?,
                         region: region.clone(),
+                        client: crate::transport::trust::TlsTarget::new(
+                            crate::transport::trust::tcp_client_config(&m)?,
+                            region,
+                        ),
                     })
                 }
                 Err(e) if t.region(region).is_some_and(|r| r.gateway.is_some()) => {
@@ -249,6 +253,7 @@ pub async fn serve(config: BrokerConfig) -> anyhow::Result<()> {
     }
     spawn_retention(broker.clone());
     broker.groups().spawn_ticker();
+    broker.groups().spawn_snapshot_writer();
     crate::telemetry::spawn_gauges(broker.clone(), std::time::Duration::from_secs(5));
     crate::kafka::server::run(listener, broker.clone(), shutdown_signal()).await?;
     // Leave the cluster at once (the lease is revoked): leaderships move now, not after the

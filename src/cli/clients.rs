@@ -498,7 +498,7 @@ pub fn topics(args: TopicsArgs) -> anyhow::Result<()> {
                         bail!(
                             "create {}: {}",
                             r.name.0.as_str(),
-                            r.error_message.map(|m| m.to_string()).unwrap_or_else(|| error_name(r.error_code).into())
+                            r.error_message.map(|m| m.to_string()).unwrap_or_else(|| error_name(r.error_code))
                         );
                     }
                     println!("created {} with {} partitions", r.name.0.as_str(), r.num_partitions);

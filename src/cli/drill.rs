@@ -32,9 +32,6 @@ use clap::{Args, ValueEnum};
 use hyper::Method;
 use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreateTopicsRequest};
 use kafka_protocol::messages::offset_fetch_request::{OffsetFetchRequest, OffsetFetchRequestTopic};
-use kafka_protocol::messages::produce_request::{
-    PartitionProduceData, ProduceRequest, TopicProduceData,
-};
 use kafka_protocol::messages::{GroupId, TopicName};
 use kafka_protocol::protocol::StrBytes;
 use serde::Serialize;
@@ -44,7 +41,7 @@ use tokio::sync::watch;
 use super::failover::{admin_addr, move_rule, RuleOutcome};
 use super::supervisor::{Supervisor, STOP_GRACE};
 use crate::batch::build;
-use crate::client::{decode_records, Client};
+use crate::client::{decode_records, RegionClient};
 use crate::failover::{rule_regions, RuleState};
 use crate::mirror::admin;
 use crate::topology::Topology;
@@ -232,10 +229,16 @@ fn sb(s: &str) -> StrBytes {
     StrBytes::from_string(s.to_string())
 }
 
-fn bootstrap(t: &Topology, region: &str) -> anyhow::Result<String> {
-    let r = t.region(region).context("region")?;
-    let (h, p) = &r.brokers[0].advertised;
-    Ok(format!("{h}:{p}"))
+/// A client for every broker of `region` (each partition's request goes to its leader).
+fn region_client(t: &Topology, region: &str) -> anyhow::Result<RegionClient> {
+    RegionClient::of_topology(t, region, None).context("region")
+}
+
+/// [`region_client`], once one of its brokers answers.
+async fn connected(t: &Topology, region: &str) -> Option<RegionClient> {
+    let mut c = region_client(t, region).ok()?;
+    c.any().await.ok()?;
+    Some(c)
 }
 
 const CALL: Duration = Duration::from_secs(10);
@@ -266,48 +269,36 @@ async fn cut(t: &Topology, a: &str, b: &str, on: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn produce_one(c: &mut Client, topic: &str, partition: i32, seq: u64) -> Result<i64, String> {
-    let mut req = ProduceRequest::default();
-    req.acks = -1;
-    req.timeout_ms = 5_000;
-    let mut td = TopicProduceData::default();
-    td.name = TopicName(sb(topic));
-    let mut pd = PartitionProduceData::default();
-    pd.index = partition;
+async fn produce_one(
+    c: &mut RegionClient,
+    topic: &str,
+    partition: i32,
+    seq: u64,
+) -> Result<i64, String> {
     let rec = build::Record {
         value: Some(seq.to_string().into_bytes()),
         ..Default::default()
     };
-    pd.records = Some(Bytes::from(build::batch(
-        0,
-        crate::clock::now_ms(),
-        None,
-        &[rec],
-    )));
-    td.partition_data.push(pd);
-    req.topic_data.push(td);
-    let resp = tokio::time::timeout(Duration::from_secs(6), c.send(&req, 8))
-        .await
-        .map_err(|_| "timeout".to_string())?
-        .map_err(|e| e.to_string())?;
-    let p = resp
-        .responses
-        .first()
-        .and_then(|t| t.partition_responses.first())
-        .ok_or("empty answer")?;
-    if p.error_code != 0 {
-        return Err(crate::client::error_name(p.error_code).to_string());
+    let batch = Bytes::from(build::batch(0, crate::clock::now_ms(), None, &[rec]));
+    let (code, base) = tokio::time::timeout(
+        Duration::from_secs(6),
+        c.produce(topic, partition, batch, -1, 5_000),
+    )
+    .await
+    .map_err(|_| "timeout".to_string())?
+    .map_err(|e| e.to_string())?;
+    if code != 0 {
+        return Err(crate::client::error_name(code).to_string());
     }
-    Ok(p.base_offset)
+    Ok(base)
 }
 
 /// Every record of the drill topic in a region: partition → [(offset, seq)].
 async fn read_log(
-    addr: &str,
+    mut c: RegionClient,
     topic: &str,
     partitions: i32,
 ) -> anyhow::Result<BTreeMap<i32, Vec<(i64, u64)>>> {
-    let mut c = Client::connect(addr).await?;
     let mut out = BTreeMap::new();
     for p in 0..partitions {
         let end = c
@@ -336,7 +327,7 @@ async fn read_log(
 }
 
 async fn fetch(
-    c: &mut Client,
+    c: &mut RegionClient,
     topic: &str,
     partition: i32,
     offset: i64,
@@ -378,14 +369,11 @@ async fn producer(
 ) {
     let tick = Duration::from_micros(1_000_000 / rate.max(1) as u64);
     let mut seq = 0u64;
-    let mut client: Option<(String, Client)> = None;
+    let mut client: Option<(String, RegionClient)> = None;
     while !*stop.borrow() {
         let region = target.borrow().clone();
         if client.as_ref().map(|(r, _)| r != &region).unwrap_or(true) {
-            client = match bootstrap(&t, &region) {
-                Ok(a) => Client::connect(&a).await.ok().map(|c| (region.clone(), c)),
-                Err(_) => None,
-            };
+            client = connected(&t, &region).await.map(|c| (region.clone(), c));
         }
         let partition = (seq % partitions as u64) as i32;
         let r = match client.as_mut() {
@@ -430,17 +418,14 @@ async fn consumer(
 ) {
     let mut positions: BTreeMap<i32, i64> = (0..partitions).map(|p| (p, 0)).collect();
     let mut region = String::new();
-    let mut client: Option<Client> = None;
+    let mut client: Option<RegionClient> = None;
     let mut last_commit = Instant::now();
     while !*stop.borrow() {
         if target.has_changed().unwrap_or(false) || client.is_none() {
             let want = target.borrow_and_update().clone();
             if want != region || client.is_none() {
                 // Move (or reconnect): resume at the group's committed offsets there.
-                client = match bootstrap(&t, &want) {
-                    Ok(a) => Client::connect(&a).await.ok(),
-                    Err(_) => None,
-                };
+                client = connected(&t, &want).await;
                 if let Some(c) = client.as_mut() {
                     if want != region && !region.is_empty() {
                         if let Ok(committed) = committed(c, &group, &topic, partitions).await {
@@ -488,7 +473,11 @@ async fn consumer(
                 topic.clone(),
                 positions.iter().map(|(p, o)| (*p, *o)).collect(),
             );
-            if c.commit_offsets(&group, &m).await.is_err() {
+            let done = match c.coordinator(&group).await {
+                Ok(k) => k.commit_offsets(&group, &m).await.is_ok(),
+                Err(_) => false,
+            };
+            if !done {
                 client = None;
             }
             last_commit = Instant::now();
@@ -498,8 +487,7 @@ async fn consumer(
 }
 
 /// The quarantined records of a region: (partition, original offset, seq).
-async fn read_quarantine(addr: &str, topic: &str) -> anyhow::Result<Vec<(i32, i64, u64)>> {
-    let mut c = Client::connect(addr).await?;
+async fn read_quarantine(mut c: RegionClient, topic: &str) -> anyhow::Result<Vec<(i32, i64, u64)>> {
     Ok(super::quarantine::read(&mut c, topic)
         .await?
         .into_iter()
@@ -515,11 +503,12 @@ async fn read_quarantine(addr: &str, topic: &str) -> anyhow::Result<Vec<(i32, i6
 }
 
 async fn committed(
-    c: &mut Client,
+    c: &mut RegionClient,
     group: &str,
     topic: &str,
     partitions: i32,
 ) -> anyhow::Result<BTreeMap<i32, i64>> {
+    let c = c.coordinator(group).await?;
     let mut req = OffsetFetchRequest::default();
     req.group_id = GroupId(sb(group));
     let mut ft = OffsetFetchRequestTopic::default();
@@ -549,13 +538,10 @@ async fn wait_converged(
     loop {
         last.clear();
         for r in regions {
-            let ends = match Client::connect(&bootstrap(t, r)?).await {
-                Ok(mut c) => c
-                    .list_offsets(topic, &(0..partitions).collect::<Vec<_>>(), -1)
-                    .await
-                    .ok(),
-                Err(_) => None,
-            };
+            let ends = region_client(t, r)?
+                .list_offsets(topic, &(0..partitions).collect::<Vec<_>>(), -1)
+                .await
+                .ok();
             last.insert(r.clone(), ends);
         }
         let vals: BTreeSet<_> = last.values().map(|v| format!("{v:?}")).collect();
@@ -664,19 +650,42 @@ async fn drill(
         "drill {:?} on topic {topic}: primary {primary}, target {target}",
         args.scenario
     ));
-    // The topic, created in the primary with the drill's partition count.
+    // The topic, created in the primary with the drill's partition count. A region cluster
+    // that is still forming (too few brokers registered for the replication factor, etcd not
+    // answering yet) is waited for, and so is a leader for every partition.
     {
-        let mut c = Client::connect(&bootstrap(&t, &primary)?).await?;
-        let mut req = CreateTopicsRequest::default();
-        req.timeout_ms = 30_000;
-        let mut ct = CreatableTopic::default();
-        ct.name = TopicName(sb(&topic));
-        ct.num_partitions = args.partitions;
-        ct.replication_factor = -1;
-        req.topics.push(ct);
-        let resp = c.send(&req, 5).await?;
-        if let Some(e) = resp.topics.first().filter(|x| x.error_code != 0) {
-            bail!("creating {topic} in {primary}: error {}", e.error_code);
+        let mut rc = region_client(&t, &primary)?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, c) = rc.any().await?;
+            let mut req = CreateTopicsRequest::default();
+            req.timeout_ms = 30_000;
+            let mut ct = CreatableTopic::default();
+            ct.name = TopicName(sb(&topic));
+            ct.num_partitions = args.partitions;
+            ct.replication_factor = -1;
+            req.topics.push(ct);
+            let resp = c.send(&req, 5).await?;
+            match resp.topics.first().map_or(0, |x| x.error_code) {
+                0 => break,
+                // REQUEST_TIMED_OUT, INVALID_REPLICATION_FACTOR (brokers still registering)
+                code @ (7 | 38) if Instant::now() < deadline => {
+                    tracing::debug!(code, "the primary is not ready to create the topic yet");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                code => bail!(
+                    "creating {topic} in {primary}: {} ({code})",
+                    crate::client::error_name(code)
+                ),
+            }
+        }
+        for p in 0..args.partitions {
+            while let Err(e) = rc.leader_of(&topic, p).await {
+                if Instant::now() > deadline {
+                    bail!("{topic}-{p} in {primary} has no leader: {e}");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
         }
     }
     let (target_tx, target_rx) = watch::channel(primary.clone());
@@ -863,7 +872,7 @@ async fn drill(
     for r in &regions {
         logs.insert(
             r.clone(),
-            read_log(&bootstrap(&t, r)?, &topic, args.partitions).await?,
+            read_log(region_client(&t, r)?, &topic, args.partitions).await?,
         );
     }
     let live = logs[&primary].clone();
@@ -884,7 +893,7 @@ async fn drill(
     // The quarantines of every region (a mirror may have held a tail the new primary lacked).
     let mut quarantined: Vec<(i32, i64, u64)> = Vec::new();
     for r in &regions {
-        quarantined.extend(read_quarantine(&bootstrap(&t, r)?, &topic).await?);
+        quarantined.extend(read_quarantine(region_client(&t, r)?, &topic).await?);
     }
     for (p, o, s) in &quarantined {
         if at.get(&(*p, *o)) == Some(s) {

@@ -2,23 +2,17 @@
 //! divergent tail, in `__ferry.quarantine.<topic>`), and produce them again into the live topic
 //! once an operator has decided they belong there.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::{Args, Subcommand};
 use hyper::Method;
-use kafka_protocol::messages::produce_request::{
-    PartitionProduceData, ProduceRequest, TopicProduceData,
-};
-use kafka_protocol::messages::TopicName;
-use kafka_protocol::protocol::StrBytes;
 use serde::Serialize;
 
 use crate::batch::build;
 use crate::broker::quarantine::{topic_for, PREFIX};
-use crate::client::{decode_records, error_name, Client, OwnedRecord};
+use crate::client::{decode_records, error_name, OwnedRecord, RegionClient};
 use crate::mirror::admin;
 
 #[derive(Debug, Args)]
@@ -62,8 +56,13 @@ pub enum QuarantineCommand {
     },
 }
 
-fn sb(s: &str) -> StrBytes {
-    StrBytes::from_string(s.to_string())
+/// Records per produce request when replaying.
+const REPLAY_BATCH: usize = 500;
+
+/// A client for every broker of `region` in the topology.
+fn region_client(t: &crate::topology::Topology, region: &str) -> anyhow::Result<RegionClient> {
+    RegionClient::of_topology(t, region, None)
+        .with_context(|| format!("no region `{region}` in the topology"))
 }
 
 /// One quarantined record.
@@ -87,23 +86,10 @@ fn text(b: &Option<Vec<u8>>) -> Option<String> {
     b.as_ref().map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
-async fn all_topics(c: &mut Client) -> anyhow::Result<BTreeMap<String, i32>> {
-    use kafka_protocol::messages::metadata_request::MetadataRequest;
-    let mut req = MetadataRequest::default();
-    req.topics = None;
-    Ok(c.send(&req, 9)
-        .await?
-        .topics
-        .into_iter()
-        .filter(|t| t.error_code == 0)
-        .filter_map(|t| t.name.map(|n| (n.0.to_string(), t.partitions.len() as i32)))
-        .collect())
-}
-
-/// Every record of a quarantine topic in one broker.
-pub async fn read(c: &mut Client, live_topic: &str) -> anyhow::Result<Vec<Quarantined>> {
+/// Every record of a quarantine topic in one region (each partition from its leader).
+pub async fn read(c: &mut RegionClient, live_topic: &str) -> anyhow::Result<Vec<Quarantined>> {
     let q = topic_for(live_topic);
-    let Some(partitions) = all_topics(c).await?.get(&q).copied() else {
+    let Some(partitions) = c.all_topics().await?.get(&q).copied() else {
         return Ok(Vec::new());
     };
     let mut out = Vec::new();
@@ -187,15 +173,15 @@ pub fn run(args: QuarantineArgs) -> anyhow::Result<()> {
                 };
                 let mut rows = Vec::new();
                 for r in regions {
-                    let addr = crate::cli::topology_bootstrap(&topology, &r)?;
-                    let mut c = match Client::connect(&addr).await {
-                        Ok(c) => c,
+                    let mut c = region_client(&t, &r)?;
+                    let topics = match c.all_topics().await {
+                        Ok(x) => x,
                         Err(e) => {
                             eprintln!("{r}: {e}");
                             continue;
                         }
                     };
-                    for (name, partitions) in all_topics(&mut c).await? {
+                    for (name, partitions) in topics {
                         let Some(live) = name.strip_prefix(PREFIX) else {
                             continue;
                         };
@@ -232,8 +218,8 @@ pub fn run(args: QuarantineArgs) -> anyhow::Result<()> {
                 topology,
                 region,
             } => {
-                let addr = crate::cli::topology_bootstrap(&topology, &region)?;
-                let mut c = Client::connect(&addr).await?;
+                let t = crate::cli::load_topology(&topology)?;
+                let mut c = region_client(&t, &region)?;
                 for q in read(&mut c, &topic).await? {
                     println!("{}", serde_json::to_string(&q)?);
                 }
@@ -244,8 +230,7 @@ pub fn run(args: QuarantineArgs) -> anyhow::Result<()> {
                 region,
             } => {
                 let t = crate::cli::load_topology(&topology)?;
-                let addr = crate::cli::topology_bootstrap(&topology, &region)?;
-                let mut c = Client::connect(&addr).await?;
+                let mut c = region_client(&t, &region)?;
                 let recs = read(&mut c, &topic).await?;
                 if recs.is_empty() {
                     println!("no quarantined records of `{topic}` in {region}");
@@ -269,45 +254,43 @@ pub fn run(args: QuarantineArgs) -> anyhow::Result<()> {
                     .as_str()
                     .context("no state for the rule")?
                     .to_string();
-                let mut live = Client::connect(&crate::cli::topology_bootstrap(&topology, &primary)?)
-                    .await?;
+                let mut live = region_client(&t, &primary)?;
+                // In order per partition, up to REPLAY_BATCH records per produce request.
                 let mut n = 0usize;
-                for q in &recs {
-                    let r = &q.record;
-                    let rec = build::Record {
-                        key: r.key.clone(),
-                        value: r.value.clone(),
-                        headers: r
-                            .headers
-                            .iter()
-                            .filter(|(k, _)| !k.starts_with("ferry.original."))
-                            .cloned()
-                            .collect(),
-                        timestamp_delta: 0,
-                    };
-                    let mut req = ProduceRequest::default();
-                    req.acks = -1;
-                    req.timeout_ms = 30_000;
-                    let mut td = TopicProduceData::default();
-                    td.name = TopicName(sb(&topic));
-                    let mut pd = PartitionProduceData::default();
-                    pd.index = q.partition;
-                    pd.records = Some(Bytes::from(build::batch(0, r.timestamp, None, &[rec])));
-                    td.partition_data.push(pd);
-                    req.topic_data.push(td);
-                    let resp = live.send(&req, 8).await?;
-                    for tr in resp.responses {
-                        for pr in tr.partition_responses {
-                            if pr.error_code != 0 {
-                                bail!(
-                                    "replaying into {topic}-{} in {primary}: {} (after {n} records)",
-                                    q.partition,
-                                    error_name(pr.error_code)
-                                );
-                            }
-                        }
+                let mut i = 0;
+                while i < recs.len() {
+                    let p = recs[i].partition;
+                    let run: Vec<&Quarantined> = recs[i..]
+                        .iter()
+                        .take_while(|q| q.partition == p)
+                        .take(REPLAY_BATCH)
+                        .collect();
+                    i += run.len();
+                    let base_ts = run[0].record.timestamp;
+                    let batch_recs: Vec<build::Record> = run
+                        .iter()
+                        .map(|q| build::Record {
+                            key: q.record.key.clone(),
+                            value: q.record.value.clone(),
+                            headers: q
+                                .record
+                                .headers
+                                .iter()
+                                .filter(|(k, _)| !k.starts_with("ferry.original."))
+                                .cloned()
+                                .collect(),
+                            timestamp_delta: q.record.timestamp - base_ts,
+                        })
+                        .collect();
+                    let batch = Bytes::from(build::batch(0, base_ts, None, &batch_recs));
+                    let (code, _) = live.produce(&topic, p, batch, -1, 30_000).await?;
+                    if code != 0 {
+                        bail!(
+                            "replaying into {topic}-{p} in {primary}: {} (after {n} records)",
+                            error_name(code)
+                        );
                     }
-                    n += 1;
+                    n += run.len();
                 }
                 println!(
                     "replayed {n} quarantined records of `{topic}` from {region} into {primary} (the quarantine is kept)"

@@ -1,7 +1,8 @@
 //! `ferry status --topology FILE [--json]`: regions, links and per-partition cross-region offsets.
 //!
-//! Asks every region's broker directly through its internal door (mutual TLS with the operator
-//! certificate), so it needs no gateway admin API: for each topic rule, each topic of its
+//! Asks every region's brokers directly through their internal door (mutual TLS with the
+//! operator certificate; in a region cluster each partition at its leader), so it needs no
+//! gateway admin API: for each topic rule, each topic of its
 //! primary region and each mirror region, the source's log end and high watermark, the mirror's
 //! log end (which is also what the mirror has acknowledged: the sink answers only after fsync),
 //! and the lag in records, bytes and seconds. Lag seconds are the age of the oldest record the
@@ -18,7 +19,7 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::batch;
-use crate::client::{Client, FetchBounds};
+use crate::client::{FetchBounds, RegionClient};
 use crate::clock::now_ms;
 
 #[derive(Debug, Args)]
@@ -34,7 +35,10 @@ pub struct StatusArgs {
 #[derive(Debug, Serialize)]
 struct RegionStatus {
     region: String,
+    /// The broker that answered (the first listed, when none did).
     broker: String,
+    /// How many brokers the region lists.
+    brokers: usize,
     up: bool,
     topics: usize,
 }
@@ -73,7 +77,7 @@ const LAG_BYTES_SCAN_MAX: i32 = 64 << 20;
 /// Bytes from `from` to the end of the source partition (bounded scan), and the timestamp of
 /// the first record at `from`.
 async fn unmirrored(
-    c: &mut Client,
+    c: &mut RegionClient,
     topic: &str,
     p: i32,
     from: i64,
@@ -108,7 +112,12 @@ async fn unmirrored(
 }
 
 /// The header of the batch holding `offset` (base offset, last offset, CRC), if there is one.
-async fn batch_at(c: &mut Client, topic: &str, p: i32, offset: i64) -> Option<(i64, i64, u32)> {
+async fn batch_at(
+    c: &mut RegionClient,
+    topic: &str,
+    p: i32,
+    offset: i64,
+) -> Option<(i64, i64, u32)> {
     let bounds = FetchBounds {
         max_wait_ms: 0,
         min_bytes: 0,
@@ -122,8 +131,8 @@ async fn batch_at(c: &mut Client, topic: &str, p: i32, offset: i64) -> Option<(i
 /// Whether (and where, and why) `mirror` holds records `source` does not: by epoch history, by
 /// length, and by the last batch both should hold.
 async fn find_divergence(
-    source: &mut Client,
-    mirror: &mut Client,
+    source: &mut RegionClient,
+    mirror: &mut RegionClient,
     topic: &str,
     p: i32,
     src_end: i64,
@@ -134,8 +143,10 @@ async fn find_divergence(
         topics: vec![topic.to_string()],
     };
     let histories = async {
-        let a: OffsetsAnswer = source.control_as(&req).await.ok()?;
-        let b: OffsetsAnswer = mirror.control_as(&req).await.ok()?;
+        let a: OffsetsAnswer =
+            serde_json::from_value(source.control_at_leader(topic, p, &req).await.ok()?).ok()?;
+        let b: OffsetsAnswer =
+            serde_json::from_value(mirror.control_at_leader(topic, p, &req).await.ok()?).ok()?;
         let pick = |o: &OffsetsAnswer| {
             o.topics
                 .get(topic)
@@ -197,26 +208,26 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         }
     };
     let status = rt.block_on(async {
-        let mut clients: BTreeMap<String, Client> = BTreeMap::new();
+        let mut clients: BTreeMap<String, RegionClient> = BTreeMap::new();
         let mut regions = Vec::new();
         for r in &topo.regions {
             let (h, p) = &r.brokers[0].advertised;
-            let addr = format!("{h}:{p}");
             let mut st = RegionStatus {
                 region: r.name.clone(),
-                broker: addr.clone(),
+                broker: format!("{h}:{p}"),
+                brokers: r.brokers.len(),
                 up: false,
                 topics: 0,
             };
-            let connected = match &operator {
-                Some(tls) => {
-                    let target = crate::transport::trust::TlsTarget::new(tls.clone(), &r.name);
-                    Client::connect_internal(&addr, &target).await
-                }
-                None => Client::connect(&addr).await,
+            let tls = operator
+                .as_ref()
+                .map(|tls| crate::transport::trust::TlsTarget::new(tls.clone(), &r.name));
+            let Some(c) = RegionClient::of_topology(&topo, &r.name, tls) else {
+                continue;
             };
-            if let Ok(mut c) = connected {
-                c.timeout = std::time::Duration::from_secs(10);
+            let mut c = c.with_timeout(std::time::Duration::from_secs(10));
+            if let Ok((addr, _)) = c.any().await {
+                st.broker = addr;
                 if let Ok(t) = c.topics().await {
                     st.up = true;
                     st.topics = t.len();
@@ -228,12 +239,12 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         // The newest failover state any reachable region knows (links follow failovers).
         let mut state = crate::failover::RegionState::default();
         for c in clients.values_mut() {
-            if let Ok(a) = c
-                .control_as::<crate::kafka::control::StateAnswer>(
-                    &crate::kafka::control::Control::State,
-                )
+            let answer = c
+                .control_any(&crate::kafka::control::Control::State)
                 .await
-            {
+                .ok()
+                .and_then(|v| serde_json::from_value::<crate::kafka::control::StateAnswer>(v).ok());
+            if let Some(a) = answer {
                 for (pattern, rs) in a.state.rules {
                     let newer = state
                         .rules

@@ -290,6 +290,34 @@ impl Store {
         self.swap(txn).await
     }
 
+    /// Add partitions to a topic: its record grows to `t` (the existing replica sets first, as
+    /// they were) and each new partition gets its initial state, in one transaction, if the
+    /// record still has `version`.
+    pub async fn add_partitions(
+        &self,
+        version: i64,
+        have: usize,
+        t: &TopicAssignment,
+    ) -> Result<Outcome, StoreError> {
+        let key = self.keys.topic(&t.name);
+        let mut ops = vec![TxnOp::put(
+            key.clone(),
+            serde_json::to_vec(t).expect("topic serializes"),
+            None,
+        )];
+        for (p, replicas) in t.replicas.iter().enumerate().skip(have) {
+            ops.push(TxnOp::put(
+                self.keys.partition(&t.name, p as i32),
+                serde_json::to_vec(&PartitionState::initial(replicas)).expect("serializes"),
+                None,
+            ));
+        }
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key, CompareOp::Equal, version)])
+            .and_then(ops);
+        self.swap(txn).await
+    }
+
     /// Delete a topic and its partition states in one transaction, if it still has `version`.
     pub async fn delete_topic(
         &self,

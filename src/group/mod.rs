@@ -13,6 +13,7 @@
 //! protocol every member supports and relays the leader's assignment.
 
 pub mod offsets;
+pub mod snapshot;
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -119,6 +120,9 @@ pub struct Group {
     pub offsets: BTreeMap<(String, i32), Committed>,
     /// Member ids handed out with MEMBER_ID_REQUIRED, valid until the given time.
     pending_members: BTreeMap<String, i64>,
+    /// The (generation, member count) of the last snapshot written or loaded
+    /// ([`Coordinator::take_snapshots`]).
+    persisted: Option<(i32, usize)>,
 }
 
 impl Group {
@@ -135,7 +139,44 @@ impl Group {
             rebalance_not_before_ms: 0,
             offsets: BTreeMap::new(),
             pending_members: BTreeMap::new(),
+            persisted: None,
         }
+    }
+
+    /// The group's membership as stored in `__consumer_offsets`.
+    pub fn snapshot(&self, now_ms: i64) -> snapshot::Snapshot {
+        snapshot::Snapshot {
+            protocol_type: self.protocol_type.clone().unwrap_or_default(),
+            generation: self.generation,
+            protocol: self.protocol.clone(),
+            leader: self.leader.clone(),
+            timestamp: now_ms,
+            members: self
+                .members
+                .values()
+                .map(|m| snapshot::MemberSnapshot {
+                    member_id: m.member_id.clone(),
+                    instance_id: m.instance_id.clone(),
+                    client_id: m.client_id.clone(),
+                    client_host: m.client_host.clone(),
+                    rebalance_timeout_ms: m.rebalance_timeout_ms as i32,
+                    session_timeout_ms: m.session_timeout_ms as i32,
+                    subscription: self
+                        .protocol
+                        .as_ref()
+                        .and_then(|p| m.protocols.iter().find(|(n, _)| n == p))
+                        .map(|(_, md)| md.clone())
+                        .unwrap_or_default(),
+                    assignment: m.assignment.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Whether the group is at rest (Stable with its assignment, or Empty): the states a
+    /// snapshot is taken in.
+    fn at_rest(&self) -> bool {
+        matches!(self.state, GroupState::Stable | GroupState::Empty)
     }
 
     /// Topics the members subscribe to cannot be read without decoding the consumer protocol
@@ -691,6 +732,83 @@ impl Coordinator {
         }
     }
 
+    /// Snapshots of the groups that came to rest (Stable with a new generation's assignment,
+    /// or Empty) since the last call: the shell writes them to `__consumer_offsets`.
+    pub fn take_snapshots(&mut self, now_ms: i64) -> Vec<(String, snapshot::Snapshot)> {
+        let mut out = Vec::new();
+        for g in self.groups.values_mut() {
+            let mark = (g.generation, g.members.len());
+            if g.at_rest()
+                && g.persisted != Some(mark)
+                && (g.generation > 0 || !g.members.is_empty())
+            {
+                g.persisted = Some(mark);
+                out.push((g.id.clone(), g.snapshot(now_ms)));
+            }
+        }
+        out
+    }
+
+    /// Snapshots of every group at rest that has one (compaction writes them again).
+    pub fn snapshots(&self, now_ms: i64) -> Vec<(String, snapshot::Snapshot)> {
+        self.groups
+            .values()
+            .filter(|g| g.persisted.is_some())
+            .map(|g| (g.id.clone(), g.snapshot(now_ms)))
+            .collect()
+    }
+
+    /// Take a group's membership from `__consumer_offsets` (replay, in log order): Stable with
+    /// its members and their assignments if it has any (each session starting `now_ms`), Empty
+    /// otherwise; `None` (a deleted group) forgets the membership.
+    pub fn load_group(&mut self, now_ms: i64, group_id: &str, s: Option<snapshot::Snapshot>) {
+        let group = self
+            .groups
+            .entry(group_id.to_string())
+            .or_insert_with(|| Group::new(group_id));
+        group.members.clear();
+        group.pending_members.clear();
+        let Some(s) = s else {
+            group.state = GroupState::Empty;
+            group.leader = None;
+            group.persisted = None;
+            return;
+        };
+        group.generation = s.generation;
+        group.protocol_type = (!s.protocol_type.is_empty()).then_some(s.protocol_type);
+        group.protocol = s.protocol.clone();
+        group.leader = s.leader;
+        for m in s.members {
+            group.members.insert(
+                m.member_id.clone(),
+                Member {
+                    member_id: m.member_id,
+                    instance_id: m.instance_id,
+                    client_id: m.client_id,
+                    client_host: m.client_host,
+                    session_timeout_ms: m.session_timeout_ms as i64,
+                    rebalance_timeout_ms: m.rebalance_timeout_ms as i64,
+                    protocol_type: group.protocol_type.clone().unwrap_or_default(),
+                    protocols: s
+                        .protocol
+                        .iter()
+                        .map(|p| (p.clone(), m.subscription.clone()))
+                        .collect(),
+                    assignment: m.assignment,
+                    last_heard_ms: now_ms,
+                    pending_join: None,
+                    pending_sync: None,
+                },
+            );
+        }
+        group.state = if group.members.is_empty() {
+            GroupState::Empty
+        } else {
+            GroupState::Stable
+        };
+        group.persisted = Some((group.generation, group.members.len()));
+    }
+
     /// Forget groups that have neither members nor offsets.
     pub fn prune(&mut self) {
         self.groups.retain(|_, g| {
@@ -946,6 +1064,51 @@ mod tests {
         assert_eq!(js.len(), 1);
         assert_eq!(js[0].1.generation, gen + 1);
         assert_eq!(js[0].1.leader, a);
+    }
+
+    #[test]
+    fn a_coordinator_that_takes_over_carries_a_stable_group_on_without_a_rebalance() {
+        let mut c = Coordinator::new(GroupConfig::default());
+        let a = c.join(0, 1, req("g", "", None)).unwrap().member_id;
+        assert!(c.join(0, 2, req("g", &a, None)).is_none());
+        c.tick(1_000);
+        let gen = joins(&mut c)[0].1.generation;
+        assert!(
+            c.take_snapshots(1_000).is_empty(),
+            "not at rest before the assignment"
+        );
+        assert!(c
+            .sync(1_001, 3, "g", gen, &a, vec![(a.clone(), b"A".to_vec())])
+            .is_none());
+        let snaps = c.take_snapshots(1_002);
+        assert_eq!(snaps.len(), 1);
+        assert!(
+            c.take_snapshots(1_003).is_empty(),
+            "taken once per generation"
+        );
+        // Through the log's format, into a fresh coordinator (the next leader).
+        let (g, sn) = snaps.into_iter().next().unwrap();
+        let b = crate::batch::build::batch(0, 0, None, &[snapshot::record(&g, Some(&sn))]);
+        let (g, sn) = snapshot::parse(&crate::batch::records(&b).unwrap()[0]).unwrap();
+        let mut next = Coordinator::new(GroupConfig::default());
+        next.load_group(50_000, &g, sn);
+        assert_eq!(next.group("g").unwrap().state, GroupState::Stable);
+        assert_eq!(next.heartbeat(55_000, "g", gen, &a), code::NONE);
+        assert_eq!(next.check_commit("g", gen, &a), code::NONE);
+        let s = next.sync(55_001, 4, "g", gen, &a, vec![]).unwrap();
+        assert_eq!((s.error, s.assignment), (code::NONE, b"A".to_vec()));
+        assert!(
+            next.take_snapshots(55_002).is_empty(),
+            "nothing new to write"
+        );
+        // Its session runs from the takeover: silent members still expire.
+        next.tick(50_000 + 10_000 + 5_000 + 1);
+        assert_eq!(
+            next.heartbeat(70_000, "g", gen, &a),
+            code::UNKNOWN_MEMBER_ID
+        );
+        // The group came to rest empty: that is written too.
+        assert_eq!(next.take_snapshots(70_001).len(), 1);
     }
 
     #[test]

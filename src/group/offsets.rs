@@ -13,32 +13,32 @@ use crate::batch::RecordView;
 /// The internal topic that holds committed offsets.
 pub const TOPIC: &str = "__consumer_offsets";
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
+pub(super) fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&(s.len() as i16).to_be_bytes());
     out.extend_from_slice(s.as_bytes());
 }
 
-struct Reader<'a> {
-    b: &'a [u8],
-    at: usize,
+pub(super) struct Reader<'a> {
+    pub(super) b: &'a [u8],
+    pub(super) at: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+    pub(super) fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         let s = self.b.get(self.at..self.at.checked_add(n)?)?;
         self.at += n;
         Some(s)
     }
-    fn i16(&mut self) -> Option<i16> {
+    pub(super) fn i16(&mut self) -> Option<i16> {
         Some(i16::from_be_bytes(self.take(2)?.try_into().ok()?))
     }
-    fn i32(&mut self) -> Option<i32> {
+    pub(super) fn i32(&mut self) -> Option<i32> {
         Some(i32::from_be_bytes(self.take(4)?.try_into().ok()?))
     }
-    fn i64(&mut self) -> Option<i64> {
+    pub(super) fn i64(&mut self) -> Option<i64> {
         Some(i64::from_be_bytes(self.take(8)?.try_into().ok()?))
     }
-    fn string(&mut self) -> Option<String> {
+    pub(super) fn string(&mut self) -> Option<String> {
         let n = self.i16()?;
         if n < 0 {
             return Some(String::new());
@@ -72,7 +72,7 @@ pub fn record(group: &str, topic: &str, partition: i32, c: Option<&Committed>) -
 }
 
 /// An offset record read back: (group, topic, partition, the commit or `None` if deleted).
-/// Other record kinds (Kafka's group metadata, key version 2) are skipped.
+/// Other record kinds (Kafka's group metadata, key version 2: [`super::snapshot`]) are skipped.
 pub type OffsetRecord = (String, String, i32, Option<Committed>);
 
 pub fn parse(r: &RecordView<'_>) -> Option<OffsetRecord> {

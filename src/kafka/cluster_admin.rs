@@ -1,5 +1,5 @@
 //! Topic administration in a region cluster: CreateTopics (with Kafka's replica-assignment
-//! fields) and DeleteTopics go to etcd through [`crate::broker::cluster`], and are answered
+//! fields), CreatePartitions (with its assignments) and DeleteTopics go to etcd through [`crate::broker::cluster`], and are answered
 //! once this broker has applied them. The single-broker forms are in [`super::admin`].
 //! ElectLeaders (preferred or unclean) is a compare-and-swap of each partition's state, decided
 //! by [`crate::cluster::controller::preferred`] and [`crate::cluster::controller::unclean`].
@@ -7,6 +7,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use kafka_protocol::messages::create_partitions_request::CreatePartitionsRequest;
+use kafka_protocol::messages::create_partitions_response::{
+    CreatePartitionsResponse, CreatePartitionsTopicResult,
+};
 use kafka_protocol::messages::create_topics_request::CreateTopicsRequest;
 use kafka_protocol::messages::create_topics_response::{
     CreatableTopicResult, CreateTopicsResponse,
@@ -103,6 +107,52 @@ pub async fn create_topics(
             }
         }
         resp.topics.push(r);
+    }
+    resp
+}
+
+pub async fn create_partitions(
+    broker: &Arc<Broker>,
+    link: &ClusterLink,
+    req: CreatePartitionsRequest,
+) -> CreatePartitionsResponse {
+    let mut resp = CreatePartitionsResponse::default();
+    for t in req.topics {
+        let name = t.name.0.to_string();
+        let mut r = CreatePartitionsTopicResult::default();
+        r.name = t.name.clone();
+        let assignments: Vec<Vec<i32>> = t
+            .assignments
+            .unwrap_or_default()
+            .iter()
+            .map(|a| a.broker_ids.iter().map(|b| b.0).collect())
+            .collect();
+        // A mirror topic follows its primary's partition count (the gateway grows it).
+        let mirror = match (broker.placement(&name), broker.config.region.as_deref()) {
+            (Some(p), Some(region)) if p.primary != region => {
+                Some(TopicError::Mirror(name.clone(), p.primary))
+            }
+            _ => None,
+        };
+        let result = match mirror {
+            Some(e) => Err(e),
+            None => {
+                cluster::create_partitions(
+                    broker,
+                    link,
+                    &name,
+                    t.count,
+                    assignments,
+                    req.validate_only,
+                )
+                .await
+            }
+        };
+        if let Err(e) = result {
+            r.error_code = e.kafka_code();
+            r.error_message = Some(sb(&e.to_string()));
+        }
+        resp.results.push(r);
     }
     resp
 }

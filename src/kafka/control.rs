@@ -45,6 +45,14 @@ pub enum Control {
         offset: i64,
         region: String,
     },
+    /// Move every group's committed offset of `topic`-`partition` past `offset` back to it (a
+    /// region cluster's partition leader, at the group coordinator, when it cuts a mirror's
+    /// divergent tail). Answers `{"moved": n}`.
+    RewindCommits {
+        topic: String,
+        partition: i32,
+        offset: i64,
+    },
     /// Give a mirror topic its primary's config overrides (the gateway, from heartbeats).
     SetConfigs {
         topic: String,
@@ -243,14 +251,6 @@ pub async fn handle(broker: Arc<Broker>, req: Control) -> Result<serde_json::Val
             offset,
             region,
         } => {
-            if broker.cluster().is_some() {
-                // Its followers would keep the cut records, and its high watermark would go
-                // back: not done in a cluster yet (docs/cluster.md).
-                return Err(format!(
-                    "{topic}-{partition}: cutting a mirror's divergent tail is not supported in a \
-                     region cluster yet; the tail from offset {offset} stays (docs/cluster.md)"
-                ));
-            }
             let (quarantined, log_end) = broker
                 .quarantine_and_truncate(&topic, partition, offset, &region)
                 .await?;
@@ -258,6 +258,14 @@ pub async fn handle(broker: Arc<Broker>, req: Control) -> Result<serde_json::Val
                 quarantined,
                 log_end,
             }))
+        }
+        Control::RewindCommits {
+            topic,
+            partition,
+            offset,
+        } => {
+            let moved = broker.rewind_commits(&topic, partition, offset).await?;
+            Ok(serde_json::json!({ "moved": moved }))
         }
         Control::SetConfigs { topic, configs } => {
             let changed = match broker.cluster() {

@@ -214,20 +214,25 @@ pub async fn handle(broker: Arc<Broker>, req: MirrorAppend) -> (i16, i64, String
             }
         }
     };
-    if topic.partition_count() < req.partition_count && broker.cluster().is_some() {
-        return (
-            code::INVALID_PARTITIONS,
-            -1,
-            format!(
-                "'{}' has {} partitions here and {} in its primary: adding partitions in a region \
-                 cluster is not supported yet (docs/cluster.md)",
-                req.topic,
-                topic.partition_count(),
-                req.partition_count
-            ),
-        );
-    }
     if topic.partition_count() < req.partition_count {
+        if let Some(link) = broker.cluster().cloned() {
+            // Grown through etcd: every broker of the region opens the new partitions.
+            match crate::broker::cluster::create_partitions(
+                &broker,
+                &link,
+                &req.topic,
+                req.partition_count,
+                Vec::new(),
+                false,
+            )
+            .await
+            {
+                Ok(()) | Err(TopicError::InvalidPartitions(_)) => {}
+                Err(e) => return (e.kafka_code(), -1, e.to_string()),
+            }
+        }
+    }
+    if topic.partition_count() < req.partition_count && broker.cluster().is_none() {
         if let Err(e) = broker.create_partitions(&req.topic, req.partition_count, false) {
             if !matches!(e, TopicError::InvalidPartitions(_)) {
                 return (e.kafka_code(), -1, e.to_string());

@@ -557,6 +557,13 @@ async fn request(
                 .ok()
                 .map(|b| vec![Piece::Bytes(b)])
         }),
+        RequestKind::CreatePartitions(r) if b.cluster().is_some() => Box::pin(async move {
+            let link = b.cluster().expect("checked").clone();
+            let resp = super::cluster_admin::create_partitions(&b, &link, r).await;
+            encode_response(cid, version, &resp)
+                .ok()
+                .map(|b| vec![Piece::Bytes(b)])
+        }),
         RequestKind::DeleteTopics(r) if b.cluster().is_some() => Box::pin(async move {
             let link = b.cluster().expect("checked").clone();
             let resp = super::cluster_admin::delete_topics(&b, &link, r, version).await;

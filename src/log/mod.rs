@@ -573,6 +573,29 @@ impl PartitionLog {
         Ok(offset)
     }
 
+    /// Empty the log and start it again at `offset` (Kafka's `truncateFullyAndStartAt`): a
+    /// follower whose leader's log now starts past this log's end (retention deleted what it
+    /// would fetch next). Every segment is deleted, newest first, then one empty segment at
+    /// `offset` is created and the epoch history emptied (the leader's batches bring theirs). A
+    /// crash in between leaves a shorter or an empty log, which the next fetch resets again.
+    pub fn reset_to(&mut self, offset: i64) -> Result<(), LogError> {
+        assert!(
+            offset >= self.next_offset(),
+            "a reset moves the log start forward past its end ({offset} < {})",
+            self.next_offset()
+        );
+        while let Some(seg) = self.segments.pop() {
+            seg.delete().map_err(io_err(&self.dir))?;
+        }
+        let seg = Segment::create(&self.dir, offset, self.config.index_interval_bytes)
+            .map_err(io_err(&self.dir))?;
+        crate::durable::sync_dir(&self.dir).map_err(io_err(&self.dir))?;
+        self.segments.push(seg);
+        self.epochs.rebuild(Vec::new()).map_err(io_err(&self.dir))?;
+        assert_eq!((self.start_offset(), self.next_offset()), (offset, offset));
+        Ok(())
+    }
+
     /// Where a cut of the log at `offset` really falls: the base offset of the batch that holds
     /// `offset` (batches are never split), `offset` itself at a batch boundary, the log end past
     /// it. Truncation (`truncate_to`), the quarantine of a divergent tail and the answer to the
@@ -777,6 +800,30 @@ mod tests {
         assert_eq!(log.truncate_to(7).unwrap(), 7);
         assert_eq!(log.next_offset(), 7);
         assert_eq!(append_values(&mut log, 50, &[b"x"]), 7);
+    }
+
+    #[test]
+    fn a_reset_empties_the_log_and_starts_it_again_further_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = PartitionLog::open(dir.path(), small()).unwrap();
+        for i in 0..20 {
+            append_values(&mut log, i, &[b"0123456789012345678901234567890123456789"]);
+        }
+        assert!(log.segment_count() > 1);
+        log.reset_to(500).unwrap();
+        assert_eq!(
+            (log.start_offset(), log.next_offset(), log.segment_count()),
+            (500, 500, 1)
+        );
+        assert!(log.epochs().is_empty());
+        assert!(log.read(0, 100).is_err(), "nothing below the new start");
+        let mut b = build::values(1, &[b"x"]);
+        batch::set_base_offset(&mut b, 500);
+        assert_eq!(log.append_exact(&b).unwrap(), 500);
+        drop(log);
+        // What was reset stays reset after a restart.
+        let (log, _) = PartitionLog::open(dir.path(), small()).unwrap();
+        assert_eq!((log.start_offset(), log.next_offset()), (500, 501));
     }
 
     proptest::proptest! {

@@ -192,6 +192,20 @@ impl Leadership {
         self.advance(log_end)
     }
 
+    /// The leader's log was cut back to `offset` (a rejoining region moved its mirror's
+    /// divergent tail to the quarantine, `crate::broker::quarantine`): the one case where the
+    /// high watermark goes back, because the records past the cut are no longer in the
+    /// region's history. Every follower's known log end is capped at the cut (each fetch past
+    /// it now gets the diverging epoch and truncates too), and so is this term's start.
+    pub fn on_cut(&mut self, offset: i64) {
+        self.high_watermark = self.high_watermark.min(offset);
+        self.epoch_start = self.epoch_start.min(offset);
+        for f in self.followers.values_mut() {
+            f.log_end = f.log_end.min(offset);
+            f.prev_leader_end = f.prev_leader_end.min(offset);
+        }
+    }
+
     /// An ISR change to ask for now, if any (one at a time): drop members that lag past
     /// `replica.lag.time.max`, add followers that caught up.
     pub fn isr_change(&mut self, now: Millis) -> Option<IsrProposal> {
@@ -282,6 +296,30 @@ mod tests {
         assert_eq!(l.on_fetch(3, 6, 10, 5), Some(6));
         assert_eq!(l.on_fetch(3, 10, 10, 6), Some(10));
         assert_eq!(l.high_watermark(), 10);
+    }
+
+    #[test]
+    fn a_cut_takes_the_watermark_and_every_follower_back_to_it_and_no_further() {
+        let mut l = lead(&[1, 2, 3], 0);
+        l.on_append(10);
+        l.on_fetch(2, 10, 10, 5);
+        l.on_fetch(3, 10, 10, 5);
+        assert_eq!(l.high_watermark(), 10);
+        l.on_cut(6);
+        assert_eq!(l.high_watermark(), 6);
+        assert_eq!(l.follower(2).map(|f| f.log_end), Some(6));
+        // The leader's log grows again from the cut; the watermark waits for the followers to
+        // fetch the new records, not for what they held before the cut.
+        assert_eq!(l.on_append(8), None);
+        assert_eq!(
+            l.on_fetch(2, 8, 8, 6),
+            None,
+            "3 has not fetched past the cut"
+        );
+        assert_eq!(l.on_fetch(3, 8, 8, 6), Some(8));
+        // A cut past the watermark changes nothing.
+        l.on_cut(20);
+        assert_eq!(l.high_watermark(), 8);
     }
 
     #[test]

@@ -69,11 +69,14 @@ class Cluster:
     def __init__(self, root: Path):
         self.etcd = Etcd(root)
         self.brokers: dict[int, FerryBroker] = {}
+        # Retention runs every second (topics without retention settings keep everything).
+        conf = root / "broker.toml"
+        conf.write_text('retention_check_interval = "1s"\n')
         for i in (1, 2, 3):
             port = free_port()
             self.brokers[i] = FerryBroker(root / f"b{i}", port, [
                 "--node-id", str(i), "--etcd", self.etcd.url, "--cluster", "e2e",
-                "--session-timeout", SESSION, "--replica-lag-max", "10s"], None)
+                "--session-timeout", SESSION, "--replica-lag-max", "10s", "--config", str(conf)], None)
 
     @property
     def bootstrap(self) -> str:
@@ -452,10 +455,11 @@ def test_members_bootstrapped_at_different_brokers_meet_in_one_group(cluster):
 
 
 def test_a_group_keeps_reading_and_its_commits_survive_when_the_coordinator_is_sigkilled(cluster):
-    """Commits are replicated in `__consumer_offsets`: SIGKILL the coordinator's broker while a
-    group reads; a new leader of the offsets partition becomes the coordinator with every
-    acknowledged commit, the consumer reads on without skipping a record, and its next commits
-    land there."""
+    """Commits and group membership are replicated in `__consumer_offsets`: SIGKILL the
+    coordinator's broker while a group reads; a new leader of the offsets partition becomes the
+    coordinator with every acknowledged commit and the group's generation, members and
+    assignments, so the consumer reads on without a rebalance and without skipping a record,
+    and its next commits land there."""
     from confluent_kafka import Consumer, TopicPartition
     cluster.up()
     t = topic_name("coord")
@@ -472,8 +476,9 @@ def test_a_group_keeps_reading_and_its_commits_survive_when_the_coordinator_is_s
             "session.timeout.ms": 10000}
     c = Consumer(conf)
     seen: set[tuple[int, int]] = set()
+    assigned = []
     try:
-        c.subscribe([t])
+        c.subscribe([t], on_assign=lambda _c, parts: assigned.append(len(parts)))
 
         def read(n):
             def more():
@@ -507,9 +512,8 @@ def test_a_group_keeps_reading_and_its_commits_survive_when_the_coordinator_is_s
 
         def committed(final: bool):
             def attempt():
-                # Members are not carried to the new coordinator (docs/cluster.md): the first
-                # commit there is refused, the member rejoins (driven by consume), and then
-                # commits land.
+                # Until the client finds the new coordinator a commit may fail with a
+                # retriable error; it is never refused for its generation or member id.
                 read(total)()
                 if final and len(seen) < total:
                     return False
@@ -522,7 +526,10 @@ def test_a_group_keeps_reading_and_its_commits_survive_when_the_coordinator_is_s
             return attempt
         wait_until(committed(False), 60, "a commit at the new coordinator")
         wait_until(committed(True), 90, "every record read and committed after the death")
-        print("refused commits before the rejoin:", errors)
+        print("commits refused during the move:", errors)
+        assert not [e for e in errors if "GENERATION" in e or "UNKNOWN_MEMBER" in e], errors
+        # No rebalance: the member kept its assignment through the move.
+        assert assigned == [2], assigned
         # Every offset of both partitions read: nothing skipped.
         assert seen == {(q, o) for q in (0, 1) for o in range(ends[q])}
     finally:
@@ -579,3 +586,35 @@ def test_topic_configs_altered_at_any_broker_reach_every_broker(cluster):
     with pytest.raises(Exception) as e:
         admin.alter_configs([bad])[bad].result(timeout=30)
     assert "INVALID_CONFIG" in str(e.value) or "retention.ms" in str(e.value), str(e.value)
+
+
+def test_a_follower_whose_next_records_the_leader_deleted_starts_again_at_the_leaders_log_start(cluster):
+    """A follower is down while retention deletes, at the leader, the segments it would fetch
+    next: when it returns, the leader answers OFFSET_OUT_OF_RANGE with its log start, and the
+    follower empties its log, starts again there and rejoins the ISR (Kafka's
+    truncateFullyAndStartAt). Without it the follower would never catch up."""
+    t = topic_name("reset")
+    cluster.create(t, 1, **{"segment.bytes": "16384", "retention.bytes": "65536"})
+    leader = cluster.leader(t, 0)
+    follower = next(b for b in (1, 2, 3) if b != leader)
+    cluster.brokers[follower].kill()
+    try:
+        # Small batches (20 records, about 4 KiB), so the 16 KiB segments roll often.
+        p = ck_producer(cluster.bootstrap, acks="1", batch_num_messages=20)
+        for i in range(3000):
+            p.produce(t, value=b"%08d" % i + b"x" * 200)
+            if i % 200 == 0:
+                p.poll(0)
+        assert p.flush(60) == 0
+        low = lambda: ck_consumer(cluster.bootstrap).get_watermark_offsets(
+            __import__("confluent_kafka").TopicPartition(t, 0), timeout=10)
+        wait_until(lambda: low()[0] > 0, 30, "retention to delete the leader's first segments")
+        start, end = low()
+        assert end == 3000
+    finally:
+        cluster.brokers[follower].start()
+    wait_until(lambda: follower in cluster.metadata(t).topics[t].partitions[0].isrs, 60,
+               f"broker {follower} back in the ISR\n{cluster.logs()}")
+    logs = sorted(int(f.stem) for f in (cluster.brokers[follower].data_dir / f"{t}-0").glob("*.log"))
+    assert logs and logs[0] >= start, (logs, start)
+    assert "start again at the leader's log start" in cluster.brokers[follower].log_tail(400)

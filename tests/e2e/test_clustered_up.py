@@ -217,3 +217,131 @@ def test_a_switchover_between_clusters_writes_above_every_epoch_and_mirrors_back
     third, errors = produce_during(up.east, t, 1, acks="all", enable_idempotence=True)
     assert not errors, errors[:5]
     assert read_all(up.east, t, 2, len(both) + len(third)) == {**both, **third}
+
+
+
+def test_partitions_added_in_a_cluster_are_replicated_and_mirrored(up):
+    """CreatePartitions at any broker goes through etcd: every broker opens the new partitions
+    (placed round robin, or as the request's assignment says), each with three replicas in sync;
+    acks=all writes to them are mirrored into west, whose mirror topic grows too; a client may
+    not grow the mirror itself."""
+    from confluent_kafka.admin import NewPartitions, NewTopic
+    t = topic_name("grow")
+    admin = ck_admin(up.east.bootstrap)
+    admin.create_topics([NewTopic(t, num_partitions=2)])[t].result(timeout=30)
+    wait_until(lambda: all(len(p.isrs) == 3 and p.leader >= 0
+                           for p in up.east.metadata(t).topics[t].partitions.values()), 30, "full ISRs")
+    before, errors = produce_during(up.east, t, 1, acks="all", enable_idempotence=True)
+    assert not errors, errors[:5]
+    # At a single broker (not the controller's business: any broker writes etcd).
+    one = ck_admin(up.east.bootstraps[2])
+    one.create_partitions([NewPartitions(t, 4)])[t].result(timeout=30)
+    one.create_partitions([NewPartitions(t, 5, replica_assignment=[[2, 3, 1]])])[t].result(timeout=30)
+    for b in up.east.bootstraps:
+        def grown():
+            parts = Region("east", [b], up.data).metadata(t).topics[t].partitions
+            return len(parts) == 5 and all(len(p.isrs) == 3 and p.leader >= 0 for p in parts.values())
+        wait_until(grown, 30, f"five partitions, three in sync each, at {b}")
+    assert up.east.metadata(t).topics[t].partitions[4].replicas == [2, 3, 1]
+    # Shrinking, or the same count, is refused.
+    with pytest.raises(Exception, match="INVALID_PARTITIONS"):
+        admin.create_partitions([NewPartitions(t, 3)])[t].result(timeout=30)
+    after, errors = produce_during(up.east, t, 1, acks="all", enable_idempotence=True)
+    assert not errors, errors[:5]
+    assert {p for (p, _o) in after} == {0, 1, 2, 3, 4}, "the producer writes every partition"
+    both = {**before, **after}
+    assert read_all(up.east, t, 5, len(both)) == both
+    # West's mirror grows to five partitions through its own etcd and holds the same records.
+    wait_until(lambda: len(up.west.metadata(t).topics[t].partitions) == 5, 60, "west grows the mirror")
+    wait_until(lambda: read_all(up.west, t, 5, len(both), timeout=10) == both, 90, "west mirrors every partition")
+    for p in (3, 4):
+        def identical():
+            return len({r.segment_bytes(b, t, p) for r in (up.east, up.west) for b in (1, 2, 3)}) == 1
+        wait_until(identical, 60, f"identical replicas of {t}-{p} in east and west")
+    west = ck_admin(up.west.bootstrap)  # kept alive until the result is in
+    with pytest.raises(Exception, match="POLICY_VIOLATION"):
+        west.create_partitions([NewPartitions(t, 6)])[t].result(timeout=30)
+
+def gateway_admin(up, region: str, method: str, path: str, body: dict | None = None) -> dict:
+    from cli_support import admin_call
+    text = up.topology.read_text()
+    port = int(text.split(f"[regions.{region}.gateway]")[1].split('admin = "127.0.0.1:')[1].split('"')[0])
+    status, out = admin_call(port, up.data / "certs", method, path, body)
+    assert status == 200, (status, out)
+    return out
+
+
+def test_a_forced_failover_between_clusters_then_rejoin_quarantines_the_tail_on_every_replica(up):
+    """East (lease fencing) keeps acknowledging acks=all writes for its lease's last seconds
+    after the link to west is cut; west is promoted by force; when the cut heals east rejoins
+    as a mirror: the leader of each east partition moves exactly the divergent tail to the
+    quarantine (a cluster topic), cuts its log and high watermark back, and its followers
+    truncate to it, so every replica in both regions ends byte-identical. `ferry status`,
+    `ferry quarantine list/show/replay` read the clusters through each partition's leader.
+    Runs last in this module: it leaves west the primary."""
+    import json
+    from confluent_kafka.admin import NewTopic
+    t = topic_name("rejoin")
+    admin = ck_admin(up.east.bootstrap)
+    admin.create_topics([NewTopic(t, num_partitions=3)])[t].result(timeout=30)
+    wait_until(lambda: all(len(p.isrs) == 3 and p.leader >= 0
+                           for p in up.east.metadata(t).topics[t].partitions.values()), 30, "full ISRs")
+    first, errors = produce_during(up.east, t, 1, acks="all", enable_idempotence=True)
+    assert not errors, errors[:5]
+    wait_until(lambda: read_all(up.west, t, 3, len(first), timeout=10) == first, 60, "west mirrors east")
+
+    gateway_admin(up, "east", "POST", "/v1/cut", {"peer": "west"})
+    gateway_admin(up, "west", "POST", "/v1/cut", {"peer": "east"})
+    # East still holds its write lease: these are acknowledged and never reach west.
+    divergent, errors = produce_during(up.east, t, 1, acks="all", enable_idempotence=False)
+    assert not errors, errors[:5]
+    assert divergent, "nothing written during the cut"
+    certs = up.data / "certs"
+    p = ferry("failover", "--topology", up.topology, "--certs", certs, "--to", "west", "--force", "--json",
+              timeout=120)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)["rules"][0]
+    assert (out["to"], out["forced"]) == ("west", True), out
+    west_acked, errors = produce_during(up.west, t, 1, acks="all", enable_idempotence=True)
+    assert not errors, errors[:5]
+    live = {**first, **west_acked}
+    assert len(live) == len(first) + len(west_acked), "west wrote over offsets it held"
+
+    gateway_admin(up, "east", "POST", "/v1/cut", {"peer": "west", "cut": False})
+    gateway_admin(up, "west", "POST", "/v1/cut", {"peer": "east", "cut": False})
+    wait_until(lambda: gateway_admin(up, "east", "GET", "/v1/state")["rules"]["*"]["primary"] == "west", 60,
+               "east to learn that west is primary")
+    wait_until(lambda: read_all(up.east, t, 3, len(live), timeout=10) == live, 120,
+               "east to hold west's log, its own tail cut")
+    for part in range(3):
+        def identical():
+            return len({r.segment_bytes(b, t, part) for r in (up.east, up.west) for b in (1, 2, 3)}) == 1
+        wait_until(identical, 60, f"identical replicas of {t}-{part} in east and west")
+
+    # The quarantine (a replicated cluster topic in east) holds exactly the divergent tail.
+    def run(*a):
+        p = ferry(*a, "--topology", up.topology, "--certs", certs, timeout=120)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+    rows = json.loads(run("quarantine", "list", "--json"))
+    assert [(x["region"], x["topic"], x["records"]) for x in rows] == [("east", t, len(divergent))], rows
+    shown = [json.loads(line) for line in run("quarantine", "show", t, "--region", "east").splitlines()]
+    assert {(x["partition"], x["original_offset"]): x["value"].encode() for x in shown} == divergent
+    q = up.east.metadata(f"__ferry.quarantine.{t}").topics[f"__ferry.quarantine.{t}"]
+    assert all(len(p.replicas) == 3 for p in q.partitions.values()), "the quarantine is replicated"
+    # `ferry status` reads both clusters through each partition's leader: no lag, no divergence.
+    st = json.loads(run("status", "--json"))
+    rows = [r for r in st["partitions"] if r["topic"] == t]
+    assert len(rows) == 3 and all((r["source"], r["mirror"], r["lag_records"], r["diverged_at"])
+                                  == ("west", "east", 0, None) for r in rows), rows
+    assert {r["region"]: (r["up"], r["brokers"]) for r in st["regions"]} == {"east": (True, 3), "west": (True, 3)}
+    # Replayed into the live topic in its primary (west), then mirrored to east. After the long
+    # silence each side withholds lease credit from the other for a lease and two heartbeats
+    # (docs/failover.md): west takes writes again once its lease is renewed.
+    wait_until(lambda: gateway_admin(up, "west", "GET", "/v1/state")["lease"]["may_write"], 60,
+               "west to hold its write lease again")
+    assert f"replayed {len(divergent)}" in run("quarantine", "replay", t, "--region", "east")
+    total = len(live) + len(divergent)
+    back = read_all(up.west, t, 3, total)
+    assert sorted(back.values()) == sorted(list(live.values()) + list(divergent.values()))
+    wait_until(lambda: read_all(up.east, t, 3, total, timeout=10) == back, 60, "east mirrors the replay")

@@ -209,3 +209,33 @@ def test_region_loss_with_sigkill_when_the_drill_runs_the_topology(tmp_path):
     assert out["rto_seconds"] is not None and out["write_windows_overlap"] is False, out
     # The drill stopped every process it started.
     assert not any(port_open("127.0.0.1", p) for p in (19092, 29092))
+
+
+def test_region_loss_of_a_cluster_when_the_drill_runs_the_clustered_topology(tmp_path):
+    """`--spawn` with topology/clustered.toml as shipped: the drill starts two regions of three
+    brokers and an etcd each, SIGKILLs every process of east (its etcd too), fails over to west,
+    starts east again (the cluster re-forms from its etcd data), and east rejoins: the leader of
+    each partition moves east's divergent tail to the quarantine and every follower truncates
+    with it. The drill reads every region through each partition's leader."""
+    import os
+    import shutil
+    if shutil.which("etcd") is None:
+        if os.environ.get("FERRY_REQUIRE_ETCD") == "1":
+            raise RuntimeError("etcd is not on PATH and FERRY_REQUIRE_ETCD=1")
+        pytest.skip("etcd is not on PATH (apt-get install etcd-server)")
+    ports = (19092, 19192, 19292, 19095, 12379, 29092, 29192, 29292, 29095, 22379)
+    deadline = time.monotonic() + 20
+    while any(port_open("127.0.0.1", p) for p in ports):
+        assert time.monotonic() < deadline, "clustered.toml's ports are in use"
+        time.sleep(0.2)
+    path = REPO / "topology" / "clustered.toml"
+    p = subprocess.run([str(FERRY_BIN), "drill", "--topology", str(path), "--scenario", "region-loss", "--phase", "2s",
+                        "--json", "--spawn", str(tmp_path / "data")], capture_output=True, timeout=420)
+    out = json.loads(p.stdout)
+    assert p.returncode == 0 and out["passed"], json.dumps(out) + p.stderr.decode()[-3000:]
+    events = [e["event"] for e in out["timeline"]]
+    assert any("SIGKILL every process of east" in e for e in events), events
+    assert any("east restarted" in e for e in events) and any("east rejoined" in e for e in events), events
+    assert out["rpo_records"] == out["quarantined_records"] - out["quarantined_unacknowledged"], out
+    assert out["rto_seconds"] is not None and out["write_windows_overlap"] is False, out
+    assert not any(port_open("127.0.0.1", p) for p in ports)

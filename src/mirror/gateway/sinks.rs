@@ -544,7 +544,11 @@ impl Gateway {
                                 region: self.region.clone(),
                             })
                             .await
-                            .map_err(|x| x.to_string())?;
+                            .map_err(|x| {
+                                // In a cluster only the leader cuts: learn it again.
+                                self.forget_leader(&topic, partition);
+                                x.to_string()
+                            })?;
                         metrics::counter!("ferry_quarantined_records_total", "topic" => topic.clone())
                             .increment(answer.quarantined as u64);
                         end = answer.log_end;

@@ -11,6 +11,9 @@ use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+pub mod region;
+pub use region::RegionClient;
+
 #[derive(Debug, Error)]
 pub enum ClientError {
     #[error("connecting to {addr}: {source}")]
@@ -322,6 +325,45 @@ impl Client {
 }
 
 impl Client {
+    /// Produce (v8) the record batches `records` to one partition with `acks`; the partition's
+    /// error code (0 when written) and the base offset the broker gave the first batch.
+    pub async fn produce(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        records: Bytes,
+        acks: i16,
+        timeout_ms: i32,
+    ) -> Result<(i16, i64), ClientError> {
+        use kafka_protocol::messages::produce_request::{
+            PartitionProduceData, ProduceRequest, TopicProduceData,
+        };
+        use kafka_protocol::messages::TopicName;
+        let mut req = ProduceRequest::default();
+        req.acks = acks;
+        req.timeout_ms = timeout_ms;
+        let mut td = TopicProduceData::default();
+        td.name = TopicName(StrBytes::from_string(topic.to_string()));
+        let mut pd = PartitionProduceData::default();
+        pd.index = partition;
+        pd.records = Some(records);
+        td.partition_data.push(pd);
+        req.topic_data.push(td);
+        let resp = self.send(&req, 8).await?;
+        let p = resp
+            .responses
+            .into_iter()
+            .flat_map(|t| t.partition_responses)
+            .find(|p| p.index == partition)
+            .ok_or_else(|| ClientError::Codec {
+                api: ApiKey::Produce,
+                message: format!("no answer for {topic}-{partition}"),
+            })?;
+        Ok((p.error_code, p.base_offset))
+    }
+}
+
+impl Client {
     /// Offsets of `partitions` of `topic` at `timestamp` (-1 latest, -2 earliest, or a time):
     /// partition → offset (-1 when no record is that recent). A partition error fails the call.
     pub async fn list_offsets(
@@ -479,20 +521,23 @@ impl Client {
 }
 
 /// Kafka error code names for messages.
-pub fn error_name(code: i16) -> &'static str {
-    match code {
-        0 => "NONE",
-        1 => "OFFSET_OUT_OF_RANGE",
-        2 => "CORRUPT_MESSAGE",
-        3 => "UNKNOWN_TOPIC_OR_PARTITION",
-        15 => "COORDINATOR_NOT_AVAILABLE",
-        22 => "ILLEGAL_GENERATION",
-        25 => "UNKNOWN_MEMBER_ID",
-        27 => "REBALANCE_IN_PROGRESS",
-        36 => "TOPIC_ALREADY_EXISTS",
-        68 => "NON_EMPTY_GROUP",
-        69 => "GROUP_ID_NOT_FOUND",
-        _ => "KAFKA_ERROR",
+pub fn error_name(code: i16) -> String {
+    use kafka_protocol::error::ResponseError;
+    match ResponseError::try_from_code(code) {
+        None => "NONE".into(),
+        Some(ResponseError::Unknown(c)) => format!("error {c}"),
+        // The crate's variant names, in Kafka's spelling: NotEnoughReplicas → NOT_ENOUGH_REPLICAS.
+        Some(e) => {
+            let name = format!("{e:?}");
+            let mut out = String::with_capacity(name.len() + 8);
+            for (i, ch) in name.chars().enumerate() {
+                if ch.is_ascii_uppercase() && i > 0 {
+                    out.push('_');
+                }
+                out.push(ch.to_ascii_uppercase());
+            }
+            out
+        }
     }
 }
 
@@ -635,6 +680,15 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_names_are_kafkas() {
+        assert_eq!(error_name(0), "NONE");
+        assert_eq!(error_name(19), "NOT_ENOUGH_REPLICAS");
+        assert_eq!(error_name(6), "NOT_LEADER_OR_FOLLOWER");
+        assert_eq!(error_name(3), "UNKNOWN_TOPIC_OR_PARTITION");
+        assert_eq!(error_name(-1), "UNKNOWN_SERVER_ERROR");
+    }
 
     #[test]
     fn murmur2_matches_kafka() {
