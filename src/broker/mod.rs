@@ -380,6 +380,9 @@ pub struct Broker {
     lease: Mutex<(bool, Option<std::time::Instant>)>,
     /// The region cluster this broker is part of (set once it joined).
     cluster: std::sync::OnceLock<Arc<cluster::ClusterLink>>,
+    /// How this broker reaches the other brokers of its cluster as a client (set by the
+    /// binary: the clients live above this module).
+    peers: std::sync::OnceLock<Arc<dyn quarantine::RegionPeers>>,
 }
 
 impl Broker {
@@ -410,6 +413,7 @@ impl Broker {
             groups: std::sync::OnceLock::new(),
             admin: Mutex::new(()),
             cluster: std::sync::OnceLock::new(),
+            peers: std::sync::OnceLock::new(),
             config,
         };
         let mut names: Vec<String> = Vec::new();
@@ -474,6 +478,16 @@ impl Broker {
 
     fn set_cluster(&self, link: Arc<cluster::ClusterLink>) {
         let _ = self.cluster.set(link);
+    }
+
+    /// Give the broker its way to the other brokers of its cluster (see
+    /// [`quarantine::RegionPeers`]).
+    pub fn set_peers(&self, peers: Arc<dyn quarantine::RegionPeers>) {
+        let _ = self.peers.set(peers);
+    }
+
+    pub fn peers(&self) -> Option<&Arc<dyn quarantine::RegionPeers>> {
+        self.peers.get()
     }
 
     /// Open (or create) this broker's copy of a topic the cluster has.

@@ -22,7 +22,6 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::cluster::ClusterLink;
@@ -37,6 +36,34 @@ pub const PREFIX: &str = "__ferry.quarantine.";
 pub fn topic_for(topic: &str) -> String {
     format!("{PREFIX}{topic}")
 }
+
+/// How a broker of a region cluster reaches the others as a client, for the quarantine: the
+/// binary provides it (`cli::broker`, with Ferry's Kafka client), so this module does not
+/// depend on the client or the wire format.
+pub trait RegionPeers: Send + Sync {
+    /// Produce one batch with `acks=all` to `topic`-`partition` at its leader among `brokers`
+    /// (Kafka addresses), following the leader if it moves.
+    fn produce(
+        &self,
+        brokers: Vec<String>,
+        topic: String,
+        partition: i32,
+        batch: Vec<u8>,
+    ) -> PeerFuture<()>;
+    /// Ask the broker at `addr` (its internal door) to move every group's commit of
+    /// `topic`-`partition` past `offset` back to it ([`Broker::rewind_commits`] there).
+    fn rewind_commits(
+        &self,
+        addr: String,
+        topic: String,
+        partition: i32,
+        offset: i64,
+    ) -> PeerFuture<usize>;
+}
+
+/// What a [`RegionPeers`] call returns.
+pub type PeerFuture<T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, String>> + Send + 'static>>;
 
 /// Read at most this much of a divergent tail per step.
 const READ_BYTES: usize = 1 << 20;
@@ -150,18 +177,15 @@ impl Broker {
                 .values()
                 .map(|b| format!("{}:{}", b.host, b.port))
                 .collect();
-            let mut c = crate::client::RegionClient::new(region, brokers, None);
+            let peers = self
+                .peers()
+                .ok_or("this broker has no way to reach the other brokers of its cluster")?
+                .clone();
             for b in tail.batches {
-                let (code, _) = c
-                    .produce(&qname, partition, Bytes::from(b), -1, 30_000)
+                peers
+                    .produce(brokers.clone(), qname.clone(), partition, b)
                     .await
                     .map_err(|e| format!("writing the quarantine {qname}-{partition}: {e}"))?;
-                if code != 0 {
-                    return Err(format!(
-                        "writing the quarantine {qname}-{partition}: {}",
-                        crate::client::error_name(code)
-                    ));
-                }
             }
         }
         // The quarantine is in every in-sync replica of its partition: cut the log.
@@ -381,24 +405,15 @@ impl Broker {
             .brokers
             .get(&leader)
             .ok_or_else(|| format!("the group coordinator (leader of {}-0) is not live", key.0))?;
-        let door = self
-            .config
-            .internal
-            .as_ref()
-            .ok_or("this broker has no region certificate to reach the group coordinator")?;
         let addr = format!("{}:{}", info.host, info.port);
-        let mut c = crate::client::Client::connect_internal(&addr, &door.client)
+        let peers = self
+            .peers()
+            .ok_or("this broker has no way to reach the group coordinator")?
+            .clone();
+        peers
+            .rewind_commits(addr.clone(), topic.to_string(), partition, offset)
             .await
-            .map_err(|e| format!("the group coordinator at {addr}: {e}"))?;
-        let v = c
-            .control(&crate::kafka::control::Control::RewindCommits {
-                topic: topic.to_string(),
-                partition,
-                offset,
-            })
-            .await
-            .map_err(|e| format!("the group coordinator at {addr}: {e}"))?;
-        Ok(v["moved"].as_u64().unwrap_or(0) as usize)
+            .map_err(|e| format!("the group coordinator at {addr}: {e}"))
     }
 }
 

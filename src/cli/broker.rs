@@ -226,6 +226,9 @@ pub async fn serve(config: BrokerConfig) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let broker = tokio::task::block_in_place(|| Broker::open(config))
         .with_context(|| format!("opening data directory {}", data_dir.display()))?;
+    broker.set_peers(Arc::new(Peers {
+        door: broker.config.internal.as_ref().map(|d| d.client.clone()),
+    }));
     tracing::info!(
         data_dir = %data_dir.display(),
         topics = broker.topics().len(),
@@ -278,4 +281,60 @@ fn spawn_retention(broker: Arc<Broker>) {
             let _ = tokio::task::spawn_blocking(move || b.enforce_retention()).await;
         }
     });
+}
+
+/// How this broker reaches the other brokers of its cluster as a client (see
+/// [`crate::broker::quarantine::RegionPeers`]): Kafka Produce at a partition's leader, and
+/// FerryControl at another broker's internal door with the region's certificate.
+struct Peers {
+    door: Option<crate::transport::trust::TlsTarget>,
+}
+
+impl crate::broker::quarantine::RegionPeers for Peers {
+    fn produce(
+        &self,
+        brokers: Vec<String>,
+        topic: String,
+        partition: i32,
+        batch: Vec<u8>,
+    ) -> crate::broker::quarantine::PeerFuture<()> {
+        Box::pin(async move {
+            let mut c = crate::client::RegionClient::new("this cluster", brokers, None);
+            let (code, _) = c
+                .produce(&topic, partition, batch.into(), -1, 30_000)
+                .await
+                .map_err(|e| e.to_string())?;
+            if code != 0 {
+                return Err(crate::client::error_name(code));
+            }
+            Ok(())
+        })
+    }
+
+    fn rewind_commits(
+        &self,
+        addr: String,
+        topic: String,
+        partition: i32,
+        offset: i64,
+    ) -> crate::broker::quarantine::PeerFuture<usize> {
+        let door = self.door.clone();
+        Box::pin(async move {
+            let door = door.ok_or(
+                "this broker has no region certificate to reach another broker's internal door",
+            )?;
+            let mut c = crate::client::Client::connect_internal(&addr, &door)
+                .await
+                .map_err(|e| e.to_string())?;
+            let v = c
+                .control(&crate::kafka::control::Control::RewindCommits {
+                    topic,
+                    partition,
+                    offset,
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(v["moved"].as_u64().unwrap_or(0) as usize)
+        })
+    }
 }

@@ -1,6 +1,10 @@
-//! ListOffsets: earliest (-2), latest (-1), max timestamp (-3), or the first record whose
-//! timestamp is at or after a given one: found through the time index, then within its batch
-//! (decompressed for the lookup if need be; the stored batch is untouched).
+//! ListOffsets (v1-v11): earliest (-2), latest (-1), max timestamp (-3, v7+), or the first record
+//! whose timestamp is at or after a given one: found through the time index, then within its
+//! batch (decompressed for the lookup if need be; the stored batch is untouched). The tiered
+//! storage specs are answered as Kafka answers them without tiered storage: earliest local (-4,
+//! v8+) is the log start; latest tiered (-5, v9+) and earliest pending upload (-6, v11+) have no
+//! offset (-1, timestamp -1, leader epoch -1). A spec newer than the request's version gets
+//! UNSUPPORTED_VERSION, as from Kafka.
 
 use kafka_protocol::messages::list_offsets_request::ListOffsetsRequest;
 use kafka_protocol::messages::list_offsets_response::{
@@ -13,6 +17,20 @@ use crate::broker::Broker;
 pub const LATEST: i64 = -1;
 pub const EARLIEST: i64 = -2;
 pub const MAX_TIMESTAMP: i64 = -3;
+pub const EARLIEST_LOCAL: i64 = -4;
+pub const LATEST_TIERED: i64 = -5;
+pub const EARLIEST_PENDING_UPLOAD: i64 = -6;
+
+/// The first ListOffsets version that knows a special timestamp.
+fn since(timestamp: i64) -> i16 {
+    match timestamp {
+        MAX_TIMESTAMP => 7,
+        EARLIEST_LOCAL => 8,
+        LATEST_TIERED => 9,
+        EARLIEST_PENDING_UPLOAD => 11,
+        _ => 0,
+    }
+}
 
 pub fn handle(broker: &Broker, req: ListOffsetsRequest, version: i16) -> ListOffsetsResponse {
     let mut resp = ListOffsetsResponse::default();
@@ -43,21 +61,25 @@ pub fn handle(broker: &Broker, req: ListOffsetsRequest, version: i16) -> ListOff
                     }
                     // Consumers see only up to the high watermark (the log end alone in a region).
                     let hw = st.high_watermark();
+                    if version < since(p.timestamp) {
+                        pr.error_code = code::UNSUPPORTED_VERSION;
+                        tr.partitions.push(pr);
+                        continue;
+                    }
                     let found = match p.timestamp {
                         LATEST => Ok(Some((-1, hw))),
-                        EARLIEST => Ok(Some((-1, st.log.start_offset()))),
+                        EARLIEST | EARLIEST_LOCAL => Ok(Some((-1, st.log.start_offset()))),
                         MAX_TIMESTAMP => st.log.max_timestamp(),
                         ts if ts >= 0 => st
                             .log
                             .offset_for_timestamp(ts)
                             .map(|o| o.map(|(off, t)| (t, off)).filter(|(_, off)| *off < hw)),
+                        // Latest tiered, earliest pending upload: nothing is tiered here.
                         _ => {
-                            // -4 (earliest local), -5 (latest tiered): one tier here.
-                            if p.timestamp == -4 {
-                                Ok(Some((-1, st.log.start_offset())))
-                            } else {
-                                Ok(Some((-1, hw)))
+                            if version >= 4 {
+                                pr.leader_epoch = -1;
                             }
+                            Ok(None)
                         }
                     };
                     match found {

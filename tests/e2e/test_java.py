@@ -124,3 +124,24 @@ def test_topic_command(java, broker):
     java.run("TOPIC_CMD", "--bootstrap-server", bs, "--delete", "--topic", t)
     wait_until(lambda: t not in java.run("TOPIC_CMD", "--bootstrap-server", bs, "--list").stdout.decode().split(),
                60, f"{t} deleted", interval=1)
+
+
+def test_get_offsets_tool_with_every_spec(java, broker):
+    """Kafka 4.4's kafka-get-offsets (GetOffsetShell) sends ListOffsets up to v11: latest,
+    earliest, max timestamp, earliest local (the log start: one tier here), and the tiered specs
+    (latest tiered -5, earliest pending upload -6), which have no offset without tiered storage,
+    as from Kafka (the tool prints no line for them)."""
+    t = topic_name("offsets")
+    console_produce(java, broker.bootstrap, t, ["k1:a", "k2:b", "k3:c"])
+    java.env["GET_OFFSETS"] = "org.apache.kafka.tools.GetOffsetShell"
+
+    def offsets(spec):
+        out = java.run("GET_OFFSETS", "--bootstrap-server", broker.bootstrap, "--topic", t, "--time", spec)
+        return [line for line in out.stdout.decode().splitlines() if line.strip()]
+    assert offsets("-1") == [f"{t}:0:3"]
+    assert offsets("latest") == [f"{t}:0:3"]
+    assert offsets("-2") == [f"{t}:0:0"]
+    assert offsets("-4") == [f"{t}:0:0"]
+    assert offsets("earliest-local") == [f"{t}:0:0"]
+    assert offsets("-5") == offsets("latest-tiered") == []
+    assert offsets("-6") == offsets("earliest-pending-upload") == []
