@@ -220,6 +220,36 @@ def test_a_switchover_between_clusters_writes_above_every_epoch_and_mirrors_back
 
 
 
+
+def test_an_etcd_sigkill_under_ferry_up_leaves_the_data_path_serving_and_metadata_resumes(up):
+    """East's etcd is SIGKILLed: producers with acks=all and readers go on with the leaders and
+    ISRs every broker last saw; a CreateTopics waits (a retriable error) until `ferry up` has
+    started etcd again, then succeeds, and the new topic is mirrored to west."""
+    from confluent_kafka.admin import NewTopic
+    t = topic_name("etcdkill")
+    admin = ck_admin(up.east.bootstrap)
+    admin.create_topics([NewTopic(t, num_partitions=2)])[t].result(timeout=30)
+    wait_until(lambda: all(len(p.isrs) == 3 and p.leader >= 0
+                           for p in up.east.metadata(t).topics[t].partitions.values()), 30, "full ISRs")
+    (pid,) = [p for p in up.etcd_pids() if "east" in cmdline(p)]
+    os.kill(pid, signal.SIGKILL)
+    acked, errors = produce_during(up.east, t, 2, acks="all", enable_idempotence=True)
+    assert not errors, errors[:5]
+    assert read_all(up.east, t, 2, len(acked)) == acked
+    late = topic_name("after-etcd")
+
+    def created():
+        try:
+            admin.create_topics([NewTopic(late, num_partitions=1)])[late].result(timeout=15)
+            return True
+        except Exception as e:  # REQUEST_TIMED_OUT while etcd is away, then TOPIC_ALREADY_EXISTS
+            return "already exists" in str(e).lower() or "TOPIC_ALREADY_EXISTS" in str(e)
+    wait_until(created, 90, "CreateTopics once etcd is back")
+    assert [p for p in up.etcd_pids() if "east" in cmdline(p)] != [pid], "etcd started again"
+    more, errors = produce_during(up.east, late, 1, acks="all", enable_idempotence=True)
+    assert not errors, errors[:5]
+    wait_until(lambda: read_all(up.west, late, 1, len(more), timeout=10) == more, 90, "west mirrors the new topic")
+
 def test_partitions_added_in_a_cluster_are_replicated_and_mirrored(up):
     """CreatePartitions at any broker goes through etcd: every broker opens the new partitions
     (placed round robin, or as the request's assignment says), each with three replicas in sync;
