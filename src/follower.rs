@@ -332,6 +332,13 @@ async fn apply(
                 if let Replica::Follower { high_watermark, .. } = &mut st.replica {
                     *high_watermark = pd.high_watermark.min(end).max(0);
                 }
+                // The leader's log start (DeleteRecords there): records below it go here too.
+                let leader_start = pd.log_start_offset.min(end);
+                if leader_start > st.log.start_offset() {
+                    if let Err(e) = st.log.advance_start(leader_start) {
+                        warn!(topic = %topic, partition = pd.partition_index, error = %e, "taking the leader's log start failed");
+                    }
+                }
             }
         }
     }

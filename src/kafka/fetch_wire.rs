@@ -41,7 +41,7 @@ fn put_uvarint(b: &mut BytesMut, mut v: u32) {
 }
 
 /// Encode `resp` (whose `records` fields are ignored) with `records[i][j]` as the records of
-/// topic i, partition j: `Some(slice)` sent from the file, `None` as null.
+/// topic i, partition j: `Some(slice)` sent from the file, `None` as an empty record set.
 /// Returns the pieces, the first of which starts with the 4-byte frame length.
 pub fn encode(
     correlation_id: i32,
@@ -97,11 +97,13 @@ pub fn encode(
                 b.put_i32(p.preferred_read_replica.0);
             }
             match records.get(ti).and_then(|r| r.get(pi)).cloned().flatten() {
+                // No records (an error, or nothing to send): empty, never null, as Kafka sends
+                // (librdkafka refuses a null record set: "invalid MessageSetSize -1").
                 None => {
                     if flexible {
-                        put_uvarint(&mut b, 0);
+                        put_uvarint(&mut b, 1);
                     } else {
-                        b.put_i32(-1);
+                        b.put_i32(0);
                     }
                 }
                 Some(slice) => {
@@ -225,7 +227,12 @@ mod tests {
                         p.current_leader.leader_id = BrokerId(3);
                         p.current_leader.leader_epoch = 768;
                     }
-                    p.records = s.as_ref().map(|s| Bytes::from(s.read().unwrap()));
+                    // No slice is an empty record set (Kafka's MemoryRecords.EMPTY).
+                    p.records = Some(
+                        s.as_ref()
+                            .map(|s| Bytes::from(s.read().unwrap()))
+                            .unwrap_or_default(),
+                    );
                     p.aborted_transactions = None;
                     rs.push(s);
                     t.partitions.push(p);

@@ -16,6 +16,7 @@ pub mod api_versions;
 pub mod cluster_admin;
 pub mod control;
 pub mod coordinator;
+pub mod delete_records;
 pub mod fetch;
 pub mod fetch_wire;
 pub mod list_offsets;
@@ -90,6 +91,7 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::OffsetForLeaderEpoch, 2, 4),
     (ApiKey::DescribeLogDirs, 1, 4),
     (ApiKey::ElectLeaders, 0, 2),
+    (ApiKey::DeleteRecords, 0, 2),
 ];
 
 /// Versions advertised in ApiVersions where they differ from those served. Produce is listed

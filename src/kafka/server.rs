@@ -535,6 +535,11 @@ async fn request(
                 .ok()
                 .map(|b| vec![Piece::Bytes(b)])
         }),
+        RequestKind::DeleteRecords(r) => ready(encode_response(
+            cid,
+            version,
+            &super::delete_records::handle(&b, r),
+        )),
         RequestKind::DescribeLogDirs(r) => ready(encode_response(
             cid,
             version,

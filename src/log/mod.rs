@@ -123,7 +123,13 @@ pub struct PartitionLog {
     segments: Vec<Segment>,
     /// At which offset each region epoch began.
     epochs: EpochCache,
+    /// The log start offset: at least the first segment's base; moved further (inside a
+    /// segment) by DeleteRecords, and kept in [`START_FILE`] across restarts.
+    start: i64,
 }
+
+/// The file of a partition's log start offset (when DeleteRecords moved it inside a segment).
+const START_FILE: &str = "log-start-offset";
 
 impl PartitionLog {
     /// Open (or create) the log in `dir`, recovering the active segment.
@@ -180,11 +186,17 @@ impl PartitionLog {
         report.segments = segments.len();
         let log_end = segments.last().expect("not empty").next_offset;
         let (epochs, existed) = EpochCache::open(dir, log_end).map_err(io_err(dir))?;
+        let first = segments[0].base_offset;
+        let stored = std::fs::read_to_string(dir.join(START_FILE))
+            .ok()
+            .and_then(|t| t.trim().parse::<i64>().ok())
+            .unwrap_or(first);
         let mut log = PartitionLog {
             dir: dir.to_path_buf(),
             config,
             segments,
             epochs,
+            start: stored.clamp(first, log_end),
         };
         if !existed {
             // No history file yet (a new partition, or one written before epochs): scan it.
@@ -224,9 +236,38 @@ impl PartitionLog {
         self.active().next_offset
     }
 
-    /// The first offset still in the log.
+    /// The first offset still in the log (the log start offset).
     pub fn start_offset(&self) -> i64 {
-        self.segments[0].base_offset
+        self.start.max(self.segments[0].base_offset)
+    }
+
+    /// Move the log start offset up to `offset` (DeleteRecords; a follower taking its leader's
+    /// log start): records below it are gone for readers, whole segments below it are deleted.
+    /// Never moves it back, never past the log end. Durable when this returns. Returns the new
+    /// log start offset.
+    pub fn advance_start(&mut self, offset: i64) -> Result<i64, LogError> {
+        let end = self.next_offset();
+        if offset > end {
+            return Err(LogError::OffsetOutOfRange {
+                offset,
+                start: self.start_offset(),
+                end,
+            });
+        }
+        if offset <= self.start_offset() {
+            return Ok(self.start_offset());
+        }
+        crate::durable::write_atomic(&self.dir.join(START_FILE), offset.to_string().as_bytes())
+            .map_err(io_err(&self.dir))?;
+        self.start = offset;
+        if offset == end && self.active().size > 0 {
+            // Everything is deleted: roll, so the old active segment can go too.
+            self.roll()?;
+        }
+        while self.segments.len() > 1 && self.segments[0].next_offset <= offset {
+            self.delete_oldest()?;
+        }
+        Ok(self.start_offset())
     }
 
     /// Total bytes of all segments.
@@ -591,6 +632,8 @@ impl PartitionLog {
             .map_err(io_err(&self.dir))?;
         crate::durable::sync_dir(&self.dir).map_err(io_err(&self.dir))?;
         self.segments.push(seg);
+        self.start = offset;
+        let _ = std::fs::remove_file(self.dir.join(START_FILE));
         self.epochs.rebuild(Vec::new()).map_err(io_err(&self.dir))?;
         assert_eq!((self.start_offset(), self.next_offset()), (offset, offset));
         Ok(())
@@ -800,6 +843,37 @@ mod tests {
         assert_eq!(log.truncate_to(7).unwrap(), 7);
         assert_eq!(log.next_offset(), 7);
         assert_eq!(append_values(&mut log, 50, &[b"x"]), 7);
+    }
+
+    #[test]
+    fn the_log_start_moves_inside_a_segment_deletes_whole_ones_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = PartitionLog::open(dir.path(), small()).unwrap();
+        for i in 0..20 {
+            append_values(&mut log, i, &[b"0123456789012345678901234567890123456789"]);
+        }
+        let segs = log.segment_count();
+        assert!(segs > 2);
+        assert_eq!(log.advance_start(7).unwrap(), 7);
+        assert_eq!(log.start_offset(), 7);
+        assert!(
+            log.segment_count() < segs,
+            "segments wholly below 7 are deleted"
+        );
+        assert!(matches!(
+            log.read(6, 100),
+            Err(LogError::OffsetOutOfRange { start: 7, .. })
+        ));
+        assert!(log.read(7, 100).unwrap().is_some());
+        assert_eq!(log.advance_start(3).unwrap(), 7, "never back");
+        assert!(log.advance_start(21).is_err(), "never past the end");
+        drop(log);
+        let (mut log, _) = PartitionLog::open(dir.path(), small()).unwrap();
+        assert_eq!((log.start_offset(), log.next_offset()), (7, 20));
+        // Everything: the log is empty from 20 on, and takes the next batch there.
+        assert_eq!(log.advance_start(20).unwrap(), 20);
+        assert_eq!(log.segment_count(), 1);
+        assert_eq!(append_values(&mut log, 99, &[b"x"]), 20);
     }
 
     #[test]

@@ -618,3 +618,49 @@ def test_a_follower_whose_next_records_the_leader_deleted_starts_again_at_the_le
     logs = sorted(int(f.stem) for f in (cluster.brokers[follower].data_dir / f"{t}-0").glob("*.log"))
     assert logs and logs[0] >= start, (logs, start)
     assert "start again at the leader's log start" in cluster.brokers[follower].log_tail(400)
+
+
+def test_delete_records_at_the_leader_reaches_every_replica(cluster):
+    """DeleteRecords goes to the partition's leader; its followers take the new log start from
+    their next fetch, so after the leader is SIGKILLed the new leader answers the same earliest
+    offset and a consumer from the beginning starts there."""
+    from confluent_kafka import TopicPartition
+    cluster.up()
+    t = topic_name("delrec")
+    cluster.create(t, 1)
+    p = ck_producer(cluster.bootstrap, acks="all", batch_num_messages=10, linger_ms=0)
+    for i in range(100):
+        p.produce(t, value=b"v%05d" % i, partition=0)
+    assert p.flush(30) == 0
+    admin = ck_admin(cluster.bootstrap)
+    done = list(admin.delete_records([TopicPartition(t, 0, 50)]).values())[0].result(timeout=30)
+    assert done.low_watermark == 50
+
+    def earliest():
+        c = ck_consumer(cluster.bootstrap)
+        try:
+            return c.get_watermark_offsets(TopicPartition(t, 0), timeout=10)
+        finally:
+            c.close()
+    assert earliest() == (50, 100)
+    leader = cluster.leader(t, 0)
+
+    def followers_took_it():
+        for i, b in cluster.brokers.items():
+            f = b.data_dir / f"{t}-0" / "log-start-offset"
+            if i != leader and not (f.exists() and f.read_text().strip() == "50"):
+                return False
+        return True
+    wait_until(followers_took_it, 30, "every follower's log start at 50")
+    cluster.brokers[leader].kill()
+    wait_until(lambda: cluster.leader(t, 0) not in (-1, leader), 30, "a new leader")
+    wait_until(lambda: (lambda w: w if w == (50, 100) else None)(_try_earliest(earliest)), 30,
+               "the new leader's log start")
+    cluster.up()
+
+
+def _try_earliest(f):
+    try:
+        return f()
+    except Exception:  # noqa: BLE001
+        return None
