@@ -53,6 +53,13 @@ pub enum Control {
         partition: i32,
         offset: i64,
     },
+    /// Move a mirror partition's log start up to its primary's (DeleteRecords there), as far
+    /// as the mirror holds (the gateway, from heartbeats). Answers `{"log_start": n}`.
+    AdvanceStart {
+        topic: String,
+        partition: i32,
+        offset: i64,
+    },
     /// Give a mirror topic its primary's config overrides (the gateway, from heartbeats).
     SetConfigs {
         topic: String,
@@ -258,6 +265,33 @@ pub async fn handle(broker: Arc<Broker>, req: Control) -> Result<serde_json::Val
                 quarantined,
                 log_end,
             }))
+        }
+        Control::AdvanceStart {
+            topic,
+            partition,
+            offset,
+        } => {
+            let p = broker
+                .partition(&topic, partition)
+                .ok_or_else(|| format!("unknown partition {topic}-{partition}"))?;
+            let mut st = p.state.lock().expect("partition lock");
+            if st.gate.writable {
+                return Err(format!(
+                    "{topic}-{partition} takes client writes here: only a mirror follows its primary's log start"
+                ));
+            }
+            if !st.replica.leads() {
+                return Err(format!(
+                    "NOT_LEADER_OR_FOLLOWER: {topic}-{partition} is not led by this broker"
+                ));
+            }
+            let to = offset.min(st.log.next_offset());
+            let before = st.log.start_offset();
+            let start = st.log.advance_start(to).map_err(|e| e.to_string())?;
+            if start > before {
+                tracing::info!(%topic, partition, log_start = start, "mirror: the log start follows the primary's");
+            }
+            Ok(serde_json::json!({ "log_start": start }))
         }
         Control::RewindCommits {
             topic,

@@ -292,6 +292,40 @@ def test_partitions_added_in_a_cluster_are_replicated_and_mirrored(up):
     with pytest.raises(Exception, match="POLICY_VIOLATION"):
         west.create_partitions([NewPartitions(t, 6)])[t].result(timeout=30)
 
+
+def test_delete_records_in_the_primary_cluster_reaches_the_mirror_cluster(up):
+    """DeleteRecords at east's leader moves the log start there and, through the primary's
+    heartbeats, in west's mirror (at its leader, replicated to its followers); a client may not
+    delete records from the mirror itself."""
+    from confluent_kafka import TopicPartition
+    from confluent_kafka.admin import NewTopic
+    t = topic_name("delrec")
+    admin = ck_admin(up.east.bootstrap)
+    admin.create_topics([NewTopic(t, num_partitions=1)])[t].result(timeout=30)
+    wait_until(lambda: all(len(p.isrs) == 3 and p.leader >= 0
+                           for p in up.east.metadata(t).topics[t].partitions.values()), 30, "full ISRs")
+    p = __import__("helpers").ck_producer(up.east.bootstrap, acks="all", batch_num_messages=10, linger_ms=0)
+    for i in range(100):
+        p.produce(t, value=b"v%05d" % i, partition=0)
+    assert p.flush(30) == 0
+    wait_until(lambda: len(read_all(up.west, t, 1, 100, timeout=10)) == 100, 60, "west mirrors east")
+
+    def watermarks(region):
+        c = ck_consumer(region.bootstrap)
+        try:
+            return c.get_watermark_offsets(TopicPartition(t, 0), timeout=10)
+        except Exception:  # noqa: BLE001
+            return None
+        finally:
+            c.close()
+    done = list(admin.delete_records([TopicPartition(t, 0, 40)]).values())[0].result(timeout=30)
+    assert done.low_watermark == 40 and watermarks(up.east) == (40, 100)
+    wait_until(lambda: watermarks(up.west) == (40, 100), 60, "west's log start to follow east's")
+    west = ck_admin(up.west.bootstrap)  # kept alive until the result is in
+    with pytest.raises(Exception, match="POLICY_VIOLATION"):
+        list(west.delete_records([TopicPartition(t, 0, 60)]).values())[0].result(timeout=30)
+    assert watermarks(up.west) == (40, 100)
+
 def gateway_admin(up, region: str, method: str, path: str, body: dict | None = None) -> dict:
     from cli_support import admin_call
     text = up.topology.read_text()

@@ -43,6 +43,10 @@ pub struct Heartbeat {
     /// Config overrides of the topics the sender is primary for: its mirrors follow them.
     #[serde(default)]
     pub configs: BTreeMap<String, BTreeMap<String, String>>,
+    /// Log start offsets of the topics the sender is primary for, per partition (moved by
+    /// DeleteRecords): its mirrors move theirs up to them once they hold that far.
+    #[serde(default)]
+    pub starts: BTreeMap<String, Vec<i64>>,
     /// Sender's wall clock (for reports only; leases use monotonic time).
     pub unix_ms: i64,
 }
@@ -188,6 +192,11 @@ impl Liveness {
                 .iter()
                 .filter(|(t, _)| primary_of(t))
                 .map(|(t, c)| (t.clone(), c.clone()))
+                .collect(),
+            starts: offsets
+                .iter()
+                .filter(|(t, _)| primary_of(t))
+                .map(|(t, ps)| (t.clone(), ps.iter().map(|p| p.log_start).collect()))
                 .collect(),
             unix_ms,
         }

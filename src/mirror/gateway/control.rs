@@ -337,6 +337,53 @@ impl Gateway {
         }
     }
 
+    /// Move the log start of each partition this region mirrors from `peer` up to `peer`'s
+    /// (DeleteRecords there), at the mirror partition's leader, as far as the mirror holds; a
+    /// mirror behind it is moved again at a later heartbeat.
+    pub(super) async fn follow_starts(&self, peer: &str, starts: &BTreeMap<String, Vec<i64>>) {
+        for (topic, parts) in starts {
+            let ours = self.placement(topic);
+            if !ours.is_some_and(|p| p.primary == peer && p.mirrors.contains(&self.region)) {
+                continue;
+            }
+            for (p, start) in parts.iter().enumerate() {
+                let key = (topic.clone(), p as i32);
+                let done = self
+                    .starts_applied
+                    .lock()
+                    .expect("starts lock")
+                    .get(&key)
+                    .copied()
+                    .unwrap_or(0);
+                if *start <= done {
+                    continue;
+                }
+                let Ok(mut client) = self.leader_client(topic, p as i32).await else {
+                    continue;
+                };
+                let req = Control::AdvanceStart {
+                    topic: topic.clone(),
+                    partition: p as i32,
+                    offset: *start,
+                };
+                match client.control(&req).await {
+                    Ok(v) => {
+                        if let Some(now) = v.get("log_start").and_then(|s| s.as_i64()) {
+                            self.starts_applied
+                                .lock()
+                                .expect("starts lock")
+                                .insert(key, now);
+                        }
+                    }
+                    Err(e) => {
+                        self.forget_leader(topic, p as i32);
+                        tracing::debug!(%topic, partition = p, error = %e, "log start not followed yet");
+                    }
+                }
+            }
+        }
+    }
+
     /// Our heartbeat, as sent at `sent_at` (the control task reads the state after it).
     pub(super) async fn heartbeat(&self, sent_at: Millis) -> Heartbeat {
         let o = self.offsets(Vec::new()).await.unwrap_or(OffsetsAnswer {
@@ -433,6 +480,7 @@ impl Gateway {
                 }
             };
             let configs = hb.configs.clone();
+            let starts = hb.starts.clone();
             let answer = self
                 .ask(|reply| Command::Heartbeat {
                     peer: peer.to_string(),
@@ -464,6 +512,7 @@ impl Gateway {
                 }
             }
             self.follow_configs(peer, &configs).await;
+            self.follow_starts(peer, &starts).await;
         }
     }
 }

@@ -68,6 +68,8 @@ pub struct Gateway {
     heartbeat_now: watch::Sender<u64>,
     /// Config overrides last given to each mirror topic (from its primary's heartbeats).
     configs_applied: Mutex<BTreeMap<String, BTreeMap<String, String>>>,
+    /// The log start each mirror partition was last given (from its primary's heartbeats).
+    starts_applied: Mutex<BTreeMap<(String, i32), i64>>,
     /// The sinks of mirrored partitions, by the id their ROUTE frame gave out: the connection
     /// it was given on (a BATCHES stream must come on the same one) and where frames go.
     routes: Mutex<HashMap<u64, (usize, tokio::sync::mpsc::Sender<Frame>)>>,
@@ -101,6 +103,7 @@ impl Gateway {
             cuts: watch::channel(BTreeSet::new()).0,
             conns: Mutex::new(BTreeMap::new()),
             configs_applied: Mutex::new(BTreeMap::new()),
+            starts_applied: Mutex::new(BTreeMap::new()),
             heartbeat_now: watch::channel(0).0,
             routes: Mutex::new(HashMap::new()),
             mirror_ends: Mutex::new(HashMap::new()),
