@@ -372,6 +372,29 @@ impl Client {
         partitions: &[i32],
         timestamp: i64,
     ) -> Result<std::collections::BTreeMap<i32, i64>, ClientError> {
+        let mut out = std::collections::BTreeMap::new();
+        for (p, (code, offset)) in self
+            .list_offsets_coded(topic, partitions, timestamp)
+            .await?
+        {
+            if code != 0 {
+                return Err(ClientError::Kafka(format!(
+                    "list offsets {topic}-{p}: {} ({code})",
+                    error_name(code)
+                )));
+            }
+            out.insert(p, offset);
+        }
+        Ok(out)
+    }
+
+    /// [`Client::list_offsets`] with each partition's error code: partition → (code, offset).
+    pub async fn list_offsets_coded(
+        &mut self,
+        topic: &str,
+        partitions: &[i32],
+        timestamp: i64,
+    ) -> Result<std::collections::BTreeMap<i32, (i16, i64)>, ClientError> {
         use kafka_protocol::messages::list_offsets_request::{
             ListOffsetsPartition, ListOffsetsRequest, ListOffsetsTopic,
         };
@@ -387,21 +410,14 @@ impl Client {
             t.partitions.push(lp);
         }
         req.topics.push(t);
-        let mut out = std::collections::BTreeMap::new();
-        for t in self.send(&req, 7).await?.topics {
-            for p in t.partitions {
-                if p.error_code != 0 {
-                    return Err(ClientError::Kafka(format!(
-                        "list offsets {topic}-{}: {} ({})",
-                        p.partition_index,
-                        error_name(p.error_code),
-                        p.error_code
-                    )));
-                }
-                out.insert(p.partition_index, p.offset);
-            }
-        }
-        Ok(out)
+        Ok(self
+            .send(&req, 7)
+            .await?
+            .topics
+            .into_iter()
+            .flat_map(|t| t.partitions)
+            .map(|p| (p.partition_index, (p.error_code, p.offset)))
+            .collect())
     }
 
     /// Commit offsets of a group from outside it (generation -1, no member id: the group must

@@ -383,25 +383,8 @@ async fn list_one(
     partition: i32,
     timestamp: i64,
 ) -> Result<(i16, i64), ClientError> {
-    use kafka_protocol::messages::list_offsets_request::{
-        ListOffsetsPartition, ListOffsetsRequest, ListOffsetsTopic,
-    };
-    use kafka_protocol::messages::{BrokerId, TopicName};
-    use kafka_protocol::protocol::StrBytes;
-    let mut req = ListOffsetsRequest::default();
-    req.replica_id = BrokerId(-1);
-    let mut t = ListOffsetsTopic::default();
-    t.name = TopicName(StrBytes::from_string(topic.to_string()));
-    let mut lp = ListOffsetsPartition::default();
-    lp.partition_index = partition;
-    lp.timestamp = timestamp;
-    t.partitions.push(lp);
-    req.topics.push(t);
-    let resp = c.send(&req, 7).await?;
-    resp.topics
-        .into_iter()
-        .flat_map(|t| t.partitions)
-        .find(|p| p.partition_index == partition)
-        .map(|p| (p.error_code, p.offset))
+    c.list_offsets_coded(topic, &[partition], timestamp)
+        .await?
+        .remove(&partition)
         .ok_or_else(|| ClientError::Kafka(format!("no offsets for {topic}-{partition}")))
 }

@@ -11,10 +11,13 @@
 //! i32 rebalance_timeout, i32 session_timeout, bytes subscription, bytes assignment`
 //! (`bytes`: i32 length). A deleted group: the key with a null value.
 //!
-//! Owns: the encoding. Does not own: when a snapshot is taken or loaded (the
-//! [`super::Coordinator`]: `take_snapshots`, `load_group`).
+//! Owns: the encoding, and the coordinator's side of it: a group's snapshot
+//! ([`Group::snapshot`]), which groups came to rest since the last write
+//! ([`Coordinator::take_snapshots`]), and loading one back ([`Coordinator::load_group`]).
+//! Does not own: writing the records (the shell, `broker::groups`).
 
 use super::offsets::{put_str, Reader};
+use super::{Coordinator, Group, GroupState, Member};
 use crate::batch::build::Record;
 use crate::batch::RecordView;
 
@@ -40,6 +43,123 @@ pub struct MemberSnapshot {
     pub session_timeout_ms: i32,
     pub subscription: Vec<u8>,
     pub assignment: Vec<u8>,
+}
+
+impl Group {
+    /// The group's membership as stored in `__consumer_offsets`.
+    pub fn snapshot(&self, now_ms: i64) -> Snapshot {
+        Snapshot {
+            protocol_type: self.protocol_type.clone().unwrap_or_default(),
+            generation: self.generation,
+            protocol: self.protocol.clone(),
+            leader: self.leader.clone(),
+            timestamp: now_ms,
+            members: self
+                .members
+                .values()
+                .map(|m| MemberSnapshot {
+                    member_id: m.member_id.clone(),
+                    instance_id: m.instance_id.clone(),
+                    client_id: m.client_id.clone(),
+                    client_host: m.client_host.clone(),
+                    rebalance_timeout_ms: m.rebalance_timeout_ms as i32,
+                    session_timeout_ms: m.session_timeout_ms as i32,
+                    subscription: self
+                        .protocol
+                        .as_ref()
+                        .and_then(|p| m.protocols.iter().find(|(n, _)| n == p))
+                        .map(|(_, md)| md.clone())
+                        .unwrap_or_default(),
+                    assignment: m.assignment.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Whether the group is at rest (Stable with its assignment, or Empty): the states a
+    /// snapshot is taken in.
+    fn at_rest(&self) -> bool {
+        matches!(self.state, GroupState::Stable | GroupState::Empty)
+    }
+}
+
+impl Coordinator {
+    /// Snapshots of the groups that came to rest (Stable with a new generation's assignment,
+    /// or Empty) since the last call: the shell writes them to `__consumer_offsets`.
+    pub fn take_snapshots(&mut self, now_ms: i64) -> Vec<(String, Snapshot)> {
+        let mut out = Vec::new();
+        for g in self.groups.values_mut() {
+            let mark = (g.generation, g.members.len());
+            if g.at_rest()
+                && g.persisted != Some(mark)
+                && (g.generation > 0 || !g.members.is_empty())
+            {
+                g.persisted = Some(mark);
+                out.push((g.id.clone(), g.snapshot(now_ms)));
+            }
+        }
+        out
+    }
+
+    /// Snapshots of every group at rest that has one (compaction writes them again).
+    pub fn snapshots(&self, now_ms: i64) -> Vec<(String, Snapshot)> {
+        self.groups
+            .values()
+            .filter(|g| g.persisted.is_some())
+            .map(|g| (g.id.clone(), g.snapshot(now_ms)))
+            .collect()
+    }
+
+    /// Take a group's membership from `__consumer_offsets` (replay, in log order): Stable with
+    /// its members and their assignments if it has any (each session starting `now_ms`), Empty
+    /// otherwise; `None` (a deleted group) forgets the membership.
+    pub fn load_group(&mut self, now_ms: i64, group_id: &str, s: Option<Snapshot>) {
+        let group = self
+            .groups
+            .entry(group_id.to_string())
+            .or_insert_with(|| Group::new(group_id));
+        group.members.clear();
+        group.pending_members.clear();
+        let Some(s) = s else {
+            group.state = GroupState::Empty;
+            group.leader = None;
+            group.persisted = None;
+            return;
+        };
+        group.generation = s.generation;
+        group.protocol_type = (!s.protocol_type.is_empty()).then_some(s.protocol_type);
+        group.protocol = s.protocol.clone();
+        group.leader = s.leader;
+        for m in s.members {
+            group.members.insert(
+                m.member_id.clone(),
+                Member {
+                    member_id: m.member_id,
+                    instance_id: m.instance_id,
+                    client_id: m.client_id,
+                    client_host: m.client_host,
+                    session_timeout_ms: m.session_timeout_ms as i64,
+                    rebalance_timeout_ms: m.rebalance_timeout_ms as i64,
+                    protocol_type: group.protocol_type.clone().unwrap_or_default(),
+                    protocols: s
+                        .protocol
+                        .iter()
+                        .map(|p| (p.clone(), m.subscription.clone()))
+                        .collect(),
+                    assignment: m.assignment,
+                    last_heard_ms: now_ms,
+                    pending_join: None,
+                    pending_sync: None,
+                },
+            );
+        }
+        group.state = if group.members.is_empty() {
+            GroupState::Empty
+        } else {
+            GroupState::Stable
+        };
+        group.persisted = Some((group.generation, group.members.len()));
+    }
 }
 
 fn put_nullable(out: &mut Vec<u8>, s: Option<&str>) {
