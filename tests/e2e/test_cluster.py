@@ -105,8 +105,13 @@ class Cluster:
         f = admin.create_topics(
             [NewTopic(name, num_partitions=partitions, replication_factor=rf, config=config)])
         f[name].result(timeout=30)
-        wait_until(lambda: all(p.leader >= 0 for p in self.metadata(name).topics[name].partitions.values()),
-                   20, f"leaders for {name}")
+
+        def led():
+            # Every partition, not `all()` of none: a broker that has not applied the topic yet
+            # answers it without partitions.
+            parts = self.metadata(name).topics[name].partitions
+            return len(parts) == partitions and all(p.leader >= 0 for p in parts.values())
+        wait_until(led, 20, f"leaders for {name}")
 
     def leader(self, topic: str, partition: int) -> int:
         return self.metadata(topic).topics[topic].partitions[partition].leader
@@ -222,6 +227,10 @@ def segment_bytes(broker: FerryBroker, topic: str, partition: int) -> bytes:
 def test_metadata_names_each_partitions_leader_replicas_and_isr(cluster):
     t = topic_name("rf3")
     cluster.create(t, 3)
+    # Every broker names all three partitions (each applies the topic from its own etcd watch).
+    for b in cluster.brokers.values():
+        wait_until(lambda: len(ck_admin(b.bootstrap).list_topics(t, timeout=10).topics[t].partitions) == 3,
+                   20, f"{t} at {b.bootstrap}")
     parts = cluster.metadata(t).topics[t].partitions
     assert sorted(parts) == [0, 1, 2]
     for p in parts.values():
