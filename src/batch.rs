@@ -306,9 +306,21 @@ pub fn records(batch: &[u8]) -> Result<Vec<RecordView<'_>>, BatchError> {
 
 /// Parse the (uncompressed) records section of a batch whose header is `h`.
 pub fn records_in<'a>(h: &BatchHeader, body: &'a [u8]) -> Result<Vec<RecordView<'a>>, BatchError> {
+    Ok(record_spans(h, body)?.into_iter().map(|(_, r)| r).collect())
+}
+
+/// Like [`records_in`], with each record's byte range in `body` (its length prefix included).
+/// A record's bytes hold its offset and timestamp as deltas from the batch's base offset and
+/// base timestamp, so they stay valid in any batch with the same bases: the log cleaner builds
+/// a compacted batch from the ranges it keeps.
+pub fn record_spans<'a>(
+    h: &BatchHeader,
+    body: &'a [u8],
+) -> Result<Vec<(std::ops::Range<usize>, RecordView<'a>)>, BatchError> {
     let mut at = 0;
     let mut out = Vec::new();
     for _ in 0..h.record_count {
+        let from = at;
         let len = get_varint(body, &mut at)?;
         let end = at + len.max(0) as usize;
         if end > body.len() {
@@ -331,13 +343,16 @@ pub fn records_in<'a>(h: &BatchHeader, body: &'a [u8]) -> Result<Vec<RecordView<
             headers.push((k, v));
         }
         at = end;
-        out.push(RecordView {
-            offset: h.base_offset + off_delta,
-            timestamp: h.base_timestamp + ts_delta,
-            key,
-            value,
-            headers,
-        });
+        out.push((
+            from..end,
+            RecordView {
+                offset: h.base_offset + off_delta,
+                timestamp: h.base_timestamp + ts_delta,
+                key,
+                value,
+                headers,
+            },
+        ));
     }
     Ok(out)
 }
@@ -363,6 +378,45 @@ pub fn plain_records(batch: &[u8]) -> Result<(BatchHeader, bytes::Bytes), BatchE
     }
     .map_err(|_| BatchError::BadCompression(h.attributes))?;
     Ok((h, plain))
+}
+
+/// The batch `original` holding only `records` instead (its plain record bytes, whole records
+/// cut from it by [`record_spans`]), `count` of them, newest timestamp `max_timestamp`: same
+/// base offset, last offset delta, leader epoch, attributes, producer fields and base
+/// timestamp, the records compressed again with the batch's codec, a new CRC. Only the log
+/// cleaner builds batches from client records, and only this way.
+pub fn rebuilt(
+    original: &[u8],
+    records: &[u8],
+    count: i32,
+    max_timestamp: i64,
+) -> Result<Vec<u8>, BatchError> {
+    use bytes::BufMut;
+    use kafka_protocol::compression::{Compressor, Gzip, Lz4, Snappy, Zstd};
+    let h = BatchHeader::parse(original)?;
+    let put = |out: &mut bytes::BytesMut| -> anyhow::Result<()> {
+        out.put_slice(records);
+        Ok(())
+    };
+    let mut body = bytes::BytesMut::new();
+    match h.compression()? {
+        Compression::None => put(&mut body),
+        Compression::Gzip => Gzip::compress(&mut body, put),
+        Compression::Snappy => Snappy::compress(&mut body, put),
+        Compression::Lz4 => Lz4::compress(&mut body, put),
+        Compression::Zstd => Zstd::compress(&mut body, put),
+    }
+    .map_err(|_| BatchError::BadCompression(h.attributes))?;
+    let mut b = Vec::with_capacity(HEADER_BYTES + body.len());
+    b.extend_from_slice(&original[..HEADER_BYTES]);
+    b.extend_from_slice(&body);
+    let length = (b.len() - LOG_OVERHEAD) as i32;
+    b[8..12].copy_from_slice(&length.to_be_bytes());
+    b[35..43].copy_from_slice(&max_timestamp.to_be_bytes());
+    b[57..61].copy_from_slice(&count.to_be_bytes());
+    let crc = crc32c::crc32c(&b[CRC_START..]);
+    b[17..21].copy_from_slice(&crc.to_be_bytes());
+    Ok(b)
 }
 
 /// The first record at or after `timestamp` in a whole batch: (offset, timestamp).

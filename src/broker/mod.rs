@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod groups;
 pub mod producer;
 pub mod quarantine;
+pub mod topic_config;
 pub mod writer;
 
 use std::collections::BTreeMap;
@@ -25,7 +26,6 @@ use crate::config::BrokerConfig;
 use crate::failover::{self, Placement, RegionState, RuleState};
 use crate::log::{LogConfig, LogError, PartitionLog};
 use crate::replica::Replica;
-use crate::units::{parse_duration, parse_size};
 use producer::ProducerStates;
 use writer::Writer;
 
@@ -257,16 +257,7 @@ pub fn lease_fenced_in(t: &crate::topology::Topology, region: &str) -> bool {
             .any(|r| r.name == region && r.gateway.is_some())
 }
 
-/// Topic configs the broker understands, with how they map onto the log.
-pub const TOPIC_CONFIGS: &[&str] = &[
-    "cleanup.policy",
-    "retention.ms",
-    "retention.bytes",
-    "segment.bytes",
-    "segment.ms",
-    "max.message.bytes",
-    "message.timestamp.type",
-];
+pub use topic_config::TOPIC_CONFIGS;
 
 pub fn validate_topic_name(name: &str) -> Result<(), TopicError> {
     let bad = |why| Err(TopicError::InvalidName(name.to_string(), why));
@@ -533,68 +524,7 @@ impl Broker {
         &self,
         configs: &BTreeMap<String, String>,
     ) -> Result<LogConfig, TopicError> {
-        let mut c = self.config.log.clone();
-        let bad = |k: &str, m: String| TopicError::InvalidConfig(k.to_string(), m);
-        for (k, v) in configs {
-            match k.as_str() {
-                "retention.ms" => {
-                    let ms: i64 = v
-                        .parse()
-                        .map_err(|_| bad(k, format!("`{v}` is not a number of ms")))?;
-                    c.retention_time = if ms < 0 {
-                        None
-                    } else {
-                        Some(Duration::from_millis(ms as u64))
-                    };
-                }
-                "retention.bytes" => {
-                    let b: i64 = v
-                        .parse()
-                        .map_err(|_| bad(k, format!("`{v}` is not a number of bytes")))?;
-                    c.retention_bytes = if b < 0 { None } else { Some(b as u64) };
-                }
-                "segment.bytes" => {
-                    c.segment_bytes = parse_size(v).map_err(|m| bad(k, m))?;
-                    if c.segment_bytes < 1024 {
-                        return Err(bad(k, "must be at least 1024".into()));
-                    }
-                }
-                "segment.ms" => c.segment_age = parse_duration(v).map_err(|m| bad(k, m))?,
-                "min.insync.replicas" => {
-                    let n: i64 = v
-                        .parse()
-                        .map_err(|_| bad(k, format!("`{v}` is not a number")))?;
-                    if n < 1 {
-                        return Err(bad(k, "must be at least 1".into()));
-                    }
-                }
-                "unclean.leader.election.enable" => {
-                    if v != "true" && v != "false" {
-                        return Err(bad(k, format!("`{v}` is not true or false")));
-                    }
-                }
-                "max.message.bytes" => {
-                    let _: u64 = v
-                        .parse()
-                        .map_err(|_| bad(k, format!("`{v}` is not a number")))?;
-                }
-                "cleanup.policy" => {
-                    if v != "delete" {
-                        return Err(bad(k, format!("`{v}` is not supported (only `delete`)")));
-                    }
-                }
-                "message.timestamp.type" => {
-                    if v != "CreateTime" {
-                        return Err(bad(
-                            k,
-                            format!("`{v}` is not supported (only `CreateTime`)"),
-                        ));
-                    }
-                }
-                _ => return Err(bad(k, "unknown topic config".into())),
-            }
-        }
-        Ok(c)
+        topic_config::log_config(&self.config.log, configs)
     }
 
     fn open_partition(
@@ -1038,60 +968,17 @@ impl Broker {
         let c = self
             .topic_log_config(&topic.configs())
             .unwrap_or_else(|_| self.config.log.clone());
-        let ms = |d: Option<Duration>| {
-            d.map(|d| d.as_millis().to_string())
-                .unwrap_or_else(|| "-1".into())
-        };
-        let mut out = vec![
-            ("cleanup.policy".to_string(), "delete".to_string()),
-            ("retention.ms".to_string(), ms(c.retention_time)),
-            (
-                "retention.bytes".to_string(),
-                c.retention_bytes
-                    .map(|b| b.to_string())
-                    .unwrap_or_else(|| "-1".into()),
-            ),
-            ("segment.bytes".to_string(), c.segment_bytes.to_string()),
-            (
-                "segment.ms".to_string(),
-                c.segment_age.as_millis().to_string(),
-            ),
-            (
-                "max.message.bytes".to_string(),
-                self.config.batch_bytes_max.to_string(),
-            ),
-            (
-                "message.timestamp.type".to_string(),
-                "CreateTime".to_string(),
-            ),
-            (
-                "min.insync.replicas".to_string(),
-                self.config
-                    .cluster
-                    .as_ref()
-                    .map_or(1, |c| c.min_insync_replicas)
-                    .to_string(),
-            ),
-            (
-                "unclean.leader.election.enable".to_string(),
-                "false".to_string(),
-            ),
-        ];
-        let overrides = topic.configs();
-        for (k, v) in &overrides {
-            if k == "segment.ms" || k == "segment.bytes" {
-                continue; // already resolved above (may be written with units)
-            }
-            if let Some(e) = out.iter_mut().find(|(n, _)| n == k) {
-                e.1 = v.clone();
-            }
-        }
-        out.into_iter()
-            .map(|(k, v)| {
-                let overridden = overrides.contains_key(&k);
-                (k, v, overridden)
-            })
-            .collect()
+        let min_insync = self
+            .config
+            .cluster
+            .as_ref()
+            .map_or(1, |c| c.min_insync_replicas);
+        topic_config::effective(
+            &c,
+            self.config.batch_bytes_max,
+            min_insync,
+            &topic.configs(),
+        )
     }
 
     /// Allocate a fresh producer id.

@@ -53,7 +53,7 @@ pub struct AppendRequest {
     pub acks: i16,
     /// Region epoch to stamp in the partition leader epoch field, if any.
     pub epoch: Option<i32>,
-    /// A mirror copy: the batch keeps its offsets and must start at the log end (see
+    /// A mirror copy: the batch keeps its offsets and must start at or past the log end (see
     /// [`crate::log::PartitionLog::append_exact`]); a batch wholly below the log end is a
     /// duplicate of what the mirror already has.
     pub exact: bool,
@@ -384,7 +384,9 @@ fn append_exact(
             None,
         );
     }
-    if header.base_offset != end {
+    if header.base_offset < end {
+        // Overlaps the log's last batch: not the same batches (a gap past the end is fine:
+        // the source's cleaner left it).
         return (
             Err(AppendError::NotContiguous {
                 got: header.base_offset,

@@ -10,6 +10,8 @@
 //! offset is the offset of its first batch; the log end offset never goes back except by
 //! [`PartitionLog::truncate_to`].
 
+pub mod cleaner;
+pub mod compact;
 pub mod epochs;
 pub mod index;
 pub mod segment;
@@ -40,6 +42,10 @@ pub struct LogConfig {
     pub retention_bytes: Option<u64>,
     /// Bytes between offset index entries.
     pub index_interval_bytes: u64,
+    /// `cleanup.policy` has `delete`: retention applies, and DeleteRecords is allowed.
+    pub delete: bool,
+    /// `cleanup.policy` has `compact`: the cleaner keeps the latest record per key.
+    pub compact: Option<cleaner::CompactConfig>,
 }
 
 impl Default for LogConfig {
@@ -50,6 +56,8 @@ impl Default for LogConfig {
             retention_time: Some(Duration::from_secs(7 * 24 * 3600)),
             retention_bytes: None,
             index_interval_bytes: 4096,
+            delete: true,
+            compact: None,
         }
     }
 }
@@ -126,6 +134,11 @@ pub struct PartitionLog {
     /// The log start offset: at least the first segment's base; moved further (inside a
     /// segment) by DeleteRecords, and kept in [`START_FILE`] across restarts.
     start: i64,
+    /// The cleaner checkpoint: records below it were compacted (kept in
+    /// [`compact::CHECKPOINT_FILE`]).
+    clean_to: i64,
+    /// When the earliest tombstone the last compaction kept may go (`None`: not known).
+    tombstone_due_ms: Option<i64>,
 }
 
 /// The file of a partition's log start offset (when DeleteRecords moved it inside a segment).
@@ -135,6 +148,7 @@ impl PartitionLog {
     /// Open (or create) the log in `dir`, recovering the active segment.
     pub fn open(dir: &Path, config: LogConfig) -> Result<(Self, OpenReport), LogError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        compact::recover_swaps(dir)?;
         let mut bases: Vec<i64> = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
             let entry = entry.map_err(io_err(dir))?;
@@ -197,6 +211,8 @@ impl PartitionLog {
             segments,
             epochs,
             start: stored.clamp(first, log_end),
+            clean_to: compact::read_checkpoint(dir).unwrap_or(first).min(log_end),
+            tombstone_due_ms: None,
         };
         if !existed {
             // No history file yet (a new partition, or one written before epochs): scan it.
@@ -310,14 +326,15 @@ impl PartitionLog {
         Ok(base)
     }
 
-    /// Append a batch that already carries its offsets (a mirror copy): its base offset must be
-    /// the log end offset, so the copy stays offset-identical.
+    /// Append a batch that already carries its offsets (a mirror or follower copy): its base
+    /// offset must be at or past the log end offset, so the copy stays offset-identical. Past
+    /// it is a gap the source's cleaner left (its log holds no record there either).
     pub fn append_exact(&mut self, bytes: &[u8]) -> Result<i64, LogError> {
         let h = batch::validate(bytes).map_err(|e| LogError::Io {
             path: self.dir.clone(),
             source: io::Error::new(io::ErrorKind::InvalidData, e),
         })?;
-        if h.base_offset != self.next_offset() {
+        if h.base_offset < self.next_offset() {
             return Err(LogError::OffsetOutOfRange {
                 offset: h.base_offset,
                 start: self.start_offset(),
@@ -519,6 +536,10 @@ impl PartitionLog {
     /// so that it can be deleted next time. Returns the number of segments deleted.
     pub fn enforce_retention(&mut self, now_ms: i64) -> Result<usize, LogError> {
         let mut deleted = 0;
+        if !self.config.delete {
+            // `cleanup.policy=compact` alone: the cleaner, not time or size, removes records.
+            return Ok(0);
+        }
         if let Some(rt) = self.config.retention_time {
             let limit = now_ms - rt.as_millis() as i64;
             while self.segments.len() > 1
@@ -604,8 +625,16 @@ impl PartitionLog {
         self.segments.pop();
         let (seg, _) = Segment::open(&self.dir, base, idx, true).map_err(io_err(&self.dir))?;
         self.segments.push(seg);
+        if self.next_offset() < offset {
+            // The cut is the log start, inside a segment whose batches all lay past it: the
+            // log end is the cut, as in Kafka (a restart finds the segment's own end again).
+            self.segments.last_mut().expect("not empty").next_offset = offset;
+        }
         // After the log: a crash in between leaves entries past the end, dropped on open.
         self.epochs.truncate_to(offset).map_err(io_err(&self.dir))?;
+        if self.clean_to > offset {
+            self.set_clean_to(offset)?;
+        }
         assert_eq!(
             self.next_offset(),
             offset,
@@ -634,6 +663,7 @@ impl PartitionLog {
         self.segments.push(seg);
         self.start = offset;
         let _ = std::fs::remove_file(self.dir.join(START_FILE));
+        self.set_clean_to(offset)?;
         self.epochs.rebuild(Vec::new()).map_err(io_err(&self.dir))?;
         assert_eq!((self.start_offset(), self.next_offset()), (offset, offset));
         Ok(())
@@ -660,10 +690,40 @@ impl PartitionLog {
             message: format!("no batch header at offset {offset}: {e}"),
         })?;
         assert!(
-            h.base_offset <= offset && offset < h.next_offset(),
-            "the batch read for {offset} holds it"
+            offset < h.next_offset(),
+            "the batch read for {offset} is not below it"
         );
-        Ok(h.base_offset)
+        if h.base_offset <= offset {
+            return Ok(h.base_offset);
+        }
+        // In a gap the cleaner left: the cut goes back to where the gap starts, the end of the
+        // batch before it. Every copy of the partition has the same batch boundaries (cleaning
+        // keeps each batch's offsets), so a copy that still holds the gap's records can send
+        // them again from there.
+        Ok(self.end_before(offset)?.max(self.start_offset()))
+    }
+
+    /// The end of the last batch that starts at or below `offset` (the first segment's base if
+    /// none does).
+    fn end_before(&self, offset: i64) -> Result<i64, LogError> {
+        let i = self
+            .segments
+            .partition_point(|s| s.base_offset <= offset)
+            .saturating_sub(1);
+        for seg in self.segments[..=i].iter().rev() {
+            let (mut pos, mut last) = (0u64, None);
+            while let Some(b) = seg.batch_at(pos).map_err(io_err(&self.dir))? {
+                if b.header.base_offset > offset {
+                    break;
+                }
+                last = Some(b.header.next_offset());
+                pos += b.header.total_bytes() as u64;
+            }
+            if let Some(end) = last {
+                return Ok(end);
+            }
+        }
+        Ok(self.segments[0].base_offset)
     }
 }
 
