@@ -53,6 +53,12 @@ pub struct BrokerConfig {
     pub batch_bytes_max: usize,
     /// How often retention runs.
     pub retention_check_interval: Duration,
+    /// How often the log cleaner looks for compacted partitions with work to do (Kafka's
+    /// `log.cleaner.backoff.ms`, default 15 s).
+    pub cleaner_interval: Duration,
+    /// Memory for one compaction pass's offset map (Kafka's `log.cleaner.dedupe.buffer.size`);
+    /// a partition with more keys is cleaned in several passes.
+    pub cleaner_buffer_bytes: u64,
     /// How long the coordinator waits after the first member joins an empty group for others
     /// before the first rebalance (Kafka: `group.initial.rebalance.delay.ms`, default 3 s).
     pub group_initial_rebalance_delay: Duration,
@@ -125,6 +131,8 @@ impl Default for BrokerConfig {
             frame_bytes_max: crate::limits::FRAME_BYTES_MAX_DEFAULT,
             batch_bytes_max: 8 << 20,
             retention_check_interval: Duration::from_secs(60),
+            cleaner_interval: Duration::from_secs(15),
+            cleaner_buffer_bytes: 32 << 20,
             group_initial_rebalance_delay: Duration::from_secs(1),
             inflight_requests_max: 64,
             limits: ConnectionLimits::default(),
@@ -256,6 +264,8 @@ pub struct BrokerFile {
     pub frame_bytes_max: Option<SizeOrNum>,
     pub batch_bytes_max: Option<SizeOrNum>,
     pub retention_check_interval: Option<DurOrNum>,
+    pub cleaner_interval: Option<DurOrNum>,
+    pub cleaner_buffer_bytes: Option<SizeOrNum>,
     pub group_initial_rebalance_delay: Option<DurOrNum>,
     pub metrics: Option<String>,
     pub connections_max: Option<usize>,
@@ -399,6 +409,19 @@ impl BrokerFile {
                 v.get("retention_check_interval")?,
                 "retention_check_interval",
             )?;
+        }
+        if let Some(v) = &self.cleaner_interval {
+            c.cleaner_interval = required(v.get("cleaner_interval")?, "cleaner_interval")?;
+        }
+        if let Some(v) = &self.cleaner_buffer_bytes {
+            c.cleaner_buffer_bytes =
+                required(v.get("cleaner_buffer_bytes")?, "cleaner_buffer_bytes")?;
+            if c.cleaner_buffer_bytes < 64 << 10 {
+                return Err(val(
+                    "cleaner_buffer_bytes",
+                    "must be at least 64 KiB".into(),
+                ));
+            }
         }
         if let Some(n) = self.connections_max {
             c.limits.connections_max = n;

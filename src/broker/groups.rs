@@ -3,16 +3,16 @@
 //!
 //! Commits are checked by the coordinator, applied in memory, and written as one batch through
 //! the group commit writer with `acks=all`; the client is answered once they are on disk. On
-//! start the log is replayed. When the log grows past `compact_bytes`, every live offset is
-//! written again at its end and the older segments are deleted, so the topic stays about as
-//! large as the set of live offsets.
+//! start the log is replayed. The topic is compacted by the broker's log cleaner like any
+//! `cleanup.policy=compact` topic (see [`crate::broker::topic_config::internal`]): each commit's
+//! key is (group, topic, partition) and each group snapshot's key is the group, in Kafka's
+//! formats, so the latest of each stays and a deleted group's tombstones go after a day.
 //!
 //! In a region cluster `__consumer_offsets` is a replicated cluster topic and this broker
 //! coordinates groups only while it leads its partition ([`GroupService::on_role`]): on taking
 //! the lead it replays the log into a fresh coordinator; on losing it, it drops every group
 //! (members learn NOT_COORDINATOR and find the new leader). A commit is answered once every
-//! in-sync replica has it (the high watermark passed it), so the next leader replays it. The
-//! local rewrite ("compaction") is off there: it would make the replicas differ.
+//! in-sync replica has it (the high watermark passed it), so the next leader replays it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,9 +36,6 @@ enum Waiter {
     Join(oneshot::Sender<JoinResult>),
     Sync(oneshot::Sender<SyncResult>),
 }
-
-/// Rewrite the offsets log when it is larger than this.
-pub const COMPACT_BYTES_DEFAULT: u64 = 64 << 20;
 
 /// How long a commit in a cluster waits for every in-sync replica (Kafka's
 /// `offsets.commit.timeout.ms`).
@@ -70,7 +67,6 @@ pub struct GroupService {
     seat: RwLock<Seat>,
     writer: Writer,
     config: GroupConfig,
-    pub compact_bytes: u64,
 }
 
 /// A coordinator with every commit and group snapshot of `log` replayed, in log order.
@@ -117,11 +113,6 @@ impl GroupService {
             next_token: AtomicU64::new(1),
             seat: RwLock::new(Seat { log, serving }),
             writer,
-            compact_bytes: if serving == Serving::Solo {
-                COMPACT_BYTES_DEFAULT
-            } else {
-                u64::MAX
-            },
             config,
         }
     }
@@ -421,16 +412,6 @@ impl GroupService {
                 }
             }
         }
-        let size = seat
-            .log
-            .state
-            .lock()
-            .expect("partition lock")
-            .log
-            .size_bytes();
-        if size > self.compact_bytes {
-            self.compact();
-        }
         code::NONE
     }
 
@@ -484,45 +465,6 @@ impl GroupService {
                 self.coord.lock().expect("coordinator lock").prune();
                 r
             }
-        }
-    }
-
-    /// Write every live offset again at the end of the log and drop the segments before it.
-    pub fn compact(&self) {
-        // The coordinator lock is held throughout, so no commit is applied between the snapshot
-        // and its append (a commit applied later is appended later, and wins on replay).
-        let c = self.coord.lock().expect("coordinator lock");
-        let mut live: Vec<build::Record> = Vec::new();
-        for g in c.groups() {
-            for ((t, p), v) in &g.offsets {
-                live.push(offsets::record(&g.id, t, *p, Some(v)));
-            }
-        }
-        for (g, sn) in c.snapshots(now_ms()) {
-            live.push(snapshot::record(&g, Some(&sn)));
-        }
-        let seat = self.seat();
-        if seat.serving != Serving::Solo {
-            return;
-        }
-        let mut st = seat.log.state.lock().expect("partition lock");
-        let result = (|| -> Result<usize, crate::log::LogError> {
-            st.log.roll()?;
-            let start = st.log.next_offset();
-            for chunk in live.chunks(1000) {
-                let b = build::batch(0, now_ms(), None, chunk);
-                st.log.append(&b, None)?;
-            }
-            st.log.sync()?;
-            st.log.delete_segments_before(start)
-        })();
-        match result {
-            Ok(n) => tracing::info!(
-                live = live.len(),
-                deleted_segments = n,
-                "compacted __consumer_offsets"
-            ),
-            Err(e) => tracing::error!(error = %e, "compacting __consumer_offsets failed"),
         }
     }
 }

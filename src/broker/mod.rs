@@ -5,6 +5,7 @@
 //! id allocation, retention scheduling, and the group commit [`writer`]. Does not own: the Kafka
 //! wire format ([`crate::kafka`]) or the bytes layout of a partition ([`crate::log`]).
 
+pub mod cleaner;
 pub mod cluster;
 pub mod groups;
 pub mod producer;
@@ -135,6 +136,12 @@ impl Partition {
         regions
             .iter()
             .all(|r| acks.get(r).copied().unwrap_or(-1) >= offset)
+    }
+
+    /// Whether the topic is compacted (`cleanup.policy` has `compact`).
+    pub fn is_compacted(&self) -> bool {
+        let st = self.state.lock().expect("partition lock");
+        st.log.config().compact.is_some()
     }
 
     /// (log start offset, log end offset).
@@ -527,6 +534,18 @@ impl Broker {
         topic_config::log_config(&self.config.log, configs)
     }
 
+    /// The log settings of topic `name` with these overrides (internal topics add their own).
+    fn log_config_for(
+        &self,
+        name: &str,
+        configs: &BTreeMap<String, String>,
+    ) -> Result<LogConfig, TopicError> {
+        Ok(topic_config::internal(
+            name,
+            self.topic_log_config(configs)?,
+        ))
+    }
+
     fn open_partition(
         &self,
         topic: &Arc<str>,
@@ -571,7 +590,7 @@ impl Broker {
         partitions: i32,
         configs: BTreeMap<String, String>,
     ) -> Result<Arc<Topic>, TopicError> {
-        let cfg = self.topic_log_config(&configs)?;
+        let cfg = self.log_config_for(name, &configs)?;
         let tname: Arc<str> = Arc::from(name);
         let mut parts = Vec::with_capacity(partitions as usize);
         for i in 0..partitions {
@@ -909,7 +928,7 @@ impl Broker {
         if validate_only {
             return Ok(());
         }
-        let cfg = self.topic_log_config(&topic.configs())?;
+        let cfg = self.log_config_for(name, &topic.configs())?;
         let tname: Arc<str> = Arc::from(name);
         let mut new = Vec::new();
         for i in have..count {
@@ -942,7 +961,7 @@ impl Broker {
                 }
             }
         }
-        let cfg = self.topic_log_config(&configs)?;
+        let cfg = self.log_config_for(name, &configs)?;
         if validate_only {
             return Ok(false);
         }
@@ -966,7 +985,7 @@ impl Broker {
     /// Effective configs of a topic: its overrides, then broker defaults.
     pub fn effective_topic_configs(&self, topic: &Topic) -> Vec<(String, String, bool)> {
         let c = self
-            .topic_log_config(&topic.configs())
+            .log_config_for(&topic.name, &topic.configs())
             .unwrap_or_else(|_| self.config.log.clone());
         let min_insync = self
             .config

@@ -153,6 +153,22 @@ pub fn log_config(
     Ok(c)
 }
 
+/// Segment size of `__consumer_offsets` (Kafka's `offsets.topic.segment.bytes` is 100 MiB; a
+/// smaller one lets the cleaner reach commits sooner).
+pub const OFFSETS_SEGMENT_BYTES: u64 = 16 << 20;
+
+/// The settings internal topics always have, whatever their overrides: `__consumer_offsets` is
+/// compacted (the latest commit per group, topic and partition, the latest metadata per group;
+/// deleted groups' tombstones go after a day) and never loses records to retention.
+pub fn internal(name: &str, mut c: LogConfig) -> LogConfig {
+    if name == crate::group::offsets::TOPIC {
+        c.delete = false;
+        c.compact.get_or_insert_with(CompactConfig::default);
+        c.segment_bytes = c.segment_bytes.min(OFFSETS_SEGMENT_BYTES);
+    }
+    c
+}
+
 /// Every config DescribeConfigs shows for a topic whose log settings are `c`: (name, value,
 /// whether the topic overrides it).
 pub fn effective(

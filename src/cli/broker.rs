@@ -255,6 +255,7 @@ pub async fn serve(config: BrokerConfig) -> anyhow::Result<()> {
         tracing::info!(cluster = %cs.name, node_id = broker.config.node_id, "joined the region cluster");
     }
     spawn_retention(broker.clone());
+    crate::broker::cleaner::spawn(broker.clone());
     broker.groups().spawn_ticker();
     broker.groups().spawn_snapshot_writer();
     crate::telemetry::spawn_gauges(broker.clone(), std::time::Duration::from_secs(5));

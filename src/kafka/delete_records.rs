@@ -4,7 +4,8 @@
 //! deleted; the new start is durable before the answer.
 //!
 //! Kafka's rules: offset -1 means the high watermark; an offset past the high watermark is
-//! OFFSET_OUT_OF_RANGE; only the partition's leader takes it (NOT_LEADER_OR_FOLLOWER
+//! OFFSET_OUT_OF_RANGE; a topic whose `cleanup.policy` is `compact` alone is POLICY_VIOLATION;
+//! only the partition's leader takes it (NOT_LEADER_OR_FOLLOWER
 //! elsewhere). Ferry adds: a mirror topic's records follow its primary, so a client's
 //! DeleteRecords there is POLICY_VIOLATION, and internal topics refuse it too. In a region
 //! cluster the followers take the leader's log start from their next fetch; the answer's low
@@ -50,6 +51,12 @@ pub fn handle(broker: &Broker, req: DeleteRecordsRequest) -> DeleteRecordsRespon
             let mut st = part.state.lock().expect("partition lock");
             if !st.replica.leads() {
                 pr.error_code = code::NOT_LEADER_OR_FOLLOWER;
+                tr.partitions.push(pr);
+                continue;
+            }
+            if !st.log.config().delete {
+                // As Kafka: records of a `cleanup.policy=compact` topic go only by compaction.
+                pr.error_code = code::POLICY_VIOLATION;
                 tr.partitions.push(pr);
                 continue;
             }

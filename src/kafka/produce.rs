@@ -117,6 +117,17 @@ pub struct Waiting {
     topics: Vec<TopicOutcome>,
 }
 
+/// Whether a (validated) batch holds a record without a key, or cannot be read to tell.
+fn has_keyless(batch_bytes: &[u8]) -> bool {
+    batch::plain_records(batch_bytes)
+        .and_then(|(h, plain)| {
+            Ok(batch::records_in(&h, &plain)?
+                .iter()
+                .any(|r| r.key.is_none()))
+        })
+        .unwrap_or(true)
+}
+
 /// Validate and queue every batch of the request. Runs before the next request is read.
 pub async fn start(broker: &Arc<Broker>, req: ProduceRequest, version: i16) -> Waiting {
     let acks = req.acks;
@@ -178,6 +189,22 @@ pub async fn start(broker: &Arc<Broker>, req: ProduceRequest, version: i16) -> W
                                             "transactional and control batches are not supported"
                                                 .into(),
                                         ),
+                                    )
+                                }
+                                Ok(batches)
+                                    if partition.is_compacted()
+                                        && batches
+                                            .iter()
+                                            .any(|(r, _)| has_keyless(&records[r.clone()])) =>
+                                {
+                                    metrics::counter!("ferry_produce_rejected_total", "reason" => "keyless").increment(1);
+                                    Outcome::Done(
+                                        code::INVALID_RECORD,
+                                        Some(format!(
+                                            "Compacted topic cannot accept message without key in topic partition {}-{}.",
+                                            td.name.0.as_str(),
+                                            pd.index
+                                        )),
                                     )
                                 }
                                 Ok(batches) => {

@@ -227,19 +227,26 @@ impl PartitionLog {
                 dir.display()
             );
         }
-        self.set_clean_to(cleaned.map_end)?;
         self.tombstone_due_ms = cleaned.tombstone_due_ms;
+        self.write_checkpoint(cleaned.map_end)?;
         Ok(true)
     }
 
-    /// Move the cleaner checkpoint (durably).
+    /// Move the cleaner checkpoint back to `offset` (a truncation below it), durably.
     pub(super) fn set_clean_to(&mut self, offset: i64) -> Result<(), LogError> {
         if offset != self.clean_to {
-            let path = self.dir.join(CHECKPOINT_FILE);
-            crate::durable::write_atomic(&path, offset.to_string().as_bytes())
-                .map_err(io_err(&self.dir))?;
-            self.clean_to = offset;
+            self.write_checkpoint(offset)?;
         }
+        Ok(())
+    }
+
+    /// Store the checkpoint and when kept tombstones fall due: `<offset> <due ms>`.
+    fn write_checkpoint(&mut self, offset: i64) -> Result<(), LogError> {
+        let path = self.dir.join(CHECKPOINT_FILE);
+        let due = self.tombstone_due_ms.unwrap_or(i64::MIN);
+        crate::durable::write_atomic(&path, format!("{offset} {due}\n").as_bytes())
+            .map_err(io_err(&self.dir))?;
+        self.clean_to = offset;
         Ok(())
     }
 
@@ -451,11 +458,16 @@ pub(super) fn recover_swaps(dir: &Path) -> Result<(), LogError> {
     Ok(())
 }
 
-/// The stored cleaner checkpoint, if any.
-pub(super) fn read_checkpoint(dir: &Path) -> Option<i64> {
-    std::fs::read_to_string(dir.join(CHECKPOINT_FILE))
-        .ok()
-        .and_then(|t| t.trim().parse().ok())
+/// The stored cleaner checkpoint and when kept tombstones fall due (`None`: not known).
+pub(super) fn read_checkpoint(dir: &Path) -> Option<(i64, Option<i64>)> {
+    let text = std::fs::read_to_string(dir.join(CHECKPOINT_FILE)).ok()?;
+    let mut words = text.split_whitespace();
+    let offset = words.next()?.parse().ok()?;
+    let due = words
+        .next()
+        .and_then(|w| w.parse::<i64>().ok())
+        .filter(|d| *d != i64::MIN);
+    Some((offset, due))
 }
 
 #[cfg(test)]

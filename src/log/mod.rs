@@ -205,14 +205,15 @@ impl PartitionLog {
             .ok()
             .and_then(|t| t.trim().parse::<i64>().ok())
             .unwrap_or(first);
+        let checkpoint = compact::read_checkpoint(dir);
         let mut log = PartitionLog {
             dir: dir.to_path_buf(),
             config,
             segments,
             epochs,
             start: stored.clamp(first, log_end),
-            clean_to: compact::read_checkpoint(dir).unwrap_or(first).min(log_end),
-            tombstone_due_ms: None,
+            clean_to: checkpoint.map_or(first, |c| c.0).min(log_end),
+            tombstone_due_ms: checkpoint.and_then(|c| c.1),
         };
         if !existed {
             // No history file yet (a new partition, or one written before epochs): scan it.

@@ -375,8 +375,14 @@ def test_a_forced_failover_between_clusters_then_rejoin_quarantines_the_tail_on_
     gateway_admin(up, "west", "POST", "/v1/cut", {"peer": "east", "cut": False})
     wait_until(lambda: gateway_admin(up, "east", "GET", "/v1/state")["rules"]["*"]["primary"] == "west", 60,
                "east to learn that west is primary")
-    wait_until(lambda: read_all(up.east, t, 3, len(live), timeout=10) == live, 120,
-               "east to hold west's log, its own tail cut")
+
+    def east_holds_wests_log():
+        try:
+            return read_all(up.east, t, 3, len(live), timeout=10) == live
+        except AssertionError:
+            # A reader past the end while east cuts its tail is out of range, as in Kafka.
+            return False
+    wait_until(east_holds_wests_log, 120, "east to hold west's log, its own tail cut")
     for part in range(3):
         def identical():
             return len({r.segment_bytes(b, t, part) for r in (up.east, up.west) for b in (1, 2, 3)}) == 1
