@@ -280,6 +280,8 @@ pub struct FetchedPartition {
     /// for, and possibly ending in a partial batch the caller drops).
     pub records: Bytes,
     pub high_watermark: i64,
+    /// The partition's log start offset (-1 if the broker did not say).
+    pub log_start_offset: i64,
 }
 
 impl Client {
@@ -320,6 +322,7 @@ impl Client {
             error_code: p.error_code,
             records: p.records.unwrap_or_default(),
             high_watermark: p.high_watermark,
+            log_start_offset: p.log_start_offset,
         })
     }
 }

@@ -140,12 +140,12 @@ impl<P: Payload> SinkStream<P> {
     }
 }
 
-/// A BATCHES frame's batches, checked (CRC, whole, the first at `first_offset`): the offset
-/// after the last.
+/// A BATCHES frame's batches, checked (CRC, whole, the first at `first_offset` or past it: a
+/// compacted source holds no record in between): the offset after the last.
 pub fn check_frame(first_offset: i64, batches: &[u8]) -> Result<i64, String> {
     let parts = crate::batch::split(batches).map_err(|x| format!("corrupt batch: {x}"))?;
     match (parts.first(), parts.last()) {
-        (Some((_, a)), Some((_, b))) if a.base_offset == first_offset => Ok(b.next_offset()),
+        (Some((_, a)), Some((_, b))) if a.base_offset >= first_offset => Ok(b.next_offset()),
         _ => Err("frame offset disagrees with its first batch".into()),
     }
 }

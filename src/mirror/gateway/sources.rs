@@ -263,8 +263,16 @@ impl Gateway {
                 if !stream.lock().expect("stream lock").current(ships_at) {
                     return Err::<(), String>("the topic's failover state changed".into());
                 }
-                let (err, bytes, end) =
+                let (mut err, mut bytes, mut end, start) =
                     fetch_raw(&mut fetch_client, topic, partition, sent).await?;
+                if err == OFFSET_OUT_OF_RANGE && start > sent {
+                    // Retention or DeleteRecords removed what the mirror lacks: it goes on from
+                    // the log start, with a gap the heartbeat's log start then removes there.
+                    tracing::warn!(%peer, %topic, partition, mirror_end = sent, log_start = start,
+                        "the mirror is behind this region's log start: it continues from there");
+                    (err, bytes, end, _) =
+                        fetch_raw(&mut fetch_client, topic, partition, start).await?;
+                }
                 if err != 0 {
                     return Err(format!("fetch {topic}-{partition} at {sent}: error {err}"));
                 }
@@ -295,7 +303,10 @@ impl Gateway {
                 metrics::gauge!("ferry_mirror_lag_seconds", &labels).set(age);
                 let batches = bytes.slice(span.start..span.end);
                 let n = batches.len();
-                let first_offset = span.first_offset;
+                // The frame continues the stream from where this fetch read: a first batch past
+                // it means the source holds nothing in between (its cleaner removed it), and
+                // the mirror takes the same gap.
+                let first_offset = span.first_offset.min(sent);
                 let f = if snappy && span.uncompressed {
                     Frame::SnappyBatches {
                         first_offset,
@@ -583,13 +594,16 @@ fn send_shards(conn: &quinn::Connection, fec: &Fec<'_>, stream: u64, wire_at: us
     }
 }
 
+/// Kafka's OFFSET_OUT_OF_RANGE.
+const OFFSET_OUT_OF_RANGE: i16 = 1;
+
 /// Fetch raw record batches from the local broker (long poll, 500 ms).
 async fn fetch_raw(
     c: &mut Client,
     topic: &str,
     partition: i32,
     offset: i64,
-) -> Result<(i16, Bytes, i64), String> {
+) -> Result<(i16, Bytes, i64, i64), String> {
     let bounds = crate::client::FetchBounds {
         max_wait_ms: 500,
         min_bytes: 1,
@@ -599,5 +613,10 @@ async fn fetch_raw(
         .fetch_partition(topic, partition, offset, bounds)
         .await
         .map_err(|e| e.to_string())?;
-    Ok((p.error_code, p.records, p.high_watermark))
+    Ok((
+        p.error_code,
+        p.records,
+        p.high_watermark,
+        p.log_start_offset,
+    ))
 }
