@@ -17,7 +17,8 @@
 
 use std::net::SocketAddr;
 
-use super::{push_listener, Cx, Listener, Obj};
+use super::reader::{Cx, Obj, Val};
+use super::regions::{push_listener, Listener};
 
 /// A region of several brokers (or of one that joins through etcd): its metadata store and the
 /// defaults of its replicated topics.
@@ -158,7 +159,7 @@ pub(super) fn read(
 
 fn read_etcd(
     cx: &mut Cx<'_>,
-    v: &super::Val<'_>,
+    v: &Val<'_>,
     path: &str,
     listeners: &mut Vec<Listener>,
 ) -> Option<EtcdSpec> {

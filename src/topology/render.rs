@@ -2,6 +2,7 @@
 //! the values come from the topology as read.
 
 use super::*;
+use crate::units::format_duration;
 
 /// The resolved topology as plain-text tables: regions, processes and their addresses, topics
 /// and where they flow, failover and TLS.
