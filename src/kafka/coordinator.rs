@@ -88,6 +88,12 @@ async fn coordinator_node(broker: &Arc<Broker>) -> Result<(i32, String, u16), St
     }
 }
 
+/// FindCoordinator's key type of a transactional id.
+const TRANSACTION: i8 = 1;
+
+/// Why a transactional producer is refused, in FindCoordinator's and InitProducerId's answers.
+pub const NO_TRANSACTIONS: &str = "transactions are not supported yet: Ferry has no transaction coordinator (use an idempotent producer without transactional.id)";
+
 pub async fn find(
     broker: Arc<Broker>,
     req: FindCoordinatorRequest,
@@ -95,12 +101,27 @@ pub async fn find(
 ) -> FindCoordinatorResponse {
     let node = if req.key_type == 0 {
         coordinator_node(&broker).await
+    } else if req.key_type == TRANSACTION {
+        Err(NO_TRANSACTIONS.to_string())
     } else {
-        Err("transactions are not supported: there is no transaction coordinator".into())
+        Err(format!(
+            "coordinator key type {} is not supported",
+            req.key_type
+        ))
+    };
+    // Without a transaction coordinator, a transactional producer must fail at once: an error
+    // the clients treat as final (librdkafka and the Java client raise a fatal
+    // TransactionalIdAuthorization error from init_transactions/initTransactions), not a
+    // retriable one they would loop on until their timeout.
+    let error = if req.key_type == TRANSACTION {
+        code::TRANSACTIONAL_ID_AUTHORIZATION_FAILED
+    } else {
+        code::COORDINATOR_NOT_AVAILABLE
     };
     if let Err(why) = &node {
         tracing::debug!(why, "no coordinator to name");
     }
+    let error_code = error;
     let fill = |error: &mut i16, id: &mut BrokerId, host: &mut StrBytes, port: &mut i32| match &node
     {
         Ok((n, h, p)) => {
@@ -109,7 +130,7 @@ pub async fn find(
             *port = *p as i32;
         }
         Err(_) => {
-            *error = code::COORDINATOR_NOT_AVAILABLE;
+            *error = error_code;
             *id = BrokerId(-1);
             *host = sb("");
             *port = -1;

@@ -14,6 +14,11 @@ pub fn handle(broker: &Broker, req: InitProducerIdRequest) -> InitProducerIdResp
     resp.producer_epoch = -1;
     if req.transactional_id.is_some() {
         resp.error_code = code::TRANSACTIONAL_ID_AUTHORIZATION_FAILED;
+        tracing::debug!(
+            transactional_id = req.transactional_id.as_deref().map(|s| s.as_str()),
+            "{}",
+            super::coordinator::NO_TRANSACTIONS
+        );
         return resp;
     }
     if req.producer_id.0 >= 0 && req.producer_epoch >= 0 && req.producer_epoch < i16::MAX - 1 {

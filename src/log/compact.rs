@@ -353,7 +353,12 @@ impl CleanJob {
         while i < sources.len() {
             let mut j = i + 1;
             let mut size = sources[i].info.size;
-            while j < sources.len() && size + sources[j].info.size <= self.segment_bytes {
+            // A segment's index holds offsets relative to its base as u32 (as `maybe_roll`
+            // keeps them): a group never spans more.
+            while j < sources.len()
+                && size + sources[j].info.size <= self.segment_bytes
+                && sources[j].info.next - sources[i].info.base <= (u32::MAX / 2) as i64
+            {
                 size += sources[j].info.size;
                 j += 1;
             }

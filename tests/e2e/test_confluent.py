@@ -8,8 +8,8 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import ConfigResource, NewPartitions, NewTopic, OffsetSpec, ResourceType
 
 import kproto
-from helpers import (CODEC_ID, CODECS, ck_admin, ck_consume, ck_consumer, ck_create_topic, ck_produce,
-                     compressible, partition_count, topic_name, wait_until)
+from helpers import (CODEC_ID, CODECS, JavaTools, ck_admin, ck_consume, ck_consumer, ck_create_topic,
+                     ck_produce, compressible, kafka_installed, partition_count, topic_name, wait_until)
 
 T0 = (int(time.time()) - 3600) * 1000  # recent: old timestamps would fall to retention
 HEADERS = [("dup", b"first"), ("dup", b"second"), ("empty", b""), ("nullv", None), ("dup", b"third")]
@@ -192,3 +192,32 @@ def test_describe_configs_broker(broker):
     res = ConfigResource(ResourceType.BROKER, str(bid))
     cfg = a.describe_configs([res], request_timeout=15)[res].result(30)
     assert isinstance(cfg, dict)
+
+
+def test_a_transactional_producer_fails_at_once_with_a_final_error(broker, tmp_path):
+    """Ferry has no transaction coordinator yet (issue 18): FindCoordinator for a transactional
+    id answers TRANSACTIONAL_ID_AUTHORIZATION_FAILED, which clients treat as final, so
+    init_transactions() fails at once instead of retrying until its timeout; an idempotent
+    producer on the same topic works."""
+    import os
+    from confluent_kafka import Producer
+    t = topic_name("txn-refused")
+    ck_create_topic(broker.bootstrap, t)
+    p = Producer({"bootstrap.servers": broker.bootstrap, "transactional.id": "e2e-txn",
+                  "transaction.timeout.ms": 60000})
+    with pytest.raises(KafkaException) as e:
+        p.init_transactions(60)
+    err = e.value.args[0]
+    assert err.code() == KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, err
+    assert not err.retriable(), err
+    # (A retriable answer would have ended in the client's own timeout, _TIMED_OUT, instead.)
+    assert ck_produce(broker.bootstrap, t, [{"value": b"v", "partition": 0}], enable_idempotence=True)
+
+    if kafka_installed() or os.environ.get("FERRY_REQUIRE_JAVA"):
+        java = JavaTools()
+        java.env["PRODUCER_PERF"] = "org.apache.kafka.tools.ProducerPerformance"
+        out = java.run("PRODUCER_PERF", "--topic", t, "--num-records", "10", "--record-size", "10",
+                       "--throughput", "-1", "--transactional-id", "e2e-perf-txn", "--producer-props",
+                       f"bootstrap.servers={broker.bootstrap}", "max.block.ms=60000", check=False, timeout=90)
+        text = (out.stdout + out.stderr).decode(errors="replace")
+        assert "TransactionalIdAuthorization" in text, text[-3000:]
