@@ -21,6 +21,8 @@
 //!   identity (the mirroring protocol on top comes with the gateway).
 //! - [`sim`]: the deterministic multi-region simulator (`ferry simulate`).
 //! - [`topology`]: topology files: regions, topic rules, failover, TLS; validation with positions.
+//! - [`txn`]: the transaction coordinator (a state machine; not wired into the broker yet) and
+//!   the `__transaction_state` record format.
 
 pub mod batch;
 pub mod broker;
@@ -42,4 +44,5 @@ pub mod sim;
 pub mod telemetry;
 pub mod topology;
 pub mod transport;
+pub mod txn;
 pub mod units;
