@@ -288,6 +288,10 @@ async fn apply(
             let mut waits = Vec::new();
             if let Some(records) = &pd.records {
                 let end = part.state.lock().expect("partition lock").log.next_offset();
+                // This loop alone writes a follower's log: it still ends where the fetch
+                // asked from, and the leader holds nothing between there and its first batch
+                // (a gap its cleaner left), nor between one batch and the next.
+                let mut from = end;
                 for (range, h) in batch::whole_batches(records) {
                     if h.next_offset() <= end {
                         continue;
@@ -308,8 +312,10 @@ async fn apply(
                         acks: -1,
                         epoch: None,
                         exact: true,
+                        gap_from: from,
                         reply: Some(tx),
                     };
+                    from = header.next_offset();
                     if broker.writer().submit(req).await.is_err() {
                         return true;
                     }

@@ -379,6 +379,7 @@ impl GroupService {
             acks: -1,
             epoch,
             exact: false,
+            gap_from: i64::MAX,
             reply: Some(tx),
         };
         if self.writer.submit(req).await.is_err() {

@@ -340,6 +340,7 @@ impl Broker {
                     acks: -1,
                     epoch: None,
                     exact: false,
+                    gap_from: i64::MAX,
                     reply: Some(tx),
                 })
                 .await

@@ -57,6 +57,10 @@ pub struct AppendRequest {
     /// [`crate::log::PartitionLog::append_exact`]); a batch wholly below the log end is a
     /// duplicate of what the mirror already has.
     pub exact: bool,
+    /// For an exact copy: the offset from which the source holds nothing before this batch.
+    /// A batch past the log end is taken only if this is at or below it (a gap the source's
+    /// cleaner or log start left); otherwise it would skip records the log lacks.
+    pub gap_from: i64,
     pub reply: Option<oneshot::Sender<AppendResult>>,
 }
 
@@ -236,10 +240,11 @@ fn appender(
                 acks,
                 epoch,
                 exact,
+                gap_from,
                 reply,
             } = req;
             let (result, file) = if exact {
-                append_exact(&partition, &bytes, &header)
+                append_exact(&partition, &bytes, &header, gap_from)
             } else {
                 append_one(&partition, &bytes, &header, epoch)
             };
@@ -360,6 +365,7 @@ fn append_exact(
     partition: &Partition,
     bytes: &[u8],
     header: &BatchHeader,
+    gap_from: i64,
 ) -> (AppendResult, Option<Arc<File>>) {
     let mut st = partition.state.lock().expect("partition lock");
     let end = st.log.next_offset();
@@ -384,9 +390,9 @@ fn append_exact(
             None,
         );
     }
-    if header.base_offset < end {
-        // Overlaps the log's last batch: not the same batches (a gap past the end is fine:
-        // the source's cleaner left it).
+    if header.base_offset < end || (header.base_offset > end && gap_from > end) {
+        // Overlaps the log's last batch (not the same batches), or leaves out records the
+        // source holds (the log was cut below where the stream continues).
         return (
             Err(AppendError::NotContiguous {
                 got: header.base_offset,

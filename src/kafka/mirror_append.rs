@@ -2,11 +2,15 @@
 //! region's gateway writes the primary region's batches into the local mirror, at the same
 //! offsets and with the same bytes. Kafka clients never send it.
 //!
-//! Request (after a request header v1: api key, version 0, correlation id, client id):
-//! `topic: i16 length + UTF-8`, `partition: i32`, `partition_count: i32`, `records: i32 length +
-//! batches`. The mirror topic is created (or grown) to `partition_count` partitions first. Each
-//! batch must be whole and CRC-valid; one wholly below the log end is a resend and skipped; the
-//! first new one must start exactly at the log end. The answer comes once the batches are on
+//! Request (after a request header v1: api key, version 1, correlation id, client id):
+//! `topic: i16 length + UTF-8`, `partition: i32`, `partition_count: i32`, `continues_from: i64`
+//! (version 1), `records: i32 length + batches`. The mirror topic is created (or grown) to
+//! `partition_count` partitions first. Each batch must be whole and CRC-valid; one wholly below
+//! the log end is a resend and skipped; the first new one must start at the log end, or past it
+//! when the request says its batches continue the stream from an offset at or below the log end
+//! (`continues_from`): the source holds nothing in between (its cleaner, or its log start, left a
+//! gap). A log that ends below `continues_from` (it was cut meanwhile) refuses the batches, so
+//! a stream never skips what the log lacks. Version 0 has no gaps. The answer comes once the batches are on
 //! disk (fdatasync), and gives the offset after the request's last batch, or for a request
 //! without records the log end; either way durable. In a region cluster only the partition's
 //! leader takes it (NOT_LEADER_OR_FOLLOWER elsewhere), the mirror topic is created through etcd
@@ -42,6 +46,8 @@ pub struct MirrorAppend {
     pub topic: String,
     pub partition: i32,
     pub partition_count: i32,
+    /// The stream offset the batches continue from (-1: no gap allowed, version 0).
+    pub continues_from: i64,
     pub records: Bytes,
 }
 
@@ -64,7 +70,7 @@ pub fn decode(mut frame: Bytes) -> Option<(i32, MirrorAppend)> {
     let key = frame.get_i16();
     let version = frame.get_i16();
     let cid = frame.get_i32();
-    if key != KEY || version != 0 {
+    if key != KEY || !(0..=1).contains(&version) {
         return None;
     }
     // client id (nullable string) and empty tagged fields are not used
@@ -84,6 +90,14 @@ pub fn decode(mut frame: Bytes) -> Option<(i32, MirrorAppend)> {
     }
     let partition = frame.get_i32();
     let partition_count = frame.get_i32();
+    let continues_from = if version >= 1 {
+        if frame.remaining() < 12 {
+            return None;
+        }
+        frame.get_i64()
+    } else {
+        -1
+    };
     let len = frame.get_i32();
     if len < 0 || frame.remaining() != len as usize {
         return None;
@@ -94,6 +108,7 @@ pub fn decode(mut frame: Bytes) -> Option<(i32, MirrorAppend)> {
             topic,
             partition,
             partition_count,
+            continues_from,
             records: frame,
         },
     ))
@@ -104,13 +119,14 @@ pub fn encode_request(cid: i32, req: &MirrorAppend) -> Bytes {
     let mut b = BytesMut::with_capacity(32 + req.topic.len() + req.records.len());
     b.put_i32(0);
     b.put_i16(KEY);
-    b.put_i16(0);
+    b.put_i16(1);
     b.put_i32(cid);
     b.put_i16(-1);
     b.put_i16(req.topic.len() as i16);
     b.put_slice(req.topic.as_bytes());
     b.put_i32(req.partition);
     b.put_i32(req.partition_count);
+    b.put_i64(req.continues_from);
     b.put_i32(req.records.len() as i32);
     b.put_slice(&req.records);
     let n = (b.len() - 4) as i32;
@@ -325,6 +341,13 @@ pub async fn handle(broker: Arc<Broker>, req: MirrorAppend) -> (i16, i64, String
         };
     };
     let mut waits = Vec::with_capacity(batches.len());
+    // Each batch continues the source's log from the one before it; the first from where the
+    // request says (version 0: from its own base, no gap).
+    let mut from = if req.continues_from >= 0 {
+        req.continues_from
+    } else {
+        i64::MAX
+    };
     for (range, header) in batches {
         let (tx, rx) = oneshot::channel();
         let a = AppendRequest {
@@ -334,8 +357,10 @@ pub async fn handle(broker: Arc<Broker>, req: MirrorAppend) -> (i16, i64, String
             acks: -1,
             epoch: None,
             exact: true,
+            gap_from: from,
             reply: Some(tx),
         };
+        from = header.next_offset();
         if broker.writer().submit(a).await.is_err() {
             return (56, -1, "shutting down".into());
         }
@@ -443,6 +468,7 @@ mod tests {
             topic: "orders".into(),
             partition: 3,
             partition_count: 6,
+            continues_from: 17,
             records: Bytes::from_static(b"batches"),
         };
         let f = encode_request(9, &req);

@@ -232,6 +232,7 @@ pub async fn start(broker: &Arc<Broker>, req: ProduceRequest, version: i16) -> W
                                             acks,
                                             epoch: Some(epoch),
                                             exact: false,
+                                            gap_from: i64::MAX,
                                             reply: if acks == 0 { None } else { Some(tx) },
                                         };
                                         if broker.writer().submit(req).await.is_err() {

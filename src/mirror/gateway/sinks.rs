@@ -393,6 +393,7 @@ impl Gateway {
             topic: topic.clone(),
             partition,
             partition_count,
+            continues_from: -1,
             records: Bytes::new(),
         };
         let (err, mut end, msg) = client
@@ -465,6 +466,10 @@ impl Gateway {
             loop {
                 // Append what continues the log: the frames that arrived meanwhile go together.
                 if let Some((mut parts, after)) = order.next_append() {
+                    // The run continues the stream from where this sink knows the log ends: if
+                    // the log was cut below that meanwhile, the broker refuses the run and the
+                    // stream starts again from the cut.
+                    req.continues_from = order.end();
                     let total: usize = parts.iter().map(|p| p.len()).sum();
                     req.records = if parts.len() == 1 {
                         parts.pop().expect("one part")
