@@ -720,6 +720,29 @@ mod tests {
         );
     }
 
+    #[test]
+    fn retention_deletes_the_segments_compaction_emptied() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(60_000);
+        cfg.delete = true; // compact,delete
+                           // Long enough that no record (written at 1970 + 1 s) is past it.
+        cfg.retention_time = Some(Duration::from_secs(100 * 365 * 24 * 3600));
+        let (mut log, _) = PartitionLog::open(dir.path(), cfg).unwrap();
+        // One key overwritten: every closed segment but the last ends up empty.
+        let writes: Vec<(u8, Option<u8>)> = (0..40u8).map(|i| (0, Some(i))).collect();
+        write(&mut log, &writes);
+        write(&mut log, &[(1, Some(0))]);
+        let now = modified_ms(&log.active_file()).unwrap();
+        clean_fully(&mut log, now, 1 << 20);
+        let before = contents(&log);
+        let empty = log.segments.iter().filter(|s| s.size == 0).count();
+        assert!(empty > 0, "compaction emptied segments");
+        let deleted = log.enforce_retention(now).unwrap();
+        assert!(deleted >= 1, "the leading empty segments go");
+        assert!(log.segments.len() == 1 || log.segments[0].size > 0);
+        assert_eq!(contents(&log), before, "no record goes with them");
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
         /// For any sequence of keyed writes and tombstones, any map budget: once the cleaner

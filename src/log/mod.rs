@@ -543,9 +543,11 @@ impl PartitionLog {
         }
         if let Some(rt) = self.config.retention_time {
             let limit = now_ms - rt.as_millis() as i64;
+            // A closed segment the cleaner emptied (`compact,delete`) holds nothing to keep.
             while self.segments.len() > 1
-                && self.segments[0].max_timestamp >= 0
-                && self.segments[0].max_timestamp < limit
+                && (self.segments[0].size == 0
+                    || (self.segments[0].max_timestamp >= 0
+                        && self.segments[0].max_timestamp < limit))
             {
                 self.delete_oldest()?;
                 deleted += 1;
