@@ -181,28 +181,31 @@ impl PartitionLog {
             return Ok(false);
         }
         let dir = self.dir.clone();
-        let mut old = self.segments.drain(..n).collect::<Vec<_>>().into_iter();
-        let mut fresh = Vec::with_capacity(cleaned.groups.len());
+        let cleaning = dir.join(CLEANING_DIR);
+        // Group by group; the old segments stay in the list (their open files still serve
+        // reads) until their replacement is in place, so an I/O error part-way leaves the list
+        // whole and the files for `recover_swaps` to finish on the next start.
         let mut rest = cleaned.sources.iter();
-        for (seg, count) in cleaned.groups {
+        for (pos, (seg, count)) in cleaned.groups.into_iter().enumerate() {
             let base = seg.base_offset;
             let group: Vec<&Source> = rest.by_ref().take(count).collect();
             let end = group.last().map(|s| s.info.next).unwrap_or(base);
-            let end = rest
-                .clone()
-                .next()
-                .map(|s| s.info.base)
-                .unwrap_or_else(|| self.segments[0].base_offset)
+            let end = self
+                .segments
+                .get(pos + count)
+                .map(|s| s.base_offset)
+                .unwrap_or(end)
                 .max(end);
             let stem = file_stem(base);
-            let cleaning = dir.join(CLEANING_DIR);
             let swap = dir.join(format!("{stem}.{}.swap", file_stem(end)));
             drop(seg);
             std::fs::rename(cleaning.join(format!("{stem}.log")), &swap).map_err(io_err(&dir))?;
             crate::durable::sync_dir(&dir).map_err(io_err(&dir))?;
-            for _ in 0..count {
-                let s = old.next().expect("one old segment per source");
-                s.delete().map_err(io_err(&dir))?;
+            for old in &self.segments[pos..pos + count] {
+                let (log, index, time_index) = Segment::paths(&dir, old.base_offset);
+                std::fs::remove_file(log).map_err(io_err(&dir))?;
+                let _ = std::fs::remove_file(index);
+                let _ = std::fs::remove_file(time_index);
             }
             for ext in ["index", "timeindex"] {
                 std::fs::rename(
@@ -213,12 +216,9 @@ impl PartitionLog {
             }
             std::fs::rename(&swap, dir.join(format!("{stem}.log"))).map_err(io_err(&dir))?;
             crate::durable::sync_dir(&dir).map_err(io_err(&dir))?;
-            let (seg, _) = Segment::open(&dir, base, self.config.index_interval_bytes, false)
+            let (fresh, _) = Segment::open(&dir, base, self.config.index_interval_bytes, false)
                 .map_err(io_err(&dir))?;
-            fresh.push(seg);
-        }
-        for (i, seg) in fresh.into_iter().enumerate() {
-            self.segments.insert(i, seg);
+            self.segments.splice(pos..pos + count, [fresh]);
         }
         for w in self.segments.windows(2) {
             assert!(
