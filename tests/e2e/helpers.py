@@ -109,6 +109,29 @@ def ck_consume(bootstrap: str, topic: str, partition: int = 0, offset: int = 0, 
         c.close()
 
 
+def ck_read_keyed(bootstrap: str, topic: str, partition: int = 0, timeout: float = 60) -> dict:
+    """Every record of a partition from its log start to its end: {offset: (key, value)}. A
+    consumer error raises AssertionError (callers that wait through a leader change catch it)."""
+    from confluent_kafka import KafkaError, TopicPartition
+    c = ck_consumer(bootstrap, auto_offset_reset="earliest")
+    out = {}
+    try:
+        c.assign([TopicPartition(topic, partition, -2)])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = c.poll(0.5)
+            if m is None:
+                continue
+            if m.error():
+                if m.error().code() == KafkaError._PARTITION_EOF:
+                    return out
+                raise AssertionError(f"consumer error: {m.error()}")
+            out[m.offset()] = (m.key(), m.value())
+        raise AssertionError(f"did not reach the end of {topic}[{partition}] in {timeout}s")
+    finally:
+        c.close()
+
+
 def ck_admin(bootstrap: str):
     from confluent_kafka.admin import AdminClient
     return AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 10000})

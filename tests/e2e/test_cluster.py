@@ -24,8 +24,8 @@ import struct
 
 import kproto
 from conftest import FERRY_BIN, EXTERNAL, FerryBroker, free_port, port_open
-from helpers import (JavaTools, ck_admin, ck_consumer, ck_producer, kafka_installed, topic_name,
-                     wait_until)
+from helpers import (JavaTools, ck_admin, ck_consumer, ck_producer, ck_read_keyed, kafka_installed,
+                     topic_name, wait_until)
 
 ETCD = shutil.which("etcd")
 if ETCD is None:
@@ -680,7 +680,6 @@ def test_a_compacted_topic_compacts_on_every_replica_and_survives_its_leaders_si
     """Every replica compacts its own copy. A follower that was down while the leader compacted
     copies the compacted batches with their gaps and rejoins the ISR; after the leader is
     SIGKILLed the new leader serves exactly the latest value per key, at the original offsets."""
-    from confluent_kafka import KafkaError, TopicPartition
     cluster.up()
     t = topic_name("compact")
     cluster.create(t, 1, **{"cleanup.policy": "compact", "segment.bytes": "4096", "segment.ms": "300",
@@ -704,23 +703,10 @@ def test_a_compacted_topic_compacts_on_every_replica_and_survives_its_leaders_si
         return {o: written[o] for o in last.values()}
 
     def read() -> dict | None:
-        c = ck_consumer(cluster.bootstrap, auto_offset_reset="earliest")
-        out = {}
         try:
-            c.assign([TopicPartition(t, 0, -2)])
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                m = c.poll(0.5)
-                if m is None:
-                    continue
-                if m.error():
-                    if m.error().code() == KafkaError._PARTITION_EOF:
-                        return out
-                    return None  # a leader change under way
-                out[m.offset()] = (m.key(), m.value())
-        finally:
-            c.close()
-        return None
+            return ck_read_keyed(cluster.bootstrap, t, timeout=20)
+        except AssertionError:
+            return None  # a leader change under way
 
     cluster.brokers[late].kill()
     try:

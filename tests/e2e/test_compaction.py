@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from helpers import ck_admin, ck_consumer, ck_producer, topic_name, wait_until
+from helpers import ck_admin, ck_consumer, ck_producer, ck_read_keyed, topic_name, wait_until
 
 COMPACT = {
     "cleanup.policy": "compact",
@@ -68,24 +68,7 @@ def produce(bootstrap: str, topic: str, items: list[tuple[bytes, bytes | None]])
 
 def read_all(bootstrap: str, topic: str) -> dict[int, tuple[bytes, bytes | None]]:
     """Every record from the beginning to the end: offset -> (key, value)."""
-    from confluent_kafka import KafkaError, TopicPartition
-    c = ck_consumer(bootstrap, auto_offset_reset="earliest")
-    out = {}
-    try:
-        c.assign([TopicPartition(topic, 0, -2)])
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            m = c.poll(0.5)
-            if m is None:
-                continue
-            if m.error():
-                if m.error().code() == KafkaError._PARTITION_EOF:
-                    return out
-                raise AssertionError(f"consumer error: {m.error()}")
-            out[m.offset()] = (m.key(), m.value())
-        raise AssertionError("did not reach the end of the partition")
-    finally:
-        c.close()
+    return ck_read_keyed(bootstrap, topic)
 
 
 def latest_per_key(items, offsets, tombstones_stay: bool) -> dict[int, tuple]:

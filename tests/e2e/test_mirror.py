@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ANSI, EXTERNAL, FERRY_BIN, free_port, port_open
-from helpers import ck_producer, kcat_consume, wait_until
+from helpers import ck_producer, ck_read_keyed, kcat_consume, wait_until
 
 pytestmark = pytest.mark.skipif(bool(EXTERNAL), reason="ferry-only: gateways")
 
@@ -586,7 +586,7 @@ def test_a_compacted_topic_is_mirrored_with_its_gaps_and_stays_offset_exact(regi
     the compacted log from east's log start with its gaps, takes the topic's compaction configs,
     compacts its own copy with the same rules, and holds at every offset what east held there;
     live overwrites afterwards converge in both regions to the latest value per key."""
-    from confluent_kafka import KafkaError, TopicPartition
+    from confluent_kafka import TopicPartition
     from confluent_kafka.admin import AdminClient, NewTopic
     r = regions_factory(["east", "west"], broker_config='cleaner_interval = "300ms"\n')
     r.gateways["east"].stop()
@@ -618,25 +618,7 @@ def test_a_compacted_topic_is_mirrored_with_its_gaps_and_stays_offset_exact(regi
         return {o: written[o] for o in last.values() if o >= start}
 
     def read(region: str) -> dict:
-        from confluent_kafka import Consumer
-        c = Consumer({"bootstrap.servers": r.bootstrap(region), "group.id": "x", "enable.auto.commit": False,
-                      "enable.partition.eof": True, "auto.offset.reset": "earliest"})
-        out = {}
-        try:
-            c.assign([TopicPartition(t, 0, -2)])
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                m = c.poll(0.5)
-                if m is None:
-                    continue
-                if m.error():
-                    if m.error().code() == KafkaError._PARTITION_EOF:
-                        return out
-                    raise AssertionError(m.error())
-                out[m.offset()] = (m.key(), m.value())
-        finally:
-            c.close()
-        raise AssertionError(f"no end of {t} in {region}")
+        return ck_read_keyed(r.bootstrap(region), t, timeout=30)
 
     def converge(region: str, want: dict, what: str):
         deadline = time.monotonic() + 90
