@@ -26,6 +26,11 @@
 
 use thiserror::Error;
 
+/// The attributes bit of a transactional batch.
+pub const TRANSACTIONAL: i16 = 0x10;
+/// The attributes bit of a control batch.
+pub const CONTROL: i16 = 0x20;
+
 /// Size of the v2 batch header.
 pub const HEADER_BYTES: usize = 61;
 /// Bytes before the `length` field's count starts (baseOffset + length).
@@ -506,6 +511,14 @@ pub mod build {
         b.extend_from_slice(&seq.to_be_bytes());
         b.extend_from_slice(&(records.len() as i32).to_be_bytes());
         b.extend_from_slice(&body);
+        let crc = crc32c::crc32c(&b[CRC_START..]);
+        b[17..21].copy_from_slice(&crc.to_be_bytes());
+        b
+    }
+
+    /// `b` (a built batch) with its attributes set to `attributes`, its CRC computed again.
+    pub fn with_attributes(mut b: Vec<u8>, attributes: i16) -> Vec<u8> {
+        b[21..23].copy_from_slice(&attributes.to_be_bytes());
         let crc = crc32c::crc32c(&b[CRC_START..]);
         b[17..21].copy_from_slice(&crc.to_be_bytes());
         b

@@ -67,20 +67,52 @@ pub struct GroupService {
     seat: RwLock<Seat>,
     writer: Writer,
     config: GroupConfig,
+    /// Offsets committed in transactions not yet ended (TxnOffsetCommit).
+    txn_offsets: Mutex<TxnOffsets>,
 }
 
-/// A coordinator with every commit and group snapshot of `log` replayed, in log order.
-fn replay(log: &Partition, config: &GroupConfig) -> Coordinator {
+/// Offsets committed inside open transactions, per producer id: applied when the
+/// transaction's COMMIT marker is in the offsets log, dropped at its ABORT.
+type TxnOffsets = HashMap<i64, Vec<(String, String, i32, Committed)>>;
+
+/// A coordinator with every commit and group snapshot of `log` replayed, in log order, and the
+/// offsets of transactions still open at the log's end.
+fn replay(log: &Partition, config: &GroupConfig) -> (Coordinator, TxnOffsets) {
     let mut coord = Coordinator::new(config.clone());
+    let mut open: TxnOffsets = HashMap::new();
     let (mut n, mut groups) = (0u64, 0u64);
     let now = now_ms();
-    for_each_record(log, |r| {
-        if let Some((g, t, p, c)) = offsets::parse(r) {
-            coord.apply_commit(&g, &t, p, c);
-            n += 1;
-        } else if let Some((g, sn)) = snapshot::parse(r) {
-            coord.load_group(now, &g, sn);
-            groups += 1;
+    super::replay::for_each_batch(log, |h, records| {
+        if h.is_control() {
+            // A transaction's end: its offsets apply (COMMIT) or go (ABORT).
+            let commit = records
+                .first()
+                .and_then(|r| r.key)
+                .is_some_and(|k| k.len() >= 4 && k[2..4] == [0, 1]);
+            if let Some(entries) = open.remove(&h.producer_id) {
+                if commit {
+                    for (g, t, p, c) in entries {
+                        coord.apply_commit(&g, &t, p, Some(c));
+                        n += 1;
+                    }
+                }
+            }
+            return;
+        }
+        for r in records {
+            if let Some((g, t, p, c)) = offsets::parse(r) {
+                match (h.is_transactional(), c) {
+                    (true, Some(c)) => open.entry(h.producer_id).or_default().push((g, t, p, c)),
+                    (true, None) => {}
+                    (false, c) => {
+                        coord.apply_commit(&g, &t, p, c);
+                        n += 1;
+                    }
+                }
+            } else if let Some((g, sn)) = snapshot::parse(r) {
+                coord.load_group(now, &g, sn);
+                groups += 1;
+            }
         }
     });
     coord.prune();
@@ -88,9 +120,10 @@ fn replay(log: &Partition, config: &GroupConfig) -> Coordinator {
         records = n,
         group_records = groups,
         groups = coord.groups().count(),
+        open_transactions = open.len(),
         "replayed committed offsets and group metadata"
     );
-    coord
+    (coord, open)
 }
 
 impl GroupService {
@@ -102,12 +135,13 @@ impl GroupService {
         config: GroupConfig,
         serving: Serving,
     ) -> GroupService {
-        let coord = if serving == Serving::Solo {
+        let (coord, txn_offsets) = if serving == Serving::Solo {
             replay(&log, &config)
         } else {
-            Coordinator::new(config.clone())
+            (Coordinator::new(config.clone()), HashMap::new())
         };
         GroupService {
+            txn_offsets: Mutex::new(txn_offsets),
             coord: Mutex::new(coord),
             waiters: Mutex::new(HashMap::new()),
             next_token: AtomicU64::new(1),
@@ -146,7 +180,7 @@ impl GroupService {
         if cur.serving == want && Arc::ptr_eq(&cur.log, log) {
             return;
         }
-        let fresh = match want {
+        let (fresh, open) = match want {
             Serving::Leader { epoch, .. } => {
                 tracing::info!(leader_epoch = epoch, "coordinating consumer groups here");
                 replay(log, &self.config)
@@ -155,10 +189,11 @@ impl GroupService {
                 if cur.serving != Serving::No {
                     tracing::info!("no longer the group coordinator");
                 }
-                Coordinator::new(self.config.clone())
+                (Coordinator::new(self.config.clone()), HashMap::new())
             }
         };
         *self.coord.lock().expect("coordinator lock") = fresh;
+        *self.txn_offsets.lock().expect("txn offsets lock") = open;
         // Deferred joins and syncs end (their clients see COORDINATOR_NOT_AVAILABLE and look
         // the coordinator up again).
         self.waiters.lock().expect("waiters lock").clear();
@@ -363,12 +398,29 @@ impl GroupService {
     /// Append `records` to the offsets log as one batch with `acks=all` (in a cluster: until
     /// every in-sync replica has it). `what` names them in logs.
     async fn append(&self, seat: &Seat, records: Vec<build::Record>, what: &str) -> i16 {
+        self.append_as(seat, records, what, None).await
+    }
+
+    /// [`GroupService::append`], as a transactional batch of `producer` (id, epoch) if given.
+    async fn append_as(
+        &self,
+        seat: &Seat,
+        records: Vec<build::Record>,
+        what: &str,
+        producer: Option<(i64, i16)>,
+    ) -> i16 {
         let epoch = match seat.serving {
             Serving::No => return code::NOT_COORDINATOR,
             Serving::Solo => None,
             Serving::Leader { epoch, .. } => Some(epoch),
         };
-        let bytes = build::batch(0, now_ms(), None, &records);
+        let bytes = match producer {
+            None => build::batch(0, now_ms(), None, &records),
+            Some((id, epoch)) => build::with_attributes(
+                build::batch(0, now_ms(), Some((id, epoch, -1)), &records),
+                batch::TRANSACTIONAL,
+            ),
+        };
         let header = batch::validate(&bytes).expect("a batch we built");
         let (tx, rx) = oneshot::channel();
         let last_delta = header.last_offset_delta as i64;
@@ -443,6 +495,69 @@ impl GroupService {
         }
     }
 
+    /// TxnOffsetCommit: write offsets as part of producer `producer_id`'s open transaction (a
+    /// transactional batch in the offsets log). They apply when its COMMIT marker is written
+    /// ([`GroupService::on_txn_marker`]) and are invisible to OffsetFetch until then.
+    pub async fn txn_commit(
+        &self,
+        group: &str,
+        producer_id: i64,
+        producer_epoch: i16,
+        entries: Vec<(String, i32, Committed)>,
+    ) -> i16 {
+        let seat = self.seat();
+        if seat.serving == Serving::No {
+            return code::NOT_COORDINATOR;
+        }
+        if entries.is_empty() {
+            return code::NONE;
+        }
+        let records = entries
+            .iter()
+            .map(|(t, p, c)| offsets::record(group, t, *p, Some(c)))
+            .collect();
+        let r = self
+            .append_as(&seat, records, group, Some((producer_id, producer_epoch)))
+            .await;
+        if r == code::NONE {
+            let mut open = self.txn_offsets.lock().expect("txn offsets lock");
+            let list = open.entry(producer_id).or_default();
+            list.extend(
+                entries
+                    .into_iter()
+                    .map(|(t, p, c)| (group.to_string(), t, p, c)),
+            );
+        }
+        r
+    }
+
+    /// The transaction of `producer_id` ended with a marker now in the offsets log: its
+    /// offsets apply (`commit`) or are dropped.
+    pub fn on_txn_marker(&self, producer_id: i64, commit: bool) {
+        let entries = self
+            .txn_offsets
+            .lock()
+            .expect("txn offsets lock")
+            .remove(&producer_id);
+        if let (true, Some(entries)) = (commit, entries) {
+            let mut c = self.coord.lock().expect("coordinator lock");
+            for (g, t, p, o) in entries {
+                c.apply_commit(&g, &t, p, Some(o));
+            }
+        }
+    }
+
+    /// Whether an open transaction holds an offset of `group` for this partition (OffsetFetch
+    /// with `require_stable` answers UNSTABLE_OFFSET_COMMIT then, as Kafka does).
+    pub fn txn_pending(&self, group: &str, topic: &str, partition: i32) -> bool {
+        self.txn_offsets
+            .lock()
+            .expect("txn offsets lock")
+            .values()
+            .flatten()
+            .any(|(g, t, p, _)| g == group && t == topic && *p == partition)
+    }
+
     /// Delete a group without members and all its offsets.
     pub async fn delete_group(&self, group: &str) -> i16 {
         if let Some(error) = self.refuse() {
@@ -466,38 +581,6 @@ impl GroupService {
                 self.coord.lock().expect("coordinator lock").prune();
                 r
             }
-        }
-    }
-}
-
-/// Read every record of the log, in order.
-fn for_each_record(p: &Partition, mut f: impl FnMut(&crate::batch::RecordView<'_>)) {
-    let st = p.state.lock().expect("partition lock");
-    let mut offset = st.log.start_offset();
-    let end = st.log.next_offset();
-    while offset < end {
-        let slice = match st.log.read(offset, 1 << 20) {
-            Ok(Some(s)) => s,
-            _ => break,
-        };
-        let Ok(bytes) = slice.read() else { break };
-        let mut progressed = false;
-        for (range, h) in batch::whole_batches(&bytes) {
-            match batch::records(&bytes[range]) {
-                Ok(rs) => {
-                    for r in rs.iter().filter(|r| r.offset >= offset) {
-                        f(r);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(offset = h.base_offset, error = %e, "skipping unreadable batch in __consumer_offsets")
-                }
-            }
-            offset = h.next_offset();
-            progressed = true;
-        }
-        if !progressed {
-            break;
         }
     }
 }

@@ -10,7 +10,9 @@ pub mod cluster;
 pub mod groups;
 pub mod producer;
 pub mod quarantine;
+pub mod replay;
 pub mod topic_config;
+pub mod txns;
 pub mod writer;
 
 use std::collections::BTreeMap;
@@ -369,6 +371,8 @@ pub struct Broker {
     meta_dir: PathBuf,
     /// The group coordinator and committed offsets (set once on open).
     groups: std::sync::OnceLock<Arc<groups::GroupService>>,
+    /// The transaction coordinator (set once on open).
+    txns: std::sync::OnceLock<Arc<txns::TxnService>>,
     /// Serialises topic creation and deletion.
     admin: Mutex<()>,
     /// Who is primary for each topic rule (see [`crate::failover`]), durable in
@@ -409,6 +413,7 @@ impl Broker {
             topics: RwLock::new(BTreeMap::new()),
             meta_dir,
             groups: std::sync::OnceLock::new(),
+            txns: std::sync::OnceLock::new(),
             admin: Mutex::new(()),
             cluster: std::sync::OnceLock::new(),
             peers: std::sync::OnceLock::new(),
@@ -466,7 +471,33 @@ impl Broker {
             },
         );
         let _ = broker.groups.set(Arc::new(service));
-        Ok(Arc::new(broker))
+        // The transaction states, replayed into the transaction coordinator (alone in a region;
+        // see `txns` for clusters).
+        let txn_log = if broker.config.cluster.is_some() {
+            None
+        } else {
+            let t = match broker.topic(crate::txn::log::TOPIC) {
+                Some(t) => t,
+                None => broker.create_topic(
+                    crate::txn::log::TOPIC,
+                    Some(1),
+                    None,
+                    BTreeMap::new(),
+                    false,
+                )?,
+            };
+            t.partition(0)
+        };
+        let txns = txns::TxnService::open(txn_log, broker.writer.clone());
+        let _ = broker.txns.set(Arc::new(txns));
+        let broker = Arc::new(broker);
+        broker.txns().attach(Arc::downgrade(&broker));
+        Ok(broker)
+    }
+
+    /// The transaction coordinator.
+    pub fn txns(&self) -> &Arc<txns::TxnService> {
+        self.txns.get().expect("set on open")
     }
 
     /// The region cluster this broker is part of, once joined (`None` alone in a region).

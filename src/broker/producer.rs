@@ -53,6 +53,17 @@ fn seq_add(seq: i32, n: i32) -> i32 {
 
 impl ProducerStates {
     pub fn check(&self, h: &BatchHeader) -> SeqCheck {
+        if h.is_control() && h.has_producer_id() {
+            // A transaction marker: written by the coordinator at the producer's epoch or a
+            // newer one (a fencing abort); an older epoch is a zombie coordinator's.
+            return match self.producers.get(&h.producer_id) {
+                Some(e) if h.producer_epoch < e.epoch => SeqCheck::Fenced {
+                    current: e.epoch,
+                    got: h.producer_epoch,
+                },
+                _ => SeqCheck::Append,
+            };
+        }
         if !h.has_producer_id() || h.base_sequence < 0 {
             return SeqCheck::Append;
         }
@@ -99,6 +110,15 @@ impl ProducerStates {
 
     /// Remember a batch that was appended at `base_offset`.
     pub fn record(&mut self, h: &BatchHeader, base_offset: i64) {
+        if h.is_control() && h.has_producer_id() {
+            // A marker at a bumped epoch fences the producer's older epoch from here on.
+            let e = self.producers.entry(h.producer_id).or_default();
+            if h.producer_epoch > e.epoch {
+                e.epoch = h.producer_epoch;
+                e.recent.clear();
+            }
+            return;
+        }
         if !h.has_producer_id() || h.base_sequence < 0 {
             return;
         }
@@ -115,6 +135,13 @@ impl ProducerStates {
         while e.recent.len() > RECENT_BATCHES_MAX {
             e.recent.pop_front();
         }
+    }
+
+    /// Each producer's epoch and the last sequence it wrote here (DescribeProducers).
+    pub fn describe(&self) -> impl Iterator<Item = (i64, i16, i32)> + '_ {
+        self.producers
+            .iter()
+            .map(|(id, e)| (*id, e.epoch, e.recent.back().map_or(-1, |r| r.last_seq)))
     }
 
     pub fn len(&self) -> usize {
@@ -176,6 +203,29 @@ mod tests {
         ));
         // Non-idempotent batches always append.
         assert_eq!(s.check(&hdr(-1, -1, -1, 3)), SeqCheck::Append);
+    }
+
+    #[test]
+    fn a_marker_at_a_newer_epoch_fences_the_older_one() {
+        let mut s = ProducerStates::default();
+        let a = hdr(7, 2, 0, 3);
+        s.record(&a, 0);
+        let marker = |epoch| BatchHeader {
+            attributes: 0x30,
+            base_sequence: -1,
+            ..hdr(7, epoch, -1, 1)
+        };
+        assert!(matches!(
+            s.check(&marker(1)),
+            SeqCheck::Fenced { current: 2, got: 1 }
+        ));
+        assert_eq!(s.check(&marker(3)), SeqCheck::Append);
+        s.record(&marker(3), 3);
+        assert!(matches!(
+            s.check(&hdr(7, 2, 3, 1)),
+            SeqCheck::Fenced { current: 3, got: 2 }
+        ));
+        assert_eq!(s.check(&hdr(7, 3, 0, 1)), SeqCheck::Append);
     }
 
     #[test]

@@ -161,7 +161,7 @@ pub const OFFSETS_SEGMENT_BYTES: u64 = 16 << 20;
 /// compacted (the latest commit per group, topic and partition, the latest metadata per group;
 /// deleted groups' tombstones go after a day) and never loses records to retention.
 pub fn internal(name: &str, mut c: LogConfig) -> LogConfig {
-    if name == crate::group::offsets::TOPIC {
+    if name == crate::group::offsets::TOPIC || name == crate::txn::log::TOPIC {
         c.delete = false;
         c.compact.get_or_insert_with(CompactConfig::default);
         c.segment_bytes = c.segment_bytes.min(OFFSETS_SEGMENT_BYTES);

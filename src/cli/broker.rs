@@ -258,6 +258,7 @@ pub async fn serve(config: BrokerConfig) -> anyhow::Result<()> {
     crate::broker::cleaner::spawn(broker.clone());
     broker.groups().spawn_ticker();
     broker.groups().spawn_snapshot_writer();
+    broker.txns().start();
     crate::telemetry::spawn_gauges(broker.clone(), std::time::Duration::from_secs(5));
     crate::kafka::server::run(listener, broker.clone(), shutdown_signal()).await?;
     // Leave the cluster at once (the lease is revoked): leaderships move now, not after the

@@ -91,8 +91,8 @@ async fn coordinator_node(broker: &Arc<Broker>) -> Result<(i32, String, u16), St
 /// FindCoordinator's key type of a transactional id.
 const TRANSACTION: i8 = 1;
 
-/// Why a transactional producer is refused, in FindCoordinator's and InitProducerId's answers.
-pub const NO_TRANSACTIONS: &str = "transactions are not supported yet: Ferry has no transaction coordinator (use an idempotent producer without transactional.id)";
+/// Why a transactional producer is refused in a region cluster, in FindCoordinator's answer.
+pub const NO_TRANSACTIONS: &str = "transactions are not supported in a region cluster yet: Ferry coordinates transactions only in a one-broker region (use an idempotent producer without transactional.id)";
 
 pub async fn find(
     broker: Arc<Broker>,
@@ -101,6 +101,9 @@ pub async fn find(
 ) -> FindCoordinatorResponse {
     let node = if req.key_type == 0 {
         coordinator_node(&broker).await
+    } else if req.key_type == TRANSACTION && broker.txns().serving() {
+        let (host, port) = broker.config.advertised();
+        Ok((broker.config.node_id, host, port))
     } else if req.key_type == TRANSACTION {
         Err(NO_TRANSACTIONS.to_string())
     } else {
@@ -109,8 +112,8 @@ pub async fn find(
             req.key_type
         ))
     };
-    // Without a transaction coordinator, a transactional producer must fail at once: an error
-    // the clients treat as final (librdkafka and the Java client raise a fatal
+    // Where this broker cannot coordinate transactions, a transactional producer must fail at
+    // once: an error the clients treat as final (librdkafka and the Java client raise a fatal
     // TransactionalIdAuthorization error from init_transactions/initTransactions), not a
     // retriable one they would loop on until their timeout.
     let error = if req.key_type == TRANSACTION {
@@ -367,6 +370,10 @@ fn committed_parts(
     })
 }
 
+/// OffsetFetch's answer for a partition whose offset an open transaction holds, when the
+/// client asked for stable offsets only (it retries).
+const UNSTABLE_OFFSET_COMMIT: i16 = 88;
+
 pub fn fetch(broker: &Broker, req: OffsetFetchRequest, version: i16) -> OffsetFetchResponse {
     let mut resp = OffsetFetchResponse::default();
     let fill = |c: &Option<Committed>| -> (i64, i32, String) {
@@ -376,6 +383,7 @@ pub fn fetch(broker: &Broker, req: OffsetFetchRequest, version: i16) -> OffsetFe
         }
     };
     let serving = broker.groups().serving();
+    let require_stable = version >= 7 && req.require_stable;
     if version < 8 {
         if !serving {
             // v0-1 have no top-level error: the client sees a failed fetch and looks again.
@@ -395,6 +403,9 @@ pub fn fetch(broker: &Broker, req: OffsetFetchRequest, version: i16) -> OffsetFe
                 let (off, epoch, meta) = fill(&c);
                 let mut pr = OffsetFetchResponsePartition::default();
                 pr.partition_index = p;
+                if require_stable && broker.groups().txn_pending(&group, &name, p) {
+                    pr.error_code = UNSTABLE_OFFSET_COMMIT;
+                }
                 pr.committed_offset = off;
                 if version >= 5 {
                     pr.committed_leader_epoch = epoch;
@@ -427,6 +438,9 @@ pub fn fetch(broker: &Broker, req: OffsetFetchRequest, version: i16) -> OffsetFe
                 let (off, epoch, meta) = fill(&c);
                 let mut pr = OffsetFetchResponsePartitions::default();
                 pr.partition_index = p;
+                if require_stable && broker.groups().txn_pending(&group, &name, p) {
+                    pr.error_code = UNSTABLE_OFFSET_COMMIT;
+                }
                 pr.committed_offset = off;
                 pr.committed_leader_epoch = epoch;
                 pr.metadata = Some(sb(&meta));

@@ -7,6 +7,10 @@
 //! The bytes may end with a partial batch, as Kafka's do; clients drop it and fetch again.
 //! Records are not read here: the answer carries file ranges, which the connection sends with
 //! `sendfile` (see [`super::fetch_wire`]).
+//! A `read_committed` fetch (isolation level 1) reads only below the partition's last stable
+//! offset (the first offset of its earliest open transaction) and carries the aborted
+//! transactions of the range it reads, so the client drops their records; every answer
+//! reports the last stable offset.
 //! Fetch sessions (KIP-227) are not kept: the answer's session id is 0, so clients send full
 //! fetches.
 //!
@@ -21,9 +25,9 @@ use std::time::Duration;
 
 use kafka_protocol::messages::fetch_request::FetchRequest;
 use kafka_protocol::messages::fetch_response::{
-    FetchResponse, FetchableTopicResponse, PartitionData,
+    AbortedTransaction, FetchResponse, FetchableTopicResponse, PartitionData,
 };
-use kafka_protocol::messages::BrokerId;
+use kafka_protocol::messages::{BrokerId, ProducerId};
 
 use super::code;
 use crate::broker::Broker;
@@ -84,7 +88,7 @@ fn collect(broker: &Broker, req: &FetchRequest, version: i16) -> Collected {
                 continue;
             };
             let mut moved = false;
-            let (slice, start, hw) = {
+            let (slice, start, hw, lso) = {
                 let mut st = partition.state.lock().expect("partition lock");
                 let end = st.log.next_offset();
                 let limit = (fp.partition_max_bytes.max(0) as usize).min(budget);
@@ -124,9 +128,34 @@ fn collect(broker: &Broker, req: &FetchRequest, version: i16) -> Collected {
                                 r = log.read(fp.fetch_offset, limit);
                             }
                         }
-                    } else if limit > 0 {
+                    } else {
+                        // A `read_committed` consumer reads below the last stable offset and
+                        // learns which transactions in what it reads were aborted.
                         let hw = st.high_watermark();
-                        r = st.log.read_below(fp.fetch_offset, limit, hw);
+                        let committed = req.isolation_level == 1;
+                        let bound = if committed {
+                            st.log.last_stable(hw)
+                        } else {
+                            hw
+                        };
+                        if limit > 0 {
+                            r = st.log.read_below(fp.fetch_offset, limit, bound);
+                        }
+                        if committed {
+                            pd.aborted_transactions = Some(
+                                st.log
+                                    .txns()
+                                    .aborted_in(fp.fetch_offset, bound)
+                                    .into_iter()
+                                    .map(|a| {
+                                        let mut t = AbortedTransaction::default();
+                                        t.producer_id = ProducerId(a.producer_id);
+                                        t.first_offset = a.first_offset;
+                                        t
+                                    })
+                                    .collect(),
+                            );
+                        }
                     }
                 }
                 if err != 0 {
@@ -142,14 +171,15 @@ fn collect(broker: &Broker, req: &FetchRequest, version: i16) -> Collected {
                     }
                     any_error = true;
                 }
-                (r, st.log.start_offset(), st.high_watermark())
+                let hw = st.high_watermark();
+                (r, st.log.start_offset(), hw, st.log.last_stable(hw))
             };
             if moved {
                 partition.replicated.notify_waiters();
                 broker.appended.notify_waiters();
             }
             pd.high_watermark = hw;
-            pd.last_stable_offset = hw;
+            pd.last_stable_offset = lso;
             if version >= 5 {
                 pd.log_start_offset = start;
             }

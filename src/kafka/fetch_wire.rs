@@ -4,7 +4,7 @@
 //! The crate's encoder needs the records in memory. This writer produces the same bytes, but as
 //! pieces: encoded framing in memory, and file ranges for each partition's records, which the
 //! connection sends with `sendfile`. It covers the versions the broker serves (4-12) and only the
-//! fields the broker sets (no aborted transactions; of the tagged fields, the diverging epoch
+//! fields the broker sets (the aborted transactions; of the tagged fields, the diverging epoch
 //! and the current leader); a test checks it against the crate's encoder byte for byte.
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -87,11 +87,20 @@ pub fn encode(
             if version >= 5 {
                 b.put_i64(p.log_start_offset);
             }
-            // aborted_transactions: null
-            if flexible {
-                put_uvarint(&mut b, 0);
-            } else {
-                b.put_i32(-1);
+            // aborted_transactions: null, or (producer id, first offset) each
+            match &p.aborted_transactions {
+                None if flexible => put_uvarint(&mut b, 0),
+                None => b.put_i32(-1),
+                Some(list) => {
+                    put_len(&mut b, list.len());
+                    for a in list {
+                        b.put_i64(a.producer_id.0);
+                        b.put_i64(a.first_offset);
+                        if flexible {
+                            b.put_u8(0);
+                        }
+                    }
+                }
             }
             if version >= 11 {
                 b.put_i32(p.preferred_read_replica.0);
@@ -233,7 +242,20 @@ mod tests {
                             .map(|s| Bytes::from(s.read().unwrap()))
                             .unwrap_or_default(),
                     );
-                    p.aborted_transactions = None;
+                    p.aborted_transactions = match pi {
+                        0 => None,
+                        1 => Some(Vec::new()),
+                        _ => Some(
+                            (0..2)
+                                .map(|i| {
+                                    let mut a = kafka_protocol::messages::fetch_response::AbortedTransaction::default();
+                                    a.producer_id = kafka_protocol::messages::ProducerId(1000 + i);
+                                    a.first_offset = 77 * i;
+                                    a
+                                })
+                                .collect(),
+                        ),
+                    };
                     rs.push(s);
                     t.partitions.push(p);
                 }

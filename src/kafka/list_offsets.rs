@@ -1,4 +1,5 @@
-//! ListOffsets (v1-v11): earliest (-2), latest (-1), max timestamp (-3, v7+), or the first record
+//! ListOffsets (v1-v11): earliest (-2), latest (-1: the high watermark, or the last stable
+//! offset for `read_committed`), max timestamp (-3, v7+), or the first record
 //! whose timestamp is at or after a given one: found through the time index, then within its
 //! batch (decompressed for the lookup if need be; the stored batch is untouched). The tiered
 //! storage specs are answered as Kafka answers them without tiered storage: earliest local (-4,
@@ -34,6 +35,7 @@ fn since(timestamp: i64) -> i16 {
 
 pub fn handle(broker: &Broker, req: ListOffsetsRequest, version: i16) -> ListOffsetsResponse {
     let mut resp = ListOffsetsResponse::default();
+    let isolation_level = req.isolation_level;
     for t in req.topics {
         let topic = broker.topic(t.name.0.as_str());
         let mut tr = ListOffsetsTopicResponse::default();
@@ -59,8 +61,14 @@ pub fn handle(broker: &Broker, req: ListOffsetsRequest, version: i16) -> ListOff
                     if version >= 4 {
                         pr.leader_epoch = st.replica.leader_epoch().unwrap_or(0);
                     }
-                    // Consumers see only up to the high watermark (the log end alone in a region).
+                    // Consumers see only up to the high watermark (the log end alone in a
+                    // region); `read_committed` ones up to the last stable offset (v2+).
                     let hw = st.high_watermark();
+                    let hw = if version >= 2 && isolation_level == 1 {
+                        st.log.last_stable(hw)
+                    } else {
+                        hw
+                    };
                     if version < since(p.timestamp) {
                         pr.error_code = code::UNSUPPORTED_VERSION;
                         tr.partitions.push(pr);

@@ -128,9 +128,56 @@ fn has_keyless(batch_bytes: &[u8]) -> bool {
         .unwrap_or(true)
 }
 
+/// Whether a batch may be written by a client: never a control batch (only the transaction
+/// coordinator writes markers); a transactional one only with the request's transactional id,
+/// into a transaction that holds this partition (KIP-890's verification, so a late write after
+/// the transaction ended cannot open a transaction no one will end).
+fn transactional_check(
+    broker: &Broker,
+    txn_id: Option<&str>,
+    h: &batch::BatchHeader,
+    topic: &str,
+    partition: i32,
+) -> Result<(), (i16, String)> {
+    if h.is_control() {
+        return Err((
+            code::INVALID_RECORD,
+            "clients may not write control batches (transaction markers)".into(),
+        ));
+    }
+    match (txn_id, h.is_transactional()) {
+        (None, false) => Ok(()),
+        (None, true) => Err((
+            code::INVALID_RECORD,
+            "a transactional batch needs the request's transactional id".into(),
+        )),
+        (Some(_), false) => Err((
+            code::INVALID_RECORD,
+            "a request with a transactional id may hold only transactional batches".into(),
+        )),
+        (Some(id), true) => {
+            let e = broker.txns().verify(
+                id,
+                h.producer_id,
+                h.producer_epoch,
+                &(topic.to_string(), partition),
+            );
+            if e == 0 {
+                Ok(())
+            } else {
+                Err((
+                    e,
+                    format!("{topic}-{partition} is not in an open transaction of '{id}' at producer id {} epoch {}", h.producer_id, h.producer_epoch),
+                ))
+            }
+        }
+    }
+}
+
 /// Validate and queue every batch of the request. Runs before the next request is read.
 pub async fn start(broker: &Arc<Broker>, req: ProduceRequest, version: i16) -> Waiting {
     let acks = req.acks;
+    let txn_id = req.transactional_id.as_ref().map(|t| t.0.to_string());
     let mut topics = Vec::with_capacity(req.topic_data.len());
     for td in req.topic_data {
         let topic = broker.topic(td.name.0.as_str());
@@ -143,11 +190,6 @@ pub async fn start(broker: &Arc<Broker>, req: ProduceRequest, version: i16) -> W
                 Outcome::Done(*code, Some(message.clone()))
             } else if !(-1..=1).contains(&acks) {
                 Outcome::Done(code::INVALID_REQUIRED_ACKS, None)
-            } else if req.transactional_id.is_some() {
-                Outcome::Done(
-                    code::TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
-                    Some("transactions are not supported".into()),
-                )
             } else {
                 match topic.as_ref().and_then(|t| t.partition(pd.index)) {
                     None => Outcome::Done(code::UNKNOWN_TOPIC_OR_PARTITION, None),
@@ -179,17 +221,31 @@ pub async fn start(broker: &Arc<Broker>, req: ProduceRequest, version: i16) -> W
                                     Outcome::Done(code::MESSAGE_TOO_LARGE, None)
                                 }
                                 Ok(batches)
-                                    if batches
-                                        .iter()
-                                        .any(|(_, h)| h.is_transactional() || h.is_control()) =>
+                                    if batches.iter().any(|(_, h)| {
+                                        transactional_check(
+                                            broker,
+                                            txn_id.as_deref(),
+                                            h,
+                                            td.name.0.as_str(),
+                                            pd.index,
+                                        )
+                                        .is_err()
+                                    }) =>
                                 {
-                                    Outcome::Done(
-                                        code::INVALID_RECORD,
-                                        Some(
-                                            "transactional and control batches are not supported"
-                                                .into(),
-                                        ),
-                                    )
+                                    let (code, message) = batches
+                                        .iter()
+                                        .find_map(|(_, h)| {
+                                            transactional_check(
+                                                broker,
+                                                txn_id.as_deref(),
+                                                h,
+                                                td.name.0.as_str(),
+                                                pd.index,
+                                            )
+                                            .err()
+                                        })
+                                        .expect("one failed");
+                                    Outcome::Done(code, Some(message))
                                 }
                                 Ok(batches)
                                     if partition.is_compacted()

@@ -611,9 +611,54 @@ async fn request(
         RequestKind::DescribeCluster(_) => {
             ready(encode_response(cid, version, &admin::describe_cluster(&b)))
         }
+        RequestKind::InitProducerId(r) if r.transactional_id.is_some() => Box::pin(async move {
+            let resp = super::txn::init_producer_id(b, r).await;
+            encode_response(cid, version, &resp)
+                .ok()
+                .map(|b| vec![Piece::Bytes(b)])
+        }),
         RequestKind::InitProducerId(r) => {
             ready(encode_response(cid, version, &producer_id::handle(&b, r)))
         }
+        RequestKind::AddPartitionsToTxn(r) => Box::pin(async move {
+            let resp = super::txn::add_partitions(b, r, version).await;
+            encode_response(cid, version, &resp)
+                .ok()
+                .map(|b| vec![Piece::Bytes(b)])
+        }),
+        RequestKind::AddOffsetsToTxn(r) => Box::pin(async move {
+            let resp = super::txn::add_offsets(b, r).await;
+            encode_response(cid, version, &resp)
+                .ok()
+                .map(|b| vec![Piece::Bytes(b)])
+        }),
+        RequestKind::EndTxn(r) => Box::pin(async move {
+            let resp = super::txn::end_txn(b, r).await;
+            encode_response(cid, version, &resp)
+                .ok()
+                .map(|b| vec![Piece::Bytes(b)])
+        }),
+        RequestKind::TxnOffsetCommit(r) => Box::pin(async move {
+            let resp = super::txn::txn_offset_commit(b, r).await;
+            encode_response(cid, version, &resp)
+                .ok()
+                .map(|b| vec![Piece::Bytes(b)])
+        }),
+        RequestKind::DescribeTransactions(r) => ready(encode_response(
+            cid,
+            version,
+            &super::txn::describe_transactions(&b, r),
+        )),
+        RequestKind::ListTransactions(r) => ready(encode_response(
+            cid,
+            version,
+            &super::txn::list_transactions(&b, r),
+        )),
+        RequestKind::DescribeProducers(r) => ready(encode_response(
+            cid,
+            version,
+            &super::txn::describe_producers(&b, r),
+        )),
         RequestKind::FindCoordinator(r) => Box::pin(async move {
             let resp = coordinator::find(b, r, version).await;
             encode_response(cid, version, &resp)

@@ -15,6 +15,7 @@ pub mod compact;
 pub mod epochs;
 pub mod index;
 pub mod segment;
+pub mod txn;
 
 use std::fs::File;
 use std::io;
@@ -139,6 +140,11 @@ pub struct PartitionLog {
     clean_to: i64,
     /// When the earliest tombstone the last compaction kept may go (`None`: not known).
     tombstone_due_ms: Option<i64>,
+    /// The open and aborted transactions of the log (see [`txn`]).
+    txn: txn::TxnIndex,
+    /// The last snapshot of `txn` written to [`txn::SNAPSHOT_FILE`]: the offset it describes
+    /// the log below, and the index then.
+    txn_snapshot: Option<(i64, txn::TxnIndex)>,
 }
 
 /// The file of a partition's log start offset (when DeleteRecords moved it inside a segment).
@@ -214,6 +220,8 @@ impl PartitionLog {
             start: stored.clamp(first, log_end),
             clean_to: checkpoint.map_or(first, |c| c.0).min(log_end),
             tombstone_due_ms: checkpoint.and_then(|c| c.1),
+            txn: txn::TxnIndex::default(),
+            txn_snapshot: None,
         };
         if !existed {
             // No history file yet (a new partition, or one written before epochs): scan it.
@@ -229,7 +237,80 @@ impl PartitionLog {
             })?;
             log.epochs.rebuild(found).map_err(io_err(dir))?;
         }
+        log.txn_snapshot = std::fs::read(dir.join(txn::SNAPSHOT_FILE))
+            .ok()
+            .and_then(|b| txn::TxnIndex::decode(&b))
+            .filter(|(at, _)| *at <= log_end);
+        log.rebuild_txns()?;
+        if log
+            .txn_snapshot
+            .as_ref()
+            .is_none_or(|(at, _)| *at < log.active_base())
+        {
+            // The next open scans from here rather than from further back.
+            log.snapshot_txns()?;
+        }
         Ok((log, report))
+    }
+
+    /// Rebuild the transaction index from the last snapshot at or below the log end (from the
+    /// whole log without one).
+    fn rebuild_txns(&mut self) -> Result<(), LogError> {
+        let end = self.next_offset();
+        let (from, mut ix) = match &self.txn_snapshot {
+            Some((at, ix)) if *at <= end => (*at, ix.clone()),
+            _ => (0, txn::TxnIndex::default()),
+        };
+        self.scan_txns(from, &mut ix)?;
+        ix.prune_below(self.start_offset());
+        self.txn = ix;
+        Ok(())
+    }
+
+    /// Feed every batch from `from` on to `ix`.
+    fn scan_txns(&self, from: i64, ix: &mut txn::TxnIndex) -> Result<(), LogError> {
+        for seg in self.segments.iter().filter(|s| s.next_offset > from) {
+            let mut pos = 0u64;
+            while let Some(b) = seg.batch_at(pos).map_err(io_err(&self.dir))? {
+                let h = b.header;
+                pos += h.total_bytes() as u64;
+                if h.base_offset < from || !h.is_transactional() {
+                    continue;
+                }
+                let marker = if h.is_control() {
+                    let slice = ReadSlice {
+                        file: seg.file(),
+                        position: b.position,
+                        len: h.total_bytes(),
+                    };
+                    txn::marker(&slice.read().map_err(io_err(&self.dir))?)
+                } else {
+                    None
+                };
+                ix.observe(&h, marker);
+            }
+        }
+        Ok(())
+    }
+
+    /// Write the transaction index as the snapshot of the log below its end.
+    fn snapshot_txns(&mut self) -> Result<(), LogError> {
+        let at = self.next_offset();
+        let path = self.dir.join(txn::SNAPSHOT_FILE);
+        crate::durable::write_atomic(&path, &self.txn.encode(at)).map_err(io_err(&self.dir))?;
+        self.txn_snapshot = Some((at, self.txn.clone()));
+        Ok(())
+    }
+
+    /// The open and aborted transactions of this log.
+    pub fn txns(&self) -> &txn::TxnIndex {
+        &self.txn
+    }
+
+    /// The last stable offset under the high watermark `hw`: consumers reading committed
+    /// records stop at the first open transaction.
+    pub fn last_stable(&self, hw: i64) -> i64 {
+        self.txn.last_stable(hw)
     }
 
     pub fn dir(&self) -> &Path {
@@ -284,6 +365,7 @@ impl PartitionLog {
         while self.segments.len() > 1 && self.segments[0].next_offset <= offset {
             self.delete_oldest()?;
         }
+        self.txn.prune_below(self.start_offset());
         Ok(self.start_offset())
     }
 
@@ -324,7 +406,20 @@ impl PartitionLog {
             .expect("a log always has a segment")
             .append_parts(&head, &bytes[HEADER_BYTES..], &h)
             .map_err(io_err(&dir))?;
+        self.observe_txn(&h, bytes);
         Ok(base)
+    }
+
+    /// Keep the transaction index in step with a batch just appended.
+    fn observe_txn(&mut self, h: &BatchHeader, bytes: &[u8]) {
+        if h.is_transactional() {
+            let marker = if h.is_control() {
+                txn::marker(bytes)
+            } else {
+                None
+            };
+            self.txn.observe(h, marker);
+        }
     }
 
     /// Append a batch that already carries its offsets (a mirror or follower copy): its base
@@ -346,6 +441,7 @@ impl PartitionLog {
             .observe(h.partition_leader_epoch, h.base_offset)
             .map_err(io_err(&self.dir))?;
         self.append_at(bytes, &h)?;
+        self.observe_txn(&h, bytes);
         Ok(h.base_offset)
     }
 
@@ -385,7 +481,8 @@ impl PartitionLog {
             .map_err(io_err(&self.dir))?;
         crate::durable::sync_dir(&self.dir).map_err(io_err(&self.dir))?;
         self.segments.push(seg);
-        Ok(())
+        // Recovery scans the transactions from the new segment on.
+        self.snapshot_txns()
     }
 
     /// fdatasync the active segment (the group commit writer calls this).
@@ -578,7 +675,9 @@ impl PartitionLog {
             next_offset = seg.next_offset,
             "retention deleted segment"
         );
-        seg.delete().map_err(io_err(&self.dir))
+        seg.delete().map_err(io_err(&self.dir))?;
+        self.txn.prune_below(self.start_offset());
+        Ok(())
     }
 
     /// Delete whole segments that end at or before `offset` (never the active one). Used to
@@ -638,6 +737,15 @@ impl PartitionLog {
         if self.clean_to > offset {
             self.set_clean_to(offset)?;
         }
+        if self
+            .txn_snapshot
+            .as_ref()
+            .is_some_and(|(at, _)| *at > offset)
+        {
+            let _ = std::fs::remove_file(self.dir.join(txn::SNAPSHOT_FILE));
+            self.txn_snapshot = None;
+        }
+        self.rebuild_txns()?;
         assert_eq!(
             self.next_offset(),
             offset,
@@ -668,6 +776,8 @@ impl PartitionLog {
         let _ = std::fs::remove_file(self.dir.join(START_FILE));
         self.set_clean_to(offset)?;
         self.epochs.rebuild(Vec::new()).map_err(io_err(&self.dir))?;
+        self.txn = txn::TxnIndex::default();
+        self.snapshot_txns()?;
         assert_eq!((self.start_offset(), self.next_offset()), (offset, offset));
         Ok(())
     }
@@ -747,6 +857,62 @@ mod tests {
     fn append_values(log: &mut PartitionLog, ts: i64, vals: &[&[u8]]) -> i64 {
         let b = build::values(ts, vals);
         log.append(&b, None).unwrap()
+    }
+
+    fn txn_batch(pid: i64, vals: &[&[u8]]) -> Vec<u8> {
+        let recs: Vec<build::Record> = vals
+            .iter()
+            .map(|v| build::Record {
+                value: Some(v.to_vec()),
+                ..Default::default()
+            })
+            .collect();
+        build::with_attributes(
+            build::batch(0, now_ms(), Some((pid, 0, 0)), &recs),
+            crate::batch::TRANSACTIONAL,
+        )
+    }
+
+    #[test]
+    fn transactions_survive_rolls_reopens_and_cuts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = PartitionLog::open(dir.path(), small()).unwrap().0;
+        append_values(&mut log, now_ms(), &[b"plain"]); // 0
+        log.append(&txn_batch(7, &[b"a", b"b"]), None).unwrap(); // 1-2
+        log.append(&txn_batch(8, &[b"c"]), None).unwrap(); // 3
+        assert_eq!(log.last_stable(log.next_offset()), 1);
+        let abort = txn::control_batch(7, 0, txn::Marker::Abort, 0, now_ms());
+        assert_eq!(log.append(&abort, None).unwrap(), 4);
+        assert_eq!(log.last_stable(log.next_offset()), 3);
+        // Enough to roll segments several times (snapshots at each roll).
+        for _ in 0..10 {
+            append_values(&mut log, now_ms(), &[&[b'x'; 100]]);
+        }
+        assert!(log.segment_count() > 2);
+        let commit = txn::control_batch(8, 0, txn::Marker::Commit, 0, now_ms());
+        let commit_at = log.append(&commit, None).unwrap();
+        log.append(&txn_batch(9, &[b"d"]), None).unwrap();
+        let expect = log.txns().clone();
+        assert_eq!(log.last_stable(i64::MAX), commit_at + 1);
+        drop(log);
+        let mut log = PartitionLog::open(dir.path(), small()).unwrap().0;
+        assert_eq!(
+            log.txns(),
+            &expect,
+            "recovered from the snapshot and the scan"
+        );
+        assert_eq!(log.txns().aborted_in(0, 100).len(), 1);
+        // Cut below the commit marker: producer 8's transaction is open again.
+        log.truncate_to(commit_at).unwrap();
+        assert_eq!(log.last_stable(i64::MAX), 3);
+        // Cut below everything transactional: nothing open, nothing aborted.
+        log.truncate_to(1).unwrap();
+        assert_eq!(log.txns().open().count(), 0);
+        assert_eq!(log.txns().aborted_count(), 0);
+        drop(log);
+        let log = PartitionLog::open(dir.path(), small()).unwrap().0;
+        assert_eq!(log.next_offset(), 1);
+        assert_eq!(log.txns(), &txn::TxnIndex::default());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The transaction coordinator: Kafka's transaction protocol (transaction version 1) as a state
-//! machine, for issue 18. Not wired into the broker yet: FindCoordinator still refuses
-//! transactional ids (see `kafka::coordinator`).
+//! machine. The broker's shell ([`crate::broker::txns`]) drives it: it writes the states to
+//! `__transaction_state`, the markers to the partitions, and answers the requests.
 //!
 //! Owns: each transactional id's producer id and epoch, its state (Empty → Ongoing →
 //! PrepareCommit/PrepareAbort → CompleteCommit/CompleteAbort), the partitions of its open
@@ -23,6 +23,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 /// Kafka error codes of the transaction APIs.
 pub mod code {
     pub const NONE: i16 = 0;
+    pub const COORDINATOR_NOT_AVAILABLE: i16 = 15;
     pub const NOT_COORDINATOR: i16 = 16;
     pub const INVALID_PRODUCER_EPOCH: i16 = 47;
     pub const INVALID_TXN_STATE: i16 = 48;
@@ -62,6 +63,20 @@ impl Status {
             7 => Status::PrepareEpochFence,
             _ => return None,
         })
+    }
+
+    /// Kafka's name of the state (DescribeTransactions, ListTransactions).
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Empty => "Empty",
+            Status::Ongoing => "Ongoing",
+            Status::PrepareCommit => "PrepareCommit",
+            Status::PrepareAbort => "PrepareAbort",
+            Status::CompleteCommit => "CompleteCommit",
+            Status::CompleteAbort => "CompleteAbort",
+            Status::Dead => "Dead",
+            Status::PrepareEpochFence => "PrepareEpochFence",
+        }
     }
 
     fn preparing(self) -> bool {
@@ -175,6 +190,31 @@ impl Coordinator {
 
     pub fn get(&self, transactional_id: &str) -> Option<&TxnMeta> {
         self.txns.get(transactional_id)
+    }
+
+    /// Every transactional id and its state.
+    pub fn all(&self) -> impl Iterator<Item = (&String, &TxnMeta)> {
+        self.txns.iter()
+    }
+
+    /// Whether producer `producer_id` at `epoch` may write a transactional batch to
+    /// `partition` now (KIP-890's verification): its transaction is open and holds the
+    /// partition. `NONE`, or the error the produce gets.
+    pub fn verify(&self, id: &str, producer_id: i64, epoch: i16, partition: &(String, i32)) -> i16 {
+        let Some(m) = self.txns.get(id).filter(|m| m.producer_id == producer_id) else {
+            return code::INVALID_PRODUCER_ID_MAPPING;
+        };
+        if epoch < m.epoch {
+            return code::PRODUCER_FENCED;
+        }
+        if epoch != m.epoch {
+            return code::INVALID_PRODUCER_EPOCH;
+        }
+        if m.status == Status::Ongoing && m.partitions.contains(partition) {
+            code::NONE
+        } else {
+            code::INVALID_TXN_STATE
+        }
     }
 
     fn reply(&mut self, request: Token, answer: Answer) {

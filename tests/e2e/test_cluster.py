@@ -726,3 +726,19 @@ def test_a_compacted_topic_compacts_on_every_replica_and_survives_its_leaders_si
     for b in cluster.brokers.values():
         size = sum(f.stat().st_size for f in (b.data_dir / f"{t}-0").glob("*.log"))
         assert size < 1500 * 60, f"broker {b.port} holds {size} bytes: not compacted"
+
+
+def test_a_transactional_producer_fails_at_once_in_a_cluster(cluster):
+    """Transactions are coordinated only in a one-broker region so far (issue 18): in a region
+    cluster FindCoordinator for a transactional id answers TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+    which clients treat as final, so init_transactions() fails at once instead of retrying until
+    its timeout."""
+    from confluent_kafka import KafkaError, KafkaException, Producer
+    p = Producer({"bootstrap.servers": cluster.bootstrap, "transactional.id": "e2e-cluster-txn"})
+    started = time.monotonic()
+    with pytest.raises(KafkaException) as e:
+        p.init_transactions(60)
+    err = e.value.args[0]
+    assert err.code() == KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, err
+    assert not err.retriable(), err
+    assert time.monotonic() - started < 50, "failed at once, not at the client's timeout"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import ConfigResource, NewPartitions, NewTopic, OffsetSpec, ResourceType
 
 import kproto
@@ -194,30 +194,30 @@ def test_describe_configs_broker(broker):
     assert isinstance(cfg, dict)
 
 
-def test_a_transactional_producer_fails_at_once_with_a_final_error(broker, tmp_path):
-    """Ferry has no transaction coordinator yet (issue 18): FindCoordinator for a transactional
-    id answers TRANSACTIONAL_ID_AUTHORIZATION_FAILED, which clients treat as final, so
-    init_transactions() fails at once instead of retrying until its timeout; an idempotent
-    producer on the same topic works."""
+def test_kafka_producer_perf_test_runs_transactions(broker, tmp_path):
+    """`kafka-producer-perf-test --transactional-id` (which timed out on InitProducerId before
+    the transaction coordinator existed) writes its records in transactions that commit."""
     import os
-    from confluent_kafka import Producer
-    t = topic_name("txn-refused")
+    if not (kafka_installed() or os.environ.get("FERRY_REQUIRE_JAVA")):
+        pytest.skip("Kafka's tools are not installed")
+    t = topic_name("txn-perf")
     ck_create_topic(broker.bootstrap, t)
-    p = Producer({"bootstrap.servers": broker.bootstrap, "transactional.id": "e2e-txn",
-                  "transaction.timeout.ms": 60000})
-    with pytest.raises(KafkaException) as e:
-        p.init_transactions(60)
-    err = e.value.args[0]
-    assert err.code() == KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, err
-    assert not err.retriable(), err
-    # (A retriable answer would have ended in the client's own timeout, _TIMED_OUT, instead.)
-    assert ck_produce(broker.bootstrap, t, [{"value": b"v", "partition": 0}], enable_idempotence=True)
-
-    if kafka_installed() or os.environ.get("FERRY_REQUIRE_JAVA"):
-        java = JavaTools()
-        java.env["PRODUCER_PERF"] = "org.apache.kafka.tools.ProducerPerformance"
-        out = java.run("PRODUCER_PERF", "--topic", t, "--num-records", "10", "--record-size", "10",
-                       "--throughput", "-1", "--transactional-id", "e2e-perf-txn", "--producer-props",
-                       f"bootstrap.servers={broker.bootstrap}", "max.block.ms=60000", check=False, timeout=90)
-        text = (out.stdout + out.stderr).decode(errors="replace")
-        assert "TransactionalIdAuthorization" in text, text[-3000:]
+    java = JavaTools()
+    java.env["PRODUCER_PERF"] = "org.apache.kafka.tools.ProducerPerformance"
+    out = java.run("PRODUCER_PERF", "--topic", t, "--num-records", "1000", "--record-size", "10",
+                   "--throughput", "-1", "--transactional-id", "e2e-perf-txn",
+                   "--transaction-duration-ms", "100", "--producer-props",
+                   f"bootstrap.servers={broker.bootstrap}", "max.block.ms=60000", check=False, timeout=90)
+    text = (out.stdout + out.stderr).decode(errors="replace")
+    assert out.returncode == 0 and "1000 records sent" in text, text[-3000:]
+    c = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": f"perf-{t}",
+                  "isolation.level": "read_committed", "auto.offset.reset": "earliest"})
+    c.assign([TopicPartition(t, 0, 0)])
+    got = 0
+    deadline = time.monotonic() + 60
+    while got < 1000 and time.monotonic() < deadline:
+        m = c.poll(1)
+        if m is not None and not m.error():
+            got += 1
+    c.close()
+    assert got == 1000
