@@ -9,8 +9,10 @@ input exactly once in its output. Kafka's `kafka-transactions` tool lists and de
 transactions.
 """
 import os
+import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -242,3 +244,106 @@ def test_kafka_transactions_tool_lists_and_describes(broker):
     text = out.stdout.decode()
     assert "0" in text, text  # the open transaction's start offset
     p.commit_transaction(30)
+
+
+JAVA_DIR = Path(__file__).parent / "java"
+
+
+def java_tools():
+    if not (kafka_installed() or os.environ.get("FERRY_REQUIRE_JAVA")):
+        pytest.skip("Apache Kafka's Java client is not installed (set FERRY_REQUIRE_JAVA=1 to make this a failure)")
+    return JavaTools()
+
+
+def compile_java(java: JavaTools, name: str, out: Path) -> Path:
+    """javac beside the java that runs Kafka's tools, against Kafka 4.4's libs."""
+    javac = Path(os.path.realpath(java.env["JAVA_BIN"])).with_name("javac")
+    if not javac.exists():
+        pytest.fail(f"no javac beside {java.env['JAVA_BIN']}")
+    classes = out / "classes"
+    libs = Path(java.env["KAFKA_HOME_DIR"]) / "libs"
+    p = subprocess.run([str(javac), "--release", "17", "-nowarn", "-d", str(classes), "-cp", f"{libs}/*",
+                        str(JAVA_DIR / f"{name}.java")], capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, f"javac failed:\n{p.stdout}\n{p.stderr}"
+    return classes
+
+
+def test_java_consume_transform_produce_is_exactly_once_through_sigkills(broker, tmp_path):
+    """Kafka's Java client in a read-process-write loop (sendOffsetsToTransaction): the app is
+    SIGKILLed inside a transaction and restarted, then the broker is SIGKILLed and restarted;
+    the output, read with read_committed, has every input exactly once."""
+    java = java_tools()
+    classes = compile_java(java, "TxnCopier", tmp_path)
+    libs = Path(java.env["KAFKA_HOME_DIR"]) / "libs"
+    src, dst = topic_name("ctp-in"), topic_name("ctp-out")
+    ck_create_topic(broker.bootstrap, src, partitions=3)
+    ck_create_topic(broker.bootstrap, dst, partitions=2)
+    n = 3000
+    plain = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 5})
+    for i in range(n):
+        plain.produce(src, value=f"in-{i}".encode(), partition=i % 3)
+    assert plain.flush(60) == 0
+    log = open(tmp_path / "copier.log", "ab")
+    cmd = [java.env["JAVA_BIN"], "-Xmx256m", "-cp", f"{classes}:{libs}/*", "ferry.e2e.TxnCopier",
+           broker.bootstrap, src, dst, "e2e-ctp-java", "e2e-ctp-java"]
+
+    def start():
+        return subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def written():
+        total = 0
+        for part in range(2):
+            _, hi = positions(broker.bootstrap, dst, "read_uncommitted", part)
+            total += hi
+        return total
+
+    app = start()
+    try:
+        wait_until(lambda: written() >= 800, 120, "the copier writes")
+        os.kill(app.pid, signal.SIGKILL)  # most likely inside a transaction
+        app.wait()
+        app = start()
+        wait_until(lambda: written() >= 2000, 120, "the restarted copier writes")
+        broker.kill()
+        broker.start()
+        # The app goes on (or, after a fatal client error, is restarted as a supervisor would)
+        # until every input is copied, then stops on its own when idle.
+        restarts = 0
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            rc = app.poll()
+            if rc == 0:
+                break
+            if rc is not None:
+                restarts += 1
+                assert restarts < 5, (tmp_path / "copier.log").read_text()[-4000:]
+                app = start()
+            time.sleep(0.5)
+        else:
+            raise AssertionError("the copier did not finish: " + (tmp_path / "copier.log").read_text()[-4000:])
+    finally:
+        if app.poll() is None:
+            os.kill(app.pid, signal.SIGKILL)
+            app.wait()
+        log.close()
+    out = {}
+    for part in range(2):
+        c = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": f"chk-{time.monotonic_ns()}",
+                      "isolation.level": "read_committed", "enable.partition.eof": True})
+        c.assign([TopicPartition(dst, part, 0)])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            m = c.poll(1)
+            if m is None:
+                continue
+            if m.error():
+                if m.error().code() == KafkaError._PARTITION_EOF:
+                    break
+                raise KafkaException(m.error())
+            k = m.key().decode()
+            assert k not in out, f"input {k} copied twice"
+            out[k] = m.value()
+        c.close()
+    expected = {f"{i % 3}-{i // 3}": f"IN-{i}".encode() for i in range(n)}
+    missing = sorted(set(expected) - set(out))[:10]
+    assert out == expected, f"{len(out)} of {n} copied; missing e.g. {missing}"
