@@ -322,6 +322,9 @@ impl TxnService {
             for (t, p) in &left {
                 let queued = match broker.partition(t, *p) {
                     None => Ok(None),
+                    // The topic's primary is another region now (a failover): the new primary
+                    // ended this transaction there ([`TxnService::abort_orphans`]).
+                    Some(_) if broker.mirror_primary(t).is_some() => Ok(None),
                     Some(part) => match marker_stamp(&part) {
                         Err(e) => Err(e),
                         Ok(stamp) => {
@@ -360,6 +363,92 @@ impl TxnService {
             left = failed;
             tokio::time::sleep(MARKER_RETRY).await;
         }
+    }
+}
+
+/// A transaction found open in a partition that just became writable here (it was a mirror:
+/// the transaction belongs to the region that was primary), and aborted.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OrphanAbort {
+    pub topic: String,
+    pub partition: i32,
+    pub producer_id: i64,
+    pub producer_epoch: i16,
+    /// Where the transaction's records start in the partition.
+    pub first_offset: i64,
+    /// The ABORT marker's offset.
+    pub marker_offset: i64,
+}
+
+impl TxnService {
+    /// After a promotion: abort every transaction still open in a partition this broker now
+    /// takes writes for, unless this region's own coordinator runs it. Such a transaction was
+    /// begun in the region that was primary, whose coordinator will never end it here: left
+    /// open, it would hold `read_committed` consumers at its first offset forever. Its ABORT
+    /// marker is written at the producer's epoch and the region's new epoch. Returns what was
+    /// aborted (the promotion's report names it).
+    pub async fn abort_orphans(&self, broker: &Broker) -> Vec<OrphanAbort> {
+        let ours: std::collections::HashSet<i64> = self.with(|c| {
+            c.all()
+                .filter(|(_, m)| !m.partitions.is_empty())
+                .map(|(_, m)| m.producer_id)
+                .collect()
+        });
+        let mut queued = Vec::new();
+        for topic in broker.topics() {
+            if topic.is_internal() {
+                continue;
+            }
+            let parts: Vec<Arc<Partition>> = topic.partitions.read().expect("topic lock").clone();
+            for part in &parts {
+                let (stamp, open) = {
+                    let st = part.state.lock().expect("partition lock");
+                    if !st.gate.writable || !matches!(st.replica, Replica::Solo) {
+                        continue;
+                    }
+                    let epochs: HashMap<i64, i16> =
+                        st.producers.describe().map(|(id, e, _)| (id, e)).collect();
+                    let open: Vec<(i64, i16, i64)> = st
+                        .log
+                        .txns()
+                        .open()
+                        .filter(|(pid, _)| !ours.contains(pid))
+                        .map(|(pid, first)| (pid, epochs.get(&pid).copied().unwrap_or(0), first))
+                        .collect();
+                    (st.gate.epoch, open)
+                };
+                for (pid, epoch, first) in open {
+                    let bytes = control_batch(pid, epoch, Marker::Abort, 0, now_ms());
+                    match submit(&self.writer, part, bytes, Some(stamp)).await {
+                        Ok(rx) => queued.push((part.clone(), pid, epoch, first, rx)),
+                        Err(e) => {
+                            tracing::error!(topic = %part.topic, partition = part.index, producer_id = pid, error = %e, "could not abort a transaction of the old primary")
+                        }
+                    }
+                }
+            }
+        }
+        let mut done = Vec::new();
+        for (part, pid, epoch, first, rx) in queued {
+            match rx.await {
+                Ok(Ok(ok)) => {
+                    tracing::warn!(topic = %part.topic, partition = part.index, producer_id = pid, first_offset = first, marker_offset = ok.base_offset, "aborted a transaction the old primary left open");
+                    done.push(OrphanAbort {
+                        topic: part.topic.to_string(),
+                        partition: part.index,
+                        producer_id: pid,
+                        producer_epoch: epoch,
+                        first_offset: first,
+                        marker_offset: ok.base_offset,
+                    });
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(topic = %part.topic, partition = part.index, producer_id = pid, error = %e, "could not abort a transaction of the old primary")
+                }
+                Err(_) => {}
+            }
+        }
+        done
     }
 }
 

@@ -190,6 +190,8 @@ pub struct Report {
     pub switchover_unavailable_ms: Option<u64>,
     pub reported_loss_records: i64,
     pub reported_unknown_window_ms: Option<u64>,
+    /// Transactions the old primary left open, aborted by the new primary when it took over.
+    pub aborted_transactions: Vec<crate::broker::txns::OrphanAbort>,
     pub duplicates: u64,
     pub skipped: u64,
     pub quarantined_records: usize,
@@ -1013,6 +1015,10 @@ async fn drill(
         switchover_unavailable_ms: unavailable,
         reported_loss_records: reported,
         reported_unknown_window_ms: window,
+        aborted_transactions: outcome
+            .as_ref()
+            .map(|o| o.aborted_transactions.clone())
+            .unwrap_or_default(),
         duplicates,
         skipped,
         quarantined_records: quarantined.len(),
@@ -1053,6 +1059,23 @@ fn markdown(r: &Report) -> String {
         r.reported_unknown_window_ms
             .map(|w| format!("{w} ms"))
             .unwrap_or("-".into())
+    );
+    s += &format!(
+        "| transactions left open by the old primary, aborted | {} |\n",
+        if r.aborted_transactions.is_empty() {
+            "none".to_string()
+        } else {
+            r.aborted_transactions
+                .iter()
+                .map(|a| {
+                    format!(
+                        "{}-{} producer {} from offset {} (ABORT at {})",
+                        a.topic, a.partition, a.producer_id, a.first_offset, a.marker_offset
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        }
     );
     s += &format!(
         "| duplicates seen by the consumer group | {} |\n",

@@ -72,6 +72,9 @@ pub struct RuleOutcome {
     /// Forced: how long before the takeover the old primary last reported (writes in that
     /// window are unknown to the new primary).
     pub unknown_window_ms: Option<u64>,
+    /// Transactions the old primary left open in the rule's partitions, aborted by the new
+    /// primary when it took over (their records are never visible to `read_committed`).
+    pub aborted_transactions: Vec<crate::broker::txns::OrphanAbort>,
     pub note: String,
 }
 
@@ -175,6 +178,7 @@ pub async fn move_rule(
         write_unavailable_ms: 0,
         loss: Vec::new(),
         unknown_window_ms: None,
+        aborted_transactions: Vec::new(),
         note,
     };
     let mut op = match planned {
@@ -212,6 +216,9 @@ pub async fn move_rule(
                 )
                 .await;
                 if let Ok(v) = &answer {
+                    result.aborted_transactions =
+                        serde_json::from_value(v["aborted_transactions"].clone())
+                            .unwrap_or_default();
                     if request.force {
                         forced_report(&mut result, v);
                     } else {
@@ -342,6 +349,12 @@ pub fn run(args: FailoverArgs) -> anyhow::Result<()> {
                 println!("  {}", o.note);
             }
             println!("  when the old primary returns, its divergent tail moves to __ferry.quarantine.<topic>");
+        }
+        for a in &o.aborted_transactions {
+            println!(
+                "  aborted a transaction the old primary left open: {}-{} producer id {} (epoch {}) from offset {}, ABORT marker at {}",
+                a.topic, a.partition, a.producer_id, a.producer_epoch, a.first_offset, a.marker_offset
+            );
         }
     }
     Ok(())

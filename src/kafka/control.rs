@@ -204,7 +204,14 @@ pub async fn handle(broker: Arc<Broker>, req: Control) -> Result<serde_json::Val
                 }
                 None => broker.apply_rule(&pattern, state)?,
             };
-            Ok(serde_json::json!({ "changed": changed }))
+            // Transactions the old primary left open in partitions this region now writes
+            // (alone in a region: transactions are not coordinated in clusters yet).
+            let aborted = if changed && broker.cluster().is_none() {
+                broker.txns().abort_orphans(&broker).await
+            } else {
+                Vec::new()
+            };
+            Ok(serde_json::json!({ "changed": changed, "aborted_transactions": aborted }))
         }
         Control::RenewLease { ms } => {
             broker.renew_lease(ms).map_err(|e| e.to_string())?;

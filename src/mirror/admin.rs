@@ -474,7 +474,8 @@ async fn promote(gw: &Gateway, p: PromoteRequest) -> Result<Value, (StatusCode, 
             ),
         ));
     }
-    gw.apply(&p.pattern, RuleState::open(p.epoch, gw.region.clone()))
+    let applied = gw
+        .apply_report(&p.pattern, RuleState::open(p.epoch, gw.region.clone()))
         .await
         .map_err(conflict)?;
     if p.force {
@@ -502,6 +503,8 @@ async fn promote(gw: &Gateway, p: PromoteRequest) -> Result<Value, (StatusCode, 
         "ends": ours,
         "from_last_report": last,
         "loss": loss,
+        // Transactions the old primary left open here, aborted by this promotion.
+        "aborted_transactions": applied.get("aborted_transactions").cloned().unwrap_or(json!([])),
     }))
 }
 

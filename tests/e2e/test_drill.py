@@ -156,11 +156,69 @@ def test_switchover_loses_nothing(running):
         assert s["rules"]["*"]["primary"] == "east" and not s["rules"]["*"]["fenced"] and not s["cuts"], s
 
 
+def txn_values(region: str, topic: str, isolation: str) -> list:
+    """Every value of partition 0 of `topic` in `region`, read with `isolation`."""
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+    c = Consumer({"bootstrap.servers": f"127.0.0.1:{KAFKA[region]}", "group.id": "txn-check",
+                  "isolation.level": isolation, "enable.partition.eof": True})
+    out = []
+    try:
+        c.assign([TopicPartition(topic, 0, 0)])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            m = c.poll(0.5)
+            if m is None:
+                continue
+            if m.error():
+                if m.error().code() == KafkaError._PARTITION_EOF:
+                    break
+                continue
+            out.append(m.value())
+    finally:
+        c.close()
+    return out
+
+
+def open_transaction(topic: str):
+    """In east: a committed transaction, then one left open; both mirrored before returning.
+    Returns the open one's producer."""
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+    a = AdminClient({"bootstrap.servers": f"127.0.0.1:{KAFKA['east']}"})
+    a.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])[topic].result(30)
+    p = Producer({"bootstrap.servers": f"127.0.0.1:{KAFKA['east']}", "transactional.id": "drill-txn",
+                  "transaction.timeout.ms": 900000})
+    p.init_transactions(30)
+    p.begin_transaction()
+    p.produce(topic, value=b"committed", partition=0)
+    p.commit_transaction(30)
+    p.begin_transaction()
+    p.produce(topic, value=b"open", partition=0)
+    p.flush(30)
+    deadline = time.monotonic() + 30
+    while txn_values("west", topic, "read_uncommitted") != [b"committed", b"open"]:
+        assert time.monotonic() < deadline, "the transactions reach the mirror"
+        time.sleep(0.3)
+    # In the mirror region read_committed sees exactly the committed transaction.
+    assert txn_values("west", topic, "read_committed") == [b"committed"]
+    return p
+
+
 def test_region_loss_reports_the_loss_it_quarantines(running):
     path, regions, u, tmp = running
+    # A transaction open in the primary when it is lost: the new primary aborts it and the
+    # drill's report names it.
+    txn_topic = f"drill-txn-{int(time.time() * 1000)}"
+    producer = open_transaction(txn_topic)
     out = drill(path, "region-loss", tmp)
     assert out["passed"], json.dumps(out)
     check_converged(regions, out["topic"])
+    aborted = [a for a in out["aborted_transactions"] if a["topic"] == txn_topic]
+    assert len(aborted) == 1 and aborted[0]["first_offset"] == 2, out["aborted_transactions"]
+    for r in regions:
+        assert txn_values(r, txn_topic, "read_committed") == [b"committed"], r
+        assert txn_values(r, txn_topic, "read_uncommitted") == [b"committed", b"open"], r
+    del producer
     counted = sum(quarantine_count(r, out["topic"]) for r in regions)
     # The primary took writes for a second after it was cut off: they are lost, and quarantined.
     assert counted > 0

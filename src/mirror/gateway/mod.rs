@@ -187,6 +187,17 @@ impl Gateway {
 
     /// Move a rule to `new` in the local broker, and take the broker's state at once.
     pub async fn apply(&self, pattern: &str, new: RuleState) -> Result<bool, String> {
+        let v = self.apply_report(pattern, new).await?;
+        Ok(v.get("changed").and_then(|c| c.as_bool()).unwrap_or(false))
+    }
+
+    /// [`Gateway::apply`], with the broker's whole answer: `changed`, and the transactions the
+    /// old primary left open that a promotion aborted (`aborted_transactions`).
+    pub async fn apply_report(
+        &self,
+        pattern: &str,
+        new: RuleState,
+    ) -> Result<serde_json::Value, String> {
         let mut c = self.broker_client().await?;
         let v = c
             .control(&Control::Apply {
@@ -196,7 +207,7 @@ impl Gateway {
             .await
             .map_err(|e| e.to_string())?;
         self.refresh_state(&mut c).await?;
-        Ok(v.get("changed").and_then(|c| c.as_bool()).unwrap_or(false))
+        Ok(v)
     }
 
     async fn refresh_state(&self, c: &mut Client) -> Result<(), String> {
