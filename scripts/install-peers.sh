@@ -47,4 +47,5 @@ if [ "${FERRY_SKIP_KAFKA:-0}" != 1 ]; then
     say "Kafka installed by the fallback: $kdir (MirrorMaker 2: $(cat "$kdir/mirror.version" 2>/dev/null || echo '?'))"
   fi
 fi
+[ "${FERRY_SKIP_KAFKA:-0}" = 1 ] || { say "Kafka Streams (tests/e2e/test_streams.py): scripts/peers/install-streams.sh"; "$REPO/scripts/peers/install-streams.sh" "${FORCE[@]}" >/dev/null; }
 say "done"
