@@ -33,6 +33,10 @@ use crate::txn::{self, code, Action, Answer, Coordinator, Token, TxnConfig, TxnM
 /// Markers that could not be written are tried again after this long.
 const MARKER_RETRY: Duration = Duration::from_millis(500);
 
+/// How long a switchover's fence waits for this region's open transactions on the fenced
+/// topics to end before aborting them, and then for their abort markers.
+pub const FENCE_TXN_WAIT: Duration = Duration::from_secs(5);
+
 pub struct TxnService {
     coord: Mutex<Coordinator>,
     waiters: Mutex<HashMap<Token, oneshot::Sender<Answer>>>,
@@ -183,6 +187,57 @@ impl TxnService {
         }
     }
 
+    /// A switchover fenced some topics here: wait up to `wait` for this region's transactions
+    /// that write to a fenced topic to end (their producers may still commit or abort; markers
+    /// pass the fence), then abort those still open, fencing their producers, and wait up to
+    /// `wait` again for their markers. So the fence's log ends hold every transaction's end
+    /// and the new primary finds none of ours open. Returns the transactional ids aborted.
+    pub async fn settle_fenced(self: &Arc<Self>, broker: &Broker, wait: Duration) -> Vec<String> {
+        if !self.serving {
+            return Vec::new();
+        }
+        let fenced = |t: &str| broker.placement(t).is_some_and(|p| p.fenced);
+        let unfinished = || -> Vec<(String, txn::Status)> {
+            self.with(|c| {
+                c.all()
+                    .filter(|(_, m)| {
+                        m.status.unfinished() && m.partitions.iter().any(|(t, _)| fenced(t))
+                    })
+                    .map(|(id, m)| (id.clone(), m.status))
+                    .collect()
+            })
+        };
+        let mut aborted = Vec::new();
+        let mut deadline = tokio::time::Instant::now() + wait;
+        let mut aborting = false;
+        loop {
+            let left = unfinished();
+            if left.is_empty() {
+                return aborted;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                if aborting {
+                    tracing::warn!(transactions = ?left, "transactions on fenced topics did not end in time: their markers may follow the fence");
+                    return aborted;
+                }
+                aborting = true;
+                deadline = tokio::time::Instant::now() + wait;
+                let actions = {
+                    let mut c = self.coord.lock().expect("txn coordinator lock");
+                    for (id, status) in &left {
+                        if *status == txn::Status::Ongoing && c.abort(now_ms(), id) {
+                            tracing::warn!(transactional_id = %id, "a switchover aborts a transaction still open at its fence");
+                            aborted.push(id.clone());
+                        }
+                    }
+                    c.take_actions()
+                };
+                self.run(actions);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// AddPartitionsToTxn (AddOffsetsToTxn passes the offsets partition).
     pub async fn add_partitions(
         self: &Arc<Self>,
@@ -193,6 +248,17 @@ impl TxnService {
     ) -> i16 {
         if !self.serving {
             return code::NOT_COORDINATOR;
+        }
+        // No transaction joins a topic fenced for a switchover, or one whose primary moved
+        // away (the producer retries; it must follow the primary region).
+        if let Some(broker) = self.broker() {
+            if partitions.iter().any(|(t, _)| {
+                !t.starts_with("__")
+                    && (broker.mirror_primary(t).is_some()
+                        || broker.placement(t).is_some_and(|p| p.fenced))
+            }) {
+                return code::CONCURRENT_TRANSACTIONS;
+            }
         }
         let answer = self
             .call(|c, t| c.add_partitions(t, now_ms(), id, producer_id, epoch, &partitions))
@@ -325,11 +391,17 @@ impl TxnService {
                     // The topic's primary is another region now (a failover): the new primary
                     // ended this transaction there ([`TxnService::abort_orphans`]).
                     Some(_) if broker.mirror_primary(t).is_some() => Ok(None),
-                    Some(part) => match marker_stamp(&part) {
+                    Some(part) => match marker_stamp(&broker, &part) {
                         Err(e) => Err(e),
                         Ok(stamp) => {
-                            let bytes = control_batch(producer_id, epoch, marker, 0, now_ms());
-                            submit(&self.writer, &part, bytes, stamp).await.map(Some)
+                            let mut bytes = control_batch(producer_id, epoch, marker, 0, now_ms());
+                            // Stamped here, and written past a switchover's fence (no gate
+                            // check): it ends a transaction decided before the fence, which
+                            // the fence waits for ([`TxnService::settle_fenced`]).
+                            if let Some(e) = stamp {
+                                batch::set_partition_leader_epoch(&mut bytes, e);
+                            }
+                            submit(&self.writer, &part, bytes, None).await.map(Some)
                         }
                     },
                 };
@@ -460,12 +532,14 @@ fn code_of(a: Answer) -> i16 {
 }
 
 /// The epoch a marker in `part` is stamped with, as the partition's own writes are: the
-/// region epoch of a writable topic alone in its region, none for an internal topic.
-fn marker_stamp(part: &Partition) -> Result<Option<i32>, String> {
+/// region epoch of a topic this region is primary of (writable, or fenced for a switchover)
+/// alone in its region, none for an internal topic.
+fn marker_stamp(broker: &Broker, part: &Partition) -> Result<Option<i32>, String> {
+    let primary_here = broker.mirror_primary(&part.topic).is_none();
     let st = part.state.lock().expect("partition lock");
     match &st.replica {
         Replica::Solo if part.topic.starts_with("__") => Ok(None),
-        Replica::Solo if st.gate.writable => Ok(Some(st.gate.epoch)),
+        Replica::Solo if st.gate.writable || primary_here => Ok(Some(st.gate.epoch)),
         Replica::Solo => Err(format!(
             "{}-{} takes no writes here (a mirror, or fenced)",
             part.topic, part.index

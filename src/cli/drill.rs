@@ -192,6 +192,8 @@ pub struct Report {
     pub reported_unknown_window_ms: Option<u64>,
     /// Transactions the old primary left open, aborted by the new primary when it took over.
     pub aborted_transactions: Vec<crate::broker::txns::OrphanAbort>,
+    /// Planned switchover: transactional ids still open at the fence, aborted there.
+    pub fence_aborted_transactions: Vec<String>,
     pub duplicates: u64,
     pub skipped: u64,
     pub quarantined_records: usize,
@@ -1019,6 +1021,10 @@ async fn drill(
             .as_ref()
             .map(|o| o.aborted_transactions.clone())
             .unwrap_or_default(),
+        fence_aborted_transactions: outcome
+            .as_ref()
+            .map(|o| o.fence_aborted_transactions.clone())
+            .unwrap_or_default(),
         duplicates,
         skipped,
         quarantined_records: quarantined.len(),
@@ -1077,6 +1083,12 @@ fn markdown(r: &Report) -> String {
                 .join("; ")
         }
     );
+    if !r.fence_aborted_transactions.is_empty() {
+        s += &format!(
+            "| transactions still open at the switchover's fence, aborted | {} |\n",
+            r.fence_aborted_transactions.join(", ")
+        );
+    }
     s += &format!(
         "| duplicates seen by the consumer group | {} |\n",
         r.duplicates

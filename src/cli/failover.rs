@@ -75,6 +75,9 @@ pub struct RuleOutcome {
     /// Transactions the old primary left open in the rule's partitions, aborted by the new
     /// primary when it took over (their records are never visible to `read_committed`).
     pub aborted_transactions: Vec<crate::broker::txns::OrphanAbort>,
+    /// Planned: transactional ids of the old primary whose transactions were still open at
+    /// the fence after its bounded wait, and were aborted there.
+    pub fence_aborted_transactions: Vec<String>,
     pub note: String,
 }
 
@@ -179,6 +182,7 @@ pub async fn move_rule(
         loss: Vec::new(),
         unknown_window_ms: None,
         aborted_transactions: Vec::new(),
+        fence_aborted_transactions: Vec::new(),
         note,
     };
     let mut op = match planned {
@@ -204,6 +208,12 @@ pub async fn move_rule(
                 let answer = call(t, &region, "/v1/fence", &request)
                     .await
                     .and_then(|v| serde_json::from_value(v).map_err(|e| e.to_string()));
+                if let Ok(a) = &answer {
+                    let a: &crate::failover::switchover::FenceAnswer = a;
+                    result
+                        .fence_aborted_transactions
+                        .extend(a.aborted_transactions.iter().cloned());
+                }
                 op.fenced(answer)
             }
             Step::Promote { region, request } => {
@@ -349,6 +359,9 @@ pub fn run(args: FailoverArgs) -> anyhow::Result<()> {
                 println!("  {}", o.note);
             }
             println!("  when the old primary returns, its divergent tail moves to __ferry.quarantine.<topic>");
+        }
+        for id in &o.fence_aborted_transactions {
+            println!("  aborted transactional id '{id}': its transaction was still open at the fence after {} s", crate::broker::txns::FENCE_TXN_WAIT.as_secs());
         }
         for a in &o.aborted_transactions {
             println!(

@@ -142,6 +142,10 @@ pub struct FenceAnswer {
     pub ends: BTreeMap<String, BTreeMap<String, Vec<i64>>>,
     #[serde(default)]
     pub epochs: BTreeMap<String, BTreeMap<String, Vec<Vec<EpochEntry>>>>,
+    /// Transactional ids whose transactions were still open at the fence and were aborted
+    /// (the fence waits a bounded time for them to end first).
+    #[serde(default)]
+    pub aborted_transactions: Vec<String>,
 }
 
 /// Where an operator's move of a rule begins.

@@ -198,6 +198,7 @@ pub async fn handle(broker: Arc<Broker>, req: Control) -> Result<serde_json::Val
             lease_current: broker.lease_current(),
         })),
         Control::Apply { pattern, state } => {
+            let fencing = state.fenced;
             let changed = match broker.cluster() {
                 Some(link) => {
                     crate::broker::cluster::apply_rule(&broker, link, &pattern, state).await?
@@ -211,7 +212,21 @@ pub async fn handle(broker: Arc<Broker>, req: Control) -> Result<serde_json::Val
             } else {
                 Vec::new()
             };
-            Ok(serde_json::json!({ "changed": changed, "aborted_transactions": aborted }))
+            // A switchover's fence: this region's transactions on the fenced topics end (or
+            // are aborted) before the fence's log ends are read.
+            let fence_aborted = if changed && fencing && broker.cluster().is_none() {
+                broker
+                    .txns()
+                    .settle_fenced(&broker, crate::broker::txns::FENCE_TXN_WAIT)
+                    .await
+            } else {
+                Vec::new()
+            };
+            Ok(serde_json::json!({
+                "changed": changed,
+                "aborted_transactions": aborted,
+                "fence_aborted_transactions": fence_aborted,
+            }))
         }
         Control::RenewLease { ms } => {
             broker.renew_lease(ms).map_err(|e| e.to_string())?;

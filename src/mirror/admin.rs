@@ -308,6 +308,7 @@ fn not_caught_up(
 
 async fn fence(gw: &Gateway, f: FenceRequest) -> Result<Value, (StatusCode, String)> {
     let mut ends = BTreeMap::new();
+    let mut aborted_transactions = Vec::new();
     let mut epochs = BTreeMap::new();
     // Only under lease fencing may a fence lapse: the primary then still needs a majority's
     // lease to write, which no region gives it once it knows a newer epoch.
@@ -331,16 +332,28 @@ async fn fence(gw: &Gateway, f: FenceRequest) -> Result<Value, (StatusCode, Stri
                 ),
             ));
         }
-        gw.apply(
-            pattern,
-            RuleState {
-                fenced: f.fenced,
-                fence_until_ms,
-                ..st
-            },
-        )
-        .await
-        .map_err(|e| (StatusCode::CONFLICT, e))?;
+        let applied = gw
+            .apply_report(
+                pattern,
+                RuleState {
+                    fenced: f.fenced,
+                    fence_until_ms,
+                    ..st
+                },
+            )
+            .await
+            .map_err(|e| (StatusCode::CONFLICT, e))?;
+        // The broker ended this region's transactions on the fenced topics (or aborted them)
+        // before answering, so the ends below hold their markers.
+        for id in applied["fence_aborted_transactions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            if let Some(id) = id.as_str() {
+                aborted_transactions.push(id.to_string());
+            }
+        }
         // The gates are shut under each partition's lock: these ends are final.
         let o = offsets_of(gw, pattern)
             .await
@@ -363,6 +376,7 @@ async fn fence(gw: &Gateway, f: FenceRequest) -> Result<Value, (StatusCode, Stri
         fence_until_ms,
         ends,
         epochs,
+        aborted_transactions,
     };
     Ok(serde_json::to_value(answer).expect("serialisable"))
 }

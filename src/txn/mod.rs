@@ -79,6 +79,11 @@ impl Status {
         }
     }
 
+    /// Open or ending: the transaction still has markers to write.
+    pub fn unfinished(self) -> bool {
+        self == Status::Ongoing || self.preparing()
+    }
+
     fn preparing(self) -> bool {
         matches!(
             self,
@@ -533,13 +538,26 @@ impl Coordinator {
             })
             .map(|(id, m)| (id.clone(), m.clone()))
             .collect();
-        for (id, m) in expired {
-            let mut next = m.clone();
-            next.epoch = bump(m.epoch);
-            next.status = Status::PrepareAbort;
-            next.update_ms = now_ms;
-            self.write(&id, next, None);
+        for (id, _) in expired {
+            self.abort(now_ms, &id);
         }
+    }
+
+    /// Abort `transactional_id`'s open transaction now, fencing its producer (as a timeout
+    /// does): `true` if it was open and nothing else was pending for it.
+    pub fn abort(&mut self, now_ms: i64, transactional_id: &str) -> bool {
+        let Some(m) = self.txns.get(transactional_id).cloned() else {
+            return false;
+        };
+        if m.status != Status::Ongoing || self.busy.contains(transactional_id) {
+            return false;
+        }
+        let mut next = m.clone();
+        next.epoch = bump(m.epoch);
+        next.status = Status::PrepareAbort;
+        next.update_ms = now_ms;
+        self.write(transactional_id, next, None);
+        true
     }
 
     /// When [`Coordinator::tick`] has work next: the earliest timeout of an open transaction.

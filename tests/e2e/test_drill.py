@@ -143,8 +143,17 @@ def check_converged(regions: list[str], topic: str) -> list:
 
 def test_switchover_loses_nothing(running):
     path, regions, u, tmp = running
+    # A transaction left open in the primary: the fence waits for it a bounded time, then
+    # aborts it there (so the new primary takes over no open transaction), and says so.
+    txn_topic = f"drill-sw-txn-{int(time.time() * 1000)}"
+    producer = open_transaction(txn_topic, "drill-sw-txn")
     out = drill(path, "switchover", tmp)
     assert out["passed"], json.dumps(out)
+    assert out["fence_aborted_transactions"] == ["drill-sw-txn"], out
+    assert out["aborted_transactions"] == [], out
+    for r in regions:
+        assert txn_values(r, txn_topic, "read_committed") == [b"committed"], r
+    del producer
     assert out["rpo_records"] == 0 and out["quarantined_records"] == 0
     assert out["switchover_unavailable_ms"] is not None
     live = check_converged(regions, out["topic"])
@@ -179,14 +188,14 @@ def txn_values(region: str, topic: str, isolation: str) -> list:
     return out
 
 
-def open_transaction(topic: str):
+def open_transaction(topic: str, txn_id: str = "drill-txn"):
     """In east: a committed transaction, then one left open; both mirrored before returning.
     Returns the open one's producer."""
     from confluent_kafka import Producer
     from confluent_kafka.admin import AdminClient, NewTopic
     a = AdminClient({"bootstrap.servers": f"127.0.0.1:{KAFKA['east']}"})
     a.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])[topic].result(30)
-    p = Producer({"bootstrap.servers": f"127.0.0.1:{KAFKA['east']}", "transactional.id": "drill-txn",
+    p = Producer({"bootstrap.servers": f"127.0.0.1:{KAFKA['east']}", "transactional.id": txn_id,
                   "transaction.timeout.ms": 900000})
     p.init_transactions(30)
     p.begin_transaction()

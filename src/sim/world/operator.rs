@@ -274,6 +274,8 @@ impl World {
                     .map(|(t, ps)| (t, ps.into_iter().map(|p| p.epochs).collect()))
                     .collect(),
             )]),
+            // The simulator models no transactions.
+            aborted_transactions: Vec::new(),
         })
     }
 
