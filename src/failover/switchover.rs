@@ -482,6 +482,7 @@ mod tests {
             fence_until_ms: Some(50_000),
             ends: BTreeMap::from([("*".into(), BTreeMap::from([("t".into(), vec![7])]))]),
             epochs: BTreeMap::new(),
+            aborted_transactions: Vec::new(),
         };
         let Step::Promote { region, request } = op.fenced(Ok(answer)) else {
             panic!("then promote")
