@@ -41,7 +41,10 @@ impl Broker {
                 let now = now_ms();
                 let job = {
                     let st = p.state.lock().expect("partition lock");
-                    let bound = st.replica.high_watermark(st.log.next_offset());
+                    // Never past an open transaction: its outcome decides what stays.
+                    let bound = st
+                        .log
+                        .last_stable(st.replica.high_watermark(st.log.next_offset()));
                     match st.log.clean_job(bound, now) {
                         Ok(job) => {
                             if let Ok(Some(c)) = st.log.cleanable(bound, now) {

@@ -19,13 +19,18 @@
 //!   `delete.retention.ms` ago.
 //!
 //! Records without a key are dropped (a compacted topic refuses them; only records written
-//! before the topic became compacted can have none). Transactional and control batches are
-//! kept whole. Offsets never change: a kept record stays at its offset, a batch keeps its base
-//! offset and last offset delta, and a batch left with no record goes.
+//! before the topic became compacted can have none). Transactions, as Kafka's cleaner treats
+//! them: the cleanable part ends at the last stable offset (an open transaction's records are
+//! never looked at); a batch of an aborted transaction goes whole and maps nothing (its records
+//! were never visible to `read_committed`); a committed transaction's batches are compacted like
+//! any other; control batches (the COMMIT/ABORT markers) are kept. Offsets never change: a kept
+//! record stays at its offset, a batch keeps its base offset and last offset delta, and a batch
+//! left with no record goes.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+use super::txn::AbortedTxn;
 use crate::batch::{self, BatchError, BatchHeader, RecordView, HEADER_BYTES};
 
 /// Compaction settings of one partition (its topic's configs).
@@ -225,12 +230,27 @@ impl OffsetMap {
     }
 }
 
+/// Whether `h` is a batch of one of the `aborted` transactions.
+pub fn aborted(h: &BatchHeader, aborted: &[AbortedTxn]) -> bool {
+    h.is_transactional()
+        && !h.is_control()
+        && aborted.iter().any(|a| {
+            a.producer_id == h.producer_id
+                && a.first_offset <= h.base_offset
+                && h.base_offset < a.last_offset
+        })
+}
+
 /// Map the keys of one dirty batch. Returns `Ok(false)`, mapping nothing, when the batch's keys
-/// would not fit: the map then ends before this batch. Transactional and control batches map
-/// nothing (they are kept whole).
-pub fn map_batch(map: &mut OffsetMap, batch: &[u8]) -> Result<bool, BatchError> {
+/// would not fit: the map then ends before this batch. Control batches and batches of
+/// `aborted_txns` map nothing.
+pub fn map_batch(
+    map: &mut OffsetMap,
+    batch: &[u8],
+    aborted_txns: &[AbortedTxn],
+) -> Result<bool, BatchError> {
     let h = BatchHeader::parse(batch)?;
-    if h.is_control() || h.is_transactional() {
+    if h.is_control() || aborted(&h, aborted_txns) {
         return Ok(true);
     }
     let (h, plain) = batch::plain_records(batch)?;
@@ -292,11 +312,15 @@ pub enum Filtered {
 /// What a pass does to one whole batch, and how many kept tombstones it holds.
 pub fn filter_batch(
     batch: &[u8],
+    aborted_txns: &[AbortedTxn],
     mut keep: impl FnMut(&RecordView<'_>) -> bool,
 ) -> Result<(Filtered, usize), BatchError> {
     let h = BatchHeader::parse(batch)?;
-    if h.is_control() || h.is_transactional() {
+    if h.is_control() {
         return Ok((Filtered::Unchanged, 0));
+    }
+    if aborted(&h, aborted_txns) {
+        return Ok((Filtered::Dropped, 0));
     }
     let (h, plain) = batch::plain_records(batch)?;
     let spans = batch::record_spans(&h, &plain)?;
@@ -397,7 +421,7 @@ mod tests {
             None,
             &[rec(Some("a"), Some("1")), rec(Some("b"), Some("1"))],
         );
-        assert!(map_batch(&mut map, &b).unwrap());
+        assert!(map_batch(&mut map, &b, &[]).unwrap());
         let mut b2 = build::batch(
             0,
             0,
@@ -406,11 +430,67 @@ mod tests {
         );
         batch::set_base_offset(&mut b2, 2);
         assert!(
-            !map_batch(&mut map, &b2).unwrap(),
+            !map_batch(&mut map, &b2, &[]).unwrap(),
             "two more keys do not fit"
         );
         assert_eq!(map.len(), 2);
         assert_eq!((map.get(b"a"), map.get(b"b")), (Some(0), Some(1)));
+    }
+
+    #[test]
+    fn aborted_transactions_go_whole_committed_ones_compact_and_markers_stay() {
+        let txn = |base: i64, pid: i64, key: &str| {
+            let mut b = build::with_attributes(
+                build::batch(0, 1000, Some((pid, 0, 0)), &[rec(Some(key), Some("v"))]),
+                batch::TRANSACTIONAL,
+            );
+            batch::set_base_offset(&mut b, base);
+            b
+        };
+        let aborted = [AbortedTxn {
+            producer_id: 9,
+            first_offset: 10,
+            last_offset: 12,
+        }];
+        let mut marker =
+            super::super::txn::control_batch(9, 0, super::super::txn::Marker::Abort, 0, 1000);
+        batch::set_base_offset(&mut marker, 12);
+        let mut map = OffsetMap::new(1 << 20);
+        // The aborted batch maps nothing: its key must not hide an older committed value.
+        assert!(map_batch(&mut map, &txn(10, 9, "k"), &aborted).unwrap());
+        assert!(map_batch(&mut map, &marker, &aborted).unwrap());
+        assert!(map.is_empty());
+        assert!(map_batch(&mut map, &txn(20, 8, "k"), &aborted).unwrap());
+        assert_eq!(map.get(b"k"), Some(20));
+        let retain = Retain {
+            map: &map,
+            map_end: 100,
+            now_ms: 10_000,
+            delete_retention: Duration::from_secs(1),
+        };
+        let keep = |r: &RecordView<'_>| retain.keeps(r, 9_000);
+        assert_eq!(
+            filter_batch(&txn(10, 9, "k"), &aborted, keep).unwrap().0,
+            Filtered::Dropped
+        );
+        assert_eq!(
+            filter_batch(&marker, &aborted, keep).unwrap().0,
+            Filtered::Unchanged
+        );
+        // A committed transaction's older record of the key goes, the latest stays.
+        assert_eq!(
+            filter_batch(&txn(5, 8, "k"), &aborted, keep).unwrap().0,
+            Filtered::Dropped
+        );
+        assert_eq!(
+            filter_batch(&txn(20, 8, "k"), &aborted, keep).unwrap().0,
+            Filtered::Unchanged
+        );
+        // Another producer's batch inside the aborted range is not aborted.
+        assert_eq!(
+            filter_batch(&txn(11, 7, "j"), &aborted, keep).unwrap().0,
+            Filtered::Unchanged
+        );
     }
 
     #[test]
@@ -435,7 +515,7 @@ mod tests {
             now_ms: 10_000,
             delete_retention: Duration::from_secs(1),
         };
-        let (f, tombstones) = filter_batch(&b, |r| retain.keeps(r, 9_500)).unwrap();
+        let (f, tombstones) = filter_batch(&b, &[], |r| retain.keeps(r, 9_500)).unwrap();
         let Filtered::Rewritten(nb) = f else {
             panic!("expected a rewrite, got {f:?}")
         };
@@ -456,13 +536,16 @@ mod tests {
             ]
         );
         // Later, the tombstone's time is up too.
-        let (f, _) = filter_batch(&b, |r| retain.keeps(r, 5_000)).unwrap();
+        let (f, _) = filter_batch(&b, &[], |r| retain.keeps(r, 5_000)).unwrap();
         let Filtered::Rewritten(nb) = f else { panic!() };
         assert_eq!(batch::records(&nb).unwrap().len(), 1);
         // Nothing to drop: the same bytes; everything to drop: no batch.
-        let keep_all = filter_batch(&b, |_| true).unwrap().0;
+        let keep_all = filter_batch(&b, &[], |_| true).unwrap().0;
         assert_eq!(keep_all, Filtered::Unchanged);
-        assert_eq!(filter_batch(&b, |_| false).unwrap().0, Filtered::Dropped);
+        assert_eq!(
+            filter_batch(&b, &[], |_| false).unwrap().0,
+            Filtered::Dropped
+        );
     }
 
     #[test]
@@ -484,14 +567,15 @@ mod tests {
             Compression::Gzip
         );
         let mut map = OffsetMap::new(1 << 20);
-        assert!(map_batch(&mut map, &gz).unwrap());
+        assert!(map_batch(&mut map, &gz, &[]).unwrap());
         let retain = Retain {
             map: &map,
             map_end: 2,
             now_ms: 0,
             delete_retention: Duration::ZERO,
         };
-        let Filtered::Rewritten(nb) = filter_batch(&gz, |r| retain.keeps(r, 0)).unwrap().0 else {
+        let Filtered::Rewritten(nb) = filter_batch(&gz, &[], |r| retain.keeps(r, 0)).unwrap().0
+        else {
             panic!()
         };
         let h = batch::validate(&nb).unwrap();

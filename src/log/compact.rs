@@ -49,6 +49,8 @@ pub struct CleanJob {
     dir: PathBuf,
     sources: Vec<Source>,
     cleanable: Cleanable,
+    /// The aborted transactions in the cleanable range: their batches go.
+    aborted: Vec<super::txn::AbortedTxn>,
     compact: CompactConfig,
     segment_bytes: u64,
     index_interval_bytes: u64,
@@ -157,6 +159,7 @@ impl PartitionLog {
         Ok(Some(CleanJob {
             dir: self.dir.clone(),
             sources,
+            aborted: self.txns().aborted_in(self.start_offset(), c.end),
             cleanable: c,
             compact,
             segment_bytes: self.config.segment_bytes,
@@ -307,7 +310,7 @@ impl CleanJob {
                 if h.base_offset < first_dirty {
                     return Ok(true);
                 }
-                if !cleaner::map_batch(&mut map, b).map_err(bad)? {
+                if !cleaner::map_batch(&mut map, b, &self.aborted).map_err(bad)? {
                     map_end = h.base_offset;
                     full = true;
                     return Ok(false);
@@ -372,7 +375,8 @@ impl CleanJob {
                 for_each_batch(src, &dir, |b, h| {
                     stats.bytes_read += b.len() as u64;
                     let (f, tombstones) =
-                        cleaner::filter_batch(b, |r| retain.keeps(r, seg_ms)).map_err(bad)?;
+                        cleaner::filter_batch(b, &self.aborted, |r| retain.keeps(r, seg_ms))
+                            .map_err(bad)?;
                     if tombstones > 0 {
                         let due = seg_ms + self.compact.delete_retention.as_millis() as i64;
                         tombstone_due = Some(tombstone_due.map_or(due, |t: i64| t.min(due)));

@@ -109,11 +109,12 @@ def ck_consume(bootstrap: str, topic: str, partition: int = 0, offset: int = 0, 
         c.close()
 
 
-def ck_read_keyed(bootstrap: str, topic: str, partition: int = 0, timeout: float = 60) -> dict:
+def ck_read_keyed(bootstrap: str, topic: str, partition: int = 0, timeout: float = 60, **conf) -> dict:
     """Every record of a partition from its log start to its end: {offset: (key, value)}. A
-    consumer error raises AssertionError (callers that wait through a leader change catch it)."""
+    consumer error raises AssertionError (callers that wait through a leader change catch it).
+    `conf`: more consumer settings (e.g. isolation_level="read_uncommitted")."""
     from confluent_kafka import KafkaError, TopicPartition
-    c = ck_consumer(bootstrap, auto_offset_reset="earliest")
+    c = ck_consumer(bootstrap, auto_offset_reset="earliest", **conf)
     out = {}
     try:
         c.assign([TopicPartition(topic, partition, -2)])

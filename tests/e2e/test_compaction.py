@@ -204,3 +204,69 @@ def test_sigkill_while_the_cleaner_works_loses_nothing(broker):
         broker.kill()
         broker.start()
     wait_until(lambda: read_all(broker.bootstrap, t) == want, 90, "the compacted log after the kills")
+
+
+def test_transactions_in_a_compacted_topic(broker):
+    """Kafka's cleaner rules for transactions (a Kafka Streams changelog is compacted and
+    written in transactions): an aborted transaction's records go whole, a committed
+    transaction's older values compact away like any other, the markers stay, and nothing at
+    or past an open transaction's first offset is cleaned until it ends."""
+    from confluent_kafka import Producer
+    t = topic_name("compact-txn")
+    create(broker.bootstrap, t, COMPACT)
+    p = Producer({"bootstrap.servers": broker.bootstrap, "transactional.id": "compact-txn",
+                  "linger.ms": 5, "transaction.timeout.ms": 300000})
+    p.init_transactions(30)
+
+    def txn(values: dict[bytes, bytes], commit: bool):
+        p.begin_transaction()
+        for k, v in values.items():
+            p.produce(t, key=k, value=v, partition=0)
+        p.flush(30)
+        if commit:
+            p.commit_transaction(30)
+        else:
+            p.abort_transaction(30)
+
+    keys = [b"a", b"b", b"c", b"d", b"e"]
+    txn({k: b"c1" for k in keys}, True)
+    txn({k: b"aborted" for k in keys}, False)
+    txn({b"a": b"c3", b"b": b"c3"}, True)
+    # An open transaction: it overwrites c, but its outcome is not known yet. Past segment.ms,
+    # so it starts a new segment and the three transactions before it lie in a closed one (the
+    # segment holding the last stable offset is never cleaned).
+    time.sleep(0.5)
+    p.begin_transaction()
+    p.produce(t, key=b"c", value=b"open", partition=0)
+    p.flush(30)
+    time.sleep(0.5)
+    roll = produce(broker.bootstrap, t, [(b"~roll", b"x")])  # plain, after the open one
+    assert roll
+
+    def values(isolation: str) -> list[tuple]:
+        return sorted((k, v) for k, v in ck_read_keyed(broker.bootstrap, t, isolation_level=isolation).values())
+
+    # The aborted records and the overwritten c1 of a and b go; c's c1 stays (the open
+    # transaction's overwrite lies past the last stable offset, so it is not mapped).
+    want = [(b"a", b"c3"), (b"b", b"c3"), (b"c", b"c1"), (b"c", b"open"), (b"d", b"c1"),
+            (b"e", b"c1"), (b"~roll", b"x")]
+    seen = []
+    try:
+        wait_until(lambda: seen.append(values("read_uncommitted")) or seen[-1] == want, 60,
+                   "the cleaner applies the transaction rules")
+    except AssertionError:
+        raise AssertionError(f"read_uncommitted: {seen[-1]}")
+    assert values("read_committed") == [(b"a", b"c3"), (b"b", b"c3"), (b"c", b"c1"), (b"d", b"c1"),
+                                        (b"e", b"c1")], "read_committed stops at the open transaction"
+    p.commit_transaction(30)
+    time.sleep(0.5)
+    produce(broker.bootstrap, t, [(b"~roll", b"y")])
+    # (The first ~roll stays: the second is in the active segment, which is never cleaned.)
+    want = [(b"a", b"c3"), (b"b", b"c3"), (b"c", b"open"), (b"d", b"c1"), (b"e", b"c1"),
+            (b"~roll", b"x"), (b"~roll", b"y")]
+    try:
+        wait_until(lambda: seen.append(values("read_committed")) or seen[-1] == want, 60,
+                   "the committed overwrite compacts c1 away")
+    except AssertionError:
+        raise AssertionError(f"read_committed: {seen[-1]}")
+    assert values("read_uncommitted") == want
