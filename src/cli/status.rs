@@ -6,7 +6,8 @@
 //! primary region and each mirror region, the source's log end and high watermark, the mirror's
 //! log end (which is also what the mirror has acknowledged: the sink answers only after fsync),
 //! and the lag in records, bytes and seconds. Lag seconds are the age of the oldest record the
-//! mirror does not have yet.
+//! mirror does not have yet. Partitions with an open transaction (the last stable offset below
+//! the log end: `read_committed` consumers wait there) are listed with it.
 //!
 //! A mirror that holds records its primary does not have is reported as **diverged**, not as
 //! lag: its epoch history leaves the primary's (`log::epochs::divergence`), it holds records past
@@ -51,6 +52,9 @@ struct PartitionLag {
     partition: i32,
     source_log_end: i64,
     source_high_watermark: i64,
+    /// The source's last stable offset: below its end while a transaction is open there, which
+    /// holds `read_committed` consumers at it (`None`: not known).
+    source_last_stable: Option<i64>,
     mirrored: Option<i64>,
     acknowledged: Option<i64>,
     lag_records: Option<i64>,
@@ -277,6 +281,10 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
                     .list_offsets(&topic, &(0..n).collect::<Vec<_>>(), -1)
                     .await
                     .unwrap_or_default();
+                let src_stable = src
+                    .last_stable_offsets(&topic, &(0..n).collect::<Vec<_>>())
+                    .await
+                    .unwrap_or_default();
                 for mirror in &rule.mirrors {
                     let mirror_ends = match clients.get_mut(mirror) {
                         Some(c) => c
@@ -297,6 +305,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
                             partition: p,
                             source_log_end: src_end,
                             source_high_watermark: src_end,
+                            source_last_stable: src_stable.get(&p).copied(),
                             mirrored: m,
                             acknowledged: m,
                             lag_records: m.map(|m| (src_end - m).max(0)),
@@ -419,6 +428,27 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
                 .map(|s| format!("{s:.1}"))
                 .unwrap_or_else(|| "-".into()),
         );
+    }
+    let held: Vec<&PartitionLag> = status
+        .partitions
+        .iter()
+        .filter(|p| p.source_last_stable.is_some_and(|s| s < p.source_log_end))
+        .collect();
+    if !held.is_empty() {
+        println!("\nOPEN TRANSACTIONS (read_committed consumers wait at the last stable offset):");
+        let mut seen = std::collections::BTreeSet::new();
+        for p in held {
+            if seen.insert((&p.source, &p.topic, p.partition)) {
+                println!(
+                    "  {} {}-{}: last stable offset {} of {} (`kafka-transactions.sh describe-producers` names the producers)",
+                    p.source,
+                    p.topic,
+                    p.partition,
+                    p.source_last_stable.unwrap_or(-1),
+                    p.source_log_end
+                );
+            }
+        }
     }
     for p in status.partitions.iter().filter(|p| p.divergence.is_some()) {
         println!(

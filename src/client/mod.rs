@@ -398,12 +398,26 @@ impl Client {
         partitions: &[i32],
         timestamp: i64,
     ) -> Result<std::collections::BTreeMap<i32, (i16, i64)>, ClientError> {
+        self.list_offsets_isolated(topic, partitions, timestamp, 0)
+            .await
+    }
+
+    /// [`Client::list_offsets_coded`] at an isolation level (1: `read_committed`, whose latest
+    /// offset is the last stable offset).
+    pub async fn list_offsets_isolated(
+        &mut self,
+        topic: &str,
+        partitions: &[i32],
+        timestamp: i64,
+        isolation_level: i8,
+    ) -> Result<std::collections::BTreeMap<i32, (i16, i64)>, ClientError> {
         use kafka_protocol::messages::list_offsets_request::{
             ListOffsetsPartition, ListOffsetsRequest, ListOffsetsTopic,
         };
         use kafka_protocol::messages::{BrokerId, TopicName};
         let mut req = ListOffsetsRequest::default();
         req.replica_id = BrokerId(-1);
+        req.isolation_level = isolation_level;
         let mut t = ListOffsetsTopic::default();
         t.name = TopicName(StrBytes::from_string(topic.to_string()));
         for p in partitions {

@@ -304,6 +304,40 @@ impl RegionClient {
         Ok(out)
     }
 
+    /// Each partition's last stable offset (ListOffsets latest with `read_committed`): below
+    /// its log end while a transaction is open there.
+    pub async fn last_stable_offsets(
+        &mut self,
+        topic: &str,
+        partitions: &[i32],
+    ) -> Result<BTreeMap<i32, i64>, ClientError> {
+        let mut out = BTreeMap::new();
+        for p in partitions {
+            let t = topic.to_string();
+            let (code, o) = self
+                .at_leader(topic, *p, true, move |c| {
+                    let t = t.clone();
+                    let p = *p;
+                    Box::pin(async move {
+                        c.list_offsets_isolated(&t, &[p], -1, 1)
+                            .await?
+                            .remove(&p)
+                            .ok_or_else(|| ClientError::Kafka(format!("no offsets for {t}-{p}")))
+                    })
+                })
+                .await?;
+            if code != 0 {
+                return Err(ClientError::Kafka(format!(
+                    "{}: list offsets {topic}-{p}: {} ({code})",
+                    self.region,
+                    error_name(code)
+                )));
+            }
+            out.insert(*p, o);
+        }
+        Ok(out)
+    }
+
     /// Produce batches to one partition at its leader (see [`Client::produce`]): the error
     /// code and base offset. A leader error (nothing written) is retried at the new leader; a
     /// broken connection is returned (the batch may or may not be written).

@@ -219,6 +219,11 @@ def test_region_loss_reports_the_loss_it_quarantines(running):
     # drill's report names it.
     txn_topic = f"drill-txn-{int(time.time() * 1000)}"
     producer = open_transaction(txn_topic)
+    # `ferry status` shows the partition held at the open transaction's first offset.
+    st = subprocess.run([str(FERRY_BIN), "status", "--topology", str(path), "--json", "--certs", str(tmp)],
+                        capture_output=True, timeout=60)
+    rows = [p for p in json.loads(st.stdout)["partitions"] if p["topic"] == txn_topic]
+    assert rows and all((p["source_last_stable"], p["source_log_end"]) == (2, 3) for p in rows), rows
     out = drill(path, "region-loss", tmp)
     assert out["passed"], json.dumps(out)
     check_converged(regions, out["topic"])
