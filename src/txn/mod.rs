@@ -786,6 +786,43 @@ mod tests {
     }
 
     #[test]
+    fn writes_are_verified_against_the_open_transaction_and_abort_fences() {
+        let mut c = Coordinator::new(TxnConfig::default());
+        c.init_producer_id(1, 0, "app", 60_000, 7, None);
+        let (p, e) = pid(&settle(&mut c, 0));
+        let t0 = ("t".to_string(), 0);
+        let t1 = ("t".to_string(), 1);
+        assert_eq!(
+            c.verify("app", p, e, &t0),
+            code::INVALID_TXN_STATE,
+            "not begun"
+        );
+        c.add_partitions(2, 1, "app", p, e, std::slice::from_ref(&t0));
+        settle(&mut c, 1);
+        assert_eq!(c.verify("app", p, e, &t0), code::NONE);
+        assert_eq!(
+            c.verify("app", p, e, &t1),
+            code::INVALID_TXN_STATE,
+            "not added"
+        );
+        assert_eq!(
+            c.verify("app", p + 1, e, &t0),
+            code::INVALID_PRODUCER_ID_MAPPING
+        );
+        assert_eq!(
+            c.verify("other", p, e, &t0),
+            code::INVALID_PRODUCER_ID_MAPPING
+        );
+        assert!(c.abort(2, "app"));
+        assert!(!c.abort(2, "app"), "a write is pending");
+        settle(&mut c, 2);
+        let m = c.get("app").unwrap();
+        assert_eq!((m.status, m.epoch), (Status::CompleteAbort, e + 1));
+        assert_eq!(c.verify("app", p, e, &t0), code::PRODUCER_FENCED);
+        assert!(!c.abort(3, "app"), "nothing open");
+    }
+
+    #[test]
     fn a_replayed_coordinator_finishes_what_was_preparing() {
         let mut c = Coordinator::new(TxnConfig::default());
         let m = TxnMeta {
