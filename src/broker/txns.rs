@@ -118,11 +118,13 @@ impl TxnService {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
                 tick.tick().await;
-                let actions = {
+                let (actions, open) = {
                     let mut c = me.coord.lock().expect("txn coordinator lock");
                     c.tick(now_ms());
-                    c.take_actions()
+                    let open = c.all().filter(|(_, m)| m.status.unfinished()).count();
+                    (c.take_actions(), open)
                 };
+                metrics::gauge!("ferry_txn_open").set(open as f64);
                 me.run(actions);
             }
         });
@@ -329,6 +331,8 @@ impl TxnService {
                     partitions,
                 } => {
                     let me = self.clone();
+                    let outcome = if commit { "commit" } else { "abort" };
+                    metrics::counter!("ferry_txn_ended_total", "outcome" => outcome).increment(1);
                     tokio::spawn(async move {
                         me.write_markers(producer_id, epoch, commit, partitions)
                             .await;
@@ -505,6 +509,7 @@ impl TxnService {
             match rx.await {
                 Ok(Ok(ok)) => {
                     tracing::warn!(topic = %part.topic, partition = part.index, producer_id = pid, first_offset = first, marker_offset = ok.base_offset, "aborted a transaction the old primary left open");
+                    metrics::counter!("ferry_txn_orphans_aborted_total").increment(1);
                     done.push(OrphanAbort {
                         topic: part.topic.to_string(),
                         partition: part.index,
