@@ -33,6 +33,13 @@ use crate::txn::{self, code, Action, Answer, Coordinator, Token, TxnConfig, TxnM
 /// Markers that could not be written are tried again after this long.
 const MARKER_RETRY: Duration = Duration::from_millis(500);
 
+/// How long a marker of a synchronously mirrored topic waits for its mirrors in one try.
+const MARKER_MIRROR_WAIT: Duration = Duration::from_secs(5);
+
+/// How long EndTxn waits for a commit's markers to reach the synchronous mirrors before it
+/// answers CONCURRENT_TRANSACTIONS (the client asks again, and is answered once they are).
+const END_TXN_SYNC_WAIT: Duration = Duration::from_secs(20);
+
 /// How long a switchover's fence waits for this region's open transactions on the fenced
 /// topics to end before aborting them, and then for their abort markers.
 pub const FENCE_TXN_WAIT: Duration = Duration::from_secs(5);
@@ -279,10 +286,39 @@ impl TxnService {
         if !self.serving {
             return code::NOT_COORDINATOR;
         }
-        let answer = self
-            .call(|c, t| c.end_txn(t, now_ms(), id, producer_id, epoch, commit))
-            .await;
-        code_of(answer)
+        let sync = self.broker().is_some_and(|b| {
+            self.with(|c| {
+                c.get(id).is_some_and(|m| {
+                    m.partitions
+                        .iter()
+                        .any(|(t, _)| !b.sync_mirrors(t).is_empty())
+                })
+            })
+        });
+        let answer = code_of(
+            self.call(|c, t| c.end_txn(t, now_ms(), id, producer_id, epoch, commit))
+                .await,
+        );
+        if answer != code::NONE || !commit || !sync {
+            return answer;
+        }
+        // A synchronously mirrored topic: the commit is answered once its markers are in the
+        // mirrors (the transaction is complete), as an acks=all produce there is.
+        let deadline = tokio::time::Instant::now() + END_TXN_SYNC_WAIT;
+        loop {
+            let done = self.with(|c| {
+                c.get(id).is_none_or(|m| {
+                    m.producer_id != producer_id || m.status != txn::Status::PrepareCommit
+                })
+            });
+            if done {
+                return code::NONE;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return code::CONCURRENT_TRANSACTIONS;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Whether a transactional batch of `producer_id` at `epoch` may go to `partition` now.
@@ -405,7 +441,9 @@ impl TxnService {
                             if let Some(e) = stamp {
                                 batch::set_partition_leader_epoch(&mut bytes, e);
                             }
-                            submit(&self.writer, &part, bytes, None).await.map(Some)
+                            submit(&self.writer, &part, bytes, None)
+                                .await
+                                .map(|rx| Some((part.clone(), rx)))
                         }
                     },
                 };
@@ -415,7 +453,20 @@ impl TxnService {
             for ((t, p), queued) in left.iter().zip(waiting) {
                 let r = match queued {
                     Ok(None) => Ok(()),
-                    Ok(Some(rx)) => written(rx).await,
+                    Ok(Some((part, rx))) => match written_at(rx).await {
+                        // A synchronously mirrored topic: the marker counts once every
+                        // synchronous mirror region holds it, so a failover there never aborts
+                        // a transaction this region committed.
+                        Ok(end) => {
+                            let regions = broker.sync_mirrors(t);
+                            if regions.is_empty() || part.mirrors_have(&regions, end) {
+                                Ok(())
+                            } else {
+                                wait_mirrored(&part, &regions, end).await
+                            }
+                        }
+                        Err(e) => Err(e),
+                    },
                     Err(e) => Err(e),
                 };
                 match r {
@@ -591,9 +642,33 @@ async fn submit(
 }
 
 async fn written(rx: oneshot::Receiver<AppendResult>) -> Result<(), String> {
+    written_at(rx).await.map(|_| ())
+}
+
+/// Wait for a single-record batch's append: the offset after it.
+async fn written_at(rx: oneshot::Receiver<AppendResult>) -> Result<i64, String> {
     match rx.await {
-        Ok(Ok(_)) => Ok(()),
+        Ok(Ok(ok)) => Ok(ok.base_offset + 1),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("the writer stopped".into()),
+    }
+}
+
+/// Wait up to [`MARKER_MIRROR_WAIT`] until every region in `regions` holds `part` below `end`.
+async fn wait_mirrored(part: &Partition, regions: &[String], end: i64) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + MARKER_MIRROR_WAIT;
+    loop {
+        let notified = part.mirror_acked.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if part.mirrors_have(regions, end) {
+            return Ok(());
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return Err(format!(
+                "the marker is not yet in the synchronous mirror region(s) {}",
+                regions.join(", ")
+            ));
+        }
     }
 }

@@ -437,6 +437,31 @@ def test_sync_mode_answers_acks_all_only_once_the_mirror_has_it(regions_factory)
     assert p.flush(60) == 0 and done == [None], done
 
 
+def test_sync_mode_answers_a_commit_only_once_the_mirror_has_its_markers(regions_factory):
+    """A transaction on a synchronously mirrored topic: commit_transaction() returns once west
+    holds the COMMIT marker, so read_committed in west already sees the transaction (a failover
+    then never aborts what east committed)."""
+    from confluent_kafka import Consumer, Producer, TopicPartition
+    from helpers import ck_create_topic
+    r = regions_factory(["east", "west"], mode="sync")
+    topic = "ledger-txn"
+    ck_create_topic(r.bootstrap("east"), topic)
+    p = Producer({"bootstrap.servers": r.bootstrap("east"), "transactional.id": "sync-txn"})
+    p.init_transactions(30)
+    west = Consumer({"bootstrap.servers": r.bootstrap("west"), "group.id": "sync-txn-check",
+                     "isolation.level": "read_committed"})
+    try:
+        for i in range(10):
+            p.begin_transaction()
+            p.produce(topic, value=f"t{i}".encode(), partition=0)
+            p.commit_transaction(30)
+            # Each transaction is a record and its marker: west's last stable offset is there.
+            _, stable = west.get_watermark_offsets(TopicPartition(topic, 0), timeout=10, cached=False)
+            assert stable == 2 * (i + 1), (i, stable)
+    finally:
+        west.close()
+
+
 def test_snappy_on_the_wire_sends_fewer_bytes_and_stores_the_same(regions_factory):
     """`wire_compression = "snappy"`: uncompressed client batches travel Snappy-compressed and
     the mirror stores the source's bytes; batches the client compressed travel as they are."""
