@@ -232,6 +232,10 @@ pub fn apply(broker: &Arc<Broker>, link: &ClusterLink, prev: &Image, img: &Image
                 let min_insync = min_insync(link, &t.configs);
                 broker.groups().on_role(&part, &role, min_insync);
             }
+            if name == crate::txn::log::TOPIC && p == 0 {
+                let min_insync = min_insync(link, &t.configs);
+                broker.txns().on_role(&part, &role, min_insync);
+            }
             if let Replica::Follower {
                 leader,
                 leader_epoch,

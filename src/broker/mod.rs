@@ -8,6 +8,7 @@
 pub mod cleaner;
 pub mod cluster;
 pub mod groups;
+pub mod markers;
 pub mod producer;
 pub mod quarantine;
 pub mod replay;

@@ -37,9 +37,9 @@ pub fn topic_for(topic: &str) -> String {
     format!("{PREFIX}{topic}")
 }
 
-/// How a broker of a region cluster reaches the others as a client, for the quarantine: the
-/// binary provides it (`cli::broker`, with Ferry's Kafka client), so this module does not
-/// depend on the client or the wire format.
+/// How a broker of a region cluster reaches the others as a client, for the quarantine and
+/// the transaction coordinator: the binary provides it (`cli::broker`, with Ferry's Kafka
+/// client), so the broker does not depend on the client or the wire format.
 pub trait RegionPeers: Send + Sync {
     /// Produce one batch with `acks=all` to `topic`-`partition` at its leader among `brokers`
     /// (Kafka addresses), following the leader if it moves.
@@ -59,6 +59,36 @@ pub trait RegionPeers: Send + Sync {
         partition: i32,
         offset: i64,
     ) -> PeerFuture<usize>;
+    /// Send one transaction's marker to the broker at `addr`, which leads every partition
+    /// named (WriteTxnMarkers: at its internal door when this broker has the region's
+    /// certificate, else on its Kafka listener). Answers each partition's error code.
+    fn write_txn_markers(
+        &self,
+        addr: String,
+        marker: super::markers::TxnMarker,
+    ) -> PeerFuture<Vec<((String, i32), i16)>>;
+    /// Ask the broker at `addr` (its internal door) to abort the transactions the old primary
+    /// left open in the partitions of `topics` it leads ([`super::txns::TxnService::abort_led`]).
+    fn abort_orphans(
+        &self,
+        addr: String,
+        topics: Vec<String>,
+    ) -> PeerFuture<Vec<super::txns::OrphanAbort>>;
+    /// Ask the transaction coordinator at `addr` (its internal door) to settle the
+    /// transactions on `topics`, which a switchover fenced: the transactional ids it aborted.
+    fn settle_fenced(&self, addr: String, topics: Vec<String>) -> PeerFuture<Vec<String>>;
+    /// Ask the transaction coordinator at `addr` whether `topic`-`partition` is in the open
+    /// transaction of `transactional_id` at producer `producer_id`, `epoch` (KIP-890's
+    /// AddPartitionsToTxn with `verify_only`): its error code for the partition.
+    fn verify_txn(
+        &self,
+        addr: String,
+        transactional_id: String,
+        producer_id: i64,
+        epoch: i16,
+        topic: String,
+        partition: i32,
+    ) -> PeerFuture<i16>;
 }
 
 /// What a [`RegionPeers`] call returns.

@@ -3,28 +3,36 @@
 //!
 //! Owns: running the coordinator's actions. A state write is one record (Kafka's key and value,
 //! [`crate::txn::log`]) appended with `acks=all` to `__transaction_state` (one partition,
-//! compacted); the coordinator applies it only once it is on disk. Markers are control batches
-//! appended to each partition of the transaction through the group commit writer (`acks=all`,
-//! retried until written: a transaction's end must reach every partition); a marker in
-//! `__consumer_offsets` also settles the offsets the transaction committed
-//! ([`super::groups::GroupService::on_txn_marker`]). On start the log is replayed and every
+//! compacted); the coordinator applies it only once it is on disk (in a region cluster: once
+//! every in-sync replica has it). Markers go to each partition of the transaction
+//! ([`super::markers`]): written here for the partitions this broker holds or leads, sent with
+//! WriteTxnMarkers to the leaders of the others, retried until each has its marker (a
+//! transaction's end must reach every partition). On start the log is replayed and every
 //! transaction that was preparing gets its markers again.
 //!
+//! In a region cluster `__transaction_state` is a replicated cluster topic (created on the
+//! first FindCoordinator for a transactional id) and this broker coordinates transactions only
+//! while it leads its partition ([`TxnService::on_role`]): taking the lead replays the log into
+//! a fresh coordinator, which resumes the transactions that were preparing; losing it drops
+//! every transaction and deferred answer here (clients find the new coordinator). Work begun
+//! under an earlier leadership is discarded when it completes (a generation counter). The
+//! partition leaders of a cluster check transactional produces with the coordinator
+//! ([`TxnService::verify_produce`]).
+//!
 //! Does not own: the protocol rules ([`crate::txn`]) or the wire ([`crate::kafka::txn`]).
-//! Serves alone in a region only: in a region cluster the coordinator would need markers sent
-//! to other brokers (WriteTxnMarkers) and a replicated `__transaction_state`, which is not
-//! built yet, so FindCoordinator refuses transactional ids there at once.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use super::writer::{AppendRequest, AppendResult, Writer};
-use super::{Broker, Partition};
-use crate::batch::{self, build};
+use super::groups::Serving;
+use super::markers::{submit, written_at, Route, TxnMarker};
+use super::writer::Writer;
+use super::{Broker, NotReplicated, Partition};
+use crate::batch::build;
 use crate::clock::now_ms;
 use crate::log::txn::{control_batch, Marker};
 use crate::replica::Replica;
@@ -33,8 +41,13 @@ use crate::txn::{self, code, Action, Answer, Coordinator, Token, TxnConfig, TxnM
 /// Markers that could not be written are tried again after this long.
 const MARKER_RETRY: Duration = Duration::from_millis(500);
 
-/// How long a marker of a synchronously mirrored topic waits for its mirrors in one try.
-const MARKER_MIRROR_WAIT: Duration = Duration::from_secs(5);
+/// How long a state write in a region cluster waits for every in-sync replica (Kafka's
+/// `transaction.state.log` writes time out as `request.timeout.ms` does).
+const STATE_REPLICATION_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a promoted cluster's leader waits for its write gate before aborting the old
+/// primary's open transactions.
+const ORPHAN_GATE_WAIT: Duration = Duration::from_secs(10);
 
 /// How long EndTxn waits for a commit's markers to reach the synchronous mirrors before it
 /// answers CONCURRENT_TRANSACTIONS (the client asks again, and is answered once they are).
@@ -44,15 +57,36 @@ const END_TXN_SYNC_WAIT: Duration = Duration::from_secs(20);
 /// topics to end before aborting them, and then for their abort markers.
 pub const FENCE_TXN_WAIT: Duration = Duration::from_secs(5);
 
+/// Whether [`TxnService::verify_anywhere`]'s answer means "not now": the coordinator could
+/// not be asked or answer (a produce then answers NOT_ENOUGH_REPLICAS, as Kafka does, and a
+/// TxnOffsetCommit COORDINATOR_LOAD_IN_PROGRESS; both are retried by the clients).
+pub fn retriable(code: i16) -> bool {
+    matches!(
+        code,
+        code::NOT_COORDINATOR
+            | code::COORDINATOR_NOT_AVAILABLE
+            | 14
+            | code::CONCURRENT_TRANSACTIONS
+    )
+}
+
+/// The state log and this broker's part in it.
+#[derive(Clone)]
+struct Seat {
+    /// `__transaction_state-0`, once this broker has it.
+    log: Option<Arc<Partition>>,
+    serving: Serving,
+}
+
 pub struct TxnService {
-    coord: Mutex<Coordinator>,
+    /// The coordinator, with the generation it belongs to: every change of leadership starts a
+    /// new one, and work begun under an older one is discarded when it completes.
+    coord: Mutex<(Coordinator, u64)>,
     waiters: Mutex<HashMap<Token, oneshot::Sender<Answer>>>,
     next_token: AtomicU64,
-    /// `__transaction_state-0`, when this broker coordinates transactions (alone in its
-    /// region).
-    log: Option<Arc<Partition>>,
+    seat: RwLock<Seat>,
     writer: Writer,
-    serving: bool,
+    config: TxnConfig,
     broker: OnceLock<Weak<Broker>>,
 }
 
@@ -79,21 +113,21 @@ fn replay(log: &Partition, config: TxnConfig) -> Coordinator {
 }
 
 impl TxnService {
-    /// Replay `__transaction_state` (its partition `log`); without one, refuse transactions.
+    /// Replay `__transaction_state` (its partition `log`), alone in a region; without one (a
+    /// region cluster), wait for [`TxnService::on_role`] to name this broker the coordinator.
     pub fn open(log: Option<Arc<Partition>>, writer: Writer) -> TxnService {
         let config = TxnConfig::default();
-        let serving = log.is_some();
-        let coord = match &log {
-            Some(log) => replay(log, config),
-            None => Coordinator::new(config),
+        let (coord, serving) = match &log {
+            Some(log) => (replay(log, config.clone()), Serving::Solo),
+            None => (Coordinator::new(config.clone()), Serving::No),
         };
         TxnService {
-            coord: Mutex::new(coord),
+            coord: Mutex::new((coord, 0)),
             waiters: Mutex::new(HashMap::new()),
             next_token: AtomicU64::new(1),
-            log,
+            seat: RwLock::new(Seat { log, serving }),
             writer,
-            serving,
+            config,
             broker: OnceLock::new(),
         }
     }
@@ -103,42 +137,105 @@ impl TxnService {
         let _ = self.broker.set(broker);
     }
 
-    /// Whether this broker coordinates transactions.
-    pub fn serving(&self) -> bool {
-        self.serving
+    fn seat(&self) -> Seat {
+        self.seat.read().expect("seat lock").clone()
     }
 
-    /// Finish what was preparing before the last stop, then run the clock (transaction
-    /// timeouts) until the process ends.
-    pub fn start(self: &Arc<Self>) {
-        if !self.serving {
+    /// Whether this broker coordinates transactions now.
+    pub fn serving(&self) -> bool {
+        self.seat().serving != Serving::No
+    }
+
+    /// The coordinator's epoch, sent with its markers: the leader epoch of
+    /// `__transaction_state-0` in a cluster, 0 alone in a region.
+    fn coordinator_epoch(&self) -> i32 {
+        match self.seat().serving {
+            Serving::Leader { epoch, .. } => epoch,
+            _ => 0,
+        }
+    }
+
+    fn generation(&self) -> u64 {
+        self.coord.lock().expect("txn coordinator lock").1
+    }
+
+    /// In a region cluster: follow this broker's part in `__transaction_state-0` (`log`).
+    /// Taking the lead (at a new leader epoch) replays the log into a fresh coordinator and
+    /// resumes the transactions that were preparing; losing it drops every transaction and
+    /// deferred answer here.
+    pub fn on_role(self: &Arc<Self>, log: &Arc<Partition>, role: &Replica, min_insync: usize) {
+        let want = match role {
+            Replica::Leader(l) => Serving::Leader {
+                epoch: l.leader_epoch(),
+                min_insync,
+            },
+            _ => Serving::No,
+        };
+        let cur = self.seat();
+        if cur.serving == want && cur.log.as_ref().is_some_and(|l| Arc::ptr_eq(l, log)) {
             return;
         }
-        let actions = {
-            let mut c = self.coord.lock().expect("txn coordinator lock");
-            c.resume();
-            c.take_actions()
+        let fresh = match want {
+            Serving::Leader { epoch, .. } => {
+                tracing::info!(leader_epoch = epoch, "coordinating transactions here");
+                replay(log, self.config.clone())
+            }
+            _ => {
+                if cur.serving != Serving::No {
+                    tracing::info!("no longer the transaction coordinator");
+                }
+                Coordinator::new(self.config.clone())
+            }
         };
-        self.run(actions);
+        let (actions, generation) = {
+            let mut c = self.coord.lock().expect("txn coordinator lock");
+            c.0 = fresh;
+            c.1 += 1;
+            *self.seat.write().expect("seat lock") = Seat {
+                log: Some(log.clone()),
+                serving: want,
+            };
+            if want != Serving::No {
+                c.0.resume();
+            }
+            (c.0.take_actions(), c.1)
+        };
+        // Deferred answers end (their clients see COORDINATOR_NOT_AVAILABLE and look the
+        // coordinator up again).
+        self.waiters.lock().expect("waiters lock").clear();
+        self.run(actions, generation);
+    }
+
+    /// Finish what was preparing before the last stop (alone in a region), then run the
+    /// clock (transaction timeouts) until the process ends.
+    pub fn start(self: &Arc<Self>) {
+        if self.seat().serving == Serving::Solo {
+            let (actions, generation) = {
+                let mut c = self.coord.lock().expect("txn coordinator lock");
+                c.0.resume();
+                (c.0.take_actions(), c.1)
+            };
+            self.run(actions, generation);
+        }
         let me = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
                 tick.tick().await;
-                let (actions, open) = {
+                let (actions, generation, open) = {
                     let mut c = me.coord.lock().expect("txn coordinator lock");
-                    c.tick(now_ms());
-                    let open = c.all().filter(|(_, m)| m.status.unfinished()).count();
-                    (c.take_actions(), open)
+                    c.0.tick(now_ms());
+                    let open = c.0.all().filter(|(_, m)| m.status.unfinished()).count();
+                    (c.0.take_actions(), c.1, open)
                 };
                 metrics::gauge!("ferry_txn_open").set(open as f64);
-                me.run(actions);
+                me.run(actions, generation);
             }
         });
     }
 
     pub fn with<R>(&self, f: impl FnOnce(&Coordinator) -> R) -> R {
-        f(&self.coord.lock().expect("txn coordinator lock"))
+        f(&self.coord.lock().expect("txn coordinator lock").0)
     }
 
     /// Run `f` on the coordinator with a fresh request token and wait for its answer.
@@ -146,12 +243,12 @@ impl TxnService {
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.waiters.lock().expect("waiters lock").insert(token, tx);
-        let actions = {
+        let (actions, generation) = {
             let mut c = self.coord.lock().expect("txn coordinator lock");
-            f(&mut c, token);
-            c.take_actions()
+            f(&mut c.0, token);
+            (c.0.take_actions(), c.1)
         };
-        self.run(actions);
+        self.run(actions, generation);
         rx.await
             .unwrap_or(Answer::Code(code::COORDINATOR_NOT_AVAILABLE))
     }
@@ -164,7 +261,7 @@ impl TxnService {
         current: Option<(i64, i16)>,
     ) -> (i16, i64, i16) {
         let fail = |e| (e, -1, -1);
-        if !self.serving {
+        if !self.serving() {
             return fail(code::NOT_COORDINATOR);
         }
         // A new producer id only when the transactional id has none or its epoch ran out.
@@ -202,7 +299,7 @@ impl TxnService {
     /// `wait` again for their markers. So the fence's log ends hold every transaction's end
     /// and the new primary finds none of ours open. Returns the transactional ids aborted.
     pub async fn settle_fenced(self: &Arc<Self>, broker: &Broker, wait: Duration) -> Vec<String> {
-        if !self.serving {
+        if !self.serving() {
             return Vec::new();
         }
         let fenced = |t: &str| broker.placement(t).is_some_and(|p| p.fenced);
@@ -231,17 +328,19 @@ impl TxnService {
                 }
                 aborting = true;
                 deadline = tokio::time::Instant::now() + wait;
-                let actions = {
+                let (actions, generation) = {
                     let mut c = self.coord.lock().expect("txn coordinator lock");
+                    let generation = c.1;
+                    let c = &mut c.0;
                     for (id, status) in &left {
                         if *status == txn::Status::Ongoing && c.abort(now_ms(), id) {
                             tracing::warn!(transactional_id = %id, "a switchover aborts a transaction still open at its fence");
                             aborted.push(id.clone());
                         }
                     }
-                    c.take_actions()
+                    (c.take_actions(), generation)
                 };
-                self.run(actions);
+                self.run(actions, generation);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -255,7 +354,7 @@ impl TxnService {
         epoch: i16,
         partitions: Vec<(String, i32)>,
     ) -> i16 {
-        if !self.serving {
+        if !self.serving() {
             return code::NOT_COORDINATOR;
         }
         // No transaction joins a topic fenced for a switchover, or one whose primary moved
@@ -283,7 +382,7 @@ impl TxnService {
         epoch: i16,
         commit: bool,
     ) -> i16 {
-        if !self.serving {
+        if !self.serving() {
             return code::NOT_COORDINATOR;
         }
         let sync = self.broker().is_some_and(|b| {
@@ -323,7 +422,7 @@ impl TxnService {
 
     /// Whether a transactional batch of `producer_id` at `epoch` may go to `partition` now.
     pub fn verify(&self, id: &str, producer_id: i64, epoch: i16, partition: &(String, i32)) -> i16 {
-        if !self.serving {
+        if !self.serving() {
             return code::NOT_COORDINATOR;
         }
         self.with(|c| c.verify(id, producer_id, epoch, partition))
@@ -333,9 +432,78 @@ impl TxnService {
         self.broker.get().and_then(Weak::upgrade)
     }
 
-    /// Carry out the coordinator's actions: answers at once, writes and markers in tasks that
-    /// report back.
-    fn run(self: &Arc<Self>, actions: Vec<Action>) {
+    /// Whether a transactional batch of `producer_id` at `epoch` may go to `topic`-`partition`
+    /// at this broker, which holds or leads it (KIP-890): asked of this broker's coordinator
+    /// when it is the coordinator; in a region cluster otherwise of the coordinator (the
+    /// leader of `__transaction_state-0`), unless the partition already holds this producer's
+    /// open transaction at this epoch (its first batch was checked). COORDINATOR_NOT_AVAILABLE
+    /// when the coordinator cannot be asked now (the caller maps the coordinator's retriable
+    /// errors to its own API's: [`retriable`]).
+    pub async fn verify_anywhere(
+        &self,
+        broker: &Broker,
+        id: &str,
+        producer_id: i64,
+        epoch: i16,
+        topic: &str,
+        partition: i32,
+    ) -> i16 {
+        if self.serving() {
+            return self.verify(id, producer_id, epoch, &(topic.to_string(), partition));
+        }
+        let Some(link) = broker.cluster() else {
+            return code::NOT_COORDINATOR;
+        };
+        if let Some(part) = broker.partition(topic, partition) {
+            let st = part.state.lock().expect("partition lock");
+            let open = st.log.txns().open().any(|(pid, _)| pid == producer_id);
+            if open
+                && st
+                    .producers
+                    .describe()
+                    .any(|(pid, e, _)| pid == producer_id && e == epoch)
+            {
+                return code::NONE;
+            }
+        }
+        let img = link.member.image();
+        let leader = img
+            .partitions
+            .get(&(txn::log::TOPIC.to_string(), 0))
+            .map(|s| s.value.leader);
+        let Some(b) = leader.and_then(|l| img.brokers.get(&l)) else {
+            return code::COORDINATOR_NOT_AVAILABLE;
+        };
+        if b.id == link.id() {
+            // The coordinator is this broker, which has not taken the part yet.
+            return code::COORDINATOR_NOT_AVAILABLE;
+        }
+        let Some(peers) = broker.peers().cloned() else {
+            return code::COORDINATOR_NOT_AVAILABLE;
+        };
+        let addr = format!("{}:{}", b.host, b.port);
+        match peers
+            .verify_txn(
+                addr.clone(),
+                id.to_string(),
+                producer_id,
+                epoch,
+                topic.to_string(),
+                partition,
+            )
+            .await
+        {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(coordinator = %addr, error = %e, "could not check a transactional write with the coordinator");
+                code::COORDINATOR_NOT_AVAILABLE
+            }
+        }
+    }
+
+    /// Carry out the coordinator's actions (taken at `generation`): answers at once, writes
+    /// and markers in tasks that report back, unless the coordinator changed meanwhile.
+    fn run(self: &Arc<Self>, actions: Vec<Action>, generation: u64) {
         for a in actions {
             match a {
                 Action::Reply { request, answer } => {
@@ -349,14 +517,18 @@ impl TxnService {
                     meta,
                 } => {
                     let me = self.clone();
+                    let seat = self.seat();
                     tokio::spawn(async move {
-                        let error = me.write_state(&transactional_id, &meta).await;
+                        let error = me.write_state(&seat, &transactional_id, &meta).await;
                         let actions = {
                             let mut c = me.coord.lock().expect("txn coordinator lock");
-                            c.on_written(write, error == code::NONE, error);
-                            c.take_actions()
+                            if c.1 != generation {
+                                return;
+                            }
+                            c.0.on_written(write, error == code::NONE, error);
+                            c.0.take_actions()
                         };
-                        me.run(actions);
+                        me.run(actions, generation);
                     });
                 }
                 Action::Markers {
@@ -370,14 +542,21 @@ impl TxnService {
                     let outcome = if commit { "commit" } else { "abort" };
                     metrics::counter!("ferry_txn_ended_total", "outcome" => outcome).increment(1);
                     tokio::spawn(async move {
-                        me.write_markers(producer_id, epoch, commit, partitions)
-                            .await;
+                        if !me
+                            .write_markers(generation, producer_id, epoch, commit, partitions)
+                            .await
+                        {
+                            return;
+                        }
                         let actions = {
                             let mut c = me.coord.lock().expect("txn coordinator lock");
-                            c.on_markers_written(now_ms(), &transactional_id);
-                            c.take_actions()
+                            if c.1 != generation {
+                                return;
+                            }
+                            c.0.on_markers_written(now_ms(), &transactional_id);
+                            c.0.take_actions()
                         };
-                        me.run(actions);
+                        me.run(actions, generation);
                     });
                 }
             }
@@ -385,109 +564,144 @@ impl TxnService {
     }
 
     /// Append one transactional id's state to `__transaction_state` and wait until it is on
-    /// disk: NONE, or the error the request waiting on it gets.
-    async fn write_state(&self, id: &str, meta: &TxnMeta) -> i16 {
+    /// disk (in a cluster: in every in-sync replica): NONE, or the error the request waiting
+    /// on it gets.
+    async fn write_state(&self, seat: &Seat, id: &str, meta: &TxnMeta) -> i16 {
         let record = build::Record {
             key: Some(txn::log::key(id)),
             value: Some(txn::log::value(meta)),
             ..Default::default()
         };
         let bytes = build::batch(0, now_ms(), None, &[record]);
-        let Some(log) = &self.log else {
+        let Some(log) = &seat.log else {
             return code::NOT_COORDINATOR;
         };
-        match append(&self.writer, log, bytes, None).await {
-            Ok(()) => code::NONE,
+        let epoch = match seat.serving {
+            Serving::No => return code::NOT_COORDINATOR,
+            Serving::Solo => None,
+            Serving::Leader { epoch, .. } => Some(epoch),
+        };
+        let end = match submit(&self.writer, log, bytes, epoch).await {
+            Ok(rx) => written_at(rx).await,
+            Err(e) => Err(e),
+        };
+        let end = match end {
+            Ok(end) => end,
             Err(e) => {
                 tracing::warn!(transactional_id = id, error = %e, "writing a transaction state failed");
-                code::COORDINATOR_NOT_AVAILABLE
+                return if epoch.is_some() {
+                    code::NOT_COORDINATOR
+                } else {
+                    code::COORDINATOR_NOT_AVAILABLE
+                };
+            }
+        };
+        if let Serving::Leader { epoch, min_insync } = seat.serving {
+            match log
+                .wait_replicated(epoch, min_insync, end, STATE_REPLICATION_WAIT)
+                .await
+            {
+                Ok(()) => {}
+                Err(NotReplicated::LeadershipMoved) => return code::NOT_COORDINATOR,
+                Err(e) => {
+                    tracing::warn!(transactional_id = id, error = %e, "a transaction state was not replicated");
+                    return code::COORDINATOR_NOT_AVAILABLE;
+                }
             }
         }
+        code::NONE
     }
 
-    /// Write the transaction's marker to every partition, retrying those that fail until each
-    /// has it (a partition that no longer exists needs none).
+    /// Write the transaction's marker to every partition, at this broker or at the
+    /// partition's leader, retrying those that fail until each has it. `false` if the
+    /// coordinator changed meanwhile (the new one writes the markers itself).
     async fn write_markers(
         &self,
+        generation: u64,
         producer_id: i64,
         epoch: i16,
         commit: bool,
         partitions: Vec<(String, i32)>,
-    ) {
-        let marker = if commit {
-            Marker::Commit
-        } else {
-            Marker::Abort
-        };
+    ) -> bool {
         let mut left = partitions;
         let mut warned = false;
         loop {
-            let Some(broker) = self.broker() else { return };
-            // Queue every marker first, so one fsync round serves them all, then wait.
-            let mut waiting = Vec::with_capacity(left.len());
-            for (t, p) in &left {
-                let queued = match broker.partition(t, *p) {
-                    None => Ok(None),
-                    // The topic's primary is another region now (a failover): the new primary
-                    // ended this transaction there ([`TxnService::abort_orphans`]).
-                    Some(_) if broker.mirror_primary(t).is_some() => Ok(None),
-                    Some(part) => match marker_stamp(&broker, &part) {
-                        Err(e) => Err(e),
-                        Ok(stamp) => {
-                            let mut bytes = control_batch(producer_id, epoch, marker, 0, now_ms());
-                            // Stamped here, and written past a switchover's fence (no gate
-                            // check): it ends a transaction decided before the fence, which
-                            // the fence waits for ([`TxnService::settle_fenced`]).
-                            if let Some(e) = stamp {
-                                batch::set_partition_leader_epoch(&mut bytes, e);
-                            }
-                            submit(&self.writer, &part, bytes, None)
-                                .await
-                                .map(|rx| Some((part.clone(), rx)))
-                        }
-                    },
-                };
-                waiting.push(queued);
+            if self.generation() != generation {
+                return false;
             }
+            let Some(broker) = self.broker() else {
+                return false;
+            };
+            let coordinator_epoch = self.coordinator_epoch();
             let mut failed = Vec::new();
-            for ((t, p), queued) in left.iter().zip(waiting) {
-                let r = match queued {
-                    Ok(None) => Ok(()),
-                    Ok(Some((part, rx))) => match written_at(rx).await {
-                        // A synchronously mirrored topic: the marker counts once every
-                        // synchronous mirror region holds it, so a failover there never aborts
-                        // a transaction this region committed.
-                        Ok(end) => {
-                            let regions = broker.sync_mirrors(t);
-                            if regions.is_empty() || part.mirrors_have(&regions, end) {
-                                Ok(())
-                            } else {
-                                wait_mirrored(&part, &regions, end).await
-                            }
-                        }
-                        Err(e) => Err(e),
-                    },
-                    Err(e) => Err(e),
-                };
-                match r {
-                    Ok(()) => {
-                        if t == crate::group::offsets::TOPIC {
-                            broker.groups().on_txn_marker(producer_id, commit);
-                        }
+            let mut remote: BTreeMap<String, Vec<(String, i32)>> = BTreeMap::new();
+            let mut tasks = tokio::task::JoinSet::new();
+            for (t, p) in left {
+                match broker.marker_route(&t, p) {
+                    Route::Done => {}
+                    Route::Later(why) => failed.push(((t, p), why)),
+                    Route::Broker { addr, .. } => remote.entry(addr).or_default().push((t, p)),
+                    Route::Here => {
+                        let b = broker.clone();
+                        tasks.spawn(async move {
+                            let r = b.write_marker(&t, p, producer_id, epoch, commit).await;
+                            vec![((t, p), r.map(|_| ()).map_err(|(_, m)| m))]
+                        });
                     }
-                    Err(e) => {
-                        if !warned {
-                            tracing::warn!(topic = %t, partition = p, producer_id, error = %e, "a transaction marker could not be written yet; retrying");
-                        }
-                        failed.push((t.clone(), *p));
+                }
+            }
+            for (addr, parts) in remote {
+                let peers = broker.peers().cloned();
+                tasks.spawn(async move {
+                    let Some(peers) = peers else {
+                        let why = "this broker has no way to reach the other brokers".to_string();
+                        return parts.into_iter().map(|tp| (tp, Err(why.clone()))).collect();
+                    };
+                    let marker = TxnMarker {
+                        producer_id,
+                        epoch,
+                        commit,
+                        coordinator_epoch,
+                        partitions: parts.clone(),
+                    };
+                    match peers.write_txn_markers(addr.clone(), marker).await {
+                        Ok(codes) => parts
+                            .into_iter()
+                            .map(|tp| {
+                                let r = match codes.iter().find(|(k, _)| *k == tp) {
+                                    Some((_, 0)) => Ok(()),
+                                    Some((_, e)) => {
+                                        Err(format!("broker {addr} answered error {e}"))
+                                    }
+                                    None => Err(format!("broker {addr} did not answer it")),
+                                };
+                                (tp, r)
+                            })
+                            .collect(),
+                        Err(e) => parts
+                            .into_iter()
+                            .map(|tp| (tp, Err(format!("broker {addr}: {e}"))))
+                            .collect(),
+                    }
+                });
+            }
+            while let Some(done) = tasks.join_next().await {
+                for (tp, r) in done.unwrap_or_default() {
+                    if let Err(why) = r {
+                        failed.push((tp, why));
                     }
                 }
             }
             if failed.is_empty() {
-                return;
+                return true;
             }
-            warned = true;
-            left = failed;
+            if !warned {
+                for ((t, p), why) in &failed {
+                    tracing::warn!(topic = %t, partition = p, producer_id, error = %why, "a transaction marker could not be written yet; retrying");
+                }
+                warned = true;
+            }
+            left = failed.into_iter().map(|(tp, _)| tp).collect();
             tokio::time::sleep(MARKER_RETRY).await;
         }
     }
@@ -580,95 +794,90 @@ impl TxnService {
     }
 }
 
+impl TxnService {
+    /// After a promotion in a region cluster: abort every transaction open in a partition of
+    /// `topics` (which just became primary here) that this broker leads. Such a transaction
+    /// was begun in the region that was primary (this region's coordinator adds no partition
+    /// of a mirror topic); its ABORT marker is written at the producer's epoch, stamped with
+    /// the leader epoch, and counts once every in-sync replica has it.
+    pub async fn abort_led(&self, broker: &Arc<Broker>, topics: &[String]) -> Vec<OrphanAbort> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for name in topics {
+            let Some(topic) = broker.topic(name) else {
+                continue;
+            };
+            let parts: Vec<Arc<Partition>> = topic.partitions.read().expect("topic lock").clone();
+            for part in parts {
+                // A promoted cluster's leader takes writes once its leader epoch is raised
+                // above the region's epochs (its gate opens then): the marker must be stamped
+                // above every batch mirrored before it.
+                let deadline = tokio::time::Instant::now() + ORPHAN_GATE_WAIT;
+                loop {
+                    let open = {
+                        let st = part.state.lock().expect("partition lock");
+                        st.gate.writable || !matches!(st.replica, Replica::Leader(_))
+                    };
+                    if open || tokio::time::Instant::now() >= deadline {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let open: Vec<(i64, i16, i64)> = {
+                    let st = part.state.lock().expect("partition lock");
+                    if !matches!(st.replica, Replica::Solo | Replica::Leader(_)) {
+                        continue;
+                    }
+                    let epochs: HashMap<i64, i16> =
+                        st.producers.describe().map(|(id, e, _)| (id, e)).collect();
+                    st.log
+                        .txns()
+                        .open()
+                        .map(|(pid, first)| (pid, epochs.get(&pid).copied().unwrap_or(0), first))
+                        .collect()
+                };
+                for (pid, epoch, first) in open {
+                    let b = broker.clone();
+                    let part = part.clone();
+                    tasks.spawn(async move {
+                        let r = b
+                            .write_marker(&part.topic, part.index, pid, epoch, false)
+                            .await;
+                        (part, pid, epoch, first, r)
+                    });
+                }
+            }
+        }
+        let mut done = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            let Ok((part, pid, epoch, first, r)) = r else {
+                continue;
+            };
+            match r {
+                Ok(marker) => {
+                    tracing::warn!(topic = %part.topic, partition = part.index, producer_id = pid, first_offset = first, marker_offset = marker, "aborted a transaction the old primary left open");
+                    metrics::counter!("ferry_txn_orphans_aborted_total").increment(1);
+                    done.push(OrphanAbort {
+                        topic: part.topic.to_string(),
+                        partition: part.index,
+                        producer_id: pid,
+                        producer_epoch: epoch,
+                        first_offset: first,
+                        marker_offset: marker,
+                    });
+                }
+                Err((_, e)) => {
+                    tracing::error!(topic = %part.topic, partition = part.index, producer_id = pid, error = %e, "could not abort a transaction of the old primary")
+                }
+            }
+        }
+        done.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        done
+    }
+}
+
 fn code_of(a: Answer) -> i16 {
     match a {
         Answer::Code(c) => c,
         Answer::ProducerId { error, .. } => error,
-    }
-}
-
-/// The epoch a marker in `part` is stamped with, as the partition's own writes are: the
-/// region epoch of a topic this region is primary of (writable, or fenced for a switchover)
-/// alone in its region, none for an internal topic.
-fn marker_stamp(broker: &Broker, part: &Partition) -> Result<Option<i32>, String> {
-    let primary_here = broker.mirror_primary(&part.topic).is_none();
-    let st = part.state.lock().expect("partition lock");
-    match &st.replica {
-        Replica::Solo if part.topic.starts_with("__") => Ok(None),
-        Replica::Solo if st.gate.writable || primary_here => Ok(Some(st.gate.epoch)),
-        Replica::Solo => Err(format!(
-            "{}-{} takes no writes here (a mirror, or fenced)",
-            part.topic, part.index
-        )),
-        Replica::Leader(l) => Ok(Some(l.leader_epoch())),
-        _ => Err(format!(
-            "{}-{} is not led by this broker",
-            part.topic, part.index
-        )),
-    }
-}
-
-/// Append one batch built here with `acks=all` and wait until it is on disk.
-async fn append(
-    writer: &Writer,
-    part: &Arc<Partition>,
-    bytes: Vec<u8>,
-    epoch: Option<i32>,
-) -> Result<(), String> {
-    written(submit(writer, part, bytes, epoch).await?).await
-}
-
-/// Queue one batch built here with `acks=all`; the receiver answers once it is on disk.
-async fn submit(
-    writer: &Writer,
-    part: &Arc<Partition>,
-    bytes: Vec<u8>,
-    epoch: Option<i32>,
-) -> Result<oneshot::Receiver<AppendResult>, String> {
-    let header = batch::validate(&bytes).expect("a batch built here");
-    let (tx, rx) = oneshot::channel();
-    let req = AppendRequest {
-        partition: part.clone(),
-        bytes: bytes.into(),
-        header,
-        acks: -1,
-        epoch,
-        exact: false,
-        gap_from: i64::MAX,
-        reply: Some(tx),
-    };
-    writer.submit(req).await.map_err(|e| e.to_string())?;
-    Ok(rx)
-}
-
-async fn written(rx: oneshot::Receiver<AppendResult>) -> Result<(), String> {
-    written_at(rx).await.map(|_| ())
-}
-
-/// Wait for a single-record batch's append: the offset after it.
-async fn written_at(rx: oneshot::Receiver<AppendResult>) -> Result<i64, String> {
-    match rx.await {
-        Ok(Ok(ok)) => Ok(ok.base_offset + 1),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("the writer stopped".into()),
-    }
-}
-
-/// Wait up to [`MARKER_MIRROR_WAIT`] until every region in `regions` holds `part` below `end`.
-async fn wait_mirrored(part: &Partition, regions: &[String], end: i64) -> Result<(), String> {
-    let deadline = tokio::time::Instant::now() + MARKER_MIRROR_WAIT;
-    loop {
-        let notified = part.mirror_acked.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        if part.mirrors_have(regions, end) {
-            return Ok(());
-        }
-        if tokio::time::timeout_at(deadline, notified).await.is_err() {
-            return Err(format!(
-                "the marker is not yet in the synchronous mirror region(s) {}",
-                regions.join(", ")
-            ));
-        }
     }
 }

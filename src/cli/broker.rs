@@ -339,4 +339,153 @@ impl crate::broker::quarantine::RegionPeers for Peers {
             Ok(v["moved"].as_u64().unwrap_or(0) as usize)
         })
     }
+
+    fn abort_orphans(
+        &self,
+        addr: String,
+        topics: Vec<String>,
+    ) -> crate::broker::quarantine::PeerFuture<Vec<crate::broker::txns::OrphanAbort>> {
+        let door = self.door.clone();
+        Box::pin(async move {
+            let door = door.ok_or(
+                "this broker has no region certificate to reach another broker's internal door",
+            )?;
+            let mut c = crate::client::Client::connect_internal(&addr, &door)
+                .await
+                .map_err(|e| e.to_string())?;
+            let v = c
+                .control(&crate::kafka::control::Control::AbortOrphans { topics })
+                .await
+                .map_err(|e| e.to_string())?;
+            serde_json::from_value(v["aborted_transactions"].clone()).map_err(|e| e.to_string())
+        })
+    }
+
+    fn settle_fenced(
+        &self,
+        addr: String,
+        topics: Vec<String>,
+    ) -> crate::broker::quarantine::PeerFuture<Vec<String>> {
+        let door = self.door.clone();
+        Box::pin(async move {
+            let door = door.ok_or(
+                "this broker has no region certificate to reach another broker's internal door",
+            )?;
+            let mut c = crate::client::Client::connect_internal(&addr, &door)
+                .await
+                .map_err(|e| e.to_string())?;
+            let v = c
+                .control(&crate::kafka::control::Control::SettleFenced { topics })
+                .await
+                .map_err(|e| e.to_string())?;
+            serde_json::from_value(v["aborted_transactions"].clone()).map_err(|e| e.to_string())
+        })
+    }
+
+    fn write_txn_markers(
+        &self,
+        addr: String,
+        marker: crate::broker::markers::TxnMarker,
+    ) -> crate::broker::quarantine::PeerFuture<Vec<((String, i32), i16)>> {
+        use kafka_protocol::messages::write_txn_markers_request::{
+            WritableTxnMarker, WritableTxnMarkerTopic, WriteTxnMarkersRequest,
+        };
+        let door = self.door.clone();
+        Box::pin(async move {
+            let mut topics: std::collections::BTreeMap<String, Vec<i32>> = Default::default();
+            for (t, p) in &marker.partitions {
+                topics.entry(t.clone()).or_default().push(*p);
+            }
+            let m = WritableTxnMarker::default()
+                .with_producer_id(kafka_protocol::messages::ProducerId(marker.producer_id))
+                .with_producer_epoch(marker.epoch)
+                .with_transaction_result(marker.commit)
+                .with_coordinator_epoch(marker.coordinator_epoch)
+                .with_topics(
+                    topics
+                        .into_iter()
+                        .map(|(t, ps)| {
+                            WritableTxnMarkerTopic::default()
+                                .with_name(kafka_protocol::messages::TopicName(
+                                    kafka_protocol::protocol::StrBytes::from_string(t),
+                                ))
+                                .with_partition_indexes(ps)
+                        })
+                        .collect(),
+                );
+            let req = WriteTxnMarkersRequest::default().with_markers(vec![m]);
+            let mut c = peer_client(&addr, door.as_ref()).await?;
+            let resp = c.send(&req, 1).await.map_err(|e| e.to_string())?;
+            Ok(resp
+                .markers
+                .iter()
+                .flat_map(|m| {
+                    m.topics.iter().flat_map(|t| {
+                        t.partitions
+                            .iter()
+                            .map(|p| ((t.name.0.to_string(), p.partition_index), p.error_code))
+                    })
+                })
+                .collect())
+        })
+    }
+
+    fn verify_txn(
+        &self,
+        addr: String,
+        transactional_id: String,
+        producer_id: i64,
+        epoch: i16,
+        topic: String,
+        partition: i32,
+    ) -> crate::broker::quarantine::PeerFuture<i16> {
+        use kafka_protocol::messages::add_partitions_to_txn_request::{
+            AddPartitionsToTxnRequest, AddPartitionsToTxnTopic, AddPartitionsToTxnTransaction,
+        };
+        let door = self.door.clone();
+        Box::pin(async move {
+            let t = AddPartitionsToTxnTransaction::default()
+                .with_transactional_id(kafka_protocol::messages::TransactionalId(
+                    kafka_protocol::protocol::StrBytes::from_string(transactional_id),
+                ))
+                .with_producer_id(kafka_protocol::messages::ProducerId(producer_id))
+                .with_producer_epoch(epoch)
+                .with_verify_only(true)
+                .with_topics(vec![AddPartitionsToTxnTopic::default()
+                    .with_name(kafka_protocol::messages::TopicName(
+                        kafka_protocol::protocol::StrBytes::from_string(topic),
+                    ))
+                    .with_partitions(vec![partition])]);
+            let req = AddPartitionsToTxnRequest::default().with_transactions(vec![t]);
+            let mut c = peer_client(&addr, door.as_ref()).await?;
+            let resp = c.send(&req, 4).await.map_err(|e| e.to_string())?;
+            if resp.error_code != 0 {
+                return Ok(resp.error_code);
+            }
+            let code = resp
+                .results_by_transaction
+                .iter()
+                .flat_map(|r| r.topic_results.iter())
+                .flat_map(|t| t.results_by_partition.iter())
+                .map(|p| p.partition_error_code)
+                .next()
+                .unwrap_or(-1);
+            Ok(code)
+        })
+    }
+}
+
+/// A connection to another broker of the cluster: through its internal door when this broker
+/// has the region's certificate, else on its Kafka listener.
+async fn peer_client(
+    addr: &str,
+    door: Option<&crate::transport::trust::TlsTarget>,
+) -> Result<crate::client::Client, String> {
+    let c = match door {
+        Some(d) => crate::client::Client::connect_internal(addr, d).await,
+        None => crate::client::Client::connect(addr).await,
+    };
+    let mut c = c.map_err(|e| e.to_string())?;
+    c.timeout = std::time::Duration::from_secs(15);
+    Ok(c)
 }

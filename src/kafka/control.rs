@@ -60,6 +60,15 @@ pub enum Control {
         partition: i32,
         offset: i64,
     },
+    /// In a region cluster, after a promotion at another broker: once `topics` are primary
+    /// here, abort the transactions the old primary left open in the partitions of `topics`
+    /// this broker leads. Answers `{"aborted_transactions": [...]}`.
+    AbortOrphans { topics: Vec<String> },
+    /// In a region cluster, at the transaction coordinator, after a switchover's fence at
+    /// another broker: once `topics` are fenced here, settle the transactions on them
+    /// ([`crate::broker::txns::TxnService::settle_fenced`]). Answers
+    /// `{"aborted_transactions": [transactional id, ...]}`.
+    SettleFenced { topics: Vec<String> },
     /// Give a mirror topic its primary's config overrides (the gateway, from heartbeats).
     SetConfigs {
         topic: String,
@@ -189,6 +198,71 @@ pub fn decode_response(mut b: Bytes) -> Option<(i32, Result<serde_json::Value, S
     }
 }
 
+/// After a promotion in a region cluster: abort the transactions the old primary left open in
+/// the `promoted` topics, at this broker for the partitions it leads and at every other live
+/// broker of the cluster (through its internal door) for theirs. Returns them all; a broker
+/// that cannot be reached is logged (its leaders' orphans stay open until it is asked again).
+async fn abort_orphans_in_cluster(
+    broker: &Arc<Broker>,
+    link: &crate::broker::cluster::ClusterLink,
+    promoted: Vec<String>,
+) -> Vec<crate::broker::txns::OrphanAbort> {
+    if promoted.is_empty() {
+        return Vec::new();
+    }
+    let mut aborted = broker.txns().abort_led(broker, &promoted).await;
+    let img = link.member.image();
+    for b in img.brokers.values().filter(|b| b.id != link.id()) {
+        let addr = format!("{}:{}", b.host, b.port);
+        let Some(peers) = broker.peers().cloned() else {
+            tracing::error!("this broker has no way to reach the other brokers: their partitions' orphaned transactions stay open");
+            break;
+        };
+        match peers.abort_orphans(addr.clone(), promoted.clone()).await {
+            Ok(more) => aborted.extend(more),
+            Err(e) => {
+                tracing::error!(broker = b.id, %addr, error = %e, "could not abort the orphaned transactions of another broker's partitions")
+            }
+        }
+    }
+    aborted
+}
+
+/// After a switchover's fence in a region cluster: the region's transactions on the fenced
+/// topics end, or are aborted, at the transaction coordinator (the leader of
+/// `__transaction_state-0`: this broker, or another through its internal door). Returns the
+/// transactional ids aborted.
+async fn settle_fenced_in_cluster(
+    broker: &Arc<Broker>,
+    link: &crate::broker::cluster::ClusterLink,
+    fenced: Vec<String>,
+) -> Result<Vec<String>, String> {
+    let img = link.member.image();
+    let Some(state) = img.partitions.get(&(crate::txn::log::TOPIC.to_string(), 0)) else {
+        // No transactional id was ever looked up in this cluster.
+        return Ok(Vec::new());
+    };
+    let leader = state.value.leader;
+    if leader == link.id() {
+        return Ok(broker
+            .txns()
+            .settle_fenced(broker, crate::broker::txns::FENCE_TXN_WAIT)
+            .await);
+    }
+    let b = img.brokers.get(&leader).ok_or_else(|| {
+        format!("the transaction coordinator (broker {leader}) is not live: its transactions on the fenced topics cannot be settled")
+    })?;
+    let addr = format!("{}:{}", b.host, b.port);
+    let peers = broker
+        .peers()
+        .ok_or("this broker has no way to reach the transaction coordinator")?
+        .clone();
+    peers
+        .settle_fenced(addr.clone(), fenced)
+        .await
+        .map_err(|e| format!("the transaction coordinator at {addr}: {e}"))
+}
+
 /// Serve one request.
 pub async fn handle(broker: Arc<Broker>, req: Control) -> Result<serde_json::Value, String> {
     match req {
@@ -199,28 +273,59 @@ pub async fn handle(broker: Arc<Broker>, req: Control) -> Result<serde_json::Val
         })),
         Control::Apply { pattern, state } => {
             let fencing = state.fenced;
+            let mirrors_before: Vec<String> = broker
+                .topics()
+                .iter()
+                .filter(|t| !t.is_internal() && broker.mirror_primary(&t.name).is_some())
+                .map(|t| t.name.to_string())
+                .collect();
             let changed = match broker.cluster() {
                 Some(link) => {
                     crate::broker::cluster::apply_rule(&broker, link, &pattern, state).await?
                 }
                 None => broker.apply_rule(&pattern, state)?,
             };
-            // Transactions the old primary left open in partitions this region now writes
-            // (alone in a region: transactions are not coordinated in clusters yet).
-            let aborted = if changed && broker.cluster().is_none() {
-                broker.txns().abort_orphans(&broker).await
-            } else {
-                Vec::new()
+            // Transactions the old primary left open in partitions this region now writes.
+            let aborted = match broker.cluster() {
+                None if changed => broker.txns().abort_orphans(&broker).await,
+                Some(link) if changed => {
+                    let promoted: Vec<String> = mirrors_before
+                        .into_iter()
+                        .filter(|t| broker.mirror_primary(t).is_none())
+                        .collect();
+                    abort_orphans_in_cluster(&broker, link, promoted).await
+                }
+                _ => Vec::new(),
             };
             // A switchover's fence: this region's transactions on the fenced topics end (or
             // are aborted) before the fence's log ends are read.
-            let fence_aborted = if changed && fencing && broker.cluster().is_none() {
-                broker
-                    .txns()
-                    .settle_fenced(&broker, crate::broker::txns::FENCE_TXN_WAIT)
-                    .await
-            } else {
-                Vec::new()
+            let fence_aborted = match broker.cluster() {
+                None if changed && fencing => {
+                    broker
+                        .txns()
+                        .settle_fenced(&broker, crate::broker::txns::FENCE_TXN_WAIT)
+                        .await
+                }
+                // In a cluster, at the transaction coordinator (this broker or another).
+                Some(link) if changed && fencing => {
+                    let fenced: Vec<String> = broker
+                        .topics()
+                        .iter()
+                        .filter(|t| {
+                            !t.is_internal() && broker.placement(&t.name).is_some_and(|p| p.fenced)
+                        })
+                        .map(|t| t.name.to_string())
+                        .collect();
+                    // Not settled: the new primary aborts what is left open when it takes
+                    // over (as a promotion's orphans).
+                    settle_fenced_in_cluster(&broker, link, fenced)
+                        .await
+                        .unwrap_or_else(|e| {
+                            tracing::error!(error = %e, "could not settle the transactions on the fenced topics");
+                            Vec::new()
+                        })
+                }
+                _ => Vec::new(),
             };
             Ok(serde_json::json!({
                 "changed": changed,
@@ -314,6 +419,40 @@ pub async fn handle(broker: Arc<Broker>, req: Control) -> Result<serde_json::Val
                 tracing::info!(%topic, partition, log_start = start, "mirror: the log start follows the primary's");
             }
             Ok(serde_json::json!({ "log_start": start }))
+        }
+        Control::SettleFenced { topics } => {
+            // This broker takes the fence from its watch: wait for it (briefly).
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+            while topics
+                .iter()
+                .any(|t| !broker.placement(t).is_some_and(|p| p.fenced))
+            {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(format!(
+                        "this broker does not hold {topics:?} fenced yet: try again"
+                    ));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            let aborted = broker
+                .txns()
+                .settle_fenced(&broker, crate::broker::txns::FENCE_TXN_WAIT)
+                .await;
+            Ok(serde_json::json!({ "aborted_transactions": aborted }))
+        }
+        Control::AbortOrphans { topics } => {
+            // This broker takes the new failover state from its watch: wait for it (briefly).
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+            while topics.iter().any(|t| broker.mirror_primary(t).is_some()) {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(format!(
+                        "this broker does not hold {topics:?} as primary yet: try again"
+                    ));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            let aborted = broker.txns().abort_led(&broker, &topics).await;
+            Ok(serde_json::json!({ "aborted_transactions": aborted }))
         }
         Control::RewindCommits {
             topic,

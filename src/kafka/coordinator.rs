@@ -52,21 +52,21 @@ fn opt(s: &Option<String>) -> Option<kafka_protocol::protocol::StrBytes> {
     s.as_ref().map(|s| sb(s))
 }
 
-/// The group coordinator for clients of this broker: itself alone in a region; in a region
-/// cluster the leader of the offsets partition (`__consumer_offsets` is created, replicated, on
-/// the first lookup, as Kafka does). `Err` while there is none (COORDINATOR_NOT_AVAILABLE: the
-/// client retries).
-async fn coordinator_node(broker: &Arc<Broker>) -> Result<(i32, String, u16), String> {
+/// The coordinator for clients of this broker, of groups (`topic` is `__consumer_offsets`) or
+/// of transactions (`__transaction_state`): itself alone in a region; in a region cluster the
+/// leader of the topic's one partition (the topic is created, replicated, on the first lookup,
+/// as Kafka does). `Err` while there is none (COORDINATOR_NOT_AVAILABLE: the client retries).
+async fn coordinator_node(broker: &Arc<Broker>, topic: &str) -> Result<(i32, String, u16), String> {
     let Some(link) = broker.cluster() else {
         let (host, port) = broker.config.advertised();
         return Ok((broker.config.node_id, host, port));
     };
-    if !link.member.image().topics.contains_key(offsets::TOPIC) {
+    if !link.member.image().topics.contains_key(topic) {
         let made = crate::broker::cluster::create_topic(
             broker,
             link,
             crate::broker::cluster::NewTopic {
-                name: offsets::TOPIC.to_string(),
+                name: topic.to_string(),
                 partitions: Some(1),
                 ..Default::default()
             },
@@ -74,25 +74,22 @@ async fn coordinator_node(broker: &Arc<Broker>) -> Result<(i32, String, u16), St
         .await;
         match made {
             Ok(_) | Err(crate::broker::TopicError::AlreadyExists(_)) => {}
-            Err(e) => return Err(format!("{} cannot be created yet: {e}", offsets::TOPIC)),
+            Err(e) => return Err(format!("{topic} cannot be created yet: {e}")),
         }
     }
     let img = link.member.image();
     let leader = img
         .partitions
-        .get(&(offsets::TOPIC.to_string(), 0))
+        .get(&(topic.to_string(), 0))
         .map(|s| s.value.leader);
     match leader.and_then(|l| img.brokers.get(&l)) {
         Some(b) => Ok((b.id, b.host.clone(), b.port)),
-        None => Err(format!("{}-0 has no leader yet", offsets::TOPIC)),
+        None => Err(format!("{topic}-0 has no leader yet")),
     }
 }
 
 /// FindCoordinator's key type of a transactional id.
 const TRANSACTION: i8 = 1;
-
-/// Why a transactional producer is refused in a region cluster, in FindCoordinator's answer.
-pub const NO_TRANSACTIONS: &str = "transactions are not supported in a region cluster yet: Ferry coordinates transactions only in a one-broker region (use an idempotent producer without transactional.id)";
 
 pub async fn find(
     broker: Arc<Broker>,
@@ -100,27 +97,17 @@ pub async fn find(
     version: i16,
 ) -> FindCoordinatorResponse {
     let node = if req.key_type == 0 {
-        coordinator_node(&broker).await
-    } else if req.key_type == TRANSACTION && broker.txns().serving() {
-        let (host, port) = broker.config.advertised();
-        Ok((broker.config.node_id, host, port))
+        coordinator_node(&broker, offsets::TOPIC).await
     } else if req.key_type == TRANSACTION {
-        Err(NO_TRANSACTIONS.to_string())
+        coordinator_node(&broker, crate::txn::log::TOPIC).await
     } else {
         Err(format!(
             "coordinator key type {} is not supported",
             req.key_type
         ))
     };
-    // Where this broker cannot coordinate transactions, a transactional producer must fail at
-    // once: an error the clients treat as final (librdkafka and the Java client raise a fatal
-    // TransactionalIdAuthorization error from init_transactions/initTransactions), not a
-    // retriable one they would loop on until their timeout.
-    let error = if req.key_type == TRANSACTION {
-        code::TRANSACTIONAL_ID_AUTHORIZATION_FAILED
-    } else {
-        code::COORDINATOR_NOT_AVAILABLE
-    };
+    // No coordinator yet (its partition has no leader): retriable, the client asks again.
+    let error = code::COORDINATOR_NOT_AVAILABLE;
     if let Err(why) = &node {
         tracing::debug!(why, "no coordinator to name");
     }

@@ -28,6 +28,7 @@ pub mod produce;
 pub mod producer_id;
 pub mod server;
 pub mod txn;
+pub mod txn_markers;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseHeader};
@@ -100,6 +101,7 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::DescribeTransactions, 0, 0),
     (ApiKey::ListTransactions, 0, 2),
     (ApiKey::DescribeProducers, 0, 0),
+    (ApiKey::WriteTxnMarkers, 1, 1),
 ];
 
 /// Versions advertised in ApiVersions where they differ from those served. Produce is listed

@@ -132,7 +132,7 @@ fn has_keyless(batch_bytes: &[u8]) -> bool {
 /// coordinator writes markers); a transactional one only with the request's transactional id,
 /// into a transaction that holds this partition (KIP-890's verification, so a late write after
 /// the transaction ended cannot open a transaction no one will end).
-fn transactional_check(
+async fn transactional_check(
     broker: &Broker,
     txn_id: Option<&str>,
     h: &batch::BatchHeader,
@@ -156,12 +156,23 @@ fn transactional_check(
             "a request with a transactional id may hold only transactional batches".into(),
         )),
         (Some(id), true) => {
-            let e = broker.txns().verify(
-                id,
-                h.producer_id,
-                h.producer_epoch,
-                &(topic.to_string(), partition),
-            );
+            let e = broker
+                .txns()
+                .verify_anywhere(
+                    broker,
+                    id,
+                    h.producer_id,
+                    h.producer_epoch,
+                    topic,
+                    partition,
+                )
+                .await;
+            // The coordinator cannot answer now: retriable, as Kafka answers it.
+            let e = if crate::broker::txns::retriable(e) {
+                code::NOT_ENOUGH_REPLICAS
+            } else {
+                e
+            };
             if e == 0 {
                 Ok(())
             } else {
@@ -172,6 +183,32 @@ fn transactional_check(
             }
         }
     }
+}
+
+/// [`transactional_check`] of one partition's batches: each distinct producer, epoch and kind
+/// once (in a region cluster a check may ask the coordinator).
+async fn txn_check_all(
+    broker: &Broker,
+    txn_id: Option<&str>,
+    batches: &[(std::ops::Range<usize>, batch::BatchHeader)],
+    topic: &str,
+    partition: i32,
+) -> Result<(), (i16, String)> {
+    let mut seen: Vec<(i64, i16, bool, bool)> = Vec::new();
+    for (_, h) in batches {
+        let k = (
+            h.producer_id,
+            h.producer_epoch,
+            h.is_transactional(),
+            h.is_control(),
+        );
+        if seen.contains(&k) {
+            continue;
+        }
+        seen.push(k);
+        transactional_check(broker, txn_id, h, topic, partition).await?;
+    }
+    Ok(())
 }
 
 /// Validate and queue every batch of the request. Runs before the next request is read.
@@ -203,7 +240,21 @@ pub async fn start(broker: &Arc<Broker>, req: ProduceRequest, version: i16) -> W
                         Err((code, message)) => Outcome::Done(code, Some(message)),
                         Ok((epoch, replicated)) => {
                             let records = pd.records.unwrap_or_default();
-                            match batch::split(&records) {
+                            let split = batch::split(&records);
+                            let txn_verdict = match &split {
+                                Ok(batches) => {
+                                    txn_check_all(
+                                        broker,
+                                        txn_id.as_deref(),
+                                        batches,
+                                        td.name.0.as_str(),
+                                        pd.index,
+                                    )
+                                    .await
+                                }
+                                Err(_) => Ok(()),
+                            };
+                            match split {
                                 Err(e) => {
                                     tracing::warn!(topic = %td.name.0.as_str(), partition = pd.index, error = %e, "refused produce: corrupt batch");
                                     metrics::counter!("ferry_produce_rejected_total", "reason" => "corrupt").increment(1);
@@ -220,31 +271,8 @@ pub async fn start(broker: &Arc<Broker>, req: ProduceRequest, version: i16) -> W
                                 {
                                     Outcome::Done(code::MESSAGE_TOO_LARGE, None)
                                 }
-                                Ok(batches)
-                                    if batches.iter().any(|(_, h)| {
-                                        transactional_check(
-                                            broker,
-                                            txn_id.as_deref(),
-                                            h,
-                                            td.name.0.as_str(),
-                                            pd.index,
-                                        )
-                                        .is_err()
-                                    }) =>
-                                {
-                                    let (code, message) = batches
-                                        .iter()
-                                        .find_map(|(_, h)| {
-                                            transactional_check(
-                                                broker,
-                                                txn_id.as_deref(),
-                                                h,
-                                                td.name.0.as_str(),
-                                                pd.index,
-                                            )
-                                            .err()
-                                        })
-                                        .expect("one failed");
+                                Ok(_) if txn_verdict.is_err() => {
+                                    let (code, message) = txn_verdict.expect_err("checked");
                                     Outcome::Done(code, Some(message))
                                 }
                                 Ok(batches)

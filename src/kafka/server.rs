@@ -632,6 +632,16 @@ async fn request(
                 .ok()
                 .map(|b| vec![Piece::Bytes(b)])
         }),
+        RequestKind::WriteTxnMarkers(r) => {
+            // Only through the internal door, unless this broker has none (see txn_markers).
+            let trusted = who.is_some() || b.config.internal.is_none();
+            Box::pin(async move {
+                let resp = super::txn_markers::handle(b, r, trusted, peer).await;
+                encode_response(cid, version, &resp)
+                    .ok()
+                    .map(|b| vec![Piece::Bytes(b)])
+            })
+        }
         RequestKind::EndTxn(r) => Box::pin(async move {
             let resp = super::txn::end_txn(b, r).await;
             encode_response(cid, version, &resp)

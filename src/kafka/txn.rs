@@ -50,6 +50,9 @@ use crate::txn::code as txn_code;
 /// the others of the request get OPERATION_NOT_ATTEMPTED, as from Kafka).
 const OPERATION_NOT_ATTEMPTED: i16 = 55;
 
+/// Kafka's COORDINATOR_LOAD_IN_PROGRESS: retried by the clients with the same coordinator.
+const COORDINATOR_LOAD_IN_PROGRESS: i16 = 14;
+
 /// InitProducerId with a transactional id.
 pub async fn init_producer_id(
     broker: Arc<Broker>,
@@ -249,12 +252,22 @@ pub async fn txn_offset_commit(
     let offsets_partition = (crate::group::offsets::TOPIC.to_string(), 0);
     // The offsets partition must be in the producer's open transaction (AddOffsetsToTxn),
     // and a member of a live group must be current in it.
-    let mut check = broker.txns().verify(
-        req.transactional_id.0.as_str(),
-        req.producer_id.0,
-        req.producer_epoch,
-        &offsets_partition,
-    );
+    // In a region cluster the transaction coordinator may be another broker: asked there.
+    let mut check = broker
+        .txns()
+        .verify_anywhere(
+            &broker,
+            req.transactional_id.0.as_str(),
+            req.producer_id.0,
+            req.producer_epoch,
+            &offsets_partition.0,
+            offsets_partition.1,
+        )
+        .await;
+    if crate::broker::txns::retriable(check) {
+        // Retried with this (group) coordinator, which stays the same.
+        check = COORDINATOR_LOAD_IN_PROGRESS;
+    }
     if check == txn_code::NONE && (req.generation_id >= 0 || !req.member_id.is_empty()) {
         check = broker
             .groups()
@@ -366,7 +379,11 @@ pub fn list_transactions(
 ) -> ListTransactionsResponse {
     let mut resp = ListTransactionsResponse::default();
     if !broker.txns().serving() {
-        resp.error_code = txn_code::COORDINATOR_NOT_AVAILABLE;
+        // The admin client asks every broker and merges the answers: a broker of a region
+        // cluster that coordinates no transaction now holds none.
+        if broker.cluster().is_none() {
+            resp.error_code = txn_code::COORDINATOR_NOT_AVAILABLE;
+        }
         return resp;
     }
     let known = [

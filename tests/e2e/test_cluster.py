@@ -12,128 +12,23 @@ Needs etcd on PATH: skipped without it unless FERRY_REQUIRE_ETCD=1 (CI sets it).
 from __future__ import annotations
 
 import os
-import shutil
-import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 import struct
 
 import kproto
-from conftest import FERRY_BIN, EXTERNAL, FerryBroker, free_port, port_open
+from conftest import FERRY_BIN, FerryBroker
 from helpers import (JavaTools, ck_admin, ck_consumer, ck_producer, ck_read_keyed, kafka_installed,
                      topic_name, wait_until)
-
-ETCD = shutil.which("etcd")
-if ETCD is None:
-    if os.environ.get("FERRY_REQUIRE_ETCD") == "1":
-        raise RuntimeError("etcd is not on PATH and FERRY_REQUIRE_ETCD=1 (apt-get install etcd-server)")
-    pytest.skip("etcd is not on PATH (apt-get install etcd-server)", allow_module_level=True)
-if EXTERNAL:
-    pytest.skip("starts its own cluster of ferry brokers", allow_module_level=True)
-
-SESSION = "3s"  # a broker silent this long is dead (its etcd lease ends)
-
-
-class Etcd:
-    def __init__(self, root: Path):
-        self.dir = root / "etcd"
-        self.client = free_port()
-        self.peer = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.client}"
-
-    def start(self):
-        peer = f"http://127.0.0.1:{self.peer}"
-        with open(self.dir.with_suffix(".log"), "ab") as log:
-            self.proc = subprocess.Popen(
-                [ETCD, "--name", "n1", "--data-dir", str(self.dir), "--listen-client-urls", self.url,
-                 "--advertise-client-urls", self.url, "--listen-peer-urls", peer,
-                 "--initial-advertise-peer-urls", peer, "--initial-cluster", f"n1={peer}"],
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
-        wait_until(lambda: port_open(self.client), 20, "etcd to listen")
-
-    def kill(self):
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=20)
-
-
-class Cluster:
-    def __init__(self, root: Path):
-        self.etcd = Etcd(root)
-        self.brokers: dict[int, FerryBroker] = {}
-        # Retention runs every second (topics without retention settings keep everything), the
-        # log cleaner every 300 ms.
-        conf = root / "broker.toml"
-        conf.write_text('retention_check_interval = "1s"\ncleaner_interval = "300ms"\n')
-        for i in (1, 2, 3):
-            port = free_port()
-            self.brokers[i] = FerryBroker(root / f"b{i}", port, [
-                "--node-id", str(i), "--etcd", self.etcd.url, "--cluster", "e2e",
-                "--session-timeout", SESSION, "--replica-lag-max", "10s", "--config", str(conf)], None)
-
-    @property
-    def bootstrap(self) -> str:
-        return ",".join(b.bootstrap for b in self.brokers.values())
-
-    def up(self):
-        """Every broker running, registered, and every partition's ISR full."""
-        for b in self.brokers.values():
-            if not b.alive():
-                b.start()
-        wait_until(lambda: len(self.metadata().brokers) == 3, 30, "three registered brokers")
-
-        def isr_full():
-            md = self.metadata()
-            return all(len(p.isrs) == len(p.replicas) and p.leader >= 0
-                       for t in md.topics.values() if not t.topic.startswith("__")
-                       for p in t.partitions.values())
-        wait_until(isr_full, 45, "every ISR full")
-
-    def metadata(self, topic: str | None = None):
-        return ck_admin(self.bootstrap).list_topics(topic=topic, timeout=10)
-
-    def create(self, name: str, partitions: int, rf: int = 3, **config):
-        from confluent_kafka.admin import NewTopic
-        admin = ck_admin(self.bootstrap)  # kept alive until the result is in
-        f = admin.create_topics(
-            [NewTopic(name, num_partitions=partitions, replication_factor=rf, config=config)])
-        f[name].result(timeout=30)
-
-        def led():
-            # Every partition, not `all()` of none: a broker that has not applied the topic yet
-            # answers it without partitions.
-            parts = self.metadata(name).topics[name].partitions
-            return len(parts) == partitions and all(p.leader >= 0 for p in parts.values())
-        wait_until(led, 20, f"leaders for {name}")
-
-    def leader(self, topic: str, partition: int) -> int:
-        return self.metadata(topic).topics[topic].partitions[partition].leader
-
-    def logs(self) -> str:
-        return "\n".join(f"--- broker {i}\n{b.log_tail(60)}" for i, b in self.brokers.items())
+from cluster_fixture import Cluster, cluster_fixture, coordinator
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    if not FERRY_BIN.exists():
-        pytest.fail(f"ferry binary not found at {FERRY_BIN}")
-    c = Cluster(tmp_path_factory.mktemp("cluster"))
-    c.etcd.start()
-    try:
-        c.up()
-        yield c
-    finally:
-        for b in c.brokers.values():
-            b.kill()
-        c.etcd.kill()
+    yield from cluster_fixture(tmp_path_factory)
 
 
 def produce_during(cluster: Cluster, topic: str, seconds: float, during=None, **conf):
@@ -408,29 +303,6 @@ def test_kafka_leader_election_tool_moves_leadership_back_to_the_preferred_repli
     out = java.run("LEADER_ELECTION", "--bootstrap-server", cluster.bootstrap,
                    "--election-type", "PREFERRED", "--topic", t, "--partition", "0").stdout.decode()
     assert "Valid replica already elected" in out, out
-
-
-def find_coordinator(bootstrap: str, group: str) -> tuple[int, int]:
-    """FindCoordinator v1 for a group, built by hand: (error code, node id)."""
-    sock = kproto.connect(bootstrap)
-    try:
-        sock.sendall(kproto.request_frame(10, 1, 3, kproto.string(group) + kproto.i8(0)))
-        r = kproto.recv_frame(sock)
-    finally:
-        sock.close()
-    corr, _throttle, err, mlen = struct.unpack(">iihh", r[:12])
-    assert corr == 3, corr
-    at = 12 + max(mlen, 0)
-    (node,) = struct.unpack(">i", r[at:at + 4])
-    return err, node
-
-
-def coordinator(cluster: Cluster, group: str) -> int:
-    """The coordinator every live broker names for `group` (they must agree)."""
-    def agreed():
-        named = {find_coordinator(b.bootstrap, group) for b in cluster.brokers.values() if b.alive()}
-        return named.pop()[1] if len(named) == 1 and next(iter(named))[0] == 0 else None
-    return wait_until(agreed, 60, f"every broker to name one coordinator for {group}")
 
 
 def test_members_bootstrapped_at_different_brokers_meet_in_one_group(cluster):
@@ -726,19 +598,3 @@ def test_a_compacted_topic_compacts_on_every_replica_and_survives_its_leaders_si
     for b in cluster.brokers.values():
         size = sum(f.stat().st_size for f in (b.data_dir / f"{t}-0").glob("*.log"))
         assert size < 1500 * 60, f"broker {b.port} holds {size} bytes: not compacted"
-
-
-def test_a_transactional_producer_fails_at_once_in_a_cluster(cluster):
-    """Transactions are coordinated only in a one-broker region so far (issue 18): in a region
-    cluster FindCoordinator for a transactional id answers TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
-    which clients treat as final, so init_transactions() fails at once instead of retrying until
-    its timeout."""
-    from confluent_kafka import KafkaError, KafkaException, Producer
-    p = Producer({"bootstrap.servers": cluster.bootstrap, "transactional.id": "e2e-cluster-txn"})
-    started = time.monotonic()
-    with pytest.raises(KafkaException) as e:
-        p.init_transactions(60)
-    err = e.value.args[0]
-    assert err.code() == KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, err
-    assert not err.retriable(), err
-    assert time.monotonic() - started < 50, "failed at once, not at the client's timeout"

@@ -25,6 +25,7 @@ from cli_support import FerryUp, children_of, cmdline, ferry
 from conftest import EXTERNAL, FERRY_BIN, free_port
 from helpers import ck_admin, ck_consumer, topic_name, wait_until
 from test_cluster import produce_during, read_all
+from test_transactions import positions, read_all as read_isolated
 
 if shutil.which("etcd") is None:
     if os.environ.get("FERRY_REQUIRE_ETCD") == "1":
@@ -335,6 +336,44 @@ def gateway_admin(up, region: str, method: str, path: str, body: dict | None = N
     return out
 
 
+def test_a_strangers_write_txn_markers_on_a_plain_connection_writes_nothing(up):
+    """WriteTxnMarkers (the coordinator's inter-broker request) is served only through the
+    internal door of a broker that has the region's certificate: sent on the plain Kafka port,
+    every partition is answered CLUSTER_AUTHORIZATION_FAILED and no marker is written."""
+    import struct
+    import kproto
+    from confluent_kafka.admin import NewTopic
+    t = topic_name("stranger-marker")
+    admin = ck_admin(up.east.bootstrap)  # kept alive until the result is in
+    admin.create_topics([NewTopic(t, num_partitions=1)])[t].result(timeout=30)
+    wait_until(lambda: up.east.metadata(t).topics[t].partitions[0].leader >= 0, 30, "a leader")
+    leader = up.east.metadata(t).topics[t].partitions[0].leader
+    addr = next(b for b in up.east.bootstraps
+                if up.east.metadata().brokers[leader].port == int(b.rsplit(":", 1)[1]))
+    topic = kproto.compact_string(t) + kproto.compact_array([kproto.i32(0)]) + kproto.TAGS
+    marker = (kproto.i64(12345) + kproto.i16(0) + kproto.i8(1) + kproto.compact_array([topic])
+              + kproto.i32(1 << 20) + kproto.TAGS)
+    sock = kproto.connect(addr)
+    try:
+        sock.sendall(kproto.request_frame(27, 1, 9, kproto.compact_array([marker]) + kproto.TAGS,
+                                          flexible=True))
+        r = kproto.recv_frame(sock)
+    finally:
+        sock.close()
+    (corr,) = struct.unpack(">i", r[:4])
+    assert corr == 9
+    body = r[5:]  # the header's tagged fields: none
+    assert body[0] == 2 and struct.unpack(">q", body[1:9])[0] == 12345, body  # one marker
+    at = 9
+    assert body[at] == 2  # one topic
+    nlen = body[at + 1] - 1
+    at += 2 + nlen
+    assert body[at] == 2  # one partition
+    part, err = struct.unpack(">ih", body[at + 1:at + 7])
+    assert (part, err) == (0, 31), (part, err)  # CLUSTER_AUTHORIZATION_FAILED
+    assert up.east.segment_bytes(leader % 1000, t, 0) == b"", "a marker was written"
+
+
 def test_a_forced_failover_between_clusters_then_rejoin_quarantines_the_tail_on_every_replica(up):
     """East (lease fencing) keeps acknowledging acks=all writes for its lease's last seconds
     after the link to west is cut; west is promoted by force; when the cut heals east rejoins
@@ -354,6 +393,30 @@ def test_a_forced_failover_between_clusters_then_rejoin_quarantines_the_tail_on_
     assert not errors, errors[:5]
     wait_until(lambda: read_all(up.west, t, 3, len(first), timeout=10) == first, 60, "west mirrors east")
 
+    # A transaction committed in east's cluster and one left open there (their coordinator is
+    # the leader of east's __transaction_state-0): both reach west byte for byte.
+    from confluent_kafka import Producer
+    tx = topic_name("rejoin-txn")
+    admin.create_topics([NewTopic(tx, num_partitions=3)])[tx].result(timeout=30)
+    wait_until(lambda: all(len(p.isrs) == 3 and p.leader >= 0
+                           for p in up.east.metadata(tx).topics[tx].partitions.values()), 30, "full ISRs")
+    txp = Producer({"bootstrap.servers": up.east.bootstrap, "transactional.id": "e2e-clustered-txn",
+                    "transaction.timeout.ms": 900000})
+    txp.init_transactions(60)
+    for name, commit in (("c", True), ("o", False)):
+        txp.begin_transaction()
+        for i in range(6):
+            txp.produce(tx, value=f"{name}{i}".encode(), partition=i % 3)
+        txp.flush(30)
+        if commit:
+            txp.commit_transaction(60)
+    for part in range(3):
+        wait_until(lambda: len(read_isolated(up.west.bootstrap, tx, "read_uncommitted", part, idle=1)) == 4,
+                   60, f"west to mirror both transactions in {tx}-{part}")
+        # West's read_committed sees the committed one only; the open one holds its LSO.
+        assert [v for _, v in read_isolated(up.west.bootstrap, tx, "read_committed", part, idle=1)] \
+            == [f"c{i}".encode() for i in (part, part + 3)]
+
     gateway_admin(up, "east", "POST", "/v1/cut", {"peer": "west"})
     gateway_admin(up, "west", "POST", "/v1/cut", {"peer": "east"})
     # East still holds its write lease: these are acknowledged and never reach west.
@@ -366,6 +429,18 @@ def test_a_forced_failover_between_clusters_then_rejoin_quarantines_the_tail_on_
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)["rules"][0]
     assert (out["to"], out["forced"]) == ("west", True), out
+    # The transaction east left open is aborted in every partition, at whichever west broker
+    # leads it, and the answer names each (its records start after the committed one's two
+    # records and marker).
+    orphans = [a for a in out["aborted_transactions"] if a["topic"] == tx]
+    assert sorted(a["partition"] for a in orphans) == [0, 1, 2], out["aborted_transactions"]
+    assert all(a["first_offset"] == 3 and a["marker_offset"] == 5 for a in orphans), orphans
+    for part in range(3):
+        assert positions(up.west.bootstrap, tx, "read_committed", part) == \
+            positions(up.west.bootstrap, tx, "read_uncommitted", part), "nothing left open in west"
+        assert [v for _, v in read_isolated(up.west.bootstrap, tx, "read_committed", part, idle=1)] \
+            == [f"c{i}".encode() for i in (part, part + 3)]
+    del txp
     west_acked, errors = produce_during(up.west, t, 1, acks="all", enable_idempotence=True)
     assert not errors, errors[:5]
     live = {**first, **west_acked}
