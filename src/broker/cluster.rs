@@ -318,13 +318,12 @@ fn set_role(
                 info!(topic = %part.topic, partition = part.index, leader_epoch = s.leader_epoch, isr = ?s.isr, log_end, "leading");
                 // Followers kept no producer state: rebuild it from the log, as on open.
                 let super::PartitionState { log, producers, .. } = &mut *st;
-                let mut fresh = ProducerStates::default();
-                if let Err(e) =
-                    log.for_each_batch(log.active_base(), |h| fresh.record(h, h.base_offset))
-                {
-                    warn!(topic = %part.topic, partition = part.index, error = %e, "producer state not rebuilt");
+                match ProducerStates::rebuild(log) {
+                    Ok(fresh) => *producers = fresh,
+                    Err(e) => {
+                        warn!(topic = %part.topic, partition = part.index, error = %e, "producer state not rebuilt")
+                    }
                 }
-                *producers = fresh;
                 Replica::Leader(Leadership::new(
                     me,
                     s.leader_epoch,

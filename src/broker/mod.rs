@@ -596,9 +596,8 @@ impl Broker {
                 report.truncated_bytes
             );
         }
-        // Rebuild idempotent producer state from the active segment.
-        let mut producers = ProducerStates::default();
-        log.for_each_batch(log.active_base(), |h| producers.record(h, h.base_offset))?;
+        // Idempotent producer state: the last snapshot and the batches after it.
+        let producers = ProducerStates::rebuild(&log)?;
         let gate = self.gate_for(topic);
         Ok(Arc::new(Partition {
             topic: topic.clone(),

@@ -477,11 +477,7 @@ fn cut_log(p: &Partition, offset: i64, leader_epoch: Option<i32>) -> Result<i64,
             "{topic}-{partition}: the log moved while its tail from {offset} was set aside (it now ends at {cut})"
         ));
     }
-    let mut producers = ProducerStates::default();
-    st.log
-        .for_each_batch(st.log.active_base(), |h| producers.record(h, h.base_offset))
-        .map_err(|e| e.to_string())?;
-    st.producers = producers;
+    st.producers = ProducerStates::rebuild(&st.log).map_err(|e| e.to_string())?;
     if let Replica::Leader(l) = &mut st.replica {
         l.on_cut(offset);
     }

@@ -328,9 +328,12 @@ fn append_one(
         }
         SeqCheck::Append => {}
     }
+    let active_before = st.log.active_base();
     match st.log.append(bytes, epoch) {
         Ok(base_offset) => {
-            st.producers.record(header, base_offset);
+            let st = &mut *st;
+            st.producers
+                .record_appended(&st.log, active_before, header, base_offset);
             let end = st.log.next_offset();
             if let crate::replica::Replica::Leader(l) = &mut st.replica {
                 // A leader alone in its ISR acknowledges at once.
@@ -401,9 +404,12 @@ fn append_exact(
             None,
         );
     }
+    let active_before = st.log.active_base();
     match st.log.append_exact(bytes) {
         Ok(base_offset) => {
-            st.producers.record(header, base_offset);
+            let st = &mut *st;
+            st.producers
+                .record_appended(&st.log, active_before, header, base_offset);
             let file = st.log.active_file();
             (
                 Ok(AppendOk {

@@ -162,3 +162,41 @@ def test_clean_kill_restart_keeps_everything(start_broker):
     continue_and_check(b, t, 600)
     b.restart()  # and once more, with the appended data
     check_served(b, t, 610)
+
+
+def test_idempotent_producer_state_in_an_older_segment_survives_a_sigkill(start_broker):
+    """A producer's last batch lies in a segment that rolled before the broker was SIGKILLed:
+    the producer snapshot written at the roll keeps its state, so after the restart its retry
+    is answered with the original offset (not written twice), an older epoch is fenced, and a
+    gap in its sequence is refused."""
+    b = start_broker("--segment-bytes", 16384)
+    t = topic_name("dur-pstate")
+    ck_create_topic(b.bootstrap, t, 1)
+    pid, epoch = 4242, 3
+    now = int(time.time() * 1000)  # producers silent for a day expire, by their batches' times
+    mine = kproto.build_batch([b"a", b"b", b"c"], producer_id=pid, producer_epoch=epoch, base_sequence=0,
+                              base_timestamp=now)
+    c = kproto.Conn(b.bootstrap)
+    assert c.produce(t, 0, mine) == (0, 0)
+    # Others write until the log has rolled past it.
+    produce_numbered(b.bootstrap, t, 0, 600)
+    assert len(kproto.segment_logs(b.data_dir, t, 0)) >= 2
+    c.close()
+    b.kill()
+    b.restart()
+    c = kproto.Conn(b.bootstrap)
+    try:
+        assert c.produce(t, 0, mine) == (0, 0), "the retry is answered with its original offset"
+        older = kproto.build_batch([b"z"], producer_id=pid, producer_epoch=epoch - 1, base_sequence=3,
+                                   base_timestamp=now)
+        assert c.produce(t, 0, older)[0] == 47  # INVALID_PRODUCER_EPOCH
+        gap = kproto.build_batch([b"z"], producer_id=pid, producer_epoch=epoch, base_sequence=5,
+                                 base_timestamp=now)
+        assert c.produce(t, 0, gap)[0] == 45  # OUT_OF_ORDER_SEQUENCE_NUMBER
+        nxt = kproto.build_batch([b"d"], producer_id=pid, producer_epoch=epoch, base_sequence=3,
+                                 base_timestamp=now)
+        err, base = c.produce(t, 0, nxt)
+        assert err == 0 and base == 603, (err, base)
+    finally:
+        c.close()
+    assert sum(x.record_count for x in kproto.segment_batches(b.data_dir, t, 0)) == 604
