@@ -189,11 +189,23 @@ def test_a_switchover_between_clusters_writes_above_every_epoch_and_mirrors_back
     first, errors = produce_during(up.east, t, 2, acks="all", enable_idempotence=True)
     assert not errors, errors[:5]
     wait_until(lambda: read_all(up.west, t, 2, len(first), timeout=10) == first, 60, "west mirrors east")
+    # A transaction left open in east: the fence settles it at east's transaction coordinator
+    # (it waits, then aborts it) and the answer names it.
+    from confluent_kafka import Producer
+    txp = Producer({"bootstrap.servers": up.east.bootstrap, "transactional.id": "e2e-clustered-switch",
+                    "transaction.timeout.ms": 900000})
+    txp.init_transactions(60)
+    txp.begin_transaction()
+    txp.produce(t, value=b"open at the fence", partition=0)
+    txp.flush(30)
 
     certs = up.data / "certs"
     p = ferry("failover", "--topology", up.topology, "--certs", certs, "--to", "west", "--json", timeout=120)
     out = __import__("json").loads(p.stdout)
     assert out["rules"][0]["to"] == "west" and out["rules"][0]["loss"] == [], out
+    assert out["rules"][0]["fence_aborted_transactions"] == ["e2e-clustered-switch"], out
+    assert out["rules"][0]["aborted_transactions"] == [], out
+    del txp
     # Two idempotent producers, each first talking to a different broker: every broker of a
     # cluster hands out producer ids of its own (the same id twice would make the second
     # producer's sequences collide with the first's at the leader: a fatal error).
