@@ -322,20 +322,12 @@ impl crate::broker::quarantine::RegionPeers for Peers {
     ) -> crate::broker::quarantine::PeerFuture<usize> {
         let door = self.door.clone();
         Box::pin(async move {
-            let door = door.ok_or(
-                "this broker has no region certificate to reach another broker's internal door",
-            )?;
-            let mut c = crate::client::Client::connect_internal(&addr, &door)
-                .await
-                .map_err(|e| e.to_string())?;
-            let v = c
-                .control(&crate::kafka::control::Control::RewindCommits {
-                    topic,
-                    partition,
-                    offset,
-                })
-                .await
-                .map_err(|e| e.to_string())?;
+            let req = crate::kafka::control::Control::RewindCommits {
+                topic,
+                partition,
+                offset,
+            };
+            let v = door_control(door, &addr, &req).await?;
             Ok(v["moved"].as_u64().unwrap_or(0) as usize)
         })
     }
@@ -347,16 +339,8 @@ impl crate::broker::quarantine::RegionPeers for Peers {
     ) -> crate::broker::quarantine::PeerFuture<Vec<crate::broker::txns::OrphanAbort>> {
         let door = self.door.clone();
         Box::pin(async move {
-            let door = door.ok_or(
-                "this broker has no region certificate to reach another broker's internal door",
-            )?;
-            let mut c = crate::client::Client::connect_internal(&addr, &door)
-                .await
-                .map_err(|e| e.to_string())?;
-            let v = c
-                .control(&crate::kafka::control::Control::AbortOrphans { topics })
-                .await
-                .map_err(|e| e.to_string())?;
+            let req = crate::kafka::control::Control::AbortOrphans { topics };
+            let v = door_control(door, &addr, &req).await?;
             serde_json::from_value(v["aborted_transactions"].clone()).map_err(|e| e.to_string())
         })
     }
@@ -368,16 +352,8 @@ impl crate::broker::quarantine::RegionPeers for Peers {
     ) -> crate::broker::quarantine::PeerFuture<Vec<String>> {
         let door = self.door.clone();
         Box::pin(async move {
-            let door = door.ok_or(
-                "this broker has no region certificate to reach another broker's internal door",
-            )?;
-            let mut c = crate::client::Client::connect_internal(&addr, &door)
-                .await
-                .map_err(|e| e.to_string())?;
-            let v = c
-                .control(&crate::kafka::control::Control::SettleFenced { topics })
-                .await
-                .map_err(|e| e.to_string())?;
+            let req = crate::kafka::control::Control::SettleFenced { topics };
+            let v = door_control(door, &addr, &req).await?;
             serde_json::from_value(v["aborted_transactions"].clone()).map_err(|e| e.to_string())
         })
     }
@@ -473,6 +449,20 @@ impl crate::broker::quarantine::RegionPeers for Peers {
             Ok(code)
         })
     }
+}
+
+/// Send FerryControl `req` to another broker's internal door (with the region's certificate).
+async fn door_control(
+    door: Option<crate::transport::trust::TlsTarget>,
+    addr: &str,
+    req: &crate::kafka::control::Control,
+) -> Result<serde_json::Value, String> {
+    let door = door
+        .ok_or("this broker has no region certificate to reach another broker's internal door")?;
+    let mut c = crate::client::Client::connect_internal(addr, &door)
+        .await
+        .map_err(|e| e.to_string())?;
+    c.control(req).await.map_err(|e| e.to_string())
 }
 
 /// A connection to another broker of the cluster: through its internal door when this broker
