@@ -21,11 +21,12 @@ import time
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import KafkaException, Producer
 
 from cluster_fixture import Cluster, cluster_fixture, coordinator
 from helpers import topic_name, wait_until
-from test_transactions import compile_java, java_tools, positions, read_all, txn_producer
+from test_transactions import (assert_copied_exactly_once, compile_java, java_tools, positions,
+                               read_all, txn_producer)
 
 TRANSACTION = 1  # FindCoordinator's key type of a transactional id
 
@@ -201,25 +202,4 @@ def test_java_consume_transform_produce_is_exactly_once_through_the_coordinators
             app.wait()
         log.close()
         cluster.up()
-    out = {}
-    for part in range(2):
-        c = Consumer({"bootstrap.servers": cluster.bootstrap,
-                      "group.id": f"chk-{time.monotonic_ns()}",
-                      "isolation.level": "read_committed", "enable.partition.eof": True})
-        c.assign([TopicPartition(dst, part, 0)])
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            m = c.poll(1)
-            if m is None:
-                continue
-            if m.error():
-                if m.error().code() == KafkaError._PARTITION_EOF:
-                    break
-                raise KafkaException(m.error())
-            k = m.key().decode()
-            assert k not in out, f"input {k} copied twice"
-            out[k] = m.value()
-        c.close()
-    expected = {f"{i % 3}-{i // 3}": f"IN-{i}".encode() for i in range(n)}
-    missing = sorted(set(expected) - set(out))[:10]
-    assert out == expected, f"{len(out)} of {n} copied; missing e.g. {missing}"
+    assert_copied_exactly_once(cluster.bootstrap, dst, n)

@@ -326,9 +326,15 @@ def test_java_consume_transform_produce_is_exactly_once_through_sigkills(broker,
             os.kill(app.pid, signal.SIGKILL)
             app.wait()
         log.close()
+    assert_copied_exactly_once(broker.bootstrap, dst, n)
+
+
+def assert_copied_exactly_once(bootstrap, dst, n):
+    """TxnCopier's output `dst` (2 partitions), read with read_committed, holds each of the `n`
+    inputs (3 partitions, `in-i` at partition i % 3) exactly once, upper-cased."""
     out = {}
     for part in range(2):
-        c = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": f"chk-{time.monotonic_ns()}",
+        c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"chk-{time.monotonic_ns()}",
                       "isolation.level": "read_committed", "enable.partition.eof": True})
         c.assign([TopicPartition(dst, part, 0)])
         deadline = time.monotonic() + 60
